@@ -1,0 +1,217 @@
+"""EDM: preconditioning, noise distributions, loss weighting and samplers.
+
+Implements PAPER.md section 1 (the base model's diffusion formulation), following Karras et al.,
+"Elucidating the Design Space of Diffusion-Based Generative Models" (EDM, NeurIPS 2022), Table 1
+and Algorithm 2. Read `precond` first: every other file only ever talks to the network through
+the denoiser D(x; sigma, c) that it defines, and through sigma values.
+
+Conventions used everywhere in the project:
+  * corruption is variance exploding: x_sigma = x + sigma * eps, eps ~ N(0, I);
+  * sigma is a tensor of shape (B,) (one noise level per sample); it is broadcast here, once;
+  * every loss is a *mean over elements* (so loss weights in dmd.py / gan.py mean one thing);
+  * classifier-free guidance mixes denoiser outputs in x0-space:
+        D_w = D(x, sigma, null) + w * (D(x, sigma, c) - D(x, sigma, null)),
+    so w = 1 is the plain conditional model and w = 0 the unconditional one.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+
+@dataclass
+class EDMConfig:
+    sigma_data: float = 0.5   # std of the (normalised) training latents; data.py scales them to this
+    P_mean: float = -1.2      # p_train: ln(sigma) ~ N(P_mean, P_std^2)  (EDM's image default)
+    P_std: float = 1.2
+    sigma_min: float = 0.002  # p_inf / sampling schedule range
+    sigma_max: float = 80.0
+    rho: float = 7.0          # Karras schedule curvature
+
+
+# ----------------------------------------------------------------------------------------------
+# Preconditioning (EDM Table 1) and the loss weight
+
+def precond(sigma, sigma_data=0.5):
+    """The four EDM coefficients for noise level(s) sigma: (c_skip, c_out, c_in, c_noise)."""
+    c_skip = sigma_data ** 2 / (sigma ** 2 + sigma_data ** 2)
+    c_out = sigma * sigma_data / (sigma ** 2 + sigma_data ** 2).sqrt()
+    c_in = 1 / (sigma ** 2 + sigma_data ** 2).sqrt()
+    c_noise = sigma.log() / 4
+    return c_skip, c_out, c_in, c_noise
+
+
+def loss_weight(sigma, sigma_data=0.5):
+    """lambda(sigma) = (sigma^2 + sd^2) / (sigma * sd)^2; note lambda * c_out^2 = 1."""
+    return (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
+
+
+def _bcast(v, x):
+    """Reshape a per-sample (B,) tensor to broadcast against x of shape (B, ...)."""
+    return v.reshape(-1, *([1] * (x.ndim - 1)))
+
+
+class Denoiser(nn.Module):
+    """D(x; sigma, cond) = c_skip x + c_out F(c_in x; c_noise, cond) around a raw network F.
+
+    `net(x_in, c_noise, cond, **kw)` returns F's output, or a tuple (F, extra) when a hook such as
+    `return_hidden` is asked for; extra is passed through untouched. The network may run in bf16
+    (autocast); the skip connection and the coefficients are always combined in float32.
+    """
+
+    def __init__(self, net, sigma_data=0.5):
+        super().__init__()
+        self.net = net
+        self.sigma_data = sigma_data
+
+    def forward(self, x, sigma, cond, **kw):
+        x = x.float()
+        sigma = sigma.float().expand(x.shape[0]) if sigma.ndim == 0 else sigma.float()
+        c_skip, c_out, c_in, c_noise = precond(sigma, self.sigma_data)
+        out = self.net(_bcast(c_in, x) * x, c_noise, cond, **kw)
+        F_x, extra = out if isinstance(out, tuple) else (out, None)
+        D = _bcast(c_skip, x) * x + _bcast(c_out, x) * F_x.float()
+        return D if extra is None else (D, extra)
+
+
+# ----------------------------------------------------------------------------------------------
+# Noise distributions: p_train (log-normal) and p_inf (the Karras schedule, drawn continuously)
+
+def sample_p_train(n, cfg, generator=None, device="cpu"):
+    """sigma ~ p_train: ln(sigma) ~ N(P_mean, P_std^2). Shape (n,)."""
+    z = torch.randn(n, generator=generator, device=device)
+    return (cfg.P_mean + cfg.P_std * z).exp()
+
+
+def karras_sigma(u, cfg):
+    """The Karras rho-schedule at u in [0, 1]: u = 0 -> sigma_max, u = 1 -> sigma_min."""
+    a, b = cfg.sigma_max ** (1 / cfg.rho), cfg.sigma_min ** (1 / cfg.rho)
+    return (a + u * (b - a)) ** cfg.rho
+
+
+def sample_p_inf(n, cfg, generator=None, device="cpu"):
+    """sigma ~ p_inf: the inference schedule drawn continuously, u ~ U(0, 1). Shape (n,)."""
+    return karras_sigma(torch.rand(n, generator=generator, device=device), cfg)
+
+
+def karras_schedule(steps, cfg, device="cpu"):
+    """The discrete N-step sampling grid [sigma_max, ..., sigma_min, 0] (float64, length N+1)."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    u = torch.linspace(0, 1, steps, dtype=torch.float64, device=device) if steps > 1 else \
+        torch.zeros(1, dtype=torch.float64, device=device)
+    return torch.cat([karras_sigma(u, cfg), torch.zeros(1, dtype=torch.float64, device=device)])
+
+
+def sigma_to_db_snr(sigma, sigma_data=0.5):
+    """Signal-to-noise ratio in dB of x_sigma for data of std sigma_data."""
+    return 20 * torch.log10(sigma_data / torch.as_tensor(sigma))
+
+
+def db_snr_to_sigma(db, sigma_data=0.5):
+    """Inverse of sigma_to_db_snr."""
+    return sigma_data * 10 ** (-torch.as_tensor(db) / 20)
+
+
+def edm_loss(denoiser, x, cond, sigma, generator=None):
+    """Denoising score matching, EDM-weighted, mean over elements. Returns per-sample losses (B,)."""
+    eps = torch.randn(x.shape, generator=generator, device=x.device)
+    D = denoiser(x + _bcast(sigma, x) * eps, sigma, cond)
+    per_elem = _bcast(loss_weight(sigma, denoiser.sigma_data), x) * (D - x) ** 2
+    return per_elem.flatten(1).mean(1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Classifier-free guidance as a wrapper, and the samplers (one signature: k-diffusion's idea)
+#
+# A `denoise_fn(x, sigma)` takes x (B, C, T) and sigma (B,) and returns D (B, C, T).
+# A sampler is `sampler(denoise_fn, x, sigmas) -> x_0`, where x = sigmas[0] * noise and
+# sigmas is a decreasing grid ending in 0. Arithmetic is float64 (as EDM does), the network
+# sees float32.
+
+def guided(denoiser, cond, null_cond, w, cat_cond=None):
+    """Return denoise_fn(x, sigma) with CFG weight w (x0-space, see the module docstring).
+
+    cond / null_cond are the conditioning for the batch (null_cond=None: no guidance); `cat_cond(a, b)`
+    concatenates two of them along the batch axis so both passes run as one forward.
+    """
+    def denoise_fn(x, sigma):
+        if null_cond is None:                       # no guidance asked for: one plain pass
+            return denoiser(x, sigma, cond)
+        if cat_cond is None:
+            return _mix(denoiser(x, sigma, null_cond), denoiser(x, sigma, cond), w)
+        both = denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), cat_cond(null_cond, cond))
+        D_null, D_cond = both.chunk(2)
+        return _mix(D_null, D_cond, w)
+    return denoise_fn
+
+
+def _mix(D_null, D_cond, w):
+    return D_null + w * (D_cond - D_null)
+
+
+def _call(denoise_fn, x, sigma):
+    """Evaluate the denoiser in float32 at a scalar sigma and return float64."""
+    s = torch.full((x.shape[0],), float(sigma), device=x.device)
+    return denoise_fn(x.float(), s).double()
+
+
+@torch.no_grad()
+def euler(denoise_fn, x, sigmas, progress=None):
+    """First-order Euler on the probability-flow ODE dx/dsigma = (x - D) / sigma."""
+    x = x.double()
+    for i in range(len(sigmas) - 1):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        d = (x - _call(denoise_fn, x, s)) / s
+        x = x + (s_next - s) * d
+        if progress: progress(i)
+    return x.float()
+
+
+@torch.no_grad()
+def heun(denoise_fn, x, sigmas, progress=None):
+    """EDM Algorithm 2 (deterministic, S_churn = 0): Euler step plus a 2nd-order correction."""
+    x = x.double()
+    for i in range(len(sigmas) - 1):
+        t_cur, t_next = sigmas[i], sigmas[i + 1]
+        d_cur = (x - _call(denoise_fn, x, t_cur)) / t_cur           # Euler step
+        x_next = x + (t_next - t_cur) * d_cur
+        if t_next > 0:                                               # 2nd-order correction
+            d_prime = (x_next - _call(denoise_fn, x_next, t_next)) / t_next
+            x_next = x + (t_next - t_cur) * (0.5 * d_cur + 0.5 * d_prime)
+        x = x_next
+        if progress: progress(i)
+    return x.float()
+
+
+@torch.no_grad()
+def dpmpp_2m(denoise_fn, x, sigmas, progress=None):
+    """DPM-Solver++(2M) (Lu et al. 2022) in sigma space, with t = -ln(sigma); one call per step."""
+    x = x.double()
+    D_prev, h_prev = None, None
+    for i in range(len(sigmas) - 1):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        D = _call(denoise_fn, x, s)
+        if s_next == 0:                       # the last step lands on the denoised estimate
+            x = D
+        else:
+            h = math.log(s / s_next)          # step size in log-sigma
+            if D_prev is None:                # first step: DPM-Solver++(1), i.e. DDIM
+                D_hat = D
+            else:                             # 2nd order: extrapolate D linearly in t
+                r = h_prev / h
+                D_hat = (1 + 1 / (2 * r)) * D - (1 / (2 * r)) * D_prev
+            x = (s_next / s) * x - math.expm1(-h) * D_hat
+            h_prev = h
+        D_prev = D
+        if progress: progress(i)
+    return x.float()
+
+
+SAMPLERS = {"heun": heun, "euler": euler, "dpmpp_2m": dpmpp_2m}
+
+
+def network_calls(sampler, steps):
+    """How many denoiser evaluations a sampler makes on an N-step grid (CFG doubles the batch)."""
+    return 2 * steps - 1 if sampler == "heun" else steps

@@ -1,0 +1,129 @@
+"""sample.py: text -> music from a trained checkpoint.
+
+    python sample.py --ckpt runs/cpu/base.pt --prompt "an upbeat plucked arpeggio in D minor at 140 bpm" \
+        --seconds 4 --steps 32 --sampler heun --cfg 4 --seed 0 --out out.wav
+    python sample.py --ckpt runs/cpu/base.pt --prompts prompts.txt --out samples/   # one per line
+
+Read `generate` first: noise (one generator per sample, so a sample depends only on its own
+seed, not on what else is in the batch) -> a sampler of edm.py on the Karras grid with CFG ->
+latent -> Griffin-Lim decode (data.Representation).
+"""
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+import soundfile as sf
+import torch
+
+import dit
+import edm
+import train
+
+
+def initial_noise(seeds, shape, device):
+    """(B, C, T) standard normal noise, sample i drawn from its own generator seeded seeds[i]."""
+    return torch.cat([torch.randn(1, *shape, generator=torch.Generator().manual_seed(int(s)))
+                      for s in seeds]).to(device)
+
+
+def generate(denoiser, tok, cfg, prompts, seeds, seconds, steps=32, sampler="heun", cfg_w=4.0,
+             progress=None):
+    """Latents (B, C, T) for prompts, one seed each, with the base model and an ODE sampler."""
+    device = next(denoiser.parameters()).device
+    T = int(round(seconds * cfg.data.sample_rate / cfg.data.hop))
+    with torch.no_grad():
+        net = denoiser.net
+        cond = net.encode_text(tok.encode(prompts, cfg.data.max_text_len).to(device))
+        null = net.encode_text(tok.encode([""] * len(prompts), cfg.data.max_text_len).to(device))
+        fn = edm.guided(denoiser, cond, null if cfg_w != 1.0 else None, cfg_w, dit.cat_cond)
+        x = initial_noise(seeds, (cfg.model.in_channels, T), device)
+        sigmas = edm.karras_schedule(steps, cfg.edm, device)
+        return edm.SAMPLERS[sampler](fn, x * sigmas[0], sigmas, progress=progress)
+
+
+def check_request(cfg, prompts, seconds, steps):
+    """Raise ValueError with a one-line reason for a request the model cannot serve."""
+    if not prompts:
+        raise ValueError("no prompts given")
+    for i, p in enumerate(prompts):
+        if not p.strip():
+            raise ValueError(f"prompt {i + 1} is empty (give some text; --cfg 0 ignores it)")
+    if not seconds > 0:
+        raise ValueError(f"--seconds must be > 0, got {seconds}")
+    if seconds > cfg.data.seconds + 1e-9:
+        raise ValueError(f"--seconds {seconds} is beyond what this model was trained on "
+                         f"({cfg.data.seconds:g} s)")
+    if steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {steps}")
+
+
+def write_wav(path, wave, sample_rate):
+    """wave (ch, N) float -> 16-bit WAV, peak-limited to avoid wrap-around clipping."""
+    wave = np.asarray(wave, dtype=np.float32)
+    peak = np.abs(wave).max()
+    if peak > 0.99:
+        wave = wave * (0.99 / peak)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    sf.write(path, wave.T, sample_rate, subtype="PCM_16")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Generate music from a text prompt with a trained "
+                                "checkpoint (base.pt).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
+    p.add_argument("--prompt", help="one text prompt")
+    p.add_argument("--prompts", help="a text file with one prompt per line (a batch)")
+    p.add_argument("--seconds", type=float, default=None,
+                   help="clip length (default: the training clip length)")
+    p.add_argument("--steps", type=int, default=32, help="sampler steps")
+    p.add_argument("--sampler", choices=list(edm.SAMPLERS), default="heun")
+    p.add_argument("--cfg", type=float, default=4.0,
+                   help="classifier-free guidance weight w (1 = no guidance, x0-space convention)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first prompt; prompt i uses seed+i")
+    p.add_argument("--gl-iters", type=int, default=None, help="Griffin-Lim iterations for decoding")
+    p.add_argument("--batch", type=int, default=8, help="prompts generated together")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default="out.wav",
+                   help="WAV path for --prompt; a folder (or path prefix) for --prompts")
+    args = p.parse_args(argv)
+    try:
+        if bool(args.prompt is not None) == bool(args.prompts):
+            raise ValueError("give exactly one of --prompt or --prompts")
+        if args.prompts:
+            if not os.path.isfile(args.prompts):
+                raise FileNotFoundError(f"prompts file not found: {args.prompts}")
+            with open(args.prompts) as f:
+                prompts = [l.strip() for l in f if l.strip()]
+        else:
+            prompts = [args.prompt]
+        device = train.pick_device(args.device)
+        cfg, ckpt, rep, tok, denoiser = train.load_checkpoint(args.ckpt, device)
+        seconds = cfg.data.seconds if args.seconds is None else args.seconds
+        check_request(cfg, prompts, seconds, args.steps)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        sys.exit(f"error: {e}")
+
+    seeds = [args.seed + i for i in range(len(prompts))]
+    t0 = time.time()
+    for b in range(0, len(prompts), args.batch):
+        latent = generate(denoiser, tok, cfg, prompts[b:b + args.batch], seeds[b:b + args.batch],
+                          seconds, args.steps, args.sampler, args.cfg)
+        waves = rep.decode(latent, iters=args.gl_iters).cpu().numpy()
+        for j, wave in enumerate(waves):
+            i = b + j
+            if args.prompts:
+                path = (os.path.join(args.out, f"{i:03d}.wav") if args.out.endswith(os.sep)
+                        or os.path.isdir(args.out) else f"{args.out}_{i:03d}.wav")
+            else:
+                path = args.out
+            write_wav(path, wave, cfg.data.sample_rate)
+            print(f"{path}  seed {seeds[i]}  \"{prompts[i]}\"")
+    print(f"{len(prompts)} clip(s) of {seconds:g} s in {time.time() - t0:.1f} s "
+          f"({args.sampler}, {args.steps} steps, cfg {args.cfg:g}, on {device})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,392 @@
+"""train.py: the one training loop of the project, one `--stage` per paper idea.
+
+    python train.py --stage base --preset cpu --out runs/cpu [--set train.steps=3000 ...] [--resume]
+
+Stages: `base` trains the EDM + DiT teacher of PAPER.md section 1 and writes `OUT/base.pt`.
+(Later stages of the paper read that file.)
+
+How to read this file: the config dataclass and presets first, then `build` (what a checkpoint
+becomes in memory), then `train_base`, a flat nanoGPT-style loop. Every config field can be set
+from the command line as `--set section.field=value` (e.g. `--set model.size=M data.seconds=2`).
+
+Determinism: the batch and every random draw of step k are pure functions of (seed, k), so
+`--resume` continues exactly where the run stopped (there is no iterator state to save).
+"""
+import argparse
+import contextlib
+import copy
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+import data
+import dit
+import edm
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 2000          # optimiser steps
+    batch_size: int = 16       # clips per step (global batch)
+    lr: float = 3e-4           # AdamW peak learning rate
+    warmup: int = 100          # linear lr warm-up steps
+    lr_decay: str = "cosine"   # "cosine" (to min_lr_frac * lr at the last step) or "constant"
+    min_lr_frac: float = 0.1
+    weight_decay: float = 0.0  # DiT and EDM train without weight decay
+    beta2: float = 0.99        # AdamW beta2 (beta1 = 0.9)
+    grad_clip: float = 1.0     # clip the global gradient norm to this
+    ema: float = 0.999         # EMA decay, ramped up as min(ema, (1+k)/(10+k)) so early EMAs track
+    p_uncond: float = 0.1      # caption dropped (null condition) with this probability, for CFG
+    log_every: int = 10        # steps between loss-log lines
+    eval_every: int = 250      # steps between validation losses (on the EMA model)
+    ckpt_every: int = 250      # steps between checkpoints (always one at the end)
+    val_batches: int = 4       # validation batches (fixed clips, fixed noise)
+    seed: int = 0              # seed of the model init and of every noise draw
+    device: str = "auto"       # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
+    threads: int = 0           # torch CPU threads (0 = torch's default)
+
+
+@dataclass
+class Config:
+    data: data.DataConfig = field(default_factory=data.DataConfig)
+    model: dit.DiTConfig = field(default_factory=dit.DiTConfig)
+    edm: edm.EDMConfig = field(default_factory=edm.EDMConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# Presets: small named overrides of the defaults above.
+PRESETS = {
+    # tests: a few seconds on 2 cores
+    "tiny": {"data.seconds": 1.0, "data.stats_clips": 32, "model.size": "XS", "model.text_depth": 1,
+             "train.steps": 30, "train.batch_size": 4, "train.warmup": 5, "train.eval_every": 15,
+             "train.ckpt_every": 15, "train.val_batches": 1, "train.log_every": 5},
+    # a teacher that audibly follows prompts after ~20 minutes on 2 CPU cores
+    "cpu": {"model.size": "S", "train.steps": 1500, "train.batch_size": 16},
+    # one GPU: 16 kHz, 8 s clips, a bigger model
+    "gpu": {"data.sample_rate": 16000, "data.n_fft": 512, "data.hop": 256, "data.seconds": 8.0,
+            "data.stats_clips": 1024, "model.size": "B", "train.steps": 100_000,
+            "train.batch_size": 64, "train.lr": 1e-4, "train.warmup": 1000, "train.ema": 0.9999,
+            "train.eval_every": 2000, "train.ckpt_every": 2000, "train.log_every": 50},
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Config plumbing: presets, --set key=value, (de)serialisation
+
+def _parse_value(text, current):
+    if isinstance(current, bool):
+        if text.lower() in ("1", "true", "yes", "on"): return True
+        if text.lower() in ("0", "false", "no", "off"): return False
+        raise ValueError(f"expected a boolean, got {text!r}")
+    return type(current)(text) if current is not None else text
+
+
+def apply_overrides(cfg, overrides):
+    """Set fields from {"section.field": value} (values may be strings from the command line)."""
+    for key, value in overrides.items():
+        section, _, name = key.partition(".")
+        sub = getattr(cfg, section, None)
+        if sub is None or not dataclasses.is_dataclass(sub) or not hasattr(sub, name):
+            known = [f"{s.name}.{f.name}" for s in dataclasses.fields(cfg)
+                     for f in dataclasses.fields(getattr(cfg, s.name))]
+            raise ValueError(f"unknown config key {key!r}; known keys: {', '.join(known)}")
+        current = getattr(sub, name)
+        try:
+            setattr(sub, name, _parse_value(value, current) if isinstance(value, str) else value)
+        except ValueError as e:
+            raise ValueError(f"bad value for {key}: {e}") from None
+    return cfg
+
+
+def make_config(preset="cpu", overrides=None):
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {list(PRESETS)}")
+    cfg = apply_overrides(Config(), PRESETS[preset])
+    return apply_overrides(cfg, overrides or {})
+
+
+def config_from_dict(d):
+    return Config(data=data.DataConfig(**d["data"]), model=dit.DiTConfig(**d["model"]),
+                  edm=edm.EDMConfig(**d["edm"]), train=TrainConfig(**d["train"]))
+
+
+def parse_sets(items):
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Building the pieces, checkpoints
+
+def pick_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device={name} but CUDA is not available")
+    return torch.device(name)
+
+
+def build(cfg, rep_state=None, vocab=None):
+    """Representation, tokenizer and the (untrained) denoiser for a config.
+
+    Without rep_state/vocab (a fresh run) the latent statistics are fitted on training clips and
+    the vocabulary is built from the data; with them (a checkpoint) they are restored.
+    """
+    rep = data.Representation(cfg.data)
+    if rep_state is not None:
+        rep.load_state_dict(rep_state)
+    else:
+        ds = data.make_dataset(cfg.data, "train")
+        n = min(cfg.data.stats_clips, len(ds))
+        rep.fit(torch.stack([torch.from_numpy(ds.clip(i).wave) for i in range(n)]))
+    if vocab is not None:
+        tok = data.Tokenizer.from_state_dict(vocab)
+    elif cfg.data.dataset == "synth":
+        tok = data.Tokenizer.for_synth()
+    else:
+        ds = data.make_dataset(cfg.data, "train")
+        tok = data.Tokenizer.from_captions([ds.clip(i).caption for i in range(len(ds))])
+    cfg.model.in_channels = rep.latent_channels
+    cfg.model.vocab_size = tok.vocab_size
+    cfg.model.max_text_len = cfg.data.max_text_len
+    torch.manual_seed(cfg.train.seed)
+    denoiser = edm.Denoiser(dit.DiT(cfg.model), cfg.edm.sigma_data)
+    return rep, tok, denoiser
+
+
+def save_checkpoint(path, ckpt):
+    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        torch.save(ckpt, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, device="cpu"):
+    """(cfg, ckpt dict, rep, tok, ema denoiser in eval mode) from a checkpoint file.
+
+    Raises FileNotFoundError / ValueError with a one-line message for a missing or foreign file.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+    if not isinstance(ckpt, dict) or not {"config", "ema", "latent_stats", "vocab"} <= ckpt.keys():
+        raise ValueError(f"{path} is not a checkpoint written by this project's train.py")
+    cfg = config_from_dict(ckpt["config"])
+    rep, tok, denoiser = build(cfg, ckpt["latent_stats"], ckpt["vocab"])
+    denoiser.net.load_state_dict(ckpt["ema"])
+    return cfg, ckpt, rep, tok, denoiser.to(device).eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------------------------
+# The base stage: EDM denoising score matching on the DiT
+
+def lr_at(step, t):
+    if step < t.warmup:
+        return t.lr * (step + 1) / t.warmup
+    if t.lr_decay == "constant":
+        return t.lr
+    frac = (step - t.warmup) / max(1, t.steps - t.warmup)
+    return t.lr * (t.min_lr_frac + (1 - t.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+@torch.no_grad()
+def ema_update(ema, model, decay):
+    for pe, pm in zip(ema.parameters(), model.parameters()):
+        pe.lerp_(pm, 1 - decay)
+
+
+def step_generator(seed, step, device):
+    """The RNG of one training step: a pure function of (seed, step), hence exact resumes."""
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
+
+
+def make_batch(ds, rep, tok, cfg, step, device, split_seed=None):
+    """(x latents (B, C, T), ids (B, L), labels) for one step of a split."""
+    waves, captions, labels = data.get_batch(ds, step, cfg.train.batch_size,
+                                             cfg.data.seed if split_seed is None else split_seed)
+    x = rep.encode(waves.to(device))
+    ids = tok.encode(captions, cfg.data.max_text_len).to(device)
+    return x, ids, labels
+
+
+SIGMA_BUCKETS = [0.002, 0.02, 0.1, 0.3, 1.0, 3.0, 10.0, 80.0]   # edges for per-sigma loss logs
+
+
+@torch.no_grad()
+def validate(denoiser, ds, rep, tok, cfg, device, autocast):
+    """Mean EDM loss on fixed val clips with fixed sigmas and noise; also per sigma bucket."""
+    losses, sigmas = [], []
+    for i in range(cfg.train.val_batches):
+        x, ids, _ = make_batch(ds, rep, tok, cfg, i, device)
+        g = step_generator(12345, i, device)
+        sigma = edm.sample_p_train(x.shape[0], cfg.edm, g, device)
+        with autocast:
+            losses.append(edm.edm_loss(denoiser, x, denoiser.net.encode_text(ids), sigma, g).float())
+        sigmas.append(sigma)
+    losses, sigmas = torch.cat(losses).cpu(), torch.cat(sigmas).cpu()
+    edges = torch.tensor(SIGMA_BUCKETS)
+    bucket = torch.bucketize(sigmas, edges).clamp(1, len(edges) - 1)
+    by_sigma = {f"{edges[b-1]:g}-{edges[b]:g}": losses[bucket == b].mean().item()
+                for b in bucket.unique().tolist()}
+    return losses.mean().item(), by_sigma
+
+
+class LossLog:
+    """Append-only jsonl loss log; on resume, lines past the resumed step are dropped."""
+
+    def __init__(self, path, resume_step=None):
+        self.path = path
+        if resume_step is not None and os.path.exists(path):
+            with open(path) as f:
+                keep = [l for l in f if json.loads(l).get("step", 0) <= resume_step]
+            with open(path, "w") as f:
+                f.writelines(keep)
+        elif os.path.exists(path):
+            os.remove(path)
+
+    def write(self, **row):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def train_base(cfg, out, resume=False):
+    """Train the teacher; returns the path of base.pt."""
+    t = cfg.train
+    device = pick_device(t.device)
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "base.pt")
+    ckpt = None
+    if resume:
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"--resume: no checkpoint at {path}")
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    rep, tok, denoiser = build(cfg, ckpt and ckpt["latent_stats"], ckpt and ckpt["vocab"])
+    denoiser.to(device)
+    ema = copy.deepcopy(denoiser).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(denoiser.parameters(), lr=t.lr, betas=(0.9, t.beta2),
+                            weight_decay=t.weight_decay, fused=device.type == "cuda")
+    start = 0
+    if ckpt is not None:
+        denoiser.net.load_state_dict(ckpt["model"])
+        ema.net.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["opt"])
+        start = ckpt["step"]
+        print(f"resuming {path} from step {start}")
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else contextlib.nullcontext())
+    log = LossLog(os.path.join(out, "base_log.jsonl"), start if resume else None)
+    train_ds, val_ds = data.make_dataset(cfg.data, "train"), data.make_dataset(cfg.data, "val")
+    print(f"base: DiT-{cfg.model.size} {dit.n_params(denoiser.net) / 1e6:.2f}M params, latents "
+          f"{rep.latent_channels}x{rep.n_frames(cfg.data.seconds)}, {t.steps} steps of "
+          f"{t.batch_size} clips on {device}")
+
+    def checkpoint(step, val=None):
+        save_checkpoint(path, {"stage": "base", "step": step, "done": step >= t.steps,
+                               "config": dataclasses.asdict(cfg), "model": denoiser.net.state_dict(),
+                               "ema": ema.net.state_dict(), "opt": opt.state_dict(),
+                               "vocab": tok.state_dict(), "latent_stats": rep.state_dict(),
+                               "val_loss": val})
+        return step
+
+    last_saved = start if resume else None
+    bar = tqdm(range(start, t.steps), initial=start, total=t.steps, desc="base", dynamic_ncols=True)
+    t0, seen = time.time(), 0
+    for step in bar:
+        x, ids, _ = make_batch(train_ds, rep, tok, cfg, step, device)
+        g = step_generator(t.seed, step, device)
+        drop = torch.rand(ids.shape[0], generator=g, device=device) < t.p_uncond
+        ids = ids.masked_fill(drop[:, None], data.Tokenizer.PAD)         # the null caption
+        sigma = edm.sample_p_train(ids.shape[0], cfg.edm, g, device)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, t)
+        with autocast:
+            loss = edm.edm_loss(denoiser, x, denoiser.net.encode_text(ids), sigma, g).mean()
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(denoiser.parameters(), t.grad_clip)
+        if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):   # NaN guard: step nothing
+            where = (f"the last good checkpoint is {path} (step {last_saved})" if last_saved
+                     is not None else "no checkpoint was written yet")
+            raise FloatingPointError(f"loss {loss.item()}, gradient norm {grad_norm.item()} at "
+                                     f"step {step}; stopped, {where}. Try a lower train.lr.")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        ema_update(ema, denoiser, min(t.ema, (1 + step) / (10 + step)))
+        seen += ids.shape[0]
+        done = step + 1
+        if done % t.log_every == 0 or done == t.steps:
+            rate = seen / (time.time() - t0)
+            bar.set_postfix(loss=f"{loss.item():.4f}", clips_per_s=f"{rate:.1f}")
+            log.write(step=done, loss=loss.item(), lr=lr_at(step, t), grad_norm=grad_norm.item(),
+                      clips_per_s=rate)
+        val = None
+        if done % t.eval_every == 0 or done == t.steps:
+            val, by_sigma = validate(ema, val_ds, rep, tok, cfg, device, autocast)
+            log.write(step=done, val_loss=val, val_loss_by_sigma=by_sigma)
+            bar.write(f"step {done}: train loss {loss.item():.4f}, val loss (EMA) {val:.4f}")
+        if done % t.ckpt_every == 0 or done == t.steps:
+            last_saved = checkpoint(done, val)
+    bar.close()
+    return path
+
+
+STAGES = {"base": train_base}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(
+        description="Train a stage of Presto (see README). Example: "
+                    "python train.py --stage base --preset tiny --out runs/tiny",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--stage", choices=list(STAGES), default="base",
+                   help="base: the EDM + DiT teacher -> OUT/base.pt")
+    p.add_argument("--preset", choices=list(PRESETS), default="cpu",
+                   help="named config: tiny (tests, seconds), cpu (~20 min teacher), gpu (one GPU)")
+    p.add_argument("--out", required=True, help="run folder; checkpoints and logs go here")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="override config fields, e.g. --set train.steps=500 model.size=XS")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the stage's checkpoint in --out (its config, plus --set)")
+    p.add_argument("--force", action="store_true",
+                   help="start over even if --out already holds this stage's checkpoint")
+    args = p.parse_args(argv)
+    try:
+        sets = parse_sets(args.set)
+        path = os.path.join(args.out, {"base": "base.pt"}[args.stage])
+        if args.resume:
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"--resume: no checkpoint at {path}")
+            cfg = config_from_dict(torch.load(path, map_location="cpu", weights_only=False)["config"])
+            cfg = apply_overrides(cfg, sets)
+        else:
+            if os.path.exists(path) and not args.force:
+                raise FileExistsError(f"{path} exists: pass --resume to continue it or --force "
+                                      "to start over")
+            cfg = make_config(args.preset, sets)
+        STAGES[args.stage](cfg, args.out, resume=args.resume)
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, RuntimeError) as e:
+        sys.exit(f"error: {e}")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
