@@ -29,6 +29,9 @@ from tqdm import tqdm
 import data
 import dit
 import edm
+from data import DataConfig
+from dit import DiTConfig
+from edm import EDMConfig
 
 
 @dataclass
@@ -55,9 +58,9 @@ class TrainConfig:
 
 @dataclass
 class Config:
-    data: data.DataConfig = field(default_factory=data.DataConfig)
-    model: dit.DiTConfig = field(default_factory=dit.DiTConfig)
-    edm: edm.EDMConfig = field(default_factory=edm.EDMConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: DiTConfig = field(default_factory=DiTConfig)
+    edm: EDMConfig = field(default_factory=EDMConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
@@ -113,8 +116,8 @@ def make_config(preset="cpu", overrides=None):
 
 
 def config_from_dict(d):
-    return Config(data=data.DataConfig(**d["data"]), model=dit.DiTConfig(**d["model"]),
-                  edm=edm.EDMConfig(**d["edm"]), train=TrainConfig(**d["train"]))
+    return Config(data=DataConfig(**d["data"]), model=DiTConfig(**d["model"]),
+                  edm=EDMConfig(**d["edm"]), train=TrainConfig(**d["train"]))
 
 
 def parse_sets(items):
@@ -144,7 +147,7 @@ def build(cfg, rep_state=None, vocab=None):
     Without rep_state/vocab (a fresh run) the latent statistics are fitted on training clips and
     the vocabulary is built from the data; with them (a checkpoint) they are restored.
     """
-    rep = data.Representation(cfg.data)
+    rep = data.Representation(cfg.data, cfg.edm.sigma_data)
     if rep_state is not None:
         rep.load_state_dict(rep_state)
     else:
@@ -157,7 +160,7 @@ def build(cfg, rep_state=None, vocab=None):
         tok = data.Tokenizer.for_synth()
     else:
         ds = data.make_dataset(cfg.data, "train")
-        tok = data.Tokenizer.from_captions([ds.clip(i).caption for i in range(len(ds))])
+        tok = data.Tokenizer.from_captions(ds.captions)
     cfg.model.in_channels = rep.latent_channels
     cfg.model.vocab_size = tok.vocab_size
     cfg.model.max_text_len = cfg.data.max_text_len

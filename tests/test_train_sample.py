@@ -1,0 +1,150 @@
+"""End to end at toy scale: train -> checkpoint -> sample -> WAV, exact resume, the NaN guard, and
+the command-line errors a user sees."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import soundfile as sf
+import torch
+
+import edm
+import sample
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = {"train.steps": "6", "train.ckpt_every": "3", "train.eval_every": "3", "train.log_every": "1",
+        "data.seconds": "0.5", "data.stats_clips": "8", "model.text_width": "32"}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("tiny"))
+    train.train_base(train.make_config("tiny", FAST), out)
+    return out
+
+
+def test_checkpoint_carries_everything(tiny_run):
+    cfg, ckpt, rep, tok, den = train.load_checkpoint(os.path.join(tiny_run, "base.pt"))
+    assert ckpt["step"] == 6 and ckpt["done"] and ckpt["stage"] == "base"
+    assert cfg.data.seconds == 0.5 and cfg.model.size == "XS"
+    assert {"model", "ema", "opt", "vocab", "latent_stats", "config"} <= ckpt.keys()
+    assert not os.path.exists(os.path.join(tiny_run, "base.pt.tmp"))
+    log = open(os.path.join(tiny_run, "base_log.jsonl")).read().splitlines()
+    assert sum('"val_loss"' in l for l in log) == 2 and sum('"loss"' in l for l in log) == 6
+
+
+def test_sample_writes_a_valid_wav(tiny_run, tmp_path):
+    out = str(tmp_path / "clip.wav")
+    sample.main(["--ckpt", os.path.join(tiny_run, "base.pt"), "--prompt", "slow organ chords in c major",
+                 "--steps", "2", "--seconds", "0.5", "--out", out, "--gl-iters", "4"])
+    wave, sr = sf.read(out)
+    cfg = train.load_checkpoint(os.path.join(tiny_run, "base.pt"))[0]
+    assert sr == cfg.data.sample_rate and abs(len(wave) - 0.5 * sr) <= cfg.data.hop
+    assert abs(wave).max() > 0 and abs(wave).max() <= 1
+
+
+def test_sample_batch_from_file(tiny_run, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a piano melody in d minor\n\nfast square lead arpeggio\n")
+    sample.main(["--ckpt", os.path.join(tiny_run, "base.pt"), "--prompts", str(prompts),
+                 "--steps", "1", "--out", str(tmp_path) + os.sep, "--gl-iters", "2"])
+    assert sorted(os.listdir(tmp_path)) == ["000.wav", "001.wav", "p.txt"]
+
+
+def test_seeds_are_per_sample(tiny_run):
+    cfg, _, _, tok, den = train.load_checkpoint(os.path.join(tiny_run, "base.pt"))
+    a = ["an organ melody in c major", "a fast plucked arpeggio in f minor"]
+    both = sample.generate(den, tok, cfg, a, [7, 8], 0.5, steps=3, sampler="dpmpp_2m")
+    again = sample.generate(den, tok, cfg, a, [7, 8], 0.5, steps=3, sampler="dpmpp_2m")
+    alone = sample.generate(den, tok, cfg, a[1:], [8], 0.5, steps=3, sampler="dpmpp_2m")
+    assert torch.equal(both, again)                                   # same seed, same audio
+    torch.testing.assert_close(both[1:], alone, rtol=1e-4, atol=1e-4)  # batch does not matter
+    assert not torch.allclose(both[0], both[1])
+
+
+def test_resume_continues_exactly(tmp_path, monkeypatch):
+    straight = str(tmp_path / "straight")
+    train.train_base(train.make_config("tiny", FAST), straight)
+    # the same run, killed right after its first checkpoint (step 3), then resumed
+    broken = str(tmp_path / "broken")
+    real_save = train.save_checkpoint
+
+    def save_then_die(path, ckpt):
+        real_save(path, ckpt)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_base(train.make_config("tiny", FAST), broken)
+    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    assert torch.load(os.path.join(broken, "base.pt"), weights_only=False)["step"] == 3
+    train.main(["--stage", "base", "--out", broken, "--resume"])
+    a = torch.load(os.path.join(straight, "base.pt"), weights_only=False)
+    b = torch.load(os.path.join(broken, "base.pt"), weights_only=False)
+    assert b["step"] == 6
+    for key in ("model", "ema"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), (key, name)
+    # the resumed loss log has each step once, with the same losses as the straight run
+    assert _losses(broken) == _losses(straight) and [s for s, _ in _losses(broken)] == [1, 2, 3, 4, 5, 6]
+
+
+def _losses(run):
+    rows = [json.loads(l) for l in open(os.path.join(run, "base_log.jsonl"))]
+    return [(r["step"], round(r["loss"], 6)) for r in rows if "loss" in r]
+
+
+def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    out = str(tmp_path / "nan")
+    real_loss, calls = edm.edm_loss, []
+
+    def poisoned(*a, **k):
+        calls.append(1)
+        loss = real_loss(*a, **k)
+        return loss * float("nan") if len(calls) == 5 else loss   # 5th call: step 4 (after val)
+    monkeypatch.setattr(edm, "edm_loss", poisoned)
+    with pytest.raises(FloatingPointError, match=r"base\.pt \(step 3\)"):
+        train.train_base(train.make_config("tiny", FAST), out)
+    ckpt = torch.load(os.path.join(out, "base.pt"), weights_only=False)
+    assert ckpt["step"] == 3 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--prompt", "x", "--ckpt", "missing.pt"], "checkpoint not found"),
+    (["--prompt", "  "], "empty"),
+    (["--prompt", "piano", "--seconds", "0"], "--seconds must be > 0"),
+    (["--prompt", "piano", "--seconds", "60"], "beyond what this model"),
+    (["--prompt", "piano", "--steps", "0"], "--steps must be >= 1"),
+])
+def test_sample_bad_input_is_one_line_error(tiny_run, args, msg):
+    if "--ckpt" not in args:
+        args = args + ["--ckpt", os.path.join(tiny_run, "base.pt")]
+    with pytest.raises(SystemExit) as e:
+        sample.main(args)
+    assert str(e.value.code).startswith("error:") and msg in str(e.value.code)
+
+
+def test_cli_errors_have_no_traceback(tiny_run, tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    for cmd in (["sample.py", "--ckpt", str(bad), "--prompt", "piano"],
+                ["train.py", "--out", str(tmp_path), "--preset", "tiny", "--set", "train.nope=1"]):
+        r = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True)
+        assert r.returncode != 0 and "Traceback" not in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error:"), r.stderr
+
+
+def test_existing_checkpoint_needs_resume_or_force(tiny_run):
+    with pytest.raises(SystemExit) as e:
+        train.main(["--out", tiny_run, "--preset", "tiny"])
+    assert "--resume" in str(e.value.code)
+
+
+def test_overrides_are_typed_and_checked():
+    cfg = train.make_config("tiny", {"train.lr": "1e-3", "data.channels": "2", "train.device": "cpu"})
+    assert cfg.train.lr == 1e-3 and cfg.data.channels == 2
+    with pytest.raises(ValueError, match="unknown config key"):
+        train.make_config("tiny", {"train.nope": "1"})
+    with pytest.raises(ValueError, match="bad value"):
+        train.make_config("tiny", {"train.steps": "many"})
