@@ -107,11 +107,14 @@ def main(argv=None):
         sys.exit(f"error: {e}")
 
     seeds = [args.seed + i for i in range(len(prompts))]
-    t0 = time.time()
+    t_gen = t_dec = 0.0
     for b in range(0, len(prompts), args.batch):
+        t0 = time.perf_counter()
         latent = generate(denoiser, tok, cfg, prompts[b:b + args.batch], seeds[b:b + args.batch],
                           seconds, args.steps, args.sampler, args.cfg)
+        t1 = time.perf_counter()
         waves = rep.decode(latent, iters=args.gl_iters).cpu().numpy()
+        t_gen, t_dec = t_gen + t1 - t0, t_dec + time.perf_counter() - t1
         for j, wave in enumerate(waves):
             i = b + j
             if args.prompts:
@@ -121,8 +124,11 @@ def main(argv=None):
                 path = args.out
             write_wav(path, wave, cfg.data.sample_rate)
             print(f"{path}  seed {seeds[i]}  \"{prompts[i]}\"")
-    print(f"{len(prompts)} clip(s) of {seconds:g} s in {time.time() - t0:.1f} s "
-          f"({args.sampler}, {args.steps} steps, cfg {args.cfg:g}, on {device})")
+    calls = edm.network_calls(args.sampler, args.steps)
+    print(f"{len(prompts)} clip(s) of {seconds:g} s on {device}: generation {t_gen:.2f} s "
+          f"({args.sampler}, {args.steps} steps = {calls} network calls, cfg {args.cfg:g}; "
+          f"{1e3 * t_gen / args.steps:.0f} ms per step), Griffin-Lim decode {t_dec:.2f} s "
+          "(first call includes warm-up; evaluate.py measures latency properly)")
 
 
 if __name__ == "__main__":

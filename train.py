@@ -71,7 +71,7 @@ PRESETS = {
              "train.steps": 30, "train.batch_size": 4, "train.warmup": 5, "train.eval_every": 15,
              "train.ckpt_every": 15, "train.val_batches": 1, "train.log_every": 5},
     # a teacher that audibly follows prompts after ~20 minutes on 2 CPU cores
-    "cpu": {"model.size": "S", "train.steps": 1500, "train.batch_size": 16},
+    "cpu": {"model.size": "S", "train.steps": 2000, "train.batch_size": 16},
     # one GPU: 16 kHz, 8 s clips, a bigger model
     "gpu": {"data.sample_rate": 16000, "data.n_fft": 512, "data.hop": 256, "data.seconds": 8.0,
             "data.stats_clips": 1024, "model.size": "B", "train.steps": 100_000,
@@ -352,7 +352,8 @@ def train_base(cfg, out, resume=False):
     return path
 
 
-STAGES = {"base": train_base}
+# stage name -> (checkpoint file it writes in --out, the function that trains it)
+STAGES = {"base": ("base.pt", train_base)}
 
 
 def main(argv=None):
@@ -374,7 +375,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         sets = parse_sets(args.set)
-        path = os.path.join(args.out, {"base": "base.pt"}[args.stage])
+        ckpt_name, stage_fn = STAGES[args.stage]
+        path = os.path.join(args.out, ckpt_name)
         if args.resume:
             if not os.path.exists(path):
                 raise FileNotFoundError(f"--resume: no checkpoint at {path}")
@@ -385,7 +387,7 @@ def main(argv=None):
                 raise FileExistsError(f"{path} exists: pass --resume to continue it or --force "
                                       "to start over")
             cfg = make_config(args.preset, sets)
-        STAGES[args.stage](cfg, args.out, resume=args.resume)
+        stage_fn(cfg, args.out, resume=args.resume)
     except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, RuntimeError) as e:
         sys.exit(f"error: {e}")
     print(f"wrote {path}")
