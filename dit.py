@@ -10,8 +10,9 @@ cross-attention added in every block as in text-to-audio DiTs:
 
 Hooks used by later stages: `return_hidden=k` also returns the hidden state after block k
 (the discriminator of gan.py and the variance diagnostics of layerdrop.py), `blocks=[...]` runs
-only the listed blocks (layer dropping), and `budget` adds a zero-initialised budget embedding so
-that a model trained without it is reproduced exactly.
+only the listed blocks (layer dropping at inference), `block_mask` gives each sample its own set of
+blocks (layer-drop training), and `budget` adds a zero-initialised budget embedding so that a model
+trained without it is reproduced exactly.
 """
 import math
 from dataclasses import dataclass
@@ -220,13 +221,22 @@ class DiT(nn.Module):
         tokens, mask, pooled = self.text(ids)
         return {"tokens": tokens, "mask": mask, "pooled": self.pooled_proj(pooled)}
 
-    def forward(self, x, c_noise, cond, budget=None, blocks=None, return_hidden=None):
+    def forward(self, x, c_noise, cond, budget=None, blocks=None, block_mask=None,
+                return_hidden=None):
         """x (B, C, T), c_noise (B,), cond from encode_text.
 
         budget: optional (B,) long, number of blocks run, embedded into c.
-        blocks: optional list of block indices to run, in order (default: all).
+        blocks: optional list of block indices to run, in order, for the whole batch (default:
+            all). The skipped blocks are really skipped: this is the fast inference path.
+        block_mask: optional (B, depth) bool, which blocks each sample runs (per-sample budgets in
+            a training batch). A block runs on the whole batch if any sample needs it and its
+            output is kept only where the mask is set, so this path costs full depth (minus blocks
+            no sample needs): it is for training, not for speed.
         return_hidden: optional block index k; then returns (out, hidden after block k (B, N, W)).
+            With block_mask, a sample that skips block k passes its hidden state through.
         """
+        if blocks is not None and block_mask is not None:
+            raise ValueError("give blocks= (whole batch) or block_mask= (per sample), not both")
         B, C, T = x.shape
         p = self.cfg.patch
         pad = (-T) % p
@@ -239,10 +249,19 @@ class DiT(nn.Module):
         if budget is not None:
             c = c + self.budget_emb(budget)
         hidden = None
-        for i in (range(len(self.blocks)) if blocks is None else blocks):
-            h = self.blocks[i](h, c, cond["tokens"], cond["mask"])
-            if i == return_hidden:
-                hidden = h
+        if block_mask is None:                       # one list of blocks for the whole batch
+            for i in (range(len(self.blocks)) if blocks is None else blocks):
+                h = self.blocks[i](h, c, cond["tokens"], cond["mask"])
+                if i == return_hidden:
+                    hidden = h
+        else:                                        # per-sample: masked identity updates
+            needed = block_mask.any(0).tolist()      # one sync per forward, no loop over samples
+            for i, blk in enumerate(self.blocks):
+                if needed[i]:
+                    h_next = blk(h, c, cond["tokens"], cond["mask"])
+                    h = torch.where(block_mask[:, i, None, None], h_next, h)          # (B, N, W)
+                if i == return_hidden:
+                    hidden = h
         out = self.final(h, c)                                                     # (B, N, C*p)
         out = out.view(B, N, C, p).permute(0, 2, 1, 3).reshape(B, C, N * p)[..., :T]
         if return_hidden is not None:
@@ -250,17 +269,6 @@ class DiT(nn.Module):
                 raise ValueError(f"return_hidden={return_hidden} names a block that was not run")
             return out, hidden
         return out
-
-
-def cat_cond(a, b):
-    """Concatenate two conditioning dicts along the batch (for batched CFG); pads text lengths."""
-    La, Lb = a["tokens"].shape[1], b["tokens"].shape[1]
-    L = max(La, Lb)
-    pad_t = lambda t, n: F.pad(t, (0, 0, 0, L - n))
-    pad_m = lambda m, n: F.pad(m, (0, L - n), value=False)
-    return {"tokens": torch.cat([pad_t(a["tokens"], La), pad_t(b["tokens"], Lb)]),
-            "mask": torch.cat([pad_m(a["mask"], La), pad_m(b["mask"], Lb)]),
-            "pooled": torch.cat([a["pooled"], b["pooled"]])}
 
 
 def n_params(model):

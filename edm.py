@@ -65,6 +65,12 @@ class Denoiser(nn.Module):
         self.net = net
         self.sigma_data = sigma_data
 
+    def encode(self, raw):
+        """Raw conditioning (caption token ids) -> what forward takes: the network's text encoder
+        runs once per batch; a network without one (the 2-D toys in tests) takes raw as is."""
+        enc = getattr(self.net, "encode_text", None)
+        return raw if enc is None else enc(raw)
+
     def forward(self, x, sigma, cond, **kw):
         x = x.float()
         sigma = sigma.float().expand(x.shape[0]) if sigma.ndim == 0 else sigma.float()
@@ -130,18 +136,26 @@ def edm_loss(denoiser, x, cond, sigma, generator=None):
 # sigmas is a decreasing grid ending in 0. Arithmetic is float64 (as EDM does), the network
 # sees float32.
 
-def guided(denoiser, cond, null_cond, w, cat_cond=None):
+def cat_cond(a, b):
+    """Concatenate two conditionings along the batch: tensors, or dicts of tensors (dit.py's)."""
+    if isinstance(a, dict):
+        return {k: torch.cat([a[k], b[k]]) for k in a}
+    return torch.cat([a, b])
+
+
+def guided(denoiser, cond, null_cond, w, cat=cat_cond):
     """Return denoise_fn(x, sigma) with CFG weight w (x0-space, see the module docstring).
 
-    cond / null_cond are the conditioning for the batch (null_cond=None: no guidance); `cat_cond(a, b)`
-    concatenates two of them along the batch axis so both passes run as one forward.
+    cond / null_cond are the conditioning for the batch (null_cond=None: no guidance). `cat(a, b)`
+    concatenates two conditionings along the batch so both passes run as one forward; cat=None runs
+    them as two forwards.
     """
     def denoise_fn(x, sigma):
         if null_cond is None:                       # no guidance asked for: one plain pass
             return denoiser(x, sigma, cond)
-        if cat_cond is None:
+        if cat is None:
             return _mix(denoiser(x, sigma, null_cond), denoiser(x, sigma, cond), w)
-        both = denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), cat_cond(null_cond, cond))
+        both = denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), cat(null_cond, cond))
         D_null, D_cond = both.chunk(2)
         return _mix(D_null, D_cond, w)
     return denoise_fn

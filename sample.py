@@ -17,7 +17,6 @@ import numpy as np
 import soundfile as sf
 import torch
 
-import dit
 import edm
 import train
 
@@ -37,7 +36,7 @@ def generate(denoiser, tok, cfg, prompts, seeds, seconds, steps=32, sampler="heu
         net = denoiser.net
         cond = net.encode_text(tok.encode(prompts, cfg.data.max_text_len).to(device))
         null = net.encode_text(tok.encode([""] * len(prompts), cfg.data.max_text_len).to(device))
-        fn = edm.guided(denoiser, cond, null if cfg_w != 1.0 else None, cfg_w, dit.cat_cond)
+        fn = edm.guided(denoiser, cond, null if cfg_w != 1.0 else None, cfg_w)
         x = initial_noise(seeds, (cfg.model.in_channels, T), device)
         sigmas = edm.karras_schedule(steps, cfg.edm, device)
         return edm.SAMPLERS[sampler](fn, x * sigmas[0], sigmas, progress=progress)

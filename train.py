@@ -3,7 +3,8 @@
     python train.py --stage base --preset cpu --out runs/cpu [--set train.steps=3000 ...] [--resume]
 
 Stages: `base` trains the EDM + DiT teacher of PAPER.md section 1 and writes `OUT/base.pt`.
-(Later stages of the paper read that file.)
+(Later stages of the paper read that file.) `clap` trains the evaluation embedder of section 5
+(evaluate.py) on the same training clips and writes `OUT/clap.pt`.
 
 How to read this file: the config dataclass and presets first, then `build` (what a checkpoint
 becomes in memory), then `train_base`, a flat nanoGPT-style loop. Every config field can be set
@@ -29,9 +30,11 @@ from tqdm import tqdm
 import data
 import dit
 import edm
+import evaluate
 from data import DataConfig
 from dit import DiTConfig
 from edm import EDMConfig
+from evaluate import ClapConfig
 
 
 @dataclass
@@ -62,6 +65,7 @@ class Config:
     model: DiTConfig = field(default_factory=DiTConfig)
     edm: EDMConfig = field(default_factory=EDMConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    clap: ClapConfig = field(default_factory=ClapConfig)
 
 
 # Presets: small named overrides of the defaults above.
@@ -69,14 +73,19 @@ PRESETS = {
     # tests: a few seconds on 2 cores
     "tiny": {"data.seconds": 1.0, "data.stats_clips": 32, "model.size": "XS", "model.text_depth": 1,
              "train.steps": 30, "train.batch_size": 4, "train.warmup": 5, "train.eval_every": 15,
-             "train.ckpt_every": 15, "train.val_batches": 1, "train.log_every": 5},
+             "train.ckpt_every": 15, "train.val_batches": 1, "train.log_every": 5,
+             "clap.width": 32, "clap.dim": 32, "clap.audio_depth": 2, "clap.steps": 20,
+             "clap.batch_size": 8, "clap.warmup": 5, "clap.eval_every": 10, "clap.ckpt_every": 10,
+             "clap.val_clips": 8, "clap.log_every": 5},
     # a teacher that audibly follows prompts after ~20 minutes on 2 CPU cores
     "cpu": {"model.size": "S", "train.steps": 2000, "train.batch_size": 16},
     # one GPU: 16 kHz, 8 s clips, a bigger model
     "gpu": {"data.sample_rate": 16000, "data.n_fft": 512, "data.hop": 256, "data.seconds": 8.0,
             "data.stats_clips": 1024, "model.size": "B", "train.steps": 100_000,
             "train.batch_size": 64, "train.lr": 1e-4, "train.warmup": 1000, "train.ema": 0.9999,
-            "train.eval_every": 2000, "train.ckpt_every": 2000, "train.log_every": 50},
+            "train.eval_every": 2000, "train.ckpt_every": 2000, "train.log_every": 50,
+            "clap.width": 256, "clap.dim": 256, "clap.steps": 10_000, "clap.batch_size": 128,
+            "clap.eval_every": 1000, "clap.ckpt_every": 1000, "clap.val_clips": 256},
 }
 
 
@@ -117,7 +126,8 @@ def make_config(preset="cpu", overrides=None):
 
 def config_from_dict(d):
     return Config(data=DataConfig(**d["data"]), model=DiTConfig(**d["model"]),
-                  edm=EDMConfig(**d["edm"]), train=TrainConfig(**d["train"]))
+                  edm=EDMConfig(**d["edm"]), train=TrainConfig(**d["train"]),
+                  clap=ClapConfig(**d.get("clap", {})))  # checkpoints older than the clap stage
 
 
 def parse_sets(items):
@@ -352,8 +362,100 @@ def train_base(cfg, out, resume=False):
     return path
 
 
+# ----------------------------------------------------------------------------------------------
+# The clap stage: the evaluation embedder of PAPER.md section 5 (model and losses in evaluate.py)
+
+@torch.no_grad()
+def validate_clap(model, val):
+    """Held-out (val split) text -> audio R@1 among the val clips, and attribute accuracies."""
+    waves, captions, labels = val
+    model.eval()
+    audio = model.embed_audio(waves)
+    out = {"val_r1": evaluate.retrieval_r1(audio, model.embed_text(captions))}
+    if model.heads:
+        acc = evaluate.attribute_accuracy(model.predict_attributes(audio), evaluate.attribute_targets(labels))
+        out["val_attributes"] = acc
+    model.train()
+    return out
+
+
+def train_clap(cfg, out, resume=False):
+    """Train the miniature CLAP (contrastive + attribute heads); returns the path of clap.pt."""
+    c = cfg.clap
+    device = pick_device(cfg.train.device)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "clap.pt")
+    ckpt = None
+    if resume:
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"--resume: no checkpoint at {path}")
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    model = evaluate.build_clap(cfg, ckpt and ckpt["feature_stats"], ckpt and ckpt["vocab"]).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+    start = 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["opt"])
+        start = ckpt["step"]
+        print(f"resuming {path} from step {start}")
+    log = LossLog(os.path.join(out, "clap_log.jsonl"), start if resume else None)
+    train_ds, val_ds = data.make_dataset(cfg.data, "train"), data.make_dataset(cfg.data, "val")
+    val = data.get_batch(val_ds, 0, min(c.val_clips, len(val_ds)), cfg.data.seed)  # fixed clips
+    print(f"clap: {dit.n_params(model) / 1e6:.2f}M params, d={c.dim}, {c.steps} steps of "
+          f"{c.batch_size} clips on {device}" + (", with attribute heads" if model.heads else ""))
+
+    def checkpoint(step, metrics=None):
+        save_checkpoint(path, {"stage": "clap", "step": step, "done": step >= c.steps,
+                               "config": dataclasses.asdict(cfg), "model": model.state_dict(),
+                               "opt": opt.state_dict(), "vocab": model.tok.state_dict(),
+                               "feature_stats": model.rep.state_dict(), "val": metrics})
+        return step
+
+    last_saved = start if resume else None
+    bar = tqdm(range(start, c.steps), initial=start, total=c.steps, desc="clap", dynamic_ncols=True)
+    for step in bar:
+        waves, captions, labels = data.get_batch(train_ds, step, c.batch_size, cfg.data.seed)
+        g = step_generator(c.seed, step, "cpu")
+        gain_db = -c.gain_db * torch.rand(len(waves), generator=g)                 # (B,)
+        waves = waves * (10 ** (gain_db / 20))[:, None, None]                      # level invariance
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, c)
+        audio, text = model.embed_audio(waves.to(device)), model.embed_text(captions)
+        loss_nce = evaluate.contrastive_loss(audio, text, model.log_scale)
+        loss_attr = (evaluate.attribute_loss(model.attribute_logits(audio), evaluate.attribute_targets(labels))
+                     if model.heads and labels[0] else torch.zeros((), device=device))
+        loss = loss_nce + c.attr_weight * loss_attr
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
+        if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):   # NaN guard: step nothing
+            where = (f"the last good checkpoint is {path} (step {last_saved})" if last_saved
+                     is not None else "no checkpoint was written yet")
+            raise FloatingPointError(f"loss {loss.item()}, gradient norm {grad_norm.item()} at "
+                                     f"step {step}; stopped, {where}. Try a lower clap.lr.")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        done = step + 1
+        if done % c.log_every == 0 or done == c.steps:
+            bar.set_postfix(nce=f"{loss_nce.item():.3f}", attr=f"{loss_attr.item():.3f}")
+            log.write(step=done, loss=loss.item(), loss_nce=loss_nce.item(), loss_attr=loss_attr.item(),
+                      lr=lr_at(step, c), grad_norm=grad_norm.item(), temperature=1 / model.log_scale.exp().item())
+        metrics = None
+        if done % c.eval_every == 0 or done == c.steps:
+            metrics = validate_clap(model, val)
+            log.write(step=done, **metrics)
+            attrs = metrics.get("val_attributes", {})
+            bar.write(f"step {done}: val R@1 {metrics['val_r1']:.3f} among {len(val[0])}"
+                      + "".join(f", {k} {v:.2f}" for k, v in attrs.items()))
+        if done % c.ckpt_every == 0 or done == c.steps:
+            last_saved = checkpoint(done, metrics)
+    bar.close()
+    return path
+
+
 # stage name -> (checkpoint file it writes in --out, the function that trains it)
-STAGES = {"base": ("base.pt", train_base)}
+STAGES = {"base": ("base.pt", train_base), "clap": ("clap.pt", train_clap)}
 
 
 def main(argv=None):
@@ -362,7 +464,8 @@ def main(argv=None):
                     "python train.py --stage base --preset tiny --out runs/tiny",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--stage", choices=list(STAGES), default="base",
-                   help="base: the EDM + DiT teacher -> OUT/base.pt")
+                   help="base: the EDM + DiT teacher -> OUT/base.pt; clap: the evaluation "
+                        "embedder -> OUT/clap.pt")
     p.add_argument("--preset", choices=list(PRESETS), default="cpu",
                    help="named config: tiny (tests, seconds), cpu (~20 min teacher), gpu (one GPU)")
     p.add_argument("--out", required=True, help="run folder; checkpoints and logs go here")

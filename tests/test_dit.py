@@ -91,16 +91,16 @@ def test_cfg_mixes_in_x0_space():
     den = randomize(make())
     x, sigma, ids = inputs()
     cond = den.net.encode_text(ids)
-    null = den.net.encode_text(torch.zeros_like(ids[:, :3]))      # shorter text: padded in cat_cond
+    null = den.net.encode_text(torch.zeros_like(ids))                # the empty caption
     D_c, D_u = den(x, sigma, cond), den(x, sigma, null)
     for w in (0.0, 1.0, 4.0):
-        D_w = edm.guided(den, cond, null, w, dit.cat_cond)(x, sigma)
+        D_w = edm.guided(den, cond, null, w)(x, sigma)
         torch.testing.assert_close(D_w, D_u + w * (D_c - D_u), rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(edm.guided(den, cond, null, 1.0, dit.cat_cond)(x, sigma), D_c,
+    torch.testing.assert_close(edm.guided(den, cond, null, 1.0)(x, sigma), D_c,
                                rtol=1e-4, atol=1e-5)                # w = 1: the conditional model
     # without cat_cond the two passes run separately and agree
-    torch.testing.assert_close(edm.guided(den, cond, null, 4.0)(x, sigma),
-                               edm.guided(den, cond, null, 4.0, dit.cat_cond)(x, sigma),
+    torch.testing.assert_close(edm.guided(den, cond, null, 4.0, cat=None)(x, sigma),
+                               edm.guided(den, cond, null, 4.0)(x, sigma),
                                rtol=1e-4, atol=1e-5)
 
 

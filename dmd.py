@@ -1,0 +1,114 @@
+"""DMD: score-based distribution matching distillation for EDM models (Presto-S, steps).
+
+Implements PAPER.md section 2 (Presto! section 3.2, building on DMD, Yin et al. CVPR 2024, and
+DMD2, Yin et al. NeurIPS 2024). Read `dmd_gradient` first, then `few_step_sample`.
+
+Three networks, all EDM denoisers of the same shape (edm.Denoiser):
+  mu_real  the frozen teacher; its score, with CFG, is the target distribution's score
+  mu_fake  a copy of the teacher trained online (denoising score matching on generator samples),
+           so its score tracks the generator's current output distribution
+  G        the generator, also initialised from the teacher: x_hat = G(x + sigma * eps, sigma, c)
+
+Since score = (D(x; s) - x) / s^2, the KL gradient (score_fake - score_real) at a noised generator
+sample is proportional to D_fake - D_real: moving x_hat along -(D_fake - D_real) moves the
+generator's distribution toward the teacher's. The fake score's DSM loss is the ordinary EDM loss
+(`edm.edm_loss`) on detached generator samples, so it needs no function of its own here.
+
+The paper's central ablation is *which* sigma distribution each part draws from (the four settings
+p_gen, p_dmd, p_dsm, p_gan, each "train" = EDM's log-normal or "inf" = the Karras inference
+schedule drawn continuously), and that the generator sees *continuous* sigma inputs so one network
+serves any number of sampling steps.
+"""
+from dataclasses import dataclass
+
+import torch
+
+import edm
+
+
+@dataclass
+class DistillConfig:
+    p_gen: str = "inf"           # generator input sigmas: "inf" (paper's choice) or "train"
+    p_dmd: str = "train"         # sigmas at which the DMD gradient is taken
+    p_dsm: str = "train"         # sigmas of the fake score's denoising loss
+    p_gan: str = "train"         # sigmas at which real / generated latents are noised for the GAN
+    gen_sigmas: str = "continuous"  # "continuous" (Presto) or "discrete" (the few-step grid, DMD2-style)
+    grid_steps: int = 4          # N of the discrete grid, and the default sampling steps
+    cfg_w: float = 4.0           # CFG weight on the real score only (x0-space convention, edm.py)
+    nu1: float = 3e-3            # generator loss = L_DMD + nu1 * L_G (LSGAN)
+    nu2: float = 1e-2            # fake-score loss = L_fake + nu2 * L_D (LSGAN)
+    gen_every: int = 5           # generator step every K iterations; fake score + D every iteration
+    disc_block: int = -1         # fake-score block whose hidden state the discriminator reads (-1: middle)
+    disc_width: int = 128        # discriminator head channels
+    lr_gen: float = 1e-4         # Adam lr of the generator (the paper mentions 1e-4)
+    lr_fake: float = 1e-4        # Adam lr of the fake score and discriminator head
+
+
+# ----------------------------------------------------------------------------------------------
+# Noise levels
+
+def sample_sigma(kind, n, edm_cfg, generator=None, device="cpu"):
+    """sigma ~ p_train ("train") or p_inf ("inf"), shape (n,)."""
+    if kind == "train":
+        return edm.sample_p_train(n, edm_cfg, generator, device)
+    if kind == "inf":
+        return edm.sample_p_inf(n, edm_cfg, generator, device)
+    raise ValueError(f"unknown noise distribution {kind!r}; use 'train' or 'inf'")
+
+
+def few_step_sigmas(steps, edm_cfg, device="cpu"):
+    """The N generator input levels of N-step sampling [ours]: a Karras grid of N+1 levels from
+    sigma_max to sigma_min without its last level (denoising at sigma_min would do nothing)."""
+    return edm.karras_schedule(steps + 1, edm_cfg, device)[:steps].float()
+
+
+def generator_sigmas(n, cfg, edm_cfg, generator=None, device="cpu"):
+    """Generator input levels: continuous draws from p_gen, or uniform picks of the discrete grid."""
+    if cfg.gen_sigmas == "continuous":
+        return sample_sigma(cfg.p_gen, n, edm_cfg, generator, device)
+    if cfg.gen_sigmas == "discrete":
+        grid = few_step_sigmas(cfg.grid_steps, edm_cfg, device)
+        return grid[torch.randint(len(grid), (n,), generator=generator, device=device)]
+    raise ValueError(f"unknown gen_sigmas {cfg.gen_sigmas!r}; use 'continuous' or 'discrete'")
+
+
+# ----------------------------------------------------------------------------------------------
+# The DMD gradient and its surrogate loss
+
+@torch.no_grad()
+def dmd_gradient(x_hat, real_fn, fake_fn, sigma, eps):
+    """g = (D_fake - D_real) / mean|x_hat - D_real| at x_t = x_hat + sigma eps. Shape of x_hat.
+
+    real_fn / fake_fn are denoise functions (x, sigma) -> D; real_fn carries the CFG (edm.guided).
+    The per-sample normaliser is DMD's: it makes the step size independent of how far the sample
+    is from the teacher's denoised estimate. Both scores are evaluated on the same noised sample.
+    """
+    x_t = x_hat + edm._bcast(sigma, x_hat) * eps
+    D_real, D_fake = real_fn(x_t, sigma), fake_fn(x_t, sigma)
+    norm = (x_hat - D_real).abs().flatten(1).mean(1)                       # (B,)
+    g = (D_fake - D_real) / edm._bcast(norm, x_hat)
+    return torch.nan_to_num(g)
+
+
+def dmd_loss(x_hat, g):
+    """0.5 * mean((x_hat - sg(x_hat - g))^2): its gradient w.r.t. x_hat is g / x_hat.numel()."""
+    return 0.5 * (x_hat - (x_hat - g).detach()).pow(2).mean()
+
+
+# ----------------------------------------------------------------------------------------------
+# Few-step sampling with the distilled generator
+
+@torch.no_grad()
+def few_step_sample(G_fn, sigmas, noise_fn):
+    """Consistency-style stochastic sampling: x = sigma_1 eps; x_hat = G(x, sigma_i);
+    re-noise x = x_hat + sigma_{i+1} eps_new; the last x_hat is the sample.
+
+    G_fn(x, sigma (B,)) -> x_hat; sigmas: the N input levels (few_step_sigmas); noise_fn(i) returns
+    fresh standard noise (B, C, T) for step i (per-sample generators keep batches independent).
+    """
+    x = noise_fn(0) * sigmas[0]
+    for i, s in enumerate(sigmas):
+        x_hat = G_fn(x, torch.full((x.shape[0],), float(s), device=x.device))
+        if i + 1 < len(sigmas):
+            x = x_hat + noise_fn(i + 1) * sigmas[i + 1]
+    return x_hat

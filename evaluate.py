@@ -1,0 +1,484 @@
+"""evaluate.py: how good and how fast is each model of a run (PAPER.md section 5).
+
+    python train.py --stage clap --preset cpu --out runs/cpu      # the evaluation embedder, once
+    python evaluate.py --run runs/cpu [--n 64] [--seeds 4]         # -> runs/cpu/results.{md,json}
+
+Pretrained CLAP / VGGish weights cannot be downloaded here, so the project trains its own embedder:
+a miniature CLAP (contrastive audio-text model) on the training split, frozen afterwards. Every
+metric below only sees embeddings, so a user with real CLAP passes their own `embed_fn`.
+
+Read first: the metric functions (`frechet_distance`, `mmd`, ...; pure functions on arrays), then
+`ClapModel` (what the numbers are measured with), then `evaluate_run` (what is compared with what).
+"""
+import argparse
+import functools
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import data
+import dit
+import edm
+# train.py imports ClapConfig from here, so `train` and `sample` are imported inside functions.
+
+
+@dataclass
+class ClapConfig:
+    dim: int = 128             # joint embedding size d (what FAD / MMD / CLAP score see)
+    width: int = 128           # audio tower channels and text tower width
+    audio_depth: int = 4       # dilated residual conv blocks (dilation 1, 2, 4, ...) in the audio tower
+    text_depth: int = 1        # transformer layers in the text tower
+    heads: int = 4             # text tower attention heads
+    attr_weight: float = 1.0   # weight of the attribute cross-entropy (synthetic data only)
+    gain_db: float = 6.0       # augmentation: random gain in [-gain_db, 0] dB per training clip
+    steps: int = 1000          # optimiser steps
+    batch_size: int = 32       # clips per step (also the InfoNCE negatives)
+    lr: float = 1e-3           # AdamW peak learning rate (train.lr_at schedule)
+    warmup: int = 50
+    lr_decay: str = "cosine"
+    min_lr_frac: float = 0.1
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    log_every: int = 10
+    eval_every: int = 250      # steps between held-out (val split) retrieval / attribute numbers
+    ckpt_every: int = 250
+    val_clips: int = 64        # val clips for those numbers (R@1 among this many candidates)
+    seed: int = 0              # model init and augmentation draws
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics: pure functions of embeddings (numpy or torch arrays, rows are clips)
+
+def _f64(x):
+    return np.asarray(x.detach().cpu() if torch.is_tensor(x) else x, dtype=np.float64)
+
+
+def _sqrt_psd(S):
+    """Symmetric PSD square root from an eigendecomposition; tiny negative eigenvalues -> 0."""
+    w, V = np.linalg.eigh(S)
+    return (V * np.sqrt(np.clip(w, 0, None))) @ V.T
+
+
+def frechet_distance(x, y):
+    """FAD / FID between Gaussian fits of x (n, d) and y (m, d), in float64.
+
+    FD = |mu_x - mu_y|^2 + tr(S_x) + tr(S_y) - 2 tr((S_x^1/2 S_y S_x^1/2)^1/2).
+    The last trace equals tr((S_x S_y)^1/2), but S_x S_y is not symmetric and a general sqrtm can
+    return complex values; S_x^1/2 S_y S_x^1/2 is symmetric PSD, so both square roots come from
+    `eigh` with negative round-off eigenvalues clipped to 0. That stays finite and real when the
+    covariances are rank deficient (fewer clips than dimensions), which is the usual case here.
+    Only same-n comparisons are fair: the estimate is biased upward for small n.
+    """
+    x, y = _f64(x), _f64(y)
+    mu_x, mu_y = x.mean(0), y.mean(0)
+    S_x, S_y = np.atleast_2d(np.cov(x, rowvar=False)), np.atleast_2d(np.cov(y, rowvar=False))
+    r = _sqrt_psd(S_x)
+    M = r @ S_y @ r
+    tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((M + M.T) / 2), 0, None)).sum()
+    fd = ((mu_x - mu_y) ** 2).sum() + np.trace(S_x) + np.trace(S_y) - 2 * tr_sqrt
+    return max(float(fd), 0.0)  # FD >= 0; a negative value is only round-off
+
+
+def _unit(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True).clip(1e-12)
+
+
+def mmd(x, y, sigma=10.0):
+    """CMMD-style MMD^2 x 1000: biased (V-statistic, diagonals kept) with the RBF kernel
+    k(a, b) = exp(-|a - b|^2 / (2 sigma^2)) on L2-normalised rows of x (n, d) and y (m, d)."""
+    x, y = _unit(_f64(x)), _unit(_f64(y))
+
+    def k(a, b):  # (n, m) kernel matrix via |a|^2 + |b|^2 - 2 a.b
+        d2 = (a * a).sum(1)[:, None] + (b * b).sum(1)[None] - 2 * a @ b.T
+        return np.exp(-np.clip(d2, 0, None) / (2 * sigma ** 2))
+    return float(1000 * (k(x, x).mean() + k(y, y).mean() - 2 * k(x, y).mean()))
+
+
+def clap_score(audio, text):
+    """Mean cosine similarity between matching rows of audio (n, d) and text (n, d) embeddings."""
+    return float((_unit(_f64(audio)) * _unit(_f64(text))).sum(1).mean())
+
+
+def retrieval_r1(audio, text):
+    """Text -> audio recall@1: share of captions whose own clip is the nearest of all n clips."""
+    sim = _unit(_f64(text)) @ _unit(_f64(audio)).T  # (n captions, n clips)
+    return float((sim.argmax(1) == np.arange(len(sim))).mean())
+
+
+def attribute_accuracy(pred, target):
+    """{attribute: accuracy} of predicted vs target class indices, plus their mean."""
+    acc = {k: float((_f64(pred[k]) == _f64(target[k])).mean()) for k in target}
+    return {**acc, "mean": float(np.mean(list(acc.values())))}
+
+
+def diversity(emb):
+    """emb (P prompts, S seeds, d) -> mean pairwise L2 distance between seeds of one prompt."""
+    e = _unit(_f64(emb))
+    d = np.linalg.norm(e[:, :, None] - e[:, None, :], axis=-1)  # (P, S, S)
+    S = e.shape[1]
+    return float(d.sum((1, 2)).mean() / (S * (S - 1)))
+
+
+# ----------------------------------------------------------------------------------------------
+# The evaluation embedder: a miniature CLAP with attribute heads
+
+# attribute -> its classes (the label spaces of the synthetic set), and how a clip's labels map to one
+ATTRIBUTES = {"instrument": data.INSTRUMENTS, "tonic": data.TONICS, "mode": data.MODES,
+              "tempo": data.TEMPO_WORDS, "texture": data.TEXTURES, "drums": (False, True)}
+
+
+def attribute_targets(labels):
+    """List of synthetic label dicts -> {attribute: LongTensor (B,)} of class indices."""
+    value = lambda l, k: data.tempo_bucket(l["bpm"]) if k == "tempo" else ATTRIBUTES[k].index(l[k])
+    return {k: torch.tensor([value(l, k) for l in labels]) for k in ATTRIBUTES}
+
+
+class ClapModel(nn.Module):
+    """Audio tower (conv over normalised log|STFT| frames, mean-pooled) and text tower
+    (dit.TextEncoder, pooled), both projected to d and L2-normalised; optional attribute heads."""
+
+    def __init__(self, c, rep, tok, max_len, attributes):
+        super().__init__()
+        self.rep, self.tok, self.max_len = rep, tok, max_len  # features and words, not parameters
+        W = c.width
+        self.stem = nn.Sequential(  # two stride-2 convs: ~16 tokens per second at 8 kHz / hop 128
+            nn.Conv1d(rep.latent_channels, W, 5, stride=2, padding=2), nn.GELU(),
+            nn.Conv1d(W, W, 5, stride=2, padding=2))
+        self.blocks = nn.ModuleList(  # dilated residual blocks: a receptive field of a few beats
+            nn.Sequential(nn.GroupNorm(1, W), nn.GELU(), nn.Conv1d(W, W, 3, padding=2**i, dilation=2**i),
+                          nn.GELU(), nn.Conv1d(W, W, 1)) for i in range(c.audio_depth))
+        # tempo is a period, which mean-pooled local features hardly see: add the autocorrelation
+        # of the onset envelope (positive spectral flux) over lags up to 1.2 s (below 50 bpm)
+        self.lags = max(2, int(1.2 * rep.frames_per_second))
+        self.rhythm = nn.Linear(self.lags, W)
+        self.audio_proj = nn.Sequential(nn.LayerNorm(W), nn.Linear(W, c.dim))
+        self.text = dit.TextEncoder(tok.vocab_size, W, c.text_depth, c.heads, max_len)
+        self.text_proj = nn.Linear(W, c.dim)
+        self.log_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature
+        self.heads = nn.ModuleDict({k: nn.Linear(c.dim, len(v)) for k, v in ATTRIBUTES.items()}
+                                   if attributes else {})
+
+    def embed_audio(self, waves):
+        """waves (B, ch, N) at cfg.data.sample_rate -> unit embeddings (B, d)."""
+        x = self.rep.encode(waves.to(self.log_scale.device))              # (B, C, T)
+        h = self.stem(x)                                                   # (B, W, T/4)
+        for block in self.blocks:
+            h = h + block(h)
+        return F.normalize(self.audio_proj(h.mean(-1) + self.rhythm(self.onset_autocorr(x))), dim=-1)
+
+    def onset_autocorr(self, x):
+        """x (B, C, T) -> normalised autocorrelation of the onset envelope at lags 1..L (B, L)."""
+        flux = F.relu(x.diff(dim=-1)).mean(1)                              # (B, T-1)
+        flux = flux - flux.mean(-1, keepdim=True)
+        n = max(flux.shape[-1], self.lags + 1)
+        spec = torch.fft.rfft(flux, 2 * n)                                 # zero-padded: no wrap-around
+        ac = torch.fft.irfft(spec.abs() ** 2, 2 * n)[:, :self.lags + 1]    # (B, L+1)
+        return ac[:, 1:] / ac[:, :1].clamp_min(1e-6)
+
+    def embed_text(self, captions):
+        """captions (B strings) -> unit embeddings (B, d)."""
+        ids = self.tok.encode(captions, self.max_len).to(self.log_scale.device)
+        return F.normalize(self.text_proj(self.text(ids)[2]), dim=-1)
+
+    def attribute_logits(self, emb):
+        return {k: head(emb) for k, head in self.heads.items()}
+
+    def predict_attributes(self, emb):
+        """emb (B, d) -> {attribute: predicted class index (B,)}."""
+        return {k: v.argmax(-1) for k, v in self.attribute_logits(emb).items()}
+
+
+def contrastive_loss(audio, text, log_scale):
+    """Symmetric InfoNCE over a batch of matching (audio, text) unit embeddings, learned temperature."""
+    logits = log_scale.clamp(max=math.log(100)).exp() * text @ audio.T  # (B captions, B clips)
+    target = torch.arange(len(logits), device=logits.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+
+def attribute_loss(logits, targets):
+    """Mean cross-entropy over the attribute heads."""
+    return sum(F.cross_entropy(logits[k], targets[k].to(logits[k].device)) for k in logits) / len(logits)
+
+
+def build_clap(cfg, feature_stats=None, vocab=None):
+    """The (untrained) embedder for a config; feature statistics fitted on training clips or restored."""
+    rep = data.Representation(cfg.data)
+    if feature_stats is not None:
+        rep.load_state_dict(feature_stats)
+    else:
+        ds = data.make_dataset(cfg.data, "train")
+        rep.fit(torch.stack([torch.from_numpy(ds.clip(i).wave) for i in range(min(cfg.data.stats_clips, len(ds)))]))
+    if vocab is not None:
+        tok = data.Tokenizer.from_state_dict(vocab)
+    elif cfg.data.dataset == "synth":
+        tok = data.Tokenizer.for_synth()
+    else:
+        tok = data.Tokenizer.from_captions(data.make_dataset(cfg.data, "train").captions)
+    torch.manual_seed(cfg.clap.seed)
+    return ClapModel(cfg.clap, rep, tok, cfg.data.max_text_len, attributes=cfg.data.dataset == "synth")
+
+
+def load_clap(path, device="cpu"):
+    """(cfg, frozen ClapModel in eval mode) from clap.pt; one-line errors for missing/foreign files."""
+    import train
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"embedder not found: {path} (train it with: python train.py "
+                                f"--stage clap --preset P --out {os.path.dirname(path) or '.'})")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise ValueError(f"cannot read embedder {path}: {type(e).__name__}: {e}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("stage") != "clap" or "feature_stats" not in ckpt:
+        raise ValueError(f"{path} is not an embedder written by train.py --stage clap")
+    cfg = train.config_from_dict(ckpt["config"])
+    model = build_clap(cfg, ckpt["feature_stats"], ckpt["vocab"])
+    model.load_state_dict(ckpt["model"])
+    return cfg, model.to(device).eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Rows: checkpoint file in the run folder -> the rows it contributes (later stages add entries)
+
+def base_rows(path, device, opts):
+    """base.pt: the teacher with EDM Heun and with DPM-Solver++(2M), both with CFG."""
+    import sample
+    import train
+    cfg, _, rep, tok, den = train.load_checkpoint(path, device)
+    rows = []
+    for name, sampler, steps in (("base Heun", "heun", opts.steps),
+                                 ("base DPM-Solver++(2M)", "dpmpp_2m", opts.dpm_steps)):
+        gen = functools.partial(sample.generate, den, tok, cfg, steps=steps, sampler=sampler, cfg_w=opts.cfg)
+        settings = dict(checkpoint=os.path.basename(path), sampler=sampler, steps=steps, cfg=opts.cfg,
+                        network_calls=edm.network_calls(sampler, steps))  # CFG doubles each call's batch
+        rows.append((name, settings, gen))
+    return cfg, rep, rows
+
+
+ROWS = {"base.pt": base_rows}
+SPEEDUP_REFERENCE = "base Heun"
+
+
+# ----------------------------------------------------------------------------------------------
+# The evaluation
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def listenable(waves):
+    """What a listener gets from a WAV writer (sample.write_wav): non-finite samples -> 0, peaks
+    limited to 0.99. An untrained or diverged model can decode to inf / NaN; this keeps it scorable."""
+    waves = torch.nan_to_num(waves.float(), nan=0.0, posinf=0.0, neginf=0.0)
+    peak = waves.abs().amax(dim=(1, 2), keepdim=True)
+    return waves * (0.99 / peak.clamp_min(0.99))
+
+
+def median_time(fn, device, repeats, warmup=1):
+    """Median wall seconds of fn() over repeats, after warm-up calls; CUDA synchronised."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def machine(device):
+    return dict(platform=platform.platform(), processor=platform.processor() or platform.machine(),
+                torch=torch.__version__, threads=torch.get_num_threads(),
+                device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
+
+
+@torch.no_grad()
+def evaluate_run(run, opts, embed_fn, embed_text=None, predict_fn=None, device="cpu", embedder="custom"):
+    """Every row of a run folder. embed_fn(waves (B, ch, N)) -> (B, d); embed_text(captions) -> (B, d)
+    and predict_fn(emb) -> {attribute: (B,) class index} are optional (their metrics become None)."""
+    device = torch.device(device)
+    present = [f for f in ROWS if os.path.isfile(os.path.join(run, f))]
+    if not present:
+        raise FileNotFoundError(f"no checkpoints in {run} (looked for {', '.join(ROWS)})")
+    loaded = [ROWS[f](os.path.join(run, f), device, opts) for f in present]
+    cfg = loaded[0][0]
+    test, train_ds = data.make_dataset(cfg.data, "test"), data.make_dataset(cfg.data, "train")
+    n = min(opts.n, len(test), len(train_ds))
+    rows = [r for _, _, rs in loaded for r in rs]
+    bar = tqdm(total=2 + 3 * len(rows), desc="evaluate", dynamic_ncols=True)
+
+    def embed(waves):  # chunks bound the memory
+        return torch.cat([embed_fn(w.to(device)).float().cpu() for w in waves.split(opts.batch)])
+
+    def quality(audio, captions, labels):  # metrics of n clips against the real test clips
+        text = embed_text(captions).float().cpu() if embed_text else None
+        adh = (attribute_accuracy(predict_fn(audio.to(device)), attribute_targets(labels))
+               if predict_fn and labels[0] else None)
+        return dict(fad=frechet_distance(audio, real), mmd=mmd(audio, real, opts.mmd_sigma),
+                    clap_score=clap_score(audio, text) if text is not None else None,
+                    adherence=adh and adh["mean"], adherence_by_attribute=adh)
+
+    # real test clips: the reference set, the prompts, and the embedder's own quality
+    clips = [test.clip(i) for i in range(n)]
+    captions, labels = [c.caption for c in clips], [c.labels for c in clips]
+    real = embed(torch.from_numpy(np.stack([c.wave for c in clips])))
+    bar.update()
+    train_waves = torch.from_numpy(np.stack([train_ds.clip(i).wave for i in range(n)]))
+    train_emb = embed(train_waves)
+    # CLAP score and adherence of the real test clips are the ceiling; FAD / MMD: test vs train
+    real_row = dict(name="real data (test vs train)", **quality(real, captions, labels))
+    real_row.update(fad=frechet_distance(train_emb, real), mmd=mmd(train_emb, real, opts.mmd_sigma))
+    embedder_quality = dict(
+        retrieval_r1=retrieval_r1(real, embed_text(captions).cpu()) if embed_text else None,
+        candidates=n, attributes=real_row["adherence_by_attribute"])
+    bar.update()
+
+    results = [real_row]
+    for (row_cfg, rep, _), (name, settings, gen) in ((l, r) for l in loaded for r in l[2]):
+        seconds = row_cfg.data.seconds
+        bar.set_description(f"evaluate: {name}")
+        waves = torch.cat([rep.decode(gen(captions[b:b + opts.batch], list(range(b, min(n, b + opts.batch))),
+                                          seconds)).cpu() for b in range(0, n, opts.batch)])
+        bad = int((~torch.isfinite(waves)).flatten(1).any(1).sum())
+        row = dict(name=name, **settings, **quality(embed(listenable(waves)), captions, labels),
+                   nonfinite_clips=bad)
+        bar.update()
+        P, S = min(opts.prompts, n), opts.seeds  # diversity: P prompts x S seeds each
+        div_waves = rep.decode(gen([c for c in captions[:P] for _ in range(S)], list(range(P * S)), seconds))
+        row["diversity"] = diversity(embed(listenable(div_waves.cpu())).reshape(P, S, -1)) if S > 1 else None
+        bar.update()
+        latent = gen(captions[:1], [0], seconds)  # latency: batch 1, the row's own settings
+        t_gen = median_time(lambda: gen(captions[:1], [0], seconds), device, opts.repeats)
+        t_dec = median_time(lambda: rep.decode(latent), device, opts.repeats)
+        t_e2e = median_time(lambda: rep.decode(gen(captions[:1], [0], seconds)), device, opts.repeats)
+        row.update(generation_ms=1e3 * t_gen, decode_ms=1e3 * t_dec, end_to_end_ms=1e3 * t_e2e,
+                   rtf=seconds / t_e2e, audio_seconds=seconds)
+        results.append(row)
+        bar.update()
+    bar.close()
+    ref = next((r for r in results if r["name"] == SPEEDUP_REFERENCE), None)
+    for r in results[1:]:
+        r["speedup"] = ref["end_to_end_ms"] / r["end_to_end_ms"] if ref else None
+    settings = dict(run=run, embedder=embedder, n=n, seeds=opts.seeds, diversity_prompts=min(opts.prompts, n),
+                    mmd="biased MMD^2 x1000, RBF on L2-normalised embeddings", mmd_sigma=opts.mmd_sigma,
+                    fad="Gaussian fit of one embedding per clip, float64 eigen square roots",
+                    steps=opts.steps, dpm_steps=opts.dpm_steps, cfg=opts.cfg, latency_repeats=opts.repeats,
+                    latency_batch=1, sample_rate=cfg.data.sample_rate, seconds=cfg.data.seconds,
+                    prompts="captions of the first n test-split clips; sample i uses seed i",
+                    machine=machine(device))
+    return dict(settings=settings, embedder_quality=embedder_quality, rows=results)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reports
+
+def _fmt(v, spec=".3f"):
+    return "-" if v is None else format(v, spec)
+
+
+def to_markdown(res):
+    s, q = res["settings"], res["embedder_quality"]
+    lines = ["# Results", "", "| row | steps | network calls | FAD | MMD | CLAP score | adherence | diversity "
+             "| generation ms | decode ms | end-to-end ms | RTF | speed-up |", "|" + "---|" * 13]
+    for r in res["rows"]:
+        lines.append(f"| {r['name']} | {r.get('steps', '-')} | {r.get('network_calls', '-')} | {_fmt(r['fad'])} "
+                     f"| {_fmt(r['mmd'])} | {_fmt(r['clap_score'])} | {_fmt(r['adherence'])} "
+                     f"| {_fmt(r.get('diversity'))} | {_fmt(r.get('generation_ms'), '.0f')} "
+                     f"| {_fmt(r.get('decode_ms'), '.0f')} | {_fmt(r.get('end_to_end_ms'), '.0f')} "
+                     f"| {_fmt(r.get('rtf'), '.2f')} | {_fmt(r.get('speedup'), '.2f')} |")
+    lines += ["", "FAD and MMD: each row's clips vs the real test clips (real data row: real test vs real "
+              "train). CLAP score and adherence of the real data row are those of the real test clips "
+              "(the ceiling). Network calls count denoiser evaluations; CFG doubles each call's batch. "
+              "RTF = audio seconds / end-to-end seconds; speed-up = base Heun end-to-end / row end-to-end.",
+              *[f"\n**{r['name']}: {r['nonfinite_clips']} of {s['n']} clips decoded to inf/NaN samples** "
+                "(zeroed before embedding)." for r in res["rows"] if r.get("nonfinite_clips")],
+              "", "## Embedder quality (held-out real test clips)", "",
+              f"- text -> audio retrieval R@1 among {q['candidates']} candidates: {_fmt(q['retrieval_r1'])} "
+              f"(chance {1 / q['candidates']:.3f})"]
+    if q["attributes"]:
+        lines.append("- attribute accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in q["attributes"].items()))
+    lines += ["", "## Settings", "", "```", json.dumps(s, indent=2), "```", ""]
+    return "\n".join(lines)
+
+
+def plot(res, path):
+    """Speed (end-to-end ms) vs quality (FAD) scatter; returns a note if matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: no speed-vs-quality plot"
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in res["rows"][1:]:
+        ax.scatter(r["end_to_end_ms"], r["fad"])
+        ax.annotate(r["name"], (r["end_to_end_ms"], r["fad"]), fontsize=8)
+    ax.axhline(res["rows"][0]["fad"], ls="--", c="gray", label="real data")
+    ax.set(xscale="log", xlabel="end-to-end latency, batch 1 (ms)", ylabel="FAD (lower is better)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return f"wrote {path}"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Evaluate every checkpoint of a run folder (PAPER.md section 5).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--run", required=True, help="run folder written by train.py")
+    p.add_argument("--n", type=int, default=64, help="clips per row (test-split captions and references)")
+    p.add_argument("--seeds", type=int, default=4, help="seeds per prompt for diversity")
+    p.add_argument("--prompts", type=int, default=4, help="prompts for diversity")
+    p.add_argument("--steps", type=int, default=32, help="base Heun steps")
+    p.add_argument("--dpm-steps", type=int, default=16, help="base DPM-Solver++(2M) steps")
+    p.add_argument("--cfg", type=float, default=4.0, help="CFG weight of the base rows (x0-space)")
+    p.add_argument("--embedder", default=None, help="clap.pt (default: RUN/clap.pt)")
+    p.add_argument("--mmd-sigma", type=float, default=10.0, help="RBF bandwidth of MMD (CMMD's 10)")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats per latency (median)")
+    p.add_argument("--batch", type=int, default=16, help="clips generated / embedded together")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    opts = p.parse_args(argv)
+    import train
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    try:
+        if not os.path.isdir(opts.run):
+            raise FileNotFoundError(f"run folder not found: {opts.run}")
+        if not any(os.path.isfile(os.path.join(opts.run, f)) for f in ROWS):
+            raise FileNotFoundError(f"no checkpoints in {opts.run} (looked for {', '.join(ROWS)})")
+        if opts.n < 2 or opts.seeds < 1 or opts.repeats < 1:
+            raise ValueError("--n must be >= 2, --seeds and --repeats >= 1")
+        device = train.pick_device(opts.device)
+        path = opts.embedder or os.path.join(opts.run, "clap.pt")
+        clap_cfg, clap = load_clap(path, device)
+        res = evaluate_run(opts.run, opts, clap.embed_audio, clap.embed_text,
+                           clap.predict_attributes if clap.heads else None, device,
+                           embedder=f"{path} (miniature CLAP, d={clap_cfg.clap.dim}, "
+                                    f"{clap_cfg.clap.steps} steps)")
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        sys.exit(f"error: {e}")
+    with open(os.path.join(opts.run, "results.json"), "w") as f:
+        json.dump(res, f, indent=2)
+    with open(os.path.join(opts.run, "results.md"), "w") as f:
+        f.write(to_markdown(res))
+    print(to_markdown(res))
+    print(plot(res, os.path.join(opts.run, "speed_vs_quality.png")))
+    print(f"wrote {os.path.join(opts.run, 'results.md')} and results.json")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,241 @@
+"""Layer dropping: ASE (the baseline) and Presto-L (variance-preserving, budget-conditioned).
+
+Implements PAPER.md section 3, i.e. Presto! (Novack et al., ICLR 2025) section 3.3, and its
+baseline ASE (Moon et al., ICML 2024, "A Simple Early Exiting Framework for Accelerated Sampling in
+Diffusion Models"). Both make each sampling step cheaper by running only b of the DiT's L blocks,
+with b chosen by the noise level: full depth at low noise, fewer blocks at high noise.
+
+Read `block_list` first: it is the whole difference between the two methods.
+    ASE:      blocks 0 .. b-1, then the head (an early exit);
+    Presto-L: blocks 0 .. b-2, then the final block L-1, then the head. The last block changes the
+              hidden-state variance most, so keeping it hands the head the statistics it expects
+              (`hidden_variance` / `head_input_variance` measure this: the Figure 4 analogue).
+Then `budget_for_sigma` (the schedule), `forward` (one layer-dropped denoiser call) and the
+losses: ASE fine-tunes with the ordinary DSM loss (`dsm_loss`); Presto-L adds budget conditioning
+(dit.py's zero-initialised `budget_emb`) and regresses onto the frozen full-depth teacher
+(`self_teacher_loss`). `training_loss` picks the right one for a LayerDropConfig.
+
+Budgets b are always "number of blocks run", 1..L, one per sample: a (B,) long tensor.
+"""
+from dataclasses import dataclass, field
+
+import torch
+
+import edm
+
+METHODS = ("presto-l", "ase")
+ASE_SCHEDULE = (28, 28, 24, 24, 20, 20, 16, 16, 12, 12)   # ASE's DiT-XL/2 blocks, low -> high noise
+
+
+@dataclass
+class LayerDropConfig:
+    method: str = "presto-l"   # "presto-l" (keep the final block, budget conditioning) or "ase"
+    # budget per noise bin, low noise -> high noise, as fractions of depth so any depth works;
+    # default ASE_SCHEDULE / 28 (~71% of the compute)
+    schedule: list = field(default_factory=lambda: [b / 28 for b in ASE_SCHEDULE])
+    jitter: int = 1            # [ours] training budgets = schedule + U{-jitter..jitter} blocks
+    dsm_weight: float = 0.0    # [ours] Presto-L: weight of the ordinary DSM loss added to L_st
+    budget_cond: bool = True   # Presto-L's budget embedding (ablation: off); ASE never has one
+
+
+def check_method(method):
+    if method not in METHODS:
+        raise ValueError(f"unknown layer-drop method {method!r}; choose one of {METHODS}")
+
+
+def min_budget(method):
+    """Presto-L always runs the final block, so it keeps at least one early block besides it."""
+    return 2 if method == "presto-l" else 1
+
+
+# ----------------------------------------------------------------------------------------------
+# The budget schedule: sigma -> noise bin -> number of blocks
+
+def noise_bin(sigma, n_bins, edm_cfg):
+    """Bin of each sigma (B,) by its position u in the Karras schedule; bin 0 = lowest noise.
+
+    Inverts edm.karras_sigma: u = 0 at sigma_max, 1 at sigma_min (clamped outside), so bins of
+    equal width in u are equal shares of a sampling grid, as ASE's bins of 100 timesteps are.
+    """
+    a, b = edm_cfg.sigma_max ** (1 / edm_cfg.rho), edm_cfg.sigma_min ** (1 / edm_cfg.rho)
+    u = ((sigma.double().clamp(min=0) ** (1 / edm_cfg.rho) - a) / (b - a)).clamp(0, 1)
+    return ((1 - u) * n_bins).long().clamp(max=n_bins - 1)
+
+
+def schedule_budgets(depth, cfg):
+    """The schedule as block counts per bin (n_bins,) long: round(fraction * depth), clamped."""
+    b = torch.tensor(cfg.schedule, dtype=torch.float64) * depth
+    return torch.floor(b + 0.5).long().clamp(min_budget(cfg.method), depth)
+
+
+def budget_for_sigma(sigma, depth, cfg, edm_cfg):
+    """Blocks to run at each sigma (B,) -> (B,) long; non-increasing in sigma."""
+    check_method(cfg.method)
+    table = schedule_budgets(depth, cfg).to(sigma.device)
+    return table[noise_bin(sigma, len(cfg.schedule), edm_cfg)]
+
+
+def train_budgets(sigma, depth, cfg, edm_cfg, generator=None):
+    """Training budgets: the schedule plus uniform integer jitter in [-jitter, jitter], clamped."""
+    b = budget_for_sigma(sigma, depth, cfg, edm_cfg)
+    if cfg.jitter > 0:
+        b = b + torch.randint(-cfg.jitter, cfg.jitter + 1, b.shape, generator=generator,
+                              device=b.device)
+    return b.clamp(min_budget(cfg.method), depth)
+
+
+def mean_block_fraction(sigmas, depth, cfg, edm_cfg):
+    """Mean fraction of the depth run over a list of sigmas (pass one sigma per network call)."""
+    s = torch.as_tensor(sigmas, dtype=torch.float64).flatten()
+    return (budget_for_sigma(s, depth, cfg, edm_cfg).double() / depth).mean().item()
+
+
+# ----------------------------------------------------------------------------------------------
+# Which blocks run, and the layer-dropped denoiser call
+
+def block_list(b, depth, method):
+    """Indices of the blocks run at budget b, in order (the whole batch shares b)."""
+    check_method(method)
+    b = int(b)
+    if not 1 <= b <= depth:
+        raise ValueError(f"budget {b} outside 1..{depth}")
+    if method == "ase" or b == depth:
+        return list(range(b))                        # early exit after block b-1
+    return list(range(b - 1)) + [depth - 1]          # drop b-1 .. depth-2, keep the final block
+
+
+def block_mask(budgets, depth, method):
+    """Per-sample budgets (B,) -> (B, depth) bool, True where a sample runs a block."""
+    check_method(method)
+    idx = torch.arange(depth, device=budgets.device)[None]        # (1, depth)
+    b = budgets[:, None]                                          # (B, 1)
+    if method == "ase":
+        return idx < b
+    return (idx < b - 1) | (idx == depth - 1)                     # b = depth gives all blocks
+
+
+def forward(denoiser, x, sigma, cond, budgets, method, budget_cond=True):
+    """D(x; sigma, cond) of the layer-dropped network, budgets (B,) long.
+
+    A batch sharing one budget really skips blocks (inference); mixed budgets use dit.py's masked
+    path, which costs full depth (training). Budget conditioning is Presto-L's; ASE has none.
+    """
+    check_method(method)
+    depth = len(denoiser.net.blocks)
+    budget = budgets if (method == "presto-l" and budget_cond) else None
+    if bool((budgets == budgets[0]).all()):
+        return denoiser(x, sigma, cond, budget=budget, blocks=block_list(budgets[0], depth, method))
+    return denoiser(x, sigma, cond, budget=budget, block_mask=block_mask(budgets, depth, method))
+
+
+def scheduled(denoiser, cfg, edm_cfg):
+    """A denoiser(x, sigma, cond) that picks each call's budget from the schedule: a drop-in for
+    the full model in edm.guided and the samplers (one sigma per call, so blocks really skip)."""
+    depth = len(denoiser.net.blocks)
+
+    def denoise(x, sigma, cond):
+        sigma = sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma
+        b = budget_for_sigma(sigma, depth, cfg, edm_cfg)
+        return forward(denoiser, x, sigma, cond, b, cfg.method, cfg.budget_cond)
+    return denoise
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses: per-sample (B,), EDM-weighted, mean over elements (as edm.edm_loss)
+
+def dsm_loss(student, x, cond, sigma, budgets, method, generator=None, budget_cond=True):
+    """ASE's training loss: ordinary denoising score matching on the layer-dropped network."""
+    eps = torch.randn(x.shape, generator=generator, device=x.device)
+    D = forward(student, x + edm._bcast(sigma, x) * eps, sigma, cond, budgets, method, budget_cond)
+    w = edm._bcast(edm.loss_weight(sigma, student.sigma_data), x)
+    return (w * (D - x) ** 2).flatten(1).mean(1)
+
+
+def self_teacher_loss(student, teacher, x, cond_student, cond_teacher, sigma, budgets, method,
+                      generator=None, dsm_weight=0.0, budget_cond=True):
+    """Presto-L's L_st [ours: form]: the layer-dropped student's D regresses onto the frozen
+    full-depth teacher's D at the same noisy input (one eps), weighted by lambda(sigma).
+
+    cond_student / cond_teacher are each network's own encoding of the same captions (the student's
+    text encoder is fine-tuned too). dsm_weight > 0 adds the ordinary DSM loss, sharing the
+    student's forward pass.
+    """
+    eps = torch.randn(x.shape, generator=generator, device=x.device)
+    x_noisy = x + edm._bcast(sigma, x) * eps
+    with torch.no_grad():
+        D_teacher = teacher(x_noisy, sigma, cond_teacher)
+    D = forward(student, x_noisy, sigma, cond_student, budgets, method, budget_cond)
+    w = edm._bcast(edm.loss_weight(sigma, student.sigma_data), x)
+    loss = (w * (D - D_teacher) ** 2).flatten(1).mean(1)
+    if dsm_weight:
+        loss = loss + dsm_weight * (w * (D - x) ** 2).flatten(1).mean(1)
+    return loss
+
+
+def training_loss(student, teacher, x, cond_student, cond_teacher, sigma, cfg, edm_cfg,
+                  generator=None):
+    """The configured method's loss at jittered budgets: returns (loss (B,), budgets (B,))."""
+    check_method(cfg.method)
+    budgets = train_budgets(sigma, len(student.net.blocks), cfg, edm_cfg, generator)
+    if cfg.method == "ase":
+        return dsm_loss(student, x, cond_student, sigma, budgets, "ase", generator), budgets
+    return self_teacher_loss(student, teacher, x, cond_student, cond_teacher, sigma, budgets,
+                             "presto-l", generator, cfg.dsm_weight, cfg.budget_cond), budgets
+
+
+# ----------------------------------------------------------------------------------------------
+# Variance diagnostics (PAPER.md section 3's figure analogue): pure functions, no plotting
+
+def _noised(x, s, seed):
+    """x noised at the scalar sigma s with the eps of `seed` (the same for every s), sigma (B,)."""
+    eps = torch.randn(x.shape, generator=torch.Generator(x.device).manual_seed(seed),
+                      device=x.device)
+    return x + s * eps, torch.full((x.shape[0],), float(s), device=x.device)
+
+
+@torch.no_grad()
+def hidden_variance(denoiser, x, cond, sigmas, seed=0):
+    """Variance of the hidden state after every block at every sigma: (len(sigmas), depth).
+
+    Full depth; x is clean data, noised with one eps for every sigma. The variance is over all
+    elements of the (B, N, W) hidden state.
+    """
+    out = []
+    for s in sigmas:
+        var = []
+        hooks = [blk.register_forward_hook(lambda m, i, o: var.append(o.float().var()))
+                 for blk in denoiser.net.blocks]
+        try:
+            denoiser(*_noised(x, s, seed), cond)
+        finally:
+            for hk in hooks:
+                hk.remove()
+        out.append(torch.stack(var))
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def head_input_variance(denoiser, x, cond, sigmas, budget, method=None, seed=0, budget_cond=True):
+    """Variance of the final layer's input at each sigma: {"full": (S,), method: (S,), ...}.
+
+    "full" is the plain full-depth call; each method (both when method=None) runs `budget` blocks
+    its own way. Presto-L should stay close to "full"; ASE's early exit should not.
+    """
+    seen = []
+    hook = denoiser.net.final.register_forward_pre_hook(
+        lambda m, args: seen.append(args[0].float().var()))
+    budgets = torch.full((x.shape[0],), int(budget), dtype=torch.long, device=x.device)
+    result = {}
+    try:
+        for name in ("full",) + (METHODS if method is None else (method,)):
+            seen.clear()
+            for s in sigmas:
+                x_noisy, sigma = _noised(x, s, seed)
+                if name == "full":
+                    denoiser(x_noisy, sigma, cond)
+                else:
+                    forward(denoiser, x_noisy, sigma, cond, budgets, name, budget_cond)
+            result[name] = torch.stack(seen)
+    finally:
+        hook.remove()
+    return result

@@ -1,0 +1,171 @@
+"""Worked examples for evaluate.py: FAD and MMD against closed forms and plain reference code, the
+embedder learns on a tiny run, and the evaluate command writes its reports for a tiny run folder."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import evaluate
+import train
+from evaluate import frechet_distance, mmd
+
+# -----------------------------------------------------------------------------
+# FAD
+
+
+def test_fad_of_a_set_with_itself_is_zero():
+    x = np.random.default_rng(0).normal(size=(200, 16))
+    assert abs(frechet_distance(x, x)) < 1e-8
+
+
+def test_fad_of_two_gaussians_matches_the_closed_form():
+    # diagonal covariances commute, so tr((S1 S2)^1/2) = sum sqrt(s1_i s2_i) and
+    # FD = |mu1 - mu2|^2 + sum (sqrt(s1_i) - sqrt(s2_i))^2
+    rng = np.random.default_rng(1)
+    d, n = 4, 200_000
+    mu1, mu2 = np.array([0.0, 1.0, -1.0, 2.0]), np.array([0.5, 1.0, 0.0, 2.0])
+    s1, s2 = np.array([1.0, 4.0, 0.25, 2.0]), np.array([1.0, 1.0, 1.0, 0.5])
+    x = mu1 + np.sqrt(s1) * rng.standard_normal((n, d))
+    y = mu2 + np.sqrt(s2) * rng.standard_normal((n, d))
+    exact = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(s1) - np.sqrt(s2)) ** 2).sum()  # 1.25 + 1.25 + 0.5 = 3.0
+    assert exact == pytest.approx(3.0)
+    assert frechet_distance(x, y) == pytest.approx(exact, abs=0.03)
+
+
+def _fad_reference(x, y):
+    """The textbook way: tr((S1 S2)^1/2) = sum of the square roots of the eigenvalues of S1 S2."""
+    S1, S2 = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+    ev = np.linalg.eigvals(S1 @ S2)
+    return ((x.mean(0) - y.mean(0)) ** 2).sum() + np.trace(S1 + S2) - 2 * np.sqrt(ev.real.clip(0)).sum()
+
+
+def test_fad_agrees_with_a_reference_on_random_data():
+    rng = np.random.default_rng(2)
+    A = rng.normal(size=(8, 8))
+    x = rng.normal(size=(300, 8)) @ A
+    y = rng.normal(size=(250, 8)) + 0.3
+    assert frechet_distance(x, y) == pytest.approx(_fad_reference(x, y), rel=1e-6)
+
+
+def test_fad_is_finite_and_real_on_rank_deficient_covariances():
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(10, 64)), rng.normal(size=(12, 64)) + 0.1   # n << d: rank <= 11
+    low = rng.normal(size=(50, 2)) @ rng.normal(size=(2, 64))            # rank 2 by construction
+    for a, b in ((x, y), (low, x), (low, low + 1.0), (x[:2], y[:2])):
+        v = frechet_distance(a, b)
+        assert isinstance(v, float) and math.isfinite(v) and v >= 0
+    assert frechet_distance(low, low + 1.0) == pytest.approx(64.0, rel=1e-6)  # a pure shift by 1 in 64 dims
+
+# -----------------------------------------------------------------------------
+# MMD and the other metrics
+
+
+def _mmd_reference(x, y, sigma):
+    """Biased MMD^2 x1000 with explicit loops over pairs."""
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    y = y / np.linalg.norm(y, axis=1, keepdims=True)
+    k = lambda a, b: math.exp(-((a - b) ** 2).sum() / (2 * sigma ** 2))
+    mean = lambda A, B: sum(k(a, b) for a in A for b in B) / (len(A) * len(B))
+    return 1000 * (mean(x, x) + mean(y, y) - 2 * mean(x, y))
+
+
+def test_mmd_agrees_with_a_reference_on_random_data():
+    rng = np.random.default_rng(4)
+    x, y = rng.normal(size=(20, 6)), rng.normal(size=(15, 6)) + 0.5
+    for sigma in (10.0, 0.5):
+        assert mmd(x, y, sigma) == pytest.approx(_mmd_reference(x, y, sigma), rel=1e-8, abs=1e-10)
+
+
+def test_mmd_is_zero_on_itself_and_grows_with_a_mean_shift():
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(100, 8))
+    assert abs(mmd(x, x)) < 1e-9
+    y = rng.normal(size=(100, 8))
+    shifts = [mmd(x, y + s, sigma=1.0) for s in (0.0, 0.5, 1.0, 2.0)]
+    assert all(a < b for a, b in zip(shifts, shifts[1:])), shifts
+    low = rng.normal(size=(5, 64))  # rank deficient: still a finite real number
+    assert math.isfinite(mmd(low, low + 0.2))
+
+
+def test_clap_score_retrieval_and_diversity_on_known_embeddings():
+    e = np.eye(4)
+    assert evaluate.clap_score(e, e) == pytest.approx(1.0)
+    assert evaluate.clap_score(e, -e) == pytest.approx(-1.0)
+    assert evaluate.retrieval_r1(e, e) == 1.0 and evaluate.retrieval_r1(e, e[[1, 0, 2, 3]]) == 0.5
+    same = np.ones((2, 3, 4))                       # every seed gives the same clip: no diversity
+    assert evaluate.diversity(same) == 0.0
+    orth = np.stack([np.eye(3, 4), np.eye(3, 4)])   # orthogonal unit vectors: distance sqrt(2)
+    assert evaluate.diversity(orth) == pytest.approx(math.sqrt(2))
+    acc = evaluate.attribute_accuracy({"a": np.array([0, 1]), "b": np.array([1, 1])},
+                                      {"a": np.array([0, 0]), "b": np.array([1, 1])})
+    assert acc == {"a": 0.5, "b": 1.0, "mean": 0.75}
+
+# -----------------------------------------------------------------------------
+# The embedder and the evaluate command, at toy scale
+
+FAST = {"train.steps": "4", "train.ckpt_every": "4", "train.eval_every": "4", "train.log_every": "1",
+        "data.seconds": "0.5", "data.stats_clips": "8", "model.text_width": "32",
+        "clap.steps": "30", "clap.log_every": "1", "clap.eval_every": "15", "clap.ckpt_every": "15",
+        "clap.lr": "3e-3"}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("eval"))
+    cfg = train.make_config("tiny", FAST)
+    train.train_base(cfg, out)
+    train.train_clap(train.make_config("tiny", FAST), out)
+    return out
+
+
+def test_embedder_loss_falls_on_a_tiny_run(tiny_run):
+    rows = [json.loads(l) for l in open(os.path.join(tiny_run, "clap_log.jsonl"))]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 30
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])
+    cfg, model = evaluate.load_clap(os.path.join(tiny_run, "clap.pt"))
+    waves = torch.randn(3, 1, int(cfg.data.seconds * cfg.data.sample_rate)) * 0.1
+    a, t = model.embed_audio(waves), model.embed_text(["slow organ chords", "piano", "bell"])
+    assert a.shape == t.shape == (3, cfg.clap.dim)
+    assert torch.allclose(a.norm(dim=1), torch.ones(3), atol=1e-5)
+    assert set(model.predict_attributes(a)) == set(evaluate.ATTRIBUTES)
+
+
+def test_old_checkpoints_without_a_clap_section_still_load():
+    d = train.dataclasses.asdict(train.make_config("tiny"))
+    del d["clap"]
+    assert train.config_from_dict(d).clap == evaluate.ClapConfig()
+
+
+def test_evaluate_writes_results_for_every_row(tiny_run):
+    evaluate.main(["--run", tiny_run, "--n", "4", "--seeds", "2", "--prompts", "2", "--steps", "2",
+                   "--dpm-steps", "2", "--repeats", "1", "--device", "cpu"])
+    res = json.load(open(os.path.join(tiny_run, "results.json")))
+    names = [r["name"] for r in res["rows"]]
+    assert names == ["real data (test vs train)", "base Heun", "base DPM-Solver++(2M)"]
+    for r in res["rows"]:
+        for k in ("fad", "mmd", "clap_score", "adherence"):
+            assert math.isfinite(r[k]), (r["name"], k)
+    for r in res["rows"][1:]:
+        for k in ("diversity", "generation_ms", "decode_ms", "end_to_end_ms", "rtf", "speedup"):
+            assert math.isfinite(r[k]) and r[k] >= 0, (r["name"], k)
+    assert res["rows"][1]["speedup"] == 1.0 and res["rows"][1]["network_calls"] == 3
+    assert res["settings"]["n"] == 4 and "torch" in res["settings"]["machine"]
+    assert res["embedder_quality"]["candidates"] == 4
+    md = open(os.path.join(tiny_run, "results.md")).read()
+    assert "| base Heun | 2 | 3 |" in md and "R@1 among 4 candidates" in md
+
+
+@pytest.mark.parametrize("make_args,msg", [
+    (lambda run, tmp: ["--run", str(tmp / "nope")], "run folder not found"),
+    (lambda run, tmp: ["--run", str(tmp)], "no checkpoints"),
+    (lambda run, tmp: ["--run", run, "--embedder", str(tmp / "missing.pt")], "--stage clap"),
+])
+def test_evaluate_errors_are_one_line(tiny_run, tmp_path, make_args, msg):
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(make_args(tiny_run, tmp_path))
+    assert str(e.value.code).startswith("error:") and msg in str(e.value.code)
+    assert "\n" not in str(e.value.code)

@@ -1,0 +1,234 @@
+"""Layer-dropping worked examples: which blocks run, the two forward paths agree, L_st, schedule."""
+import pytest
+import torch
+
+import dit
+import edm
+import layerdrop as ld
+
+DEPTH = 6
+METHODS = ("ase", "presto-l")
+
+
+def make(seed=0):
+    """A small DiT (6 blocks) with random weights, so every block changes the output."""
+    torch.manual_seed(seed)
+    cfg = dit.DiTConfig(size="XS", depth=DEPTH, in_channels=6, vocab_size=40, max_text_len=8,
+                        text_width=32, text_depth=1)
+    den = edm.Denoiser(dit.DiT(cfg), sigma_data=0.5)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in den.named_parameters():
+            if name != "net.budget_emb.weight":               # budget embedding stays zero-init
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    return den
+
+
+def inputs(B=4, T=12):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, 40, (B, 8), generator=g)
+    ids[0, 3:] = 0
+    sigma = torch.tensor([0.01, 0.3, 2.0, 40.0])[:B]
+    return torch.randn(B, 6, T, generator=g), sigma, ids
+
+
+def count_blocks(den):
+    """Attach hooks that record which blocks ran; returns (calls list, hook handles)."""
+    calls = []
+    hooks = [b.register_forward_hook(lambda m, i, o, k=k: calls.append(k))
+             for k, b in enumerate(den.net.blocks)]
+    return calls, hooks
+
+
+# ----------------------------------------------------------------------------------------------
+# Which blocks run
+
+def test_full_budget_reproduces_the_unmodified_model_exactly():
+    den = make()
+    x, sigma, ids = inputs()
+    cond = den.net.encode_text(ids)
+    full = torch.full((4,), DEPTH)
+    for method in METHODS:
+        assert torch.equal(ld.forward(den, x, sigma, cond, full, method), den(x, sigma, cond))
+        # the masked path at full depth is the unmodified model too
+        mask = ld.block_mask(full, DEPTH, method)
+        assert torch.equal(den(x, sigma, cond, budget=full, block_mask=mask), den(x, sigma, cond))
+
+
+def test_presto_l_keeps_the_final_block_and_ase_exits_early():
+    assert ld.block_list(3, DEPTH, "ase") == [0, 1, 2]
+    assert ld.block_list(3, DEPTH, "presto-l") == [0, 1, 5]
+    for b in range(1, DEPTH):
+        assert DEPTH - 1 in ld.block_list(b, DEPTH, "presto-l")
+        assert DEPTH - 1 not in ld.block_list(b, DEPTH, "ase")
+    for b in range(1, DEPTH + 1):                          # the mask is the list, per sample
+        for method in METHODS:
+            row = ld.block_mask(torch.tensor([b]), DEPTH, method)[0]
+            assert row.nonzero().flatten().tolist() == ld.block_list(b, DEPTH, method)
+
+
+def test_a_budget_of_b_runs_exactly_b_blocks():
+    den = make()
+    x, sigma, ids = inputs()
+    cond = den.net.encode_text(ids)
+    for method in METHODS:
+        for b in range(ld.min_budget(method), DEPTH + 1):
+            calls, hooks = count_blocks(den)
+            ld.forward(den, x, sigma, cond, torch.full((4,), b), method)
+            for hk in hooks:
+                hk.remove()
+            assert calls == ld.block_list(b, DEPTH, method) and len(calls) == b
+
+
+def test_masked_path_equals_real_truncation():
+    den = make()
+    x, sigma, ids = inputs()
+    cond = den.net.encode_text(ids)
+    for method in METHODS:
+        for b in range(ld.min_budget(method), DEPTH + 1):
+            budgets = torch.full((4,), b)
+            real = den(x, sigma, cond, budget=budgets, blocks=ld.block_list(b, DEPTH, method),
+                       return_hidden=0)
+            masked = den(x, sigma, cond, budget=budgets,
+                         block_mask=ld.block_mask(budgets, DEPTH, method), return_hidden=0)
+            torch.testing.assert_close(masked, real, rtol=0, atol=0)
+
+
+def test_mixed_budget_batch_equals_each_sample_alone():
+    den = make()
+    with torch.no_grad():                      # a trained budget embedding, so it matters too
+        den.net.budget_emb.weight.normal_(0, 0.2)
+    x, sigma, ids = inputs()
+    cond = den.net.encode_text(ids)
+    budgets = torch.tensor([6, 2, 4, 3])
+    for method in METHODS:
+        calls, hooks = count_blocks(den)
+        batch = ld.forward(den, x, sigma, cond, budgets, method)
+        for hk in hooks:
+            hk.remove()
+        assert calls == list(range(DEPTH))                 # masked path: every needed block once
+        for i in range(4):
+            one = {k: v[i:i + 1] for k, v in cond.items()}
+            alone = ld.forward(den, x[i:i + 1], sigma[i:i + 1], one, budgets[i:i + 1], method)
+            torch.testing.assert_close(batch[i:i + 1], alone, rtol=1e-5, atol=1e-5)
+        # budgets really change the output
+        assert (batch - den(x, sigma, cond)).abs().max() > 1e-3
+
+
+def test_block_mask_skips_blocks_no_sample_needs():
+    den = make()
+    x, sigma, ids = inputs()
+    cond = den.net.encode_text(ids)
+    calls, hooks = count_blocks(den)
+    den(x, sigma, cond, block_mask=ld.block_mask(torch.tensor([2, 3, 2, 3]), DEPTH, "presto-l"))
+    for hk in hooks:
+        hk.remove()
+    assert calls == [0, 1, 5]
+    with pytest.raises(ValueError):
+        den(x, sigma, cond, blocks=[0], block_mask=torch.ones(4, DEPTH, dtype=torch.bool))
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses
+
+def test_self_teacher_loss_is_zero_at_full_depth_and_positive_when_dropping():
+    den = make()
+    x, sigma, ids = inputs()
+    cond = den.net.encode_text(ids)
+    g = lambda: torch.Generator().manual_seed(3)
+    full = torch.full((4,), DEPTH)
+    L0 = ld.self_teacher_loss(den, den, x, cond, cond, sigma, full, "presto-l", g())
+    assert L0.shape == (4,) and torch.equal(L0, torch.zeros(4))
+    L = ld.self_teacher_loss(den, den, x, cond, cond, sigma, torch.full((4,), 3), "presto-l", g())
+    assert (L > 0).all()
+    # the DSM term at full depth is exactly edm.edm_loss (same eps)
+    L_dsm = ld.self_teacher_loss(den, den, x, cond, cond, sigma, full, "presto-l", g(),
+                                 dsm_weight=1.0)
+    torch.testing.assert_close(L_dsm, edm.edm_loss(den, x, cond, sigma, g()))
+    torch.testing.assert_close(ld.dsm_loss(den, x, cond, sigma, full, "ase", g()), L_dsm)
+
+
+def test_training_loss_backpropagates_into_the_student_only():
+    student, teacher = make(), make()
+    x, sigma, ids = inputs()
+    cfg = ld.LayerDropConfig(method="presto-l", jitter=1)
+    loss, budgets = ld.training_loss(student, teacher, x, student.net.encode_text(ids),
+                                     teacher.net.encode_text(ids), sigma, cfg, edm.EDMConfig(),
+                                     torch.Generator().manual_seed(0))
+    loss.mean().backward()
+    assert budgets.shape == (4,) and torch.isfinite(loss).all()
+    assert student.net.budget_emb.weight.grad.abs().sum() > 0   # budget conditioning learns
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+# ----------------------------------------------------------------------------------------------
+# The schedule
+
+def test_schedule_is_ases_and_monotone():
+    e = edm.EDMConfig()
+    ase = ld.LayerDropConfig(method="ase")
+    centres = edm.karras_sigma(torch.tensor([1 - (k + 0.5) / 10 for k in range(10)]), e)
+    assert ld.budget_for_sigma(centres, 28, ase, e).tolist() == \
+        [28, 28, 24, 24, 20, 20, 16, 16, 12, 12]             # low noise -> high noise
+    assert abs(ld.mean_block_fraction(edm.karras_schedule(40, e)[:-1], 28, ase, e) - 200 / 280) \
+        < 1e-9                                               # ASE's ~71% of compute
+    sigmas = torch.logspace(-4, 3, 500)                      # beyond both ends: clamped
+    for depth in (6, 8, 28):
+        for method in METHODS:
+            b = ld.budget_for_sigma(sigmas, depth, ld.LayerDropConfig(method=method), e)
+            assert (b[1:] <= b[:-1]).all()                   # more noise, never more blocks
+            assert b[0] == depth and b.min() >= ld.min_budget(method)
+    assert ld.budget_for_sigma(torch.tensor([0.0]), 8, ase, e).item() == 8   # the final sigma
+
+
+def test_training_jitter_stays_within_bounds():
+    e = edm.EDMConfig()
+    g = torch.Generator().manual_seed(0)
+    sigma = edm.sample_p_train(4000, e, generator=g)
+    for method in METHODS:
+        cfg = ld.LayerDropConfig(method=method, jitter=2)
+        base = ld.budget_for_sigma(sigma, 8, cfg, e)
+        b = ld.train_budgets(sigma, 8, cfg, e, generator=g)
+        assert (b - base).abs().max() <= 2 and (b != base).any()
+        assert b.min() >= ld.min_budget(method) and b.max() <= 8
+    cfg0 = ld.LayerDropConfig(jitter=0)
+    assert torch.equal(ld.train_budgets(sigma, 8, cfg0, e), ld.budget_for_sigma(sigma, 8, cfg0, e))
+
+
+def test_scheduled_denoiser_uses_the_budget_of_each_sigma():
+    den = make()
+    x, _, ids = inputs()
+    cond = den.net.encode_text(ids)
+    e, cfg = edm.EDMConfig(), ld.LayerDropConfig()
+    fn = ld.scheduled(den, cfg, e)
+    for s in (0.005, 60.0):
+        sigma = torch.full((4,), s)
+        b = ld.budget_for_sigma(sigma, DEPTH, cfg, e)
+        calls, hooks = count_blocks(den)
+        D = fn(x, sigma, cond)
+        for hk in hooks:
+            hk.remove()
+        assert calls == ld.block_list(b[0], DEPTH, "presto-l")
+        torch.testing.assert_close(D, ld.forward(den, x, sigma, cond, b, "presto-l"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Variance diagnostics
+
+def test_variance_diagnostics():
+    den = make()
+    x, _, ids = inputs()
+    cond = den.net.encode_text(ids)
+    sigmas = [0.01, 1.0, 50.0]
+    var = ld.hidden_variance(den, x, cond, sigmas)
+    assert var.shape == (3, DEPTH) and (var > 0).all()
+    assert (var[:, 1:] - var[:, :-1]).abs().max() > 1e-3          # blocks change the variance
+    head = ld.head_input_variance(den, x, cond, sigmas, budget=3)
+    assert set(head) == {"full", "ase", "presto-l"} and all(v.shape == (3,) for v in head.values())
+    assert torch.equal(head["full"], var[:, -1])                  # the head sees the last block
+    assert not torch.equal(head["ase"], head["full"])
+    # ASE at budget 3 hands the head block 2's output (no budget conditioning, same eps)
+    assert torch.equal(head["ase"], var[:, 2])
+    only = ld.head_input_variance(den, x, cond, sigmas, budget=3, method="presto-l")
+    assert set(only) == {"full", "presto-l"}
+    torch.testing.assert_close(only["presto-l"], head["presto-l"], rtol=0, atol=0)
