@@ -42,6 +42,8 @@ class DistillConfig:
     disc_width: int = 128        # discriminator head channels
     lr_gen: float = 1e-4         # Adam lr of the generator (the paper mentions 1e-4)
     lr_fake: float = 1e-4        # Adam lr of the fake score and discriminator head
+    steps: int = 1000            # distillation iterations (each steps the fake score; G every gen_every)
+    batch_size: int = 16         # real clips per iteration
 
 
 # ----------------------------------------------------------------------------------------------

@@ -138,6 +138,8 @@ def edm_loss(denoiser, x, cond, sigma, generator=None):
 
 def cat_cond(a, b):
     """Concatenate two conditionings along the batch: tensors, or dicts of tensors (dit.py's)."""
+    if a is None:                  # unconditional toys
+        return None
     if isinstance(a, dict):
         return {k: torch.cat([a[k], b[k]]) for k in a}
     return torch.cat([a, b])

@@ -265,7 +265,23 @@ def base_rows(path, device, opts):
     return cfg, rep, rows
 
 
-ROWS = {"base.pt": base_rows}
+def presto_s_rows(path, device, opts):
+    """presto_s.pt: the distilled generator at 1, 2, 4 and 8 steps (no CFG: it is distilled in)."""
+    import sample
+    import train
+    cfg, ckpt, rep, tok, G = train.load_checkpoint(path, device)
+    name = {"presto-s": "Presto-S", "presto-ls": "Presto-LS"}[ckpt["stage"]]
+    rows = []
+    for steps in opts.few_steps:
+        gen = functools.partial(sample.generate_few_step, G, tok, cfg, steps=steps)
+        settings = dict(checkpoint=os.path.basename(path), sampler="few-step", steps=steps, cfg=None,
+                        network_calls=steps)
+        rows.append((f"{name} {steps}-step", settings, gen))
+    return cfg, rep, rows
+
+
+# checkpoint file -> the rows it contributes (later stages add an entry here)
+ROWS = {"base.pt": base_rows, "presto_s.pt": presto_s_rows}
 SPEEDUP_REFERENCE = "base Heun"
 
 
@@ -372,10 +388,11 @@ def evaluate_run(run, opts, embed_fn, embed_text=None, predict_fn=None, device="
     ref = next((r for r in results if r["name"] == SPEEDUP_REFERENCE), None)
     for r in results[1:]:
         r["speedup"] = ref["end_to_end_ms"] / r["end_to_end_ms"] if ref else None
+        r["gen_speedup"] = ref["generation_ms"] / r["generation_ms"] if ref else None
     settings = dict(run=run, embedder=embedder, n=n, seeds=opts.seeds, diversity_prompts=min(opts.prompts, n),
                     mmd="biased MMD^2 x1000, RBF on L2-normalised embeddings", mmd_sigma=opts.mmd_sigma,
                     fad="Gaussian fit of one embedding per clip, float64 eigen square roots",
-                    steps=opts.steps, dpm_steps=opts.dpm_steps, cfg=opts.cfg, latency_repeats=opts.repeats,
+                    steps=opts.steps, dpm_steps=opts.dpm_steps, few_steps=opts.few_steps, cfg=opts.cfg, latency_repeats=opts.repeats,
                     latency_batch=1, sample_rate=cfg.data.sample_rate, seconds=cfg.data.seconds,
                     prompts="captions of the first n test-split clips; sample i uses seed i",
                     machine=machine(device))
@@ -392,17 +409,20 @@ def _fmt(v, spec=".3f"):
 def to_markdown(res):
     s, q = res["settings"], res["embedder_quality"]
     lines = ["# Results", "", "| row | steps | network calls | FAD | MMD | CLAP score | adherence | diversity "
-             "| generation ms | decode ms | end-to-end ms | RTF | speed-up |", "|" + "---|" * 13]
+             "| generation ms | decode ms | end-to-end ms | RTF | speed-up (generation) | speed-up (end-to-end) |",
+             "|" + "---|" * 14]
     for r in res["rows"]:
         lines.append(f"| {r['name']} | {r.get('steps', '-')} | {r.get('network_calls', '-')} | {_fmt(r['fad'])} "
                      f"| {_fmt(r['mmd'])} | {_fmt(r['clap_score'])} | {_fmt(r['adherence'])} "
                      f"| {_fmt(r.get('diversity'))} | {_fmt(r.get('generation_ms'), '.0f')} "
                      f"| {_fmt(r.get('decode_ms'), '.0f')} | {_fmt(r.get('end_to_end_ms'), '.0f')} "
-                     f"| {_fmt(r.get('rtf'), '.2f')} | {_fmt(r.get('speedup'), '.2f')} |")
+                     f"| {_fmt(r.get('rtf'), '.2f')} | {_fmt(r.get('gen_speedup'), '.1f')} "
+                     f"| {_fmt(r.get('speedup'), '.1f')} |")
     lines += ["", "FAD and MMD: each row's clips vs the real test clips (real data row: real test vs real "
               "train). CLAP score and adherence of the real data row are those of the real test clips "
               "(the ceiling). Network calls count denoiser evaluations; CFG doubles each call's batch. "
-              "RTF = audio seconds / end-to-end seconds; speed-up = base Heun end-to-end / row end-to-end.",
+              "RTF = audio seconds / end-to-end seconds; speed-ups = base Heun time / row time, generation "
+              "alone and end to end (with Griffin-Lim decoding), measured in this run.",
               *[f"\n**{r['name']}: {r['nonfinite_clips']} of {s['n']} clips decoded to inf/NaN samples** "
                 "(zeroed before embedding)." for r in res["rows"] if r.get("nonfinite_clips")],
               "", "## Embedder quality (held-out real test clips)", "",
@@ -444,6 +464,8 @@ def main(argv=None):
     p.add_argument("--prompts", type=int, default=4, help="prompts for diversity")
     p.add_argument("--steps", type=int, default=32, help="base Heun steps")
     p.add_argument("--dpm-steps", type=int, default=16, help="base DPM-Solver++(2M) steps")
+    p.add_argument("--few-steps", type=int, nargs="+", default=[1, 2, 4, 8],
+                   help="step counts of the distilled generators' rows")
     p.add_argument("--cfg", type=float, default=4.0, help="CFG weight of the base rows (x0-space)")
     p.add_argument("--embedder", default=None, help="clap.pt (default: RUN/clap.pt)")
     p.add_argument("--mmd-sigma", type=float, default=10.0, help="RBF bandwidth of MMD (CMMD's 10)")

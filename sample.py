@@ -17,29 +17,48 @@ import numpy as np
 import soundfile as sf
 import torch
 
+import dmd
 import edm
 import train
 
 
-def initial_noise(seeds, shape, device):
-    """(B, C, T) standard normal noise, sample i drawn from its own generator seeded seeds[i]."""
-    return torch.cat([torch.randn(1, *shape, generator=torch.Generator().manual_seed(int(s)))
-                      for s in seeds]).to(device)
+def per_sample_noise(seeds, shape, device):
+    """noise_fn(i) -> (B, *shape) fresh standard noise; sample k draws from its own generator
+    seeded seeds[k], so a sample depends on its seed only, never on the rest of the batch."""
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    return lambda i=0: torch.cat([torch.randn(1, *shape, generator=g) for g in gens]).to(device)
 
 
+def _setup(denoiser, tok, cfg, prompts, seeds, seconds):
+    device = next(denoiser.parameters()).device
+    T = int(round(seconds * cfg.data.sample_rate / cfg.data.hop))
+    ids = tok.encode(prompts, cfg.data.max_text_len).to(device)
+    return device, ids, per_sample_noise(seeds, (cfg.model.in_channels, T), device)
+
+
+@torch.no_grad()
 def generate(denoiser, tok, cfg, prompts, seeds, seconds, steps=32, sampler="heun", cfg_w=4.0,
              progress=None):
     """Latents (B, C, T) for prompts, one seed each, with the base model and an ODE sampler."""
-    device = next(denoiser.parameters()).device
-    T = int(round(seconds * cfg.data.sample_rate / cfg.data.hop))
-    with torch.no_grad():
-        net = denoiser.net
-        cond = net.encode_text(tok.encode(prompts, cfg.data.max_text_len).to(device))
-        null = net.encode_text(tok.encode([""] * len(prompts), cfg.data.max_text_len).to(device))
-        fn = edm.guided(denoiser, cond, null if cfg_w != 1.0 else None, cfg_w)
-        x = initial_noise(seeds, (cfg.model.in_channels, T), device)
-        sigmas = edm.karras_schedule(steps, cfg.edm, device)
-        return edm.SAMPLERS[sampler](fn, x * sigmas[0], sigmas, progress=progress)
+    device, ids, noise_fn = _setup(denoiser, tok, cfg, prompts, seeds, seconds)
+    cond = denoiser.encode(ids)
+    null = denoiser.encode(torch.zeros_like(ids)) if cfg_w != 1.0 else None   # the empty caption
+    fn = edm.guided(denoiser, cond, null, cfg_w)
+    sigmas = edm.karras_schedule(steps, cfg.edm, device)
+    return edm.SAMPLERS[sampler](fn, noise_fn() * sigmas[0], sigmas, progress=progress)
+
+
+@torch.no_grad()
+def generate_few_step(G, tok, cfg, prompts, seeds, seconds, steps=4):
+    """Latents (B, C, T) from a distilled generator: dmd.few_step_sample, no CFG (distilled in)."""
+    device, ids, noise_fn = _setup(G, tok, cfg, prompts, seeds, seconds)
+    cond = G.encode(ids)
+    sigmas = dmd.few_step_sigmas(steps, cfg.edm, device)
+    return dmd.few_step_sample(lambda x, s: G(x, s, cond), sigmas, noise_fn)
+
+
+# checkpoint stage -> how it samples
+FEW_STEP_STAGES = ("presto-s", "presto-ls")
 
 
 def check_request(cfg, prompts, seconds, steps):
@@ -77,10 +96,13 @@ def main(argv=None):
     p.add_argument("--prompts", help="a text file with one prompt per line (a batch)")
     p.add_argument("--seconds", type=float, default=None,
                    help="clip length (default: the training clip length)")
-    p.add_argument("--steps", type=int, default=32, help="sampler steps")
-    p.add_argument("--sampler", choices=list(edm.SAMPLERS), default="heun")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampling steps (default: 32 for base.pt, 4 for a distilled generator)")
+    p.add_argument("--sampler", choices=list(edm.SAMPLERS), default="heun",
+                   help="ODE sampler of the base model (distilled generators use their own)")
     p.add_argument("--cfg", type=float, default=4.0,
-                   help="classifier-free guidance weight w (1 = no guidance, x0-space convention)")
+                   help="classifier-free guidance weight w of the base model (1 = no guidance, "
+                        "x0-space convention); distilled generators have it built in")
     p.add_argument("--seed", type=int, default=0, help="seed of the first prompt; prompt i uses seed+i")
     p.add_argument("--gl-iters", type=int, default=None, help="Griffin-Lim iterations for decoding")
     p.add_argument("--batch", type=int, default=8, help="prompts generated together")
@@ -101,7 +123,9 @@ def main(argv=None):
         device = train.pick_device(args.device)
         cfg, ckpt, rep, tok, denoiser = train.load_checkpoint(args.ckpt, device)
         seconds = cfg.data.seconds if args.seconds is None else args.seconds
-        check_request(cfg, prompts, seconds, args.steps)
+        few_step = ckpt.get("stage", "base") in FEW_STEP_STAGES
+        steps = args.steps if args.steps is not None else (4 if few_step else 32)
+        check_request(cfg, prompts, seconds, steps)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         sys.exit(f"error: {e}")
 
@@ -109,8 +133,9 @@ def main(argv=None):
     t_gen = t_dec = 0.0
     for b in range(0, len(prompts), args.batch):
         t0 = time.perf_counter()
-        latent = generate(denoiser, tok, cfg, prompts[b:b + args.batch], seeds[b:b + args.batch],
-                          seconds, args.steps, args.sampler, args.cfg)
+        batch = prompts[b:b + args.batch], seeds[b:b + args.batch], seconds
+        latent = (generate_few_step(denoiser, tok, cfg, *batch, steps) if few_step else
+                  generate(denoiser, tok, cfg, *batch, steps, args.sampler, args.cfg))
         t1 = time.perf_counter()
         waves = rep.decode(latent, iters=args.gl_iters).cpu().numpy()
         t_gen, t_dec = t_gen + t1 - t0, t_dec + time.perf_counter() - t1
@@ -123,10 +148,11 @@ def main(argv=None):
                 path = args.out
             write_wav(path, wave, cfg.data.sample_rate)
             print(f"{path}  seed {seeds[i]}  \"{prompts[i]}\"")
-    calls = edm.network_calls(args.sampler, args.steps)
+    how = (f"{ckpt['stage']} generator, {steps} steps = {steps} network calls" if few_step else
+           f"{args.sampler}, {steps} steps = {edm.network_calls(args.sampler, steps)} network "
+           f"calls, cfg {args.cfg:g}")
     print(f"{len(prompts)} clip(s) of {seconds:g} s on {device}: generation {t_gen:.2f} s "
-          f"({args.sampler}, {args.steps} steps = {calls} network calls, cfg {args.cfg:g}; "
-          f"{1e3 * t_gen / args.steps:.0f} ms per step), Griffin-Lim decode {t_dec:.2f} s "
+          f"({how}; {1e3 * t_gen / steps:.0f} ms per step), Griffin-Lim decode {t_dec:.2f} s "
           "(first call includes warm-up; evaluate.py measures latency properly)")
 
 

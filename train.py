@@ -29,10 +29,13 @@ from tqdm import tqdm
 
 import data
 import dit
+import dmd
 import edm
 import evaluate
+import gan
 from data import DataConfig
 from dit import DiTConfig
+from dmd import DistillConfig
 from edm import EDMConfig
 from evaluate import ClapConfig
 
@@ -66,6 +69,7 @@ class Config:
     edm: EDMConfig = field(default_factory=EDMConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     clap: ClapConfig = field(default_factory=ClapConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 # Presets: small named overrides of the defaults above.
@@ -76,16 +80,19 @@ PRESETS = {
              "train.ckpt_every": 15, "train.val_batches": 1, "train.log_every": 5,
              "clap.width": 32, "clap.dim": 32, "clap.audio_depth": 2, "clap.steps": 20,
              "clap.batch_size": 8, "clap.warmup": 5, "clap.eval_every": 10, "clap.ckpt_every": 10,
-             "clap.val_clips": 8, "clap.log_every": 5},
+             "clap.val_clips": 8, "clap.log_every": 5,
+             "distill.steps": 10, "distill.batch_size": 4, "distill.disc_width": 16},
     # a teacher that audibly follows prompts after ~20 minutes on 2 CPU cores
-    "cpu": {"model.size": "S", "train.steps": 2000, "train.batch_size": 16},
+    "cpu": {"model.size": "S", "train.steps": 2000, "train.batch_size": 16,
+            "distill.steps": 600, "distill.batch_size": 16},
     # one GPU: 16 kHz, 8 s clips, a bigger model
     "gpu": {"data.sample_rate": 16000, "data.n_fft": 512, "data.hop": 256, "data.seconds": 8.0,
             "data.stats_clips": 1024, "model.size": "B", "train.steps": 100_000,
             "train.batch_size": 64, "train.lr": 1e-4, "train.warmup": 1000, "train.ema": 0.9999,
             "train.eval_every": 2000, "train.ckpt_every": 2000, "train.log_every": 50,
             "clap.width": 256, "clap.dim": 256, "clap.steps": 10_000, "clap.batch_size": 128,
-            "clap.eval_every": 1000, "clap.ckpt_every": 1000, "clap.val_clips": 256},
+            "clap.eval_every": 1000, "clap.ckpt_every": 1000, "clap.val_clips": 256,
+            "distill.steps": 20_000, "distill.batch_size": 32},
 }
 
 
@@ -127,7 +134,8 @@ def make_config(preset="cpu", overrides=None):
 def config_from_dict(d):
     return Config(data=DataConfig(**d["data"]), model=DiTConfig(**d["model"]),
                   edm=EDMConfig(**d["edm"]), train=TrainConfig(**d["train"]),
-                  clap=ClapConfig(**d.get("clap", {})))  # checkpoints older than the clap stage
+                  clap=ClapConfig(**d.get("clap", {})),     # sections newer than some checkpoints
+                  distill=DistillConfig(**d.get("distill", {})))
 
 
 def parse_sets(items):
@@ -190,7 +198,7 @@ def save_checkpoint(path, ckpt):
 
 
 def load_checkpoint(path, device="cpu"):
-    """(cfg, ckpt dict, rep, tok, ema denoiser in eval mode) from a checkpoint file.
+    """(cfg, ckpt dict, rep, tok, denoiser in eval mode) from a checkpoint file (any stage).
 
     Raises FileNotFoundError / ValueError with a one-line message for a missing or foreign file.
     """
@@ -200,11 +208,11 @@ def load_checkpoint(path, device="cpu"):
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
         raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
-    if not isinstance(ckpt, dict) or not {"config", "ema", "latent_stats", "vocab"} <= ckpt.keys():
-        raise ValueError(f"{path} is not a checkpoint written by this project's train.py")
+    if not isinstance(ckpt, dict) or not {"config", "model", "latent_stats", "vocab"} <= ckpt.keys():
+        raise ValueError(f"{path} is not a model checkpoint written by this project's train.py")
     cfg = config_from_dict(ckpt["config"])
     rep, tok, denoiser = build(cfg, ckpt["latent_stats"], ckpt["vocab"])
-    denoiser.net.load_state_dict(ckpt["ema"])
+    denoiser.net.load_state_dict(ckpt.get("ema", ckpt["model"]))   # EMA weights where there are
     return cfg, ckpt, rep, tok, denoiser.to(device).eval().requires_grad_(False)
 
 
@@ -220,6 +228,16 @@ def lr_at(step, t):
     return t.lr * (t.min_lr_frac + (1 - t.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
+def check_finite(step, path, last_saved, knob, **values):
+    """The NaN guard: stop with a clear message (before anything is saved) on a non-finite value."""
+    bad = {k: v.item() for k, v in values.items() if not torch.isfinite(v).all()}
+    if bad:
+        where = (f"the last good checkpoint is {path} (step {last_saved})" if last_saved
+                 is not None else "no checkpoint was written yet")
+        raise FloatingPointError(f"{', '.join(f'{k} {v}' for k, v in bad.items())} at step {step}; "
+                                 f"stopped, {where}. Try a lower {knob}.")
+
+
 @torch.no_grad()
 def ema_update(ema, model, decay):
     for pe, pm in zip(ema.parameters(), model.parameters()):
@@ -231,10 +249,10 @@ def step_generator(seed, step, device):
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
 
 
-def make_batch(ds, rep, tok, cfg, step, device, split_seed=None):
+def make_batch(ds, rep, tok, cfg, step, device, batch_size=None):
     """(x latents (B, C, T), ids (B, L), labels) for one step of a split."""
-    waves, captions, labels = data.get_batch(ds, step, cfg.train.batch_size,
-                                             cfg.data.seed if split_seed is None else split_seed)
+    waves, captions, labels = data.get_batch(ds, step, batch_size or cfg.train.batch_size,
+                                             cfg.data.seed)
     x = rep.encode(waves.to(device))
     ids = tok.encode(captions, cfg.data.max_text_len).to(device)
     return x, ids, labels
@@ -254,12 +272,17 @@ def validate(denoiser, ds, rep, tok, cfg, device, autocast):
         with autocast:
             losses.append(edm.edm_loss(denoiser, x, denoiser.net.encode_text(ids), sigma, g).float())
         sigmas.append(sigma)
-    losses, sigmas = torch.cat(losses).cpu(), torch.cat(sigmas).cpu()
+    losses = torch.cat(losses)
+    return losses.mean().item(), bucket_means(torch.cat(sigmas), losses)
+
+
+def bucket_means(sigmas, values):
+    """{"lo-hi": mean of values whose sigma falls in [lo, hi)} over SIGMA_BUCKETS (for the logs)."""
     edges = torch.tensor(SIGMA_BUCKETS)
+    sigmas, values = sigmas.float().cpu(), values.float().cpu()
     bucket = torch.bucketize(sigmas, edges).clamp(1, len(edges) - 1)
-    by_sigma = {f"{edges[b-1]:g}-{edges[b]:g}": losses[bucket == b].mean().item()
-                for b in bucket.unique().tolist()}
-    return losses.mean().item(), by_sigma
+    return {f"{edges[b-1]:g}-{edges[b]:g}": values[bucket == b].mean().item()
+            for b in bucket.unique().tolist()}
 
 
 class LossLog:
@@ -336,11 +359,7 @@ def train_base(cfg, out, resume=False):
             loss = edm.edm_loss(denoiser, x, denoiser.net.encode_text(ids), sigma, g).mean()
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(denoiser.parameters(), t.grad_clip)
-        if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):   # NaN guard: step nothing
-            where = (f"the last good checkpoint is {path} (step {last_saved})" if last_saved
-                     is not None else "no checkpoint was written yet")
-            raise FloatingPointError(f"loss {loss.item()}, gradient norm {grad_norm.item()} at "
-                                     f"step {step}; stopped, {where}. Try a lower train.lr.")
+        check_finite(step, path, last_saved, "train.lr", loss=loss, grad_norm=grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
         ema_update(ema, denoiser, min(t.ema, (1 + step) / (10 + step)))
@@ -429,11 +448,7 @@ def train_clap(cfg, out, resume=False):
         loss = loss_nce + c.attr_weight * loss_attr
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
-        if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):   # NaN guard: step nothing
-            where = (f"the last good checkpoint is {path} (step {last_saved})" if last_saved
-                     is not None else "no checkpoint was written yet")
-            raise FloatingPointError(f"loss {loss.item()}, gradient norm {grad_norm.item()} at "
-                                     f"step {step}; stopped, {where}. Try a lower clap.lr.")
+        check_finite(step, path, last_saved, "clap.lr", loss=loss, grad_norm=grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
         done = step + 1
@@ -454,8 +469,154 @@ def train_clap(cfg, out, resume=False):
     return path
 
 
+# ----------------------------------------------------------------------------------------------
+# Presto-S: score-based DMD + LSGAN (PAPER.md section 2). One iteration is a function so the 2-D
+# toy test runs exactly this code path with tiny MLP denoisers.
+
+def optimizer_step(loss, opt, grad_clip):
+    """Backward, clip, step and clear the grads of the parameters one optimizer owns."""
+    loss.backward()
+    params = [p for group in opt.param_groups for p in group["params"]]
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return norm
+
+
+def presto_s_iteration(step, nets, opts, x_real, raw, raw_null, dc, edm_cfg, g, block,
+                       grad_clip=1.0, autocast=contextlib.nullcontext()):
+    """One Presto-S iteration; returns detached losses and diagnostics.
+
+    nets: {"G", "fake", "real", "head"}, opts: {"G", "fake"} (the fake optimizer also owns the
+    head); raw / raw_null: the conditioning (caption ids) and its null version; block: the fake
+    score block the discriminator reads.
+    """
+    G, fake, real, head = nets["G"], nets["fake"], nets["real"], nets["head"]
+    B, dev = x_real.shape[0], x_real.device
+    noise = lambda: torch.randn(x_real.shape, generator=g, device=dev)
+    sigma_of = lambda kind: dmd.sample_sigma(kind, B, edm_cfg, g, dev)
+    gen_turn = step % dc.gen_every == 0
+    # 1. generator input: a real latent noised to sigma_gen (continuous p_inf by default)
+    sigma_gen = dmd.generator_sigmas(B, dc, edm_cfg, g, dev)
+    with autocast, torch.set_grad_enabled(gen_turn):
+        x_hat = G(x_real + edm._bcast(sigma_gen, x_real) * noise(), sigma_gen, G.encode(raw))
+    # 2. fake score + discriminator, every iteration, on the detached generator sample
+    x_d = x_hat.detach()
+    with autocast:
+        cond = fake.encode(raw)
+        L_fake = edm.edm_loss(fake, x_d, cond, sigma_of(dc.p_dsm), g).mean()
+        s = sigma_of(dc.p_gan)
+        x_real_s, x_fake_s = gan.noised_pair(x_real, x_d, s, noise())
+        h = gan.features(fake, torch.cat([x_real_s, x_fake_s]), torch.cat([s, s]),
+                         edm.cat_cond(cond, cond), block)
+        d_real, d_fake = head(h).chunk(2)
+        L_D = gan.d_loss(d_real, d_fake)
+    optimizer_step(L_fake + dc.nu2 * L_D, opts["fake"], grad_clip)
+    out = {"L_fake": L_fake.detach(), "L_D": L_D.detach(),
+           "D_real": d_real.detach().mean(), "D_fake": d_fake.detach().mean()}
+    # 3. generator, every gen_every iterations: DMD gradient + LSGAN through the frozen fake net
+    if gen_turn:
+        fake.requires_grad_(False)
+        head.requires_grad_(False)
+        with autocast:
+            cond = fake.encode(raw)
+            real_fn = edm.guided(real, real.encode(raw),
+                                 real.encode(raw_null) if dc.cfg_w != 1.0 else None, dc.cfg_w)
+            s_dmd = sigma_of(dc.p_dmd)
+            grad = dmd.dmd_gradient(x_hat.detach(), real_fn, lambda x, s: fake(x, s, cond),
+                                    s_dmd, noise())
+            L_DMD = dmd.dmd_loss(x_hat, grad)
+            s = sigma_of(dc.p_gan)
+            x_s = x_hat + edm._bcast(s, x_hat) * noise()
+            L_G = gan.g_loss(head(gan.features(fake, x_s, s, cond, block)))
+        optimizer_step(L_DMD + dc.nu1 * L_G, opts["G"], grad_clip)
+        fake.requires_grad_(True)
+        head.requires_grad_(True)
+        out.update(L_DMD=L_DMD.detach(), L_G=L_G.detach(), sigma_dmd=s_dmd,
+                   g_abs=grad.abs().flatten(1).mean(1))
+    return out
+
+def train_presto_s(cfg, out, resume=False):
+    """Distil OUT/base.pt into a few-step generator; returns the path of presto_s.pt."""
+    dc, t = cfg.distill, cfg.train
+    device = pick_device(t.device)
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    path = os.path.join(out, "presto_s.pt")
+    # the teacher: frozen, eval mode, no grad (EMA weights of the base run); its data, model and
+    # EDM settings are the ones the student must keep
+    bcfg, _, rep, tok, real = load_checkpoint(os.path.join(out, "base.pt"), device)
+    cfg.data, cfg.model, cfg.edm = bcfg.data, bcfg.model, bcfg.edm
+    G = copy.deepcopy(real).train().requires_grad_(True)           # generator <- teacher
+    fake = copy.deepcopy(real).train().requires_grad_(True)        # fake score <- teacher
+    block = dc.disc_block if dc.disc_block >= 0 else len(fake.net.blocks) // 2
+    head = gan.Head(cfg.model.width, dc.disc_width).to(device)
+    opts = {"G": torch.optim.AdamW(G.parameters(), lr=dc.lr_gen, betas=(0.9, t.beta2),
+                                   weight_decay=t.weight_decay),
+            "fake": torch.optim.AdamW([*fake.parameters(), *head.parameters()], lr=dc.lr_fake,
+                                      betas=(0.9, t.beta2), weight_decay=t.weight_decay)}
+    nets = {"G": G, "fake": fake, "real": real, "head": head}
+    start = 0
+    if resume:
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"--resume: no checkpoint at {path}")
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        for k in ("G", "fake", "head"):
+            (nets[k].net if k != "head" else head).load_state_dict(ckpt[k])
+        for k in opts:
+            opts[k].load_state_dict(ckpt[f"opt_{k}"])
+        start = ckpt["step"]
+        print(f"resuming {path} from step {start}")
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else contextlib.nullcontext())
+    log = LossLog(os.path.join(out, "presto_s_log.jsonl"), start if resume else None)
+    train_ds = data.make_dataset(cfg.data, "train")
+    print(f"presto-s: distilling DiT-{cfg.model.size} ({dit.n_params(G.net) / 1e6:.2f}M params), "
+          f"{dc.steps} iterations of {dc.batch_size} clips, G every {dc.gen_every}, "
+          f"discriminator on block {block}, on {device}")
+
+    def checkpoint(step):
+        save_checkpoint(path, {"stage": "presto-s", "step": step, "done": step >= dc.steps,
+                               "config": dataclasses.asdict(cfg), "model": G.net.state_dict(),
+                               "G": G.net.state_dict(), "fake": fake.net.state_dict(),
+                               "head": head.state_dict(), "opt_G": opts["G"].state_dict(),
+                               "opt_fake": opts["fake"].state_dict(), "vocab": tok.state_dict(),
+                               "latent_stats": rep.state_dict()})
+        return step
+
+    last_saved = start if resume else None
+    sums, counts, g_by_sigma = {}, {}, []
+    bar = tqdm(range(start, dc.steps), initial=start, total=dc.steps, desc="presto-s",
+               dynamic_ncols=True)
+    for step in bar:
+        x, ids, _ = make_batch(train_ds, rep, tok, cfg, step, device, dc.batch_size)
+        g = step_generator(t.seed, step, device)
+        out_ = presto_s_iteration(step, nets, opts, x, ids, torch.zeros_like(ids), dc, cfg.edm, g,
+                                  block, t.grad_clip, autocast)
+        if "g_abs" in out_:
+            g_by_sigma.append((out_.pop("sigma_dmd"), out_.pop("g_abs")))
+        for k, v in out_.items():                          # running sums: no host sync per step
+            sums[k], counts[k] = sums.get(k, 0) + v, counts.get(k, 0) + 1
+        done = step + 1
+        if done % t.log_every == 0 or done == dc.steps:
+            row = {k: v.item() / counts[k] for k, v in sums.items()}     # means since last log
+            sums, counts = {}, {}
+            check_finite(step, path, last_saved, "distill.lr_gen / distill.lr_fake",
+                         **{k: torch.tensor(v) for k, v in row.items()})
+            if g_by_sigma:
+                row["g_abs_by_sigma"] = bucket_means(*map(torch.cat, zip(*g_by_sigma)))
+            g_by_sigma = []
+            log.write(step=done, **row)
+            bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k in ("L_fake", "L_D", "D_real", "D_fake")})
+        if done % t.ckpt_every == 0 or done == dc.steps:
+            last_saved = checkpoint(done)
+    bar.close()
+    return path
+
+
 # stage name -> (checkpoint file it writes in --out, the function that trains it)
-STAGES = {"base": ("base.pt", train_base), "clap": ("clap.pt", train_clap)}
+STAGES = {"base": ("base.pt", train_base), "clap": ("clap.pt", train_clap),
+          "presto-s": ("presto_s.pt", train_presto_s)}
 
 
 def main(argv=None):
