@@ -303,19 +303,24 @@ class LossLog:
             f.write(json.dumps(row) + "\n")
 
 
+def stage_setup(cfg, out, filename, resume):
+    """Device, thread count, run folder; returns (device, checkpoint path, checkpoint or None)."""
+    device = pick_device(cfg.train.device)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, filename)
+    if not resume:
+        return device, path, None
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--resume: no checkpoint at {path}")
+    return device, path, torch.load(path, map_location="cpu", weights_only=False)
+
+
 def train_base(cfg, out, resume=False):
     """Train the teacher; returns the path of base.pt."""
     t = cfg.train
-    device = pick_device(t.device)
-    if t.threads:
-        torch.set_num_threads(t.threads)
-    os.makedirs(out, exist_ok=True)
-    path = os.path.join(out, "base.pt")
-    ckpt = None
-    if resume:
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"--resume: no checkpoint at {path}")
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    device, path, ckpt = stage_setup(cfg, out, "base.pt", resume)
     rep, tok, denoiser = build(cfg, ckpt and ckpt["latent_stats"], ckpt and ckpt["vocab"])
     denoiser.to(device)
     ema = copy.deepcopy(denoiser).eval().requires_grad_(False)
@@ -401,16 +406,7 @@ def validate_clap(model, val):
 def train_clap(cfg, out, resume=False):
     """Train the miniature CLAP (contrastive + attribute heads); returns the path of clap.pt."""
     c = cfg.clap
-    device = pick_device(cfg.train.device)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    os.makedirs(out, exist_ok=True)
-    path = os.path.join(out, "clap.pt")
-    ckpt = None
-    if resume:
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"--resume: no checkpoint at {path}")
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    device, path, ckpt = stage_setup(cfg, out, "clap.pt", resume)
     model = evaluate.build_clap(cfg, ckpt and ckpt["feature_stats"], ckpt and ckpt["vocab"]).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
     start = 0
@@ -539,10 +535,7 @@ def presto_s_iteration(step, nets, opts, x_real, raw, raw_null, dc, edm_cfg, g, 
 def train_presto_s(cfg, out, resume=False):
     """Distil OUT/base.pt into a few-step generator; returns the path of presto_s.pt."""
     dc, t = cfg.distill, cfg.train
-    device = pick_device(t.device)
-    if t.threads:
-        torch.set_num_threads(t.threads)
-    path = os.path.join(out, "presto_s.pt")
+    device, path, ckpt = stage_setup(cfg, out, "presto_s.pt", resume)
     # the teacher: frozen, eval mode, no grad (EMA weights of the base run); its data, model and
     # EDM settings are the ones the student must keep
     bcfg, _, rep, tok, real = load_checkpoint(os.path.join(out, "base.pt"), device)
@@ -557,10 +550,7 @@ def train_presto_s(cfg, out, resume=False):
                                       betas=(0.9, t.beta2), weight_decay=t.weight_decay)}
     nets = {"G": G, "fake": fake, "real": real, "head": head}
     start = 0
-    if resume:
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"--resume: no checkpoint at {path}")
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if ckpt is not None:
         for k in ("G", "fake", "head"):
             (nets[k].net if k != "head" else head).load_state_dict(ckpt[k])
         for k in opts:
