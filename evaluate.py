@@ -2,6 +2,7 @@
 
     python train.py --stage clap --preset cpu --out runs/cpu      # the evaluation embedder, once
     python evaluate.py --run runs/cpu [--n 64] [--seeds 4]         # -> runs/cpu/results.{md,json}
+    python evaluate.py --run runs/cpu --variance                   # -> runs/cpu/variance.{md,json}
 
 Pretrained CLAP / VGGish weights cannot be downloaded here, so the project trains its own embedder:
 a miniature CLAP (contrastive audio-text model) on the training split, frozen afterwards. Every
@@ -9,9 +10,9 @@ metric below only sees embeddings, so a user with real CLAP passes their own `em
 
 Read first: the metric functions (`frechet_distance`, `mmd`, ...; pure functions on arrays), then
 `ClapModel` (what the numbers are measured with), then `evaluate_run` (what is compared with what).
+`variance_report` is PAPER.md section 3's figure analogue: why Presto-L keeps the final block.
 """
 import argparse
-import functools
 import json
 import math
 import os
@@ -19,7 +20,7 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -30,6 +31,7 @@ from tqdm import tqdm
 import data
 import dit
 import edm
+import layerdrop
 # train.py imports ClapConfig from here, so `train` and `sample` are imported inside functions.
 
 
@@ -250,38 +252,47 @@ def load_clap(path, device="cpu"):
 # ----------------------------------------------------------------------------------------------
 # Rows: checkpoint file in the run folder -> the rows it contributes (later stages add entries)
 
-def base_rows(path, device, opts):
-    """base.pt: the teacher with EDM Heun and with DPM-Solver++(2M), both with CFG."""
+def _rows(path, device, ways):
+    """Load a checkpoint and make one row per (name, sampler or None for few-step, steps, cfg_w)."""
     import sample
     import train
-    cfg, _, rep, tok, den = train.load_checkpoint(path, device)
+    cfg, ckpt, rep, tok, den = train.load_checkpoint(path, device)
     rows = []
-    for name, sampler, steps in (("base Heun", "heun", opts.steps),
-                                 ("base DPM-Solver++(2M)", "dpmpp_2m", opts.dpm_steps)):
-        gen = functools.partial(sample.generate, den, tok, cfg, steps=steps, sampler=sampler, cfg_w=opts.cfg)
-        settings = dict(checkpoint=os.path.basename(path), sampler=sampler, steps=steps, cfg=opts.cfg,
-                        network_calls=edm.network_calls(sampler, steps))  # CFG doubles each call's batch
-        rows.append((name, settings, gen))
+    for name, sampler, steps, cfg_w in ways(ckpt["stage"]):
+        gen, blocks = sample.sampling_fn(den, tok, cfg, ckpt["stage"], steps, sampler, cfg_w)
+        calls = steps if sampler is None else edm.network_calls(sampler, steps)
+        rows.append((name, dict(checkpoint=os.path.basename(path), sampler=sampler or "few-step",
+                                steps=steps, cfg=cfg_w, network_calls=calls, blocks=blocks), gen))
     return cfg, rep, rows
+
+
+def base_rows(path, device, opts):
+    """base.pt: the teacher with EDM Heun and with DPM-Solver++(2M), both with CFG (which
+    doubles each network call's batch)."""
+    return _rows(path, device, lambda stage: [("base Heun", "heun", opts.steps, opts.cfg),
+                                              ("base DPM-Solver++(2M)", "dpmpp_2m", opts.dpm_steps, opts.cfg)])
+
+
+def layerdrop_rows(path, device, opts):
+    """ase.pt / presto_l.pt: the layer-dropped model with the base Heun settings (CFG as usual),
+    each network call running the blocks its sigma's budget allows."""
+    name = lambda stage: {"ase": "ASE", "presto-l": "Presto-L"}[stage]
+    return _rows(path, device, lambda stage: [(name(stage), "heun", opts.steps, opts.cfg)])
 
 
 def presto_s_rows(path, device, opts):
-    """presto_s.pt: the distilled generator at 1, 2, 4 and 8 steps (no CFG: it is distilled in)."""
-    import sample
-    import train
-    cfg, ckpt, rep, tok, G = train.load_checkpoint(path, device)
-    name = {"presto-s": "Presto-S", "presto-ls": "Presto-LS"}[ckpt["stage"]]
-    rows = []
-    for steps in opts.few_steps:
-        gen = functools.partial(sample.generate_few_step, G, tok, cfg, steps=steps)
-        settings = dict(checkpoint=os.path.basename(path), sampler="few-step", steps=steps, cfg=None,
-                        network_calls=steps)
-        rows.append((f"{name} {steps}-step", settings, gen))
-    return cfg, rep, rows
+    """presto_s.pt: the distilled generator at 1, 2, 4 and 8 steps; presto_ls.pt: the layer-
+    dropped one at 4 (no CFG: it is distilled in)."""
+    def ways(stage):
+        if stage == "presto-ls":
+            return [(f"Presto-LS {opts.ls_steps}-step", None, opts.ls_steps, None)]
+        return [(f"Presto-S {steps}-step", None, steps, None) for steps in opts.few_steps]
+    return _rows(path, device, ways)
 
 
-# checkpoint file -> the rows it contributes (later stages add an entry here)
-ROWS = {"base.pt": base_rows, "presto_s.pt": presto_s_rows}
+# checkpoint file -> the rows it contributes
+ROWS = {"base.pt": base_rows, "presto_s.pt": presto_s_rows, "ase.pt": layerdrop_rows,
+        "presto_l.pt": layerdrop_rows, "presto_ls.pt": presto_s_rows}
 SPEEDUP_REFERENCE = "base Heun"
 
 
@@ -392,7 +403,7 @@ def evaluate_run(run, opts, embed_fn, embed_text=None, predict_fn=None, device="
     settings = dict(run=run, embedder=embedder, n=n, seeds=opts.seeds, diversity_prompts=min(opts.prompts, n),
                     mmd="biased MMD^2 x1000, RBF on L2-normalised embeddings", mmd_sigma=opts.mmd_sigma,
                     fad="Gaussian fit of one embedding per clip, float64 eigen square roots",
-                    steps=opts.steps, dpm_steps=opts.dpm_steps, few_steps=opts.few_steps, cfg=opts.cfg, latency_repeats=opts.repeats,
+                    steps=opts.steps, dpm_steps=opts.dpm_steps, few_steps=opts.few_steps, ls_steps=opts.ls_steps, cfg=opts.cfg, latency_repeats=opts.repeats,
                     latency_batch=1, sample_rate=cfg.data.sample_rate, seconds=cfg.data.seconds,
                     prompts="captions of the first n test-split clips; sample i uses seed i",
                     machine=machine(device))
@@ -409,18 +420,21 @@ def _fmt(v, spec=".3f"):
 def to_markdown(res):
     s, q = res["settings"], res["embedder_quality"]
     lines = ["# Results", "", "| row | steps | network calls | FAD | MMD | CLAP score | adherence | diversity "
-             "| generation ms | decode ms | end-to-end ms | RTF | speed-up (generation) | speed-up (end-to-end) |",
-             "|" + "---|" * 14]
+             "| blocks | generation ms | decode ms | end-to-end ms | RTF | speed-up (generation) "
+             "| speed-up (end-to-end) |", "|" + "---|" * 15]
     for r in res["rows"]:
         lines.append(f"| {r['name']} | {r.get('steps', '-')} | {r.get('network_calls', '-')} | {_fmt(r['fad'])} "
                      f"| {_fmt(r['mmd'])} | {_fmt(r['clap_score'])} | {_fmt(r['adherence'])} "
-                     f"| {_fmt(r.get('diversity'))} | {_fmt(r.get('generation_ms'), '.0f')} "
+                     f"| {_fmt(r.get('diversity'))} | {_fmt(r.get('blocks'), '.2f')} "
+                     f"| {_fmt(r.get('generation_ms'), '.0f')} "
                      f"| {_fmt(r.get('decode_ms'), '.0f')} | {_fmt(r.get('end_to_end_ms'), '.0f')} "
                      f"| {_fmt(r.get('rtf'), '.2f')} | {_fmt(r.get('gen_speedup'), '.1f')} "
                      f"| {_fmt(r.get('speedup'), '.1f')} |")
     lines += ["", "FAD and MMD: each row's clips vs the real test clips (real data row: real test vs real "
               "train). CLAP score and adherence of the real data row are those of the real test clips "
               "(the ceiling). Network calls count denoiser evaluations; CFG doubles each call's batch. "
+              "Blocks: the mean fraction of the DiT's blocks a clip runs over its network calls "
+              "(below 1 for the layer-dropped rows, from the sigmas the sampler used). "
               "RTF = audio seconds / end-to-end seconds; speed-ups = base Heun time / row time, generation "
               "alone and end to end (with Griffin-Lim decoding), measured in this run.",
               *[f"\n**{r['name']}: {r['nonfinite_clips']} of {s['n']} clips decoded to inf/NaN samples** "
@@ -434,13 +448,21 @@ def to_markdown(res):
     return "\n".join(lines)
 
 
-def plot(res, path):
-    """Speed (end-to-end ms) vs quality (FAD) scatter; returns a note if matplotlib is missing."""
+def _pyplot():
+    """matplotlib.pyplot (file output only), or None where matplotlib is not installed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def plot(res, path):
+    """Speed (end-to-end ms) vs quality (FAD) scatter; returns a note if matplotlib is missing."""
+    plt = _pyplot()
+    if plt is None:
         return "matplotlib is not installed: no speed-vs-quality plot"
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in res["rows"][1:]:
@@ -455,6 +477,105 @@ def plot(res, path):
     return f"wrote {path}"
 
 
+# ----------------------------------------------------------------------------------------------
+# Hidden-state variance (PAPER.md section 3): why Presto-L keeps the final block
+
+VARIANCE_SIGMAS = (0.01, 0.05, 0.2, 0.5, 1.0, 2.0, 5.0, 20.0, 80.0)
+
+
+@torch.no_grad()
+def variance_report(run, device, n=16, budget=None, sigmas=VARIANCE_SIGMAS):
+    """Variance of the hidden state after every block of base.pt at each sigma, and of the final
+    layer's input for the full-depth model and for ASE / Presto-L dropping, each both with the base
+    weights (before fine-tuning) and with its own checkpoint where the run has one. Dropping runs
+    at the schedule's budget for each sigma, or at `budget` blocks. n held-out (test) clips."""
+    import train
+    cfg, _, rep, tok, base = train.load_checkpoint(os.path.join(run, "base.pt"), device)
+    test = data.make_dataset(cfg.data, "test")
+    waves, captions, _ = data.get_batch(test, 0, min(n, len(test)), cfg.data.seed)
+    x = rep.encode(waves.to(device))
+    ids = tok.encode(captions, cfg.data.max_text_len).to(device)
+    depth = len(base.net.blocks)
+    hidden = layerdrop.hidden_variance(base, x, base.encode(ids), sigmas)           # (S, depth)
+    head = {"full depth (base.pt)": layerdrop.head_input_variance(   # (its "ase" entry at full
+        base, x, base.encode(ids), sigmas, depth, "ase")["full"].tolist()}   # depth is the same)
+    budgets = {}
+    for method, file in (("ase", "ase.pt"), ("presto-l", "presto_l.pt")):
+        name = {"ase": "ASE", "presto-l": "Presto-L"}[method]
+        models = {f"{name}, base weights": base}
+        ld_cfg = replace(cfg.layerdrop, method=method)
+        if os.path.isfile(os.path.join(run, file)):
+            mcfg, _, _, _, models[f"{name} ({file})"] = train.load_checkpoint(os.path.join(run, file), device)
+            ld_cfg = mcfg.layerdrop
+        b = ([budget] * len(sigmas) if budget is not None else layerdrop.budget_for_sigma(
+            torch.tensor(sigmas), depth, ld_cfg, cfg.edm).tolist())
+        budgets[name] = b
+        for label, den in models.items():
+            cond = den.encode(ids)
+            head[label] = [layerdrop.head_input_variance(den, x, cond, [s], b_s, method,
+                                                         budget_cond=ld_cfg.budget_cond)[method].item()
+                           for s, b_s in zip(sigmas, b)]
+    return dict(run=run, clips=len(x), sigmas=list(sigmas), depth=depth,
+                budget="schedule" if budget is None else budget, budgets=budgets,
+                hidden_variance=hidden.tolist(), head_input_variance=head)
+
+
+def variance_markdown(res):
+    sig, L = res["sigmas"], res["depth"]
+    lines = ["# Hidden-state variance", "", f"{res['clips']} held-out (test) clips, each noised with one "
+             "eps at every sigma; variance over all elements of the (B, tokens, width) hidden state.", "",
+             "## After each block of base.pt (full depth)", "",
+             "| sigma | " + " | ".join(f"block {k + 1}" for k in range(L)) + " |", "|" + "---|" * (L + 1)]
+    lines += [f"| {s:g} | " + " | ".join(f"{v:.3g}" for v in row) + " |"
+              for s, row in zip(sig, res["hidden_variance"])]
+    head, budgets = res["head_input_variance"], res["budgets"]
+    lines += ["", "## Input of the final layer (the head)", "",
+              f"Blocks run: {'the schedule of each method at each sigma' if res['budget'] == 'schedule' else res['budget']}"
+              f" (of {L}). Presto-L keeps the final block, so its head input should stay close to "
+              "full depth; ASE's early exit need not.", "",
+              "| sigma | " + " | ".join(f"{k} blocks" for k in budgets) + " | " + " | ".join(head) + " |",
+              "|" + "---|" * (1 + len(budgets) + len(head))]
+    lines += [f"| {s:g} | " + " | ".join(str(budgets[k][i]) for k in budgets) + " | "
+              + " | ".join(f"{head[k][i]:.3g}" for k in head) + " |" for i, s in enumerate(sig)]
+    return "\n".join(lines) + "\n"
+
+
+def plot_variance(res, folder):
+    """variance_by_depth.png and head_input_variance.png; returns a note if matplotlib is missing."""
+    plt = _pyplot()
+    if plt is None:
+        return "matplotlib is not installed: no variance plots (the numbers are in variance.md)"
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for s, row in zip(res["sigmas"], res["hidden_variance"]):
+        ax.plot(range(1, res["depth"] + 1), row, marker="o", label=f"sigma {s:g}")
+    ax.set(yscale="log", xlabel="block", ylabel="hidden-state variance", title="base.pt, full depth")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(folder, "variance_by_depth.png"), dpi=120)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, v in res["head_input_variance"].items():
+        ax.plot(res["sigmas"], v, marker="o", label=label)
+    ax.set(xscale="log", yscale="log", xlabel="sigma", ylabel="variance of the head's input")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(folder, "head_input_variance.png"), dpi=120)
+    plt.close("all")
+    return f"wrote variance_by_depth.png and head_input_variance.png in {folder}"
+
+
+def write_variance(opts, device):
+    if not os.path.isfile(os.path.join(opts.run, "base.pt")):
+        raise FileNotFoundError(f"--variance needs {os.path.join(opts.run, 'base.pt')}")
+    res = variance_report(opts.run, device, opts.variance_clips, opts.variance_budget)
+    with open(os.path.join(opts.run, "variance.json"), "w") as f:
+        json.dump(res, f, indent=2)
+    with open(os.path.join(opts.run, "variance.md"), "w") as f:
+        f.write(variance_markdown(res))
+    print(variance_markdown(res))
+    print(plot_variance(res, opts.run))
+    print(f"wrote {os.path.join(opts.run, 'variance.md')} and variance.json")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Evaluate every checkpoint of a run folder (PAPER.md section 5).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -466,13 +587,21 @@ def main(argv=None):
     p.add_argument("--dpm-steps", type=int, default=16, help="base DPM-Solver++(2M) steps")
     p.add_argument("--few-steps", type=int, nargs="+", default=[1, 2, 4, 8],
                    help="step counts of the distilled generators' rows")
-    p.add_argument("--cfg", type=float, default=4.0, help="CFG weight of the base rows (x0-space)")
+    p.add_argument("--ls-steps", type=int, default=4, help="steps of the Presto-LS row")
+    p.add_argument("--cfg", type=float, default=4.0,
+                   help="CFG weight of the base, ASE and Presto-L rows (x0-space)")
     p.add_argument("--embedder", default=None, help="clap.pt (default: RUN/clap.pt)")
     p.add_argument("--mmd-sigma", type=float, default=10.0, help="RBF bandwidth of MMD (CMMD's 10)")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per latency (median)")
     p.add_argument("--batch", type=int, default=16, help="clips generated / embedded together")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--variance", action="store_true",
+                   help="instead of the results table: hidden-state variance by depth and noise level, "
+                        "and the head-input variance of full depth / ASE / Presto-L -> RUN/variance.{md,json}")
+    p.add_argument("--variance-clips", type=int, default=16, help="held-out clips for --variance")
+    p.add_argument("--variance-budget", type=int, default=None,
+                   help="blocks run by ASE / Presto-L for --variance (default: their schedule)")
     opts = p.parse_args(argv)
     import train
     if opts.threads:
@@ -485,6 +614,8 @@ def main(argv=None):
         if opts.n < 2 or opts.seeds < 1 or opts.repeats < 1:
             raise ValueError("--n must be >= 2, --seeds and --repeats >= 1")
         device = train.pick_device(opts.device)
+        if opts.variance:
+            return write_variance(opts, device)
         path = opts.embedder or os.path.join(opts.run, "clap.pt")
         clap_cfg, clap = load_clap(path, device)
         res = evaluate_run(opts.run, opts, clap.embed_audio, clap.embed_text,

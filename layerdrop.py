@@ -36,6 +36,10 @@ class LayerDropConfig:
     jitter: int = 1            # [ours] training budgets = schedule + U{-jitter..jitter} blocks
     dsm_weight: float = 0.0    # [ours] Presto-L: weight of the ordinary DSM loss added to L_st
     budget_cond: bool = True   # Presto-L's budget embedding (ablation: off); ASE never has one
+    # the fine-tuning stages (train.py --stage ase / presto-l), as dmd.DistillConfig's
+    steps: int = 1000          # optimiser steps
+    batch_size: int = 16       # clips per step
+    lr: float = 1e-4           # AdamW learning rate (constant: a fine-tune of the base EMA weights)
 
 
 def check_method(method):
@@ -128,14 +132,16 @@ def forward(denoiser, x, sigma, cond, budgets, method, budget_cond=True):
     return denoiser(x, sigma, cond, budget=budget, block_mask=block_mask(budgets, depth, method))
 
 
-def scheduled(denoiser, cfg, edm_cfg):
+def scheduled(denoiser, cfg, edm_cfg, budget=None):
     """A denoiser(x, sigma, cond) that picks each call's budget from the schedule: a drop-in for
-    the full model in edm.guided and the samplers (one sigma per call, so blocks really skip)."""
+    the full model in edm.guided and the samplers (one sigma per call, so blocks really skip).
+    budget: a fixed number of blocks for every call instead of the schedule."""
     depth = len(denoiser.net.blocks)
 
     def denoise(x, sigma, cond):
         sigma = sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma
-        b = budget_for_sigma(sigma, depth, cfg, edm_cfg)
+        b = (budget_for_sigma(sigma, depth, cfg, edm_cfg) if budget is None else
+             torch.full(sigma.shape, int(budget), dtype=torch.long, device=sigma.device))
         return forward(denoiser, x, sigma, cond, b, cfg.method, cfg.budget_cond)
     return denoise
 

@@ -3,12 +3,18 @@
     python sample.py --ckpt runs/cpu/base.pt --prompt "an upbeat plucked arpeggio in D minor at 140 bpm" \
         --seconds 4 --steps 32 --sampler heun --cfg 4 --seed 0 --out out.wav
     python sample.py --ckpt runs/cpu/base.pt --prompts prompts.txt --out samples/   # one per line
+    python sample.py --ckpt runs/cpu/presto_ls.pt --prompt "..." [--steps 4] [--budget 6]
 
 Read `generate` first: noise (one generator per sample, so a sample depends only on its own
 seed, not on what else is in the batch) -> a sampler of edm.py on the Karras grid with CFG ->
-latent -> Griffin-Lim decode (data.Representation).
+latent -> Griffin-Lim decode (data.Representation). Then `sampling_fn`: how each kind of
+checkpoint samples. Distilled generators (presto-s, presto-ls) take a few steps without CFG; the
+layer-dropped ones (ase, presto-l, presto-ls) run, at each network call, only the number of
+blocks their schedule gives that call's sigma (or a fixed `--budget`), so the skipped blocks
+really cost nothing.
 """
 import argparse
+import functools
 import os
 import sys
 import time
@@ -19,6 +25,7 @@ import torch
 
 import dmd
 import edm
+import layerdrop
 import train
 
 
@@ -38,27 +45,84 @@ def _setup(denoiser, tok, cfg, prompts, seeds, seconds):
 
 @torch.no_grad()
 def generate(denoiser, tok, cfg, prompts, seeds, seconds, steps=32, sampler="heun", cfg_w=4.0,
-             progress=None):
-    """Latents (B, C, T) for prompts, one seed each, with the base model and an ODE sampler."""
+             progress=None, denoise=None):
+    """Latents (B, C, T) for prompts, one seed each, with the base model and an ODE sampler.
+
+    denoise(x, sigma, cond): called instead of the denoiser (e.g. layerdrop.scheduled); the
+    denoiser still encodes the captions.
+    """
     device, ids, noise_fn = _setup(denoiser, tok, cfg, prompts, seeds, seconds)
     cond = denoiser.encode(ids)
     null = denoiser.encode(torch.zeros_like(ids)) if cfg_w != 1.0 else None   # the empty caption
-    fn = edm.guided(denoiser, cond, null, cfg_w)
+    fn = edm.guided(denoiser if denoise is None else denoise, cond, null, cfg_w)
     sigmas = edm.karras_schedule(steps, cfg.edm, device)
     return edm.SAMPLERS[sampler](fn, noise_fn() * sigmas[0], sigmas, progress=progress)
 
 
 @torch.no_grad()
-def generate_few_step(G, tok, cfg, prompts, seeds, seconds, steps=4):
-    """Latents (B, C, T) from a distilled generator: dmd.few_step_sample, no CFG (distilled in)."""
+def generate_few_step(G, tok, cfg, prompts, seeds, seconds, steps=4, denoise=None):
+    """Latents (B, C, T) from a distilled generator: dmd.few_step_sample, no CFG (distilled in).
+    denoise: as in `generate`."""
     device, ids, noise_fn = _setup(G, tok, cfg, prompts, seeds, seconds)
     cond = G.encode(ids)
+    G_fn = G if denoise is None else denoise
     sigmas = dmd.few_step_sigmas(steps, cfg.edm, device)
-    return dmd.few_step_sample(lambda x, s: G(x, s, cond), sigmas, noise_fn)
+    return dmd.few_step_sample(lambda x, s: G_fn(x, s, cond), sigmas, noise_fn)
 
 
 # checkpoint stage -> how it samples
 FEW_STEP_STAGES = ("presto-s", "presto-ls")
+LAYER_DROP_STAGES = ("ase", "presto-l", "presto-ls")
+
+
+def network_sigmas(cfg, steps, sampler=None):
+    """The sigma of every network call an N-step sampler makes (sampler=None: the few-step
+    generator), found by running it with a stand-in denoiser on a one-number latent."""
+    seen = []
+
+    def stand_in(x, sigma, *cond):
+        seen.append(float(sigma[0]))
+        return torch.zeros_like(x)
+    x = torch.zeros(1, 1, 1)
+    if sampler is None:
+        dmd.few_step_sample(stand_in, dmd.few_step_sigmas(steps, cfg.edm), lambda i=0: x)
+    else:
+        sigmas = edm.karras_schedule(steps, cfg.edm)
+        edm.SAMPLERS[sampler](stand_in, x * sigmas[0], sigmas)
+    return seen
+
+
+def check_budget(budget, stage, cfg):
+    """Raise ValueError unless `--budget` fits this checkpoint: a layer-dropped one, within
+    min_budget(method)..depth blocks."""
+    if budget is None:
+        return
+    if stage not in LAYER_DROP_STAGES:
+        raise ValueError(f"--budget needs a layer-dropped checkpoint ({', '.join(LAYER_DROP_STAGES)}); "
+                         f"this one is {stage}")
+    lo, depth = layerdrop.min_budget(cfg.layerdrop.method), cfg.model.depth
+    if not lo <= budget <= depth:
+        raise ValueError(f"--budget must be in {lo}..{depth} for {cfg.layerdrop.method} "
+                         f"(a {depth}-block model), got {budget}")
+
+
+def sampling_fn(denoiser, tok, cfg, stage, steps, sampler="heun", cfg_w=4.0, budget=None):
+    """How a checkpoint of `stage` samples: (gen(prompts, seeds, seconds) -> latents, the mean
+    fraction of the depth run per clip). budget: a fixed number of blocks for every call of a
+    layer-dropped checkpoint instead of its schedule."""
+    check_budget(budget, stage, cfg)
+    few_step = stage in FEW_STEP_STAGES
+    denoise, blocks = None, 1.0
+    if stage in LAYER_DROP_STAGES:
+        denoise = layerdrop.scheduled(denoiser, cfg.layerdrop, cfg.edm, budget)
+        depth = len(denoiser.net.blocks)
+        blocks = (budget / depth if budget is not None else layerdrop.mean_block_fraction(
+            network_sigmas(cfg, steps, None if few_step else sampler), depth, cfg.layerdrop, cfg.edm))
+    if few_step:
+        return functools.partial(generate_few_step, denoiser, tok, cfg, steps=steps,
+                                 denoise=denoise), blocks
+    return functools.partial(generate, denoiser, tok, cfg, steps=steps, sampler=sampler,
+                             cfg_w=cfg_w, denoise=denoise), blocks
 
 
 def check_request(cfg, prompts, seconds, steps):
@@ -89,7 +153,7 @@ def write_wav(path, wave, sample_rate):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Generate music from a text prompt with a trained "
-                                "checkpoint (base.pt).",
+                                "checkpoint (base, presto_s, ase, presto_l or presto_ls .pt).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
     p.add_argument("--prompt", help="one text prompt")
@@ -103,6 +167,9 @@ def main(argv=None):
     p.add_argument("--cfg", type=float, default=4.0,
                    help="classifier-free guidance weight w of the base model (1 = no guidance, "
                         "x0-space convention); distilled generators have it built in")
+    p.add_argument("--budget", type=int, default=None,
+                   help="layer-dropped checkpoints (ase, presto-l, presto-ls): run this many blocks "
+                        "at every step instead of the checkpoint's schedule")
     p.add_argument("--seed", type=int, default=0, help="seed of the first prompt; prompt i uses seed+i")
     p.add_argument("--gl-iters", type=int, default=None, help="Griffin-Lim iterations for decoding")
     p.add_argument("--batch", type=int, default=8, help="prompts generated together")
@@ -126,6 +193,8 @@ def main(argv=None):
         few_step = ckpt.get("stage", "base") in FEW_STEP_STAGES
         steps = args.steps if args.steps is not None else (4 if few_step else 32)
         check_request(cfg, prompts, seconds, steps)
+        gen, blocks = sampling_fn(denoiser, tok, cfg, ckpt.get("stage", "base"), steps,
+                                  args.sampler, args.cfg, args.budget)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         sys.exit(f"error: {e}")
 
@@ -134,8 +203,7 @@ def main(argv=None):
     for b in range(0, len(prompts), args.batch):
         t0 = time.perf_counter()
         batch = prompts[b:b + args.batch], seeds[b:b + args.batch], seconds
-        latent = (generate_few_step(denoiser, tok, cfg, *batch, steps) if few_step else
-                  generate(denoiser, tok, cfg, *batch, steps, args.sampler, args.cfg))
+        latent = gen(*batch)
         t1 = time.perf_counter()
         waves = rep.decode(latent, iters=args.gl_iters).cpu().numpy()
         t_gen, t_dec = t_gen + t1 - t0, t_dec + time.perf_counter() - t1
@@ -154,6 +222,11 @@ def main(argv=None):
     print(f"{len(prompts)} clip(s) of {seconds:g} s on {device}: generation {t_gen:.2f} s "
           f"({how}; {1e3 * t_gen / steps:.0f} ms per step), Griffin-Lim decode {t_dec:.2f} s "
           "(first call includes warm-up; evaluate.py measures latency properly)")
+    depth = len(denoiser.net.blocks)
+    why = (f"a fixed budget of {args.budget} of {depth} blocks" if args.budget is not None else
+           f"the {cfg.layerdrop.method} schedule" if ckpt["stage"] in LAYER_DROP_STAGES else
+           f"full depth, {depth} blocks")
+    print(f"mean fraction of blocks run per clip: {blocks:.3f} ({why})")
 
 
 if __name__ == "__main__":

@@ -2,9 +2,14 @@
 
     python train.py --stage base --preset cpu --out runs/cpu [--set train.steps=3000 ...] [--resume]
 
-Stages: `base` trains the EDM + DiT teacher of PAPER.md section 1 and writes `OUT/base.pt`.
-(Later stages of the paper read that file.) `clap` trains the evaluation embedder of section 5
-(evaluate.py) on the same training clips and writes `OUT/clap.pt`.
+Stages, each writing one checkpoint in OUT (later stages read earlier ones):
+    base       the EDM + DiT teacher of PAPER.md section 1                      -> base.pt
+    clap       the evaluation embedder of section 5 (evaluate.py)               -> clap.pt
+    presto-s   step distillation of base.pt (section 2, dmd.py + gan.py)        -> presto_s.pt
+    ase        the layer-drop baseline: base.pt fine-tuned to exit after b blocks -> ase.pt
+    presto-l   layer distillation of base.pt (section 3, layerdrop.py)          -> presto_l.pt
+    presto-ls  Presto-S with the generator initialised from presto_l.pt (section 4) -> presto_ls.pt
+    all        the six in this order, skipping those whose checkpoint is complete
 
 How to read this file: the config dataclass and presets first, then `build` (what a checkpoint
 becomes in memory), then `train_base`, a flat nanoGPT-style loop. Every config field can be set
@@ -33,11 +38,13 @@ import dmd
 import edm
 import evaluate
 import gan
+import layerdrop
 from data import DataConfig
 from dit import DiTConfig
 from dmd import DistillConfig
 from edm import EDMConfig
 from evaluate import ClapConfig
+from layerdrop import LayerDropConfig
 
 
 @dataclass
@@ -70,6 +77,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     clap: ClapConfig = field(default_factory=ClapConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    layerdrop: LayerDropConfig = field(default_factory=LayerDropConfig)
 
 
 # Presets: small named overrides of the defaults above.
@@ -81,10 +89,12 @@ PRESETS = {
              "clap.width": 32, "clap.dim": 32, "clap.audio_depth": 2, "clap.steps": 20,
              "clap.batch_size": 8, "clap.warmup": 5, "clap.eval_every": 10, "clap.ckpt_every": 10,
              "clap.val_clips": 8, "clap.log_every": 5,
-             "distill.steps": 10, "distill.batch_size": 4, "distill.disc_width": 16},
+             "distill.steps": 10, "distill.batch_size": 4, "distill.disc_width": 16,
+             "layerdrop.steps": 10, "layerdrop.batch_size": 4},
     # a teacher that audibly follows prompts after ~20 minutes on 2 CPU cores
     "cpu": {"model.size": "S", "train.steps": 2000, "train.batch_size": 16,
-            "distill.steps": 600, "distill.batch_size": 16},
+            "distill.steps": 600, "distill.batch_size": 16,
+            "layerdrop.steps": 300, "layerdrop.batch_size": 16},   # ~5 min each on 2 cores
     # one GPU: 16 kHz, 8 s clips, a bigger model
     "gpu": {"data.sample_rate": 16000, "data.n_fft": 512, "data.hop": 256, "data.seconds": 8.0,
             "data.stats_clips": 1024, "model.size": "B", "train.steps": 100_000,
@@ -92,7 +102,8 @@ PRESETS = {
             "train.eval_every": 2000, "train.ckpt_every": 2000, "train.log_every": 50,
             "clap.width": 256, "clap.dim": 256, "clap.steps": 10_000, "clap.batch_size": 128,
             "clap.eval_every": 1000, "clap.ckpt_every": 1000, "clap.val_clips": 256,
-            "distill.steps": 20_000, "distill.batch_size": 32},
+            "distill.steps": 20_000, "distill.batch_size": 32,
+            "layerdrop.steps": 10_000, "layerdrop.batch_size": 64},
 }
 
 
@@ -100,6 +111,11 @@ PRESETS = {
 # Config plumbing: presets, --set key=value, (de)serialisation
 
 def _parse_value(text, current):
+    if isinstance(current, (list, tuple)):       # comma-separated, e.g. layerdrop.schedule=1,0.8,0.6
+        items = [t.strip() for t in text.split(",")]
+        if not all(items):
+            raise ValueError(f"expected a comma-separated list, got {text!r}")
+        return type(current)(_parse_value(t, current[0] if current else "") for t in items)
     if isinstance(current, bool):
         if text.lower() in ("1", "true", "yes", "on"): return True
         if text.lower() in ("0", "false", "no", "off"): return False
@@ -135,7 +151,8 @@ def config_from_dict(d):
     return Config(data=DataConfig(**d["data"]), model=DiTConfig(**d["model"]),
                   edm=EDMConfig(**d["edm"]), train=TrainConfig(**d["train"]),
                   clap=ClapConfig(**d.get("clap", {})),     # sections newer than some checkpoints
-                  distill=DistillConfig(**d.get("distill", {})))
+                  distill=DistillConfig(**d.get("distill", {})),
+                  layerdrop=LayerDropConfig(**d.get("layerdrop", {})))
 
 
 def parse_sets(items):
@@ -244,6 +261,34 @@ def ema_update(ema, model, decay):
         pe.lerp_(pm, 1 - decay)
 
 
+def optimizer_step(loss, opt, grad_clip, check=None):
+    """Backward, clip, step and clear the grads of the parameters one optimizer owns.
+
+    check(grad_norm), if given, runs before the step (the NaN guard), so a bad step never lands.
+    """
+    loss.backward()
+    params = [p for group in opt.param_groups for p in group["params"]]
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    if check is not None:
+        check(norm)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return norm
+
+
+def autocast_for(device):
+    """bf16 autocast on CUDA, nothing on CPU."""
+    return (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+            else contextlib.nullcontext())
+
+
+def drop_captions(ids, p_uncond, g):
+    """Replace each caption by the null caption with probability p_uncond, so that the model also
+    learns D(x; sigma, null) and can be sampled with classifier-free guidance."""
+    drop = torch.rand(ids.shape[0], generator=g, device=ids.device) < p_uncond
+    return ids.masked_fill(drop[:, None], data.Tokenizer.PAD)
+
+
 def step_generator(seed, step, device):
     """The RNG of one training step: a pure function of (seed, step), hence exact resumes."""
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
@@ -262,15 +307,20 @@ SIGMA_BUCKETS = [0.002, 0.02, 0.1, 0.3, 1.0, 3.0, 10.0, 80.0]   # edges for per-
 
 
 @torch.no_grad()
-def validate(denoiser, ds, rep, tok, cfg, device, autocast):
-    """Mean EDM loss on fixed val clips with fixed sigmas and noise; also per sigma bucket."""
+def validate(denoiser, ds, rep, tok, cfg, device, autocast, loss_fn=None):
+    """Mean EDM loss on fixed val clips with fixed sigmas and noise; also per sigma bucket.
+
+    loss_fn(denoiser, x, cond, sigma, g) -> (B,): the loss scored (default edm.edm_loss; the
+    layer-drop stages score the layer-dropped model's DSM loss at the schedule's budgets).
+    """
     losses, sigmas = [], []
     for i in range(cfg.train.val_batches):
         x, ids, _ = make_batch(ds, rep, tok, cfg, i, device)
         g = step_generator(12345, i, device)
         sigma = edm.sample_p_train(x.shape[0], cfg.edm, g, device)
         with autocast:
-            losses.append(edm.edm_loss(denoiser, x, denoiser.net.encode_text(ids), sigma, g).float())
+            losses.append((loss_fn or edm.edm_loss)(denoiser, x, denoiser.net.encode_text(ids),
+                                                    sigma, g).float())
         sigmas.append(sigma)
     losses = torch.cat(losses)
     return losses.mean().item(), bucket_means(torch.cat(sigmas), losses)
@@ -317,6 +367,43 @@ def stage_setup(cfg, out, filename, resume):
     return device, path, torch.load(path, map_location="cpu", weights_only=False)
 
 
+def model_checkpoint(stage, step, total, cfg, denoiser, ema, opt, tok, rep, **extra):
+    """The checkpoint of a stage that trains one denoiser with an EMA (what load_checkpoint reads)."""
+    return {"stage": stage, "step": step, "done": step >= total, "config": dataclasses.asdict(cfg),
+            "model": denoiser.net.state_dict(), "ema": ema.net.state_dict(),
+            "opt": opt.state_dict(), "vocab": tok.state_dict(), "latent_stats": rep.state_dict(),
+            **extra}
+
+
+def restore(ckpt, path, denoiser, ema, opt):
+    """Load model_checkpoint's weights and optimizer state for --resume; returns the next step."""
+    if ckpt is None:
+        return 0
+    denoiser.net.load_state_dict(ckpt["model"])
+    ema.net.load_state_dict(ckpt["ema"])
+    opt.load_state_dict(ckpt["opt"])
+    print(f"resuming {path} from step {ckpt['step']}")
+    return ckpt["step"]
+
+
+def earlier(out, name):
+    """Path of a checkpoint that an earlier stage wrote in out; a clear error when it is missing."""
+    path = os.path.join(out, name)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: train the stage that writes it first "
+                                "(or use --stage all)")
+    return path
+
+
+def load_teacher(cfg, out, device):
+    """The frozen teacher OUT/base.pt (EMA weights, eval mode, no grad) of a stage that starts
+    from the base model; its data, model and EDM settings are the ones the student must keep, so
+    they replace cfg's. Returns (rep, tok, teacher)."""
+    tcfg, _, rep, tok, teacher = load_checkpoint(earlier(out, "base.pt"), device)
+    cfg.data, cfg.model, cfg.edm = tcfg.data, tcfg.model, tcfg.edm
+    return rep, tok, teacher
+
+
 def train_base(cfg, out, resume=False):
     """Train the teacher; returns the path of base.pt."""
     t = cfg.train
@@ -326,15 +413,8 @@ def train_base(cfg, out, resume=False):
     ema = copy.deepcopy(denoiser).eval().requires_grad_(False)
     opt = torch.optim.AdamW(denoiser.parameters(), lr=t.lr, betas=(0.9, t.beta2),
                             weight_decay=t.weight_decay, fused=device.type == "cuda")
-    start = 0
-    if ckpt is not None:
-        denoiser.net.load_state_dict(ckpt["model"])
-        ema.net.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["opt"])
-        start = ckpt["step"]
-        print(f"resuming {path} from step {start}")
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else contextlib.nullcontext())
+    start = restore(ckpt, path, denoiser, ema, opt)
+    autocast = autocast_for(device)
     log = LossLog(os.path.join(out, "base_log.jsonl"), start if resume else None)
     train_ds, val_ds = data.make_dataset(cfg.data, "train"), data.make_dataset(cfg.data, "val")
     print(f"base: DiT-{cfg.model.size} {dit.n_params(denoiser.net) / 1e6:.2f}M params, latents "
@@ -342,11 +422,8 @@ def train_base(cfg, out, resume=False):
           f"{t.batch_size} clips on {device}")
 
     def checkpoint(step, val=None):
-        save_checkpoint(path, {"stage": "base", "step": step, "done": step >= t.steps,
-                               "config": dataclasses.asdict(cfg), "model": denoiser.net.state_dict(),
-                               "ema": ema.net.state_dict(), "opt": opt.state_dict(),
-                               "vocab": tok.state_dict(), "latent_stats": rep.state_dict(),
-                               "val_loss": val})
+        save_checkpoint(path, model_checkpoint("base", step, t.steps, cfg, denoiser, ema, opt, tok,
+                                               rep, val_loss=val))
         return step
 
     last_saved = start if resume else None
@@ -355,18 +432,14 @@ def train_base(cfg, out, resume=False):
     for step in bar:
         x, ids, _ = make_batch(train_ds, rep, tok, cfg, step, device)
         g = step_generator(t.seed, step, device)
-        drop = torch.rand(ids.shape[0], generator=g, device=device) < t.p_uncond
-        ids = ids.masked_fill(drop[:, None], data.Tokenizer.PAD)         # the null caption
+        ids = drop_captions(ids, t.p_uncond, g)
         sigma = edm.sample_p_train(ids.shape[0], cfg.edm, g, device)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, t)
         with autocast:
             loss = edm.edm_loss(denoiser, x, denoiser.net.encode_text(ids), sigma, g).mean()
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(denoiser.parameters(), t.grad_clip)
-        check_finite(step, path, last_saved, "train.lr", loss=loss, grad_norm=grad_norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        grad_norm = optimizer_step(loss, opt, t.grad_clip, lambda norm: check_finite(
+            step, path, last_saved, "train.lr", loss=loss, grad_norm=norm))
         ema_update(ema, denoiser, min(t.ema, (1 + step) / (10 + step)))
         seen += ids.shape[0]
         done = step + 1
@@ -466,26 +539,18 @@ def train_clap(cfg, out, resume=False):
 
 
 # ----------------------------------------------------------------------------------------------
-# Presto-S: score-based DMD + LSGAN (PAPER.md section 2). One iteration is a function so the 2-D
-# toy test runs exactly this code path with tiny MLP denoisers.
-
-def optimizer_step(loss, opt, grad_clip):
-    """Backward, clip, step and clear the grads of the parameters one optimizer owns."""
-    loss.backward()
-    params = [p for group in opt.param_groups for p in group["params"]]
-    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return norm
-
+# Presto-S: score-based DMD + LSGAN (PAPER.md section 2), and Presto-LS (section 4): the same
+# distillation with a layer-dropped generator. One iteration is a function so the 2-D toy test
+# runs exactly this code path with tiny MLP denoisers.
 
 def presto_s_iteration(step, nets, opts, x_real, raw, raw_null, dc, edm_cfg, g, block,
-                       grad_clip=1.0, autocast=contextlib.nullcontext()):
+                       grad_clip=1.0, autocast=contextlib.nullcontext(), gen_fn=None):
     """One Presto-S iteration; returns detached losses and diagnostics.
 
     nets: {"G", "fake", "real", "head"}, opts: {"G", "fake"} (the fake optimizer also owns the
     head); raw / raw_null: the conditioning (caption ids) and its null version; block: the fake
-    score block the discriminator reads.
+    score block the discriminator reads. gen_fn(x, sigma, cond): how the generator is called
+    (default G itself; Presto-LS passes G layer-dropped at the budget b(sigma_gen)).
     """
     G, fake, real, head = nets["G"], nets["fake"], nets["real"], nets["head"]
     B, dev = x_real.shape[0], x_real.device
@@ -495,7 +560,8 @@ def presto_s_iteration(step, nets, opts, x_real, raw, raw_null, dc, edm_cfg, g, 
     # 1. generator input: a real latent noised to sigma_gen (continuous p_inf by default)
     sigma_gen = dmd.generator_sigmas(B, dc, edm_cfg, g, dev)
     with autocast, torch.set_grad_enabled(gen_turn):
-        x_hat = G(x_real + edm._bcast(sigma_gen, x_real) * noise(), sigma_gen, G.encode(raw))
+        x_hat = (G if gen_fn is None else gen_fn)(x_real + edm._bcast(sigma_gen, x_real) * noise(),
+                                                  sigma_gen, G.encode(raw))
     # 2. fake score + discriminator, every iteration, on the detached generator sample
     x_d = x_hat.detach()
     with autocast:
@@ -532,15 +598,33 @@ def presto_s_iteration(step, nets, opts, x_real, raw, raw_null, dc, edm_cfg, g, 
                    g_abs=grad.abs().flatten(1).mean(1))
     return out
 
+
 def train_presto_s(cfg, out, resume=False):
     """Distil OUT/base.pt into a few-step generator; returns the path of presto_s.pt."""
+    return train_distill(cfg, out, resume, "presto-s")
+
+
+def train_presto_ls(cfg, out, resume=False):
+    """Presto-S on a Presto-L generator (OUT/presto_l.pt); returns the path of presto_ls.pt."""
+    return train_distill(cfg, out, resume, "presto-ls")
+
+
+def train_distill(cfg, out, resume, stage):
+    """Presto-S or Presto-LS. Both distil the frozen full-depth teacher OUT/base.pt (the real
+    score; the fake score is a full-depth copy of it); they differ only in the generator: a copy
+    of the teacher (presto-s), or the Presto-L student run at the budget b(sigma_gen) of its
+    schedule, budget embedding included (presto-ls)."""
     dc, t = cfg.distill, cfg.train
-    device, path, ckpt = stage_setup(cfg, out, "presto_s.pt", resume)
-    # the teacher: frozen, eval mode, no grad (EMA weights of the base run); its data, model and
-    # EDM settings are the ones the student must keep
-    bcfg, _, rep, tok, real = load_checkpoint(os.path.join(out, "base.pt"), device)
-    cfg.data, cfg.model, cfg.edm = bcfg.data, bcfg.model, bcfg.edm
+    name = stage.replace("-", "_")
+    device, path, ckpt = stage_setup(cfg, out, f"{name}.pt", resume)
+    rep, tok, real = load_teacher(cfg, out, device)
     G = copy.deepcopy(real).train().requires_grad_(True)           # generator <- teacher
+    gen_fn = None
+    if stage == "presto-ls":                                       # ... <- Presto-L, layer-dropped
+        lcfg, _, _, _, student = load_checkpoint(earlier(out, "presto_l.pt"), device)
+        G.net.load_state_dict(student.net.state_dict())
+        cfg.layerdrop = lcfg.layerdrop          # the schedule and method G was trained for
+        gen_fn = layerdrop.scheduled(G, cfg.layerdrop, cfg.edm)
     fake = copy.deepcopy(real).train().requires_grad_(True)        # fake score <- teacher
     block = dc.disc_block if dc.disc_block >= 0 else len(fake.net.blocks) // 2
     head = gan.Head(cfg.model.width, dc.disc_width).to(device)
@@ -557,16 +641,16 @@ def train_presto_s(cfg, out, resume=False):
             opts[k].load_state_dict(ckpt[f"opt_{k}"])
         start = ckpt["step"]
         print(f"resuming {path} from step {start}")
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else contextlib.nullcontext())
-    log = LossLog(os.path.join(out, "presto_s_log.jsonl"), start if resume else None)
+    autocast = autocast_for(device)
+    log = LossLog(os.path.join(out, f"{name}_log.jsonl"), start if resume else None)
     train_ds = data.make_dataset(cfg.data, "train")
-    print(f"presto-s: distilling DiT-{cfg.model.size} ({dit.n_params(G.net) / 1e6:.2f}M params), "
+    print(f"{stage}: distilling DiT-{cfg.model.size} ({dit.n_params(G.net) / 1e6:.2f}M params), "
           f"{dc.steps} iterations of {dc.batch_size} clips, G every {dc.gen_every}, "
-          f"discriminator on block {block}, on {device}")
+          f"discriminator on block {block}, on {device}"
+          + (f", G layer-dropped ({cfg.layerdrop.method} schedule)" if gen_fn else ""))
 
     def checkpoint(step):
-        save_checkpoint(path, {"stage": "presto-s", "step": step, "done": step >= dc.steps,
+        save_checkpoint(path, {"stage": stage, "step": step, "done": step >= dc.steps,
                                "config": dataclasses.asdict(cfg), "model": G.net.state_dict(),
                                "G": G.net.state_dict(), "fake": fake.net.state_dict(),
                                "head": head.state_dict(), "opt_G": opts["G"].state_dict(),
@@ -576,13 +660,13 @@ def train_presto_s(cfg, out, resume=False):
 
     last_saved = start if resume else None
     sums, counts, g_by_sigma = {}, {}, []
-    bar = tqdm(range(start, dc.steps), initial=start, total=dc.steps, desc="presto-s",
+    bar = tqdm(range(start, dc.steps), initial=start, total=dc.steps, desc=stage,
                dynamic_ncols=True)
     for step in bar:
         x, ids, _ = make_batch(train_ds, rep, tok, cfg, step, device, dc.batch_size)
         g = step_generator(t.seed, step, device)
         out_ = presto_s_iteration(step, nets, opts, x, ids, torch.zeros_like(ids), dc, cfg.edm, g,
-                                  block, t.grad_clip, autocast)
+                                  block, t.grad_clip, autocast, gen_fn=gen_fn)
         if "g_abs" in out_:
             g_by_sigma.append((out_.pop("sigma_dmd"), out_.pop("g_abs")))
         for k, v in out_.items():                          # running sums: no host sync per step
@@ -604,47 +688,169 @@ def train_presto_s(cfg, out, resume=False):
     return path
 
 
-# stage name -> (checkpoint file it writes in --out, the function that trains it)
+# ----------------------------------------------------------------------------------------------
+# Layer dropping (PAPER.md section 3): ASE, the baseline, and Presto-L. Losses in layerdrop.py.
+
+def train_ase(cfg, out, resume=False):
+    """ASE: fine-tune OUT/base.pt to exit after the first b(sigma) blocks with the ordinary
+    diffusion loss, at exactly the schedule's budgets as published (no jitter, no budget
+    embedding); returns the path of ase.pt."""
+    cfg.layerdrop.method, cfg.layerdrop.jitter = "ase", 0
+    return train_layerdrop(cfg, out, resume)
+
+
+def train_presto_l(cfg, out, resume=False):
+    """Presto-L: fine-tune OUT/base.pt to run blocks 1..b-1 plus the final block, conditioned on
+    the budget, regressing onto the frozen full-depth model (L_st) at budgets drawn around the
+    schedule; returns the path of presto_l.pt."""
+    cfg.layerdrop.method = "presto-l"
+    return train_layerdrop(cfg, out, resume)
+
+
+def train_layerdrop(cfg, out, resume=False):
+    """The loop both layer-drop stages share (cfg.layerdrop.method picks one): the student and its
+    EMA start from the base EMA weights; layerdrop.training_loss is DSM for ASE and L_st against
+    the frozen base model for Presto-L."""
+    ld, t = cfg.layerdrop, cfg.train
+    layerdrop.check_method(ld.method)
+    name = ld.method.replace("-", "_")
+    device, path, ckpt = stage_setup(cfg, out, f"{name}.pt", resume)
+    rep, tok, teacher = load_teacher(cfg, out, device)
+    student = copy.deepcopy(teacher).train().requires_grad_(True)
+    ema = copy.deepcopy(teacher)                      # eval mode, no grad, like the teacher
+    teacher = teacher if ld.method == "presto-l" else None          # ASE's DSM needs no teacher
+    opt = torch.optim.AdamW(student.parameters(), lr=ld.lr, betas=(0.9, t.beta2),
+                            weight_decay=t.weight_decay, fused=device.type == "cuda")
+    start = restore(ckpt, path, student, ema, opt)
+    autocast = autocast_for(device)
+    log = LossLog(os.path.join(out, f"{name}_log.jsonl"), start if resume else None)
+    train_ds, val_ds = data.make_dataset(cfg.data, "train"), data.make_dataset(cfg.data, "val")
+    depth = len(student.net.blocks)
+    budgets = layerdrop.schedule_budgets(depth, ld).tolist()
+
+    def val_loss(den, x, cond, sigma, g):          # DSM of the model at the schedule's budgets
+        b = layerdrop.budget_for_sigma(sigma, depth, ld, cfg.edm)
+        return layerdrop.dsm_loss(den, x, cond, sigma, b, ld.method, g, ld.budget_cond)
+    print(f"{ld.method}: fine-tuning DiT-{cfg.model.size} ({depth} blocks) at budgets {budgets} "
+          f"(low -> high noise, jitter {ld.jitter}), {ld.steps} steps of {ld.batch_size} clips "
+          f"on {device}")
+
+    def checkpoint(step, val=None):
+        save_checkpoint(path, model_checkpoint(ld.method, step, ld.steps, cfg, student, ema, opt,
+                                               tok, rep, val_loss=val))
+        return step
+
+    last_saved = start if resume else None
+    bar = tqdm(range(start, ld.steps), initial=start, total=ld.steps, desc=ld.method,
+               dynamic_ncols=True)
+    for step in bar:
+        x, ids, _ = make_batch(train_ds, rep, tok, cfg, step, device, ld.batch_size)
+        g = step_generator(t.seed, step, device)
+        ids = drop_captions(ids, t.p_uncond, g)          # so the layer-dropped model takes CFG
+        sigma = edm.sample_p_train(ids.shape[0], cfg.edm, g, device)
+        with autocast:
+            cond_teacher = teacher.encode(ids) if teacher is not None else None
+            loss, b = layerdrop.training_loss(student, teacher, x, student.encode(ids),
+                                              cond_teacher, sigma, ld, cfg.edm, g)
+            loss = loss.mean()
+        grad_norm = optimizer_step(loss, opt, t.grad_clip, lambda norm: check_finite(
+            step, path, last_saved, "layerdrop.lr", loss=loss, grad_norm=norm))
+        ema_update(ema, student, min(t.ema, (1 + step) / (10 + step)))
+        done = step + 1
+        if done % t.log_every == 0 or done == ld.steps:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            log.write(step=done, loss=loss.item(), grad_norm=grad_norm.item(),
+                      blocks=b.double().mean().item() / depth)
+        val = None
+        if done % t.eval_every == 0 or done == ld.steps:   # the EMA at the schedule's budgets
+            val, by_sigma = validate(ema, val_ds, rep, tok, cfg, device, autocast, val_loss)
+            log.write(step=done, val_loss=val, val_loss_by_sigma=by_sigma)
+            bar.write(f"step {done}: train loss {loss.item():.4f}, val DSM loss (EMA, "
+                      f"layer-dropped) {val:.4f}")
+        if done % t.ckpt_every == 0 or done == ld.steps:
+            last_saved = checkpoint(done, val)
+    bar.close()
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line
+
+# stage name -> (checkpoint file it writes in --out, the function that trains it), in the order
+# --stage all runs them
 STAGES = {"base": ("base.pt", train_base), "clap": ("clap.pt", train_clap),
-          "presto-s": ("presto_s.pt", train_presto_s)}
+          "presto-s": ("presto_s.pt", train_presto_s), "ase": ("ase.pt", train_ase),
+          "presto-l": ("presto_l.pt", train_presto_l),
+          "presto-ls": ("presto_ls.pt", train_presto_ls)}
+
+
+def run_stage(stage, out, preset, sets, resume=False, force=False):
+    """Train one stage from the preset plus --set values (or, with resume, from its checkpoint's
+    config plus --set values); returns the checkpoint path."""
+    ckpt_name, stage_fn = STAGES[stage]
+    path = os.path.join(out, ckpt_name)
+    if resume:
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"--resume: no checkpoint at {path}")
+        cfg = config_from_dict(torch.load(path, map_location="cpu", weights_only=False)["config"])
+        cfg = apply_overrides(cfg, sets)
+    else:
+        if os.path.exists(path) and not force:
+            raise FileExistsError(f"{path} exists: pass --resume to continue it or --force "
+                                  "to start over")
+        cfg = make_config(preset, sets)
+    stage_fn(cfg, out, resume=resume)
+    print(f"wrote {path}")
+    return path
+
+
+def run_all(out, preset, sets, force=False):
+    """Every stage in STAGES order: a complete checkpoint is kept (force: retrained), an
+    incomplete one is resumed, a missing one is trained."""
+    for stage, (ckpt_name, _) in STAGES.items():
+        path = os.path.join(out, ckpt_name)
+        ckpt = (torch.load(path, map_location="cpu", weights_only=False)
+                if os.path.exists(path) and not force else None)
+        if ckpt is not None and ckpt.get("done"):
+            print(f"{stage}: {path} is complete, skipped (--force retrains it)")
+            continue
+        run_stage(stage, out, preset, sets, resume=ckpt is not None, force=True)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(
         description="Train a stage of Presto (see README). Example: "
-                    "python train.py --stage base --preset tiny --out runs/tiny",
+                    "python train.py --stage all --preset tiny --out runs/tiny",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--stage", choices=list(STAGES), default="base",
+    p.add_argument("--stage", choices=[*STAGES, "all"], default="base",
                    help="base: the EDM + DiT teacher -> OUT/base.pt; clap: the evaluation "
-                        "embedder -> OUT/clap.pt")
+                        "embedder -> clap.pt; presto-s: step distillation of base.pt -> "
+                        "presto_s.pt; ase: the layer-drop baseline from base.pt -> ase.pt; "
+                        "presto-l: layer distillation of base.pt -> presto_l.pt; presto-ls: "
+                        "Presto-S with the generator from presto_l.pt -> presto_ls.pt; all: those "
+                        "six in that order, skipping a stage whose checkpoint is complete "
+                        "(unless --force) and resuming an incomplete one")
     p.add_argument("--preset", choices=list(PRESETS), default="cpu",
                    help="named config: tiny (tests, seconds), cpu (~20 min teacher), gpu (one GPU)")
     p.add_argument("--out", required=True, help="run folder; checkpoints and logs go here")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="override config fields, e.g. --set train.steps=500 model.size=XS")
+                   help="override config fields, e.g. --set train.steps=500 model.size=XS "
+                        "layerdrop.schedule=1,1,0.8,0.8,0.6 (lists: comma-separated)")
     p.add_argument("--resume", action="store_true",
-                   help="continue from the stage's checkpoint in --out (its config, plus --set)")
+                   help="continue from the stage's checkpoint in --out (its config, plus --set); "
+                        "--stage all resumes incomplete checkpoints by itself")
     p.add_argument("--force", action="store_true",
-                   help="start over even if --out already holds this stage's checkpoint")
+                   help="start over even if --out already holds this stage's checkpoint (with "
+                        "--stage all: retrain every stage)")
     args = p.parse_args(argv)
     try:
         sets = parse_sets(args.set)
-        ckpt_name, stage_fn = STAGES[args.stage]
-        path = os.path.join(args.out, ckpt_name)
-        if args.resume:
-            if not os.path.exists(path):
-                raise FileNotFoundError(f"--resume: no checkpoint at {path}")
-            cfg = config_from_dict(torch.load(path, map_location="cpu", weights_only=False)["config"])
-            cfg = apply_overrides(cfg, sets)
+        if args.stage == "all":
+            run_all(args.out, args.preset, sets, args.force)
         else:
-            if os.path.exists(path) and not args.force:
-                raise FileExistsError(f"{path} exists: pass --resume to continue it or --force "
-                                      "to start over")
-            cfg = make_config(args.preset, sets)
-        stage_fn(cfg, args.out, resume=args.resume)
+            run_stage(args.stage, args.out, args.preset, sets, args.resume, args.force)
     except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, RuntimeError) as e:
         sys.exit(f"error: {e}")
-    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

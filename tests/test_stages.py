@@ -1,0 +1,216 @@
+"""The whole pipeline at toy scale: `train.py --stage all` writes every checkpoint (base, clap,
+Presto-S, ASE, Presto-L, Presto-LS) and skips them the second time; the layer-drop stages resume
+exactly; sample.py honours each checkpoint's budget and `--budget`; evaluate.py reports every row
+and writes the variance diagnostics."""
+import json
+import math
+import os
+import shutil
+
+import pytest
+import torch
+
+import evaluate
+import layerdrop
+import sample
+import train
+
+FAST = {"train.steps": "4", "train.ckpt_every": "2", "train.eval_every": "4", "train.log_every": "1",
+        "data.seconds": "0.5", "data.stats_clips": "8", "model.text_width": "32",
+        "clap.steps": "10", "clap.eval_every": "10", "clap.ckpt_every": "10",
+        "distill.steps": "5", "layerdrop.steps": "4"}
+ALL = ["--stage", "all", "--preset", "tiny", "--set", *[f"{k}={v}" for k, v in FAST.items()]]
+FILES = {stage: name for stage, (name, _) in train.STAGES.items()}
+LAYER_DROPPED = ("ase.pt", "presto_l.pt", "presto_ls.pt")
+DEPTH = 4                                              # the tiny preset's DiT-XS
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("stages"))
+    train.main([*ALL, "--out", out])
+    return out
+
+
+def _load(run, name):
+    return torch.load(os.path.join(run, name), map_location="cpu", weights_only=False)
+
+
+def test_stage_all_writes_every_checkpoint(run):
+    assert list(FILES) == ["base", "clap", "presto-s", "ase", "presto-l", "presto-ls"]
+    for stage, name in FILES.items():
+        ckpt = _load(run, name)
+        assert ckpt["stage"] == stage and ckpt["done"], name
+        assert os.path.exists(os.path.join(run, name.replace(".pt", "_log.jsonl")))
+    ase, presto_l, presto_ls = (_load(run, f)["config"]["layerdrop"] for f in LAYER_DROPPED)
+    assert ase["method"] == "ase" and ase["jitter"] == 0          # ASE: the schedule as published
+    assert presto_l["method"] == "presto-l" and presto_l["jitter"] == 1
+    assert presto_ls == presto_l                                  # LS keeps Presto-L's schedule
+    for name in ("ase.pt", "presto_l.pt"):
+        ckpt = _load(run, name)
+        assert ckpt["step"] == 4 and {"model", "ema", "opt", "vocab", "latent_stats"} <= ckpt.keys()
+        assert math.isfinite(ckpt["val_loss"])
+
+
+def test_a_second_stage_all_skips_every_complete_checkpoint(run, capsys):
+    before = {f: os.stat(os.path.join(run, f)).st_mtime_ns for f in FILES.values()}
+    train.main([*ALL, "--out", run])
+    assert capsys.readouterr().out.count("is complete, skipped") == len(FILES)
+    assert {f: os.stat(os.path.join(run, f)).st_mtime_ns for f in FILES.values()} == before
+
+
+def test_presto_l_resume_is_exact_and_stage_all_resumes_it(run, tmp_path, monkeypatch):
+    straight, broken = str(tmp_path / "straight"), str(tmp_path / "broken")
+    os.makedirs(straight)
+    shutil.copy(os.path.join(run, "base.pt"), straight)
+    train.train_presto_l(train.make_config("tiny", FAST), straight)
+    # the same stage killed right after its first checkpoint (step 2), in a run folder that holds
+    # every earlier checkpoint; --stage all must resume it (and then train presto-ls)
+    os.makedirs(broken)
+    for name in ("base.pt", "clap.pt", "presto_s.pt", "ase.pt"):
+        shutil.copy(os.path.join(run, name), broken)
+    def die_after_saving(path, ckpt, save=train.save_checkpoint):
+        save(path, ckpt)
+        raise KeyboardInterrupt
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+        m.setattr(train, "save_checkpoint", die_after_saving)
+        train.train_presto_l(train.make_config("tiny", FAST), broken)
+    assert _load(broken, "presto_l.pt")["step"] == 2
+    train.main([*ALL, "--out", broken])
+    a, b = _load(straight, "presto_l.pt"), _load(broken, "presto_l.pt")
+    assert b["step"] == 4 and b["done"] and _load(broken, "presto_ls.pt")["done"]
+    for key in ("model", "ema"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), (key, name)
+    logs = [[json.loads(l) for l in open(os.path.join(d, "presto_l_log.jsonl"))] for d in (straight, broken)]
+    assert logs[0] == logs[1] and [r["step"] for r in logs[1] if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_presto_ls_starts_from_presto_l_and_drops_layers_in_the_generator(run, tmp_path, monkeypatch):
+    seen = []                                           # (gen_fn, nets, weights at iteration 0)
+    real_iteration = train.presto_s_iteration
+
+    def spy(step, nets, *args, **kw):
+        if step == 0:
+            seen.append((kw["gen_fn"], nets, {k: {n: p.clone() for n, p in nets[k].net.state_dict().items()}
+                                              for k in ("G", "fake", "real")}))
+        return real_iteration(step, nets, *args, **kw)
+    monkeypatch.setattr(train, "presto_s_iteration", spy)
+    out = str(tmp_path)
+    for name in ("base.pt", "presto_l.pt"):
+        shutil.copy(os.path.join(run, name), out)
+    train.train_presto_ls(train.make_config("tiny", {**FAST, "distill.steps": "1"}), out)
+    train.train_presto_s(train.make_config("tiny", {**FAST, "distill.steps": "1"}), out)
+    (gen_fn, nets, ls), (no_fn, _, s) = seen
+    assert no_fn is None                                # Presto-S calls G itself
+    base, presto_l = _load(run, "base.pt")["ema"], _load(run, "presto_l.pt")["ema"]
+    for name in base:
+        assert torch.equal(ls["G"][name], presto_l[name]) and torch.equal(s["G"][name], base[name])
+        for w in (ls, s):                               # real and fake scores: the full teacher
+            assert torch.equal(w["real"][name], base[name]) and torch.equal(w["fake"][name], base[name])
+    # Presto-LS's generator runs the budget of its sigma: 2 of 4 blocks at sigma_max
+    G = nets["G"]
+    x, ids = torch.randn(2, G.net.cfg.in_channels, 16), torch.ones(2, 4, dtype=torch.long)
+    with torch.no_grad():
+        assert _block_fraction(G, lambda: gen_fn(x, torch.full((2,), 80.0), G.encode(ids))) == 0.5
+        assert _block_fraction(G, lambda: gen_fn(x, torch.full((2,), 0.01), G.encode(ids))) == 1.0
+
+
+def _block_fraction(den, fn):
+    """Run fn() and return (blocks run) / (network calls x depth), counted with forward hooks."""
+    calls = {"blocks": 0, "net": 0}
+    hooks = [b.register_forward_hook(lambda *a: calls.__setitem__("blocks", calls["blocks"] + 1))
+             for b in den.net.blocks]
+    hooks.append(den.net.final.register_forward_hook(
+        lambda *a: calls.__setitem__("net", calls["net"] + 1)))
+    try:
+        fn()
+    finally:
+        for h in hooks:
+            h.remove()
+    return calls["blocks"] / (calls["net"] * len(den.net.blocks))
+
+
+@pytest.mark.parametrize("name", ["base.pt", "presto_s.pt", *LAYER_DROPPED])
+def test_sampling_runs_the_blocks_it_reports(run, name):
+    cfg, ckpt, _, tok, den = train.load_checkpoint(os.path.join(run, name))
+    for budget in (None, 3) if name in LAYER_DROPPED else (None,):
+        gen, blocks = sample.sampling_fn(den, tok, cfg, ckpt["stage"], steps=3, sampler="heun",
+                                         cfg_w=4.0, budget=budget)
+        measured = _block_fraction(den, lambda: gen(["slow organ chords"], [0], 0.5))
+        assert measured == pytest.approx(blocks)
+        if budget is not None:
+            assert blocks == 3 / DEPTH
+        elif name in LAYER_DROPPED:
+            assert blocks < 1
+        else:
+            assert blocks == 1
+
+
+@pytest.mark.parametrize("name", LAYER_DROPPED)
+def test_sample_cli_writes_wavs_and_honours_budget(run, tmp_path, capsys, name):
+    for extra, fraction in (([], None), (["--budget", "3"], "0.750 (a fixed budget of 3 of 4 blocks)")):
+        out = str(tmp_path / f"{name}{len(extra)}.wav")
+        sample.main(["--ckpt", os.path.join(run, name), "--prompt", "a piano melody", "--steps", "2",
+                     "--gl-iters", "2", "--out", out, *extra])
+        assert os.path.getsize(out) > 44
+        line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("mean fraction")][0]
+        if fraction:
+            assert line.endswith(fraction)
+        else:
+            assert float(line.split(":")[1].split()[0]) < 1 and "schedule" in line
+
+
+@pytest.mark.parametrize("name,budget,msg", [
+    ("presto_l.pt", "1", "--budget must be in 2..4"), ("ase.pt", "5", "--budget must be in 1..4"),
+    ("base.pt", "2", "needs a layer-dropped checkpoint")])
+def test_bad_budget_is_a_one_line_error(run, name, budget, msg):
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--ckpt", os.path.join(run, name), "--prompt", "piano", "--budget", budget])
+    assert str(e.value.code).startswith("error:") and msg in str(e.value.code)
+
+
+def test_evaluate_reports_every_row(run):
+    evaluate.main(["--run", run, "--n", "4", "--seeds", "2", "--prompts", "2", "--steps", "2",
+                   "--dpm-steps", "2", "--few-steps", "2", "--repeats", "1", "--device", "cpu"])
+    res = json.load(open(os.path.join(run, "results.json")))
+    rows = {r["name"]: r for r in res["rows"]}
+    assert list(rows) == ["real data (test vs train)", "base Heun", "base DPM-Solver++(2M)",
+                          "Presto-S 2-step", "ASE", "Presto-L", "Presto-LS 4-step"]
+    for r in res["rows"][1:]:
+        for k in ("fad", "mmd", "clap_score", "blocks", "generation_ms", "end_to_end_ms", "speedup"):
+            assert math.isfinite(r[k]), (r["name"], k)
+        assert (r["blocks"] < 1) == (r["name"] in ("ASE", "Presto-L", "Presto-LS 4-step")), r["name"]
+    assert rows["ASE"]["network_calls"] == rows["base Heun"]["network_calls"] == 3
+    assert rows["Presto-LS 4-step"]["steps"] == 4
+    md = open(os.path.join(run, "results.md")).read()
+    assert "| blocks |" in md and "| Presto-L | 2 | 3 |" in md
+
+
+def test_variance_writes_numbers_and_tables(run):
+    evaluate.main(["--run", run, "--variance", "--variance-clips", "3", "--device", "cpu"])
+    res = json.load(open(os.path.join(run, "variance.json")))
+    S = len(evaluate.VARIANCE_SIGMAS)
+    assert len(res["hidden_variance"]) == S and all(len(r) == DEPTH for r in res["hidden_variance"])
+    assert set(res["head_input_variance"]) == {
+        "full depth (base.pt)", "ASE, base weights", "ASE (ase.pt)", "Presto-L, base weights",
+        "Presto-L (presto_l.pt)"}
+    for v in res["head_input_variance"].values():
+        assert len(v) == S and all(math.isfinite(x) and x > 0 for x in v)
+    # at the lowest noise the schedule runs every block: dropping changes nothing there
+    full, ase = res["head_input_variance"]["full depth (base.pt)"], res["head_input_variance"]["ASE, base weights"]
+    assert res["budgets"]["ASE"][0] == DEPTH and ase[0] == pytest.approx(full[0])
+    md = open(os.path.join(run, "variance.md")).read()
+    assert "## After each block of base.pt" in md and "| Presto-L (presto_l.pt) |" in md
+
+
+def test_list_fields_take_comma_separated_values():
+    cfg = train.make_config("tiny", {"layerdrop.schedule": "1, 1,0.8,0.5"})
+    assert cfg.layerdrop.schedule == [1.0, 1.0, 0.8, 0.5]
+    assert layerdrop.schedule_budgets(8, cfg.layerdrop).tolist() == [8, 8, 6, 4]
+    for bad in ("1,,0.8", "1,half"):
+        with pytest.raises(ValueError, match="bad value for layerdrop.schedule"):
+            train.make_config("tiny", {"layerdrop.schedule": bad})
+    d = train.dataclasses.asdict(train.make_config("tiny"))
+    del d["layerdrop"]                                 # checkpoints from before the section
+    assert train.config_from_dict(d).layerdrop == layerdrop.LayerDropConfig()
