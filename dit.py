@@ -28,7 +28,8 @@ class DiTConfig:
     width: int = 0             # 0 = take it from `size`; set to override
     depth: int = 0             # 0 = take it from `size`
     heads: int = 0             # 0 = take it from `size`
-    patch: int = 4             # spectrogram frames per token (sequence length = T / patch)
+    patch: int = 2             # frames per token; keep patch * C <= width (a wider token cannot be
+                               # reproduced by the output Linear: that caps how much noise it removes)
     mlp_ratio: float = 4.0
     text_width: int = 128      # the text encoder's width
     text_depth: int = 2        # the text encoder's transformer layers

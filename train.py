@@ -92,7 +92,7 @@ PRESETS = {
              "distill.steps": 10, "distill.batch_size": 4, "distill.disc_width": 16,
              "layerdrop.steps": 10, "layerdrop.batch_size": 4},
     # a teacher that audibly follows prompts after ~20 minutes on 2 CPU cores
-    "cpu": {"model.size": "S", "train.steps": 2000, "train.batch_size": 16,
+    "cpu": {"model.size": "S", "train.steps": 1250, "train.batch_size": 16, "train.lr": 5e-4,
             "distill.steps": 600, "distill.batch_size": 16,
             "layerdrop.steps": 300, "layerdrop.batch_size": 16},   # ~5 min each on 2 cores
     # one GPU: 16 kHz, 8 s clips, a bigger model

@@ -42,7 +42,7 @@ def test_shapes_and_hidden_hook():
     x, sigma, ids = inputs(T=13)
     cond = den.net.encode_text(ids)
     D, h = den(x, sigma, cond, return_hidden=2)
-    assert D.shape == x.shape and h.shape == (3, 4, 64)          # ceil(13 / patch 4) tokens
+    assert D.shape == x.shape and h.shape == (3, 7, 64)          # ceil(13 / patch 2) tokens
     assert torch.isfinite(D).all()
     with pytest.raises(ValueError):
         den(x, sigma, cond, blocks=[0, 1], return_hidden=3)
