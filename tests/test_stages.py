@@ -14,6 +14,7 @@ import evaluate
 import layerdrop
 import sample
 import train
+from conftest import crash_after_first_checkpoint
 
 FAST = {"train.steps": "4", "train.ckpt_every": "2", "train.eval_every": "4", "train.log_every": "1",
         "data.seconds": "0.5", "data.stats_clips": "8", "model.text_width": "32",
@@ -69,12 +70,8 @@ def test_presto_l_resume_is_exact_and_stage_all_resumes_it(run, tmp_path, monkey
     os.makedirs(broken)
     for name in ("base.pt", "clap.pt", "presto_s.pt", "ase.pt"):
         shutil.copy(os.path.join(run, name), broken)
-    def die_after_saving(path, ckpt, save=train.save_checkpoint):
-        save(path, ckpt)
-        raise KeyboardInterrupt
-    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
-        m.setattr(train, "save_checkpoint", die_after_saving)
-        train.train_presto_l(train.make_config("tiny", FAST), broken)
+    crash_after_first_checkpoint(monkeypatch, train.train_presto_l, train.make_config("tiny", FAST),
+                                 broken)
     assert _load(broken, "presto_l.pt")["step"] == 2
     train.main([*ALL, "--out", broken])
     a, b = _load(straight, "presto_l.pt"), _load(broken, "presto_l.pt")

@@ -12,6 +12,7 @@ import torch
 import edm
 import sample
 import train
+from conftest import crash_after_first_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = {"train.steps": "6", "train.ckpt_every": "3", "train.eval_every": "3", "train.log_every": "1",
@@ -69,15 +70,7 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
     train.train_base(train.make_config("tiny", FAST), straight)
     # the same run, killed right after its first checkpoint (step 3), then resumed
     broken = str(tmp_path / "broken")
-    real_save = train.save_checkpoint
-
-    def save_then_die(path, ckpt):
-        real_save(path, ckpt)
-        raise KeyboardInterrupt
-    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train.train_base(train.make_config("tiny", FAST), broken)
-    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    crash_after_first_checkpoint(monkeypatch, train.train_base, train.make_config("tiny", FAST), broken)
     assert torch.load(os.path.join(broken, "base.pt"), weights_only=False)["step"] == 3
     train.main(["--stage", "base", "--out", broken, "--resume"])
     a = torch.load(os.path.join(straight, "base.pt"), weights_only=False)

@@ -1,0 +1,370 @@
+"""Presto-S (PAPER.md section 2) through the real training code: where gradients may and may not go
+in one iteration of `train.presto_s_iteration` on a tiny DiT, a 2-D worked example that distils a
+trained toy teacher into a few-step generator, and the stage end to end (train -> presto_s.pt ->
+few-step WAV, exact resume, the loss log). The closed-form pieces (DMD gradient between Gaussians,
+LSGAN optima, the few-step sampler) are in test_dmd.py."""
+import copy
+import json
+import math
+import os
+import shutil
+
+import pytest
+import soundfile as sf
+import torch
+import torch.nn as nn
+
+import dmd
+import edm
+import gan
+import sample
+import train
+from conftest import crash_after_first_checkpoint
+
+FAST = {"train.steps": "6", "train.ckpt_every": "3", "train.eval_every": "3", "train.log_every": "1",
+        "data.seconds": "0.5", "data.stats_clips": "8", "model.text_width": "32",
+        "distill.steps": "6", "distill.batch_size": "2"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Every op here is tiny: one thread is fastest, and far faster on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory):
+    """A tiny teacher (base.pt) that every test here distils; 6 optimiser steps, a few seconds."""
+    out = str(tmp_path_factory.mktemp("base"))
+    train.train_base(train.make_config("tiny", FAST), out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def presto_run(base_run, tmp_path_factory):
+    """base.pt -> presto_s.pt: 6 iterations, the generator stepped at iterations 0 and 5."""
+    out = str(tmp_path_factory.mktemp("presto"))
+    shutil.copy(os.path.join(base_run, "base.pt"), out)
+    train.train_presto_s(train.make_config("tiny", FAST), out)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Where the gradients go, on the real DiT
+
+def _tiny_nets(base_run, teacher_trainable=False):
+    """The networks of train_presto_s, built the same way from base.pt, plus one real batch."""
+    cfg, _, rep, tok, real = train.load_checkpoint(os.path.join(base_run, "base.pt"))
+    cfg.distill = train.make_config("tiny", FAST).distill
+    if teacher_trainable:            # a trap: a leak into the teacher would now leave a .grad
+        real.requires_grad_(True)
+    G = copy.deepcopy(real).train().requires_grad_(True)
+    fake = copy.deepcopy(real).train().requires_grad_(True)
+    head = gan.Head(cfg.model.width, cfg.distill.disc_width)
+    opts = {"G": torch.optim.AdamW(G.parameters(), lr=1e-3, weight_decay=0.0),
+            "fake": torch.optim.AdamW([*fake.parameters(), *head.parameters()], lr=1e-3,
+                                     weight_decay=0.0)}
+    x, ids, _ = train.make_batch(train.data.make_dataset(cfg.data, "train"), rep, tok, cfg, 0, "cpu", 2)
+    nets = {"G": G, "fake": fake, "real": real, "head": head}
+    block, dc = len(fake.net.blocks) // 2, cfg.distill
+    run = lambda step: train.presto_s_iteration(step, nets, opts, x, ids, torch.zeros_like(ids), dc,
+                                                cfg.edm, torch.Generator().manual_seed(step), block)
+    return nets, opts, dc, run
+
+
+def _params(*modules):
+    return [p for m in modules for p in m.parameters()]
+
+
+def _snapshot(*modules):
+    return [p.detach().clone() for p in _params(*modules)]
+
+
+def _same(snapshot, *modules):
+    return all(torch.equal(a, b) for a, b in zip(snapshot, _params(*modules)))
+
+
+def test_who_is_stepped_and_where_gradients_go(base_run, monkeypatch):
+    nets, opts, _, run = _tiny_nets(base_run, teacher_trainable=True)
+    G, fake, real, head = nets["G"], nets["fake"], nets["real"], nets["head"]
+    teacher0 = _snapshot(real)
+    seen = []
+    real_step = train.optimizer_step
+
+    def spy(loss, opt, grad_clip):
+        # right after backward (before the step clears them) look at which parameters got grads
+        loss.backward(retain_graph=True)
+        who = "G" if opt is opts["G"] else "fake"
+        has = {k: any(p.grad is not None for p in m.parameters()) for k, m in nets.items()}
+        seen.append((who, has, {k: m.training and all(p.requires_grad for p in m.parameters())
+                                for k, m in (("fake", fake), ("head", head))}))
+        for p in _params(*nets.values()):
+            p.grad = None
+        return real_step(loss, opt, grad_clip)
+    monkeypatch.setattr(train, "optimizer_step", spy)
+
+    # iteration 1 is a fake-score-only turn (gen_every = 5): G is not touched at all
+    G0, F0 = _snapshot(G), _snapshot(fake, head)
+    out = run(1)
+    assert [w for w, _, _ in seen] == ["fake"] and set(out) == {"L_fake", "L_D", "D_real", "D_fake"}
+    assert seen[0][1] == {"G": False, "fake": True, "head": True, "real": False}
+    assert _same(G0, G) and not _same(F0, fake, head)
+
+    # iteration 0 is a generator turn: the fake score + head step first, then G on DMD + GAN;
+    # the generator's loss leaves no gradient on the fake network, the head or the teacher
+    seen.clear()
+    G0 = _snapshot(G)
+    out = run(0)
+    assert [w for w, _, _ in seen] == ["fake", "G"]
+    assert seen[0][1] == {"G": False, "fake": True, "head": True, "real": False}
+    assert seen[1][1] == {"G": True, "fake": False, "head": False, "real": False}
+    assert seen[1][2] == {"fake": False, "head": False}      # frozen during the generator's turn
+    assert not _same(G0, G) and {"L_DMD", "L_G", "g_abs", "sigma_dmd"} <= out.keys()
+    assert all(p.requires_grad for p in _params(fake, head))   # unfrozen again afterwards
+    # the teacher: never a gradient, never a change (its params even had requires_grad here)
+    assert all(p.grad is None for p in real.parameters()) and _same(teacher0, real)
+
+
+def test_generator_gan_loss_reaches_G_through_the_fake_network(base_run, monkeypatch):
+    """With the DMD gradient zeroed, the generator moves only if the LSGAN loss, which sees x_hat
+    only through the fake network and the head, carries a gradient back into G; and the generator's
+    step must leave the fake network and the head exactly as the fake step left them."""
+    monkeypatch.setattr(dmd, "dmd_gradient", lambda x_hat, *a: torch.zeros_like(x_hat))
+    real_step, norms, after_fake = train.optimizer_step, [], []
+
+    def spy(loss, opt, grad_clip):
+        norm = real_step(loss, opt, grad_clip)
+        if opt is opts["fake"]:
+            after_fake.append(_snapshot(nets["fake"], nets["head"]))
+        else:
+            norms.append(norm.item())
+        return norm
+    monkeypatch.setattr(train, "optimizer_step", spy)
+    for nu1 in (0.0, 1.0):
+        nets, opts, dc, run = _tiny_nets(base_run)
+        dc.nu1 = nu1
+        G0 = _snapshot(nets["G"])
+        run(0)                                          # a generator turn
+        assert _same(after_fake[-1], nets["fake"], nets["head"])
+        assert all(p.grad is None for p in _params(nets["fake"], nets["head"], nets["G"]))
+        if nu1 == 0:
+            assert norms[-1] == 0 and _same(G0, nets["G"])
+        else:
+            assert norms[-1] > 0 and not _same(G0, nets["G"])
+
+
+# ----------------------------------------------------------------------------------------------
+# The stage end to end: base.pt -> presto_s.pt -> a few-step WAV; resume; the log
+
+def test_stage_writes_a_generator_checkpoint_and_a_log(presto_run, base_run):
+    path = os.path.join(presto_run, "presto_s.pt")
+    ckpt = torch.load(path, weights_only=False)
+    assert ckpt["stage"] == "presto-s" and ckpt["step"] == 6 and ckpt["done"]
+    assert {"G", "fake", "head", "opt_G", "opt_fake", "model", "vocab", "latent_stats"} <= ckpt.keys()
+    base = torch.load(os.path.join(base_run, "base.pt"), weights_only=False)
+    assert any(not torch.equal(ckpt["G"][k], base["ema"][k]) for k in ckpt["G"])   # G was trained
+    # load_checkpoint (what sample.py uses) returns the generator
+    _, _, _, _, G = train.load_checkpoint(path)
+    assert all(torch.equal(v, ckpt["G"][k]) for k, v in G.net.state_dict().items())
+    rows = [json.loads(l) for l in open(os.path.join(presto_run, "presto_s_log.jsonl"))]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]          # train.log_every = 1
+    for r in rows:
+        assert {"L_fake", "L_D", "D_real", "D_fake"} <= r.keys()
+        assert all(math.isfinite(r[k]) for k in ("L_fake", "L_D", "D_real", "D_fake"))
+    gen_rows = [r for r in rows if "L_DMD" in r]
+    assert [r["step"] for r in gen_rows] == [1, 6]                  # generator turns 0 and 5
+    for r in gen_rows:
+        assert "L_G" in r and r["g_abs_by_sigma"] and all(v >= 0 for v in r["g_abs_by_sigma"].values())
+
+
+def test_sample_cli_uses_the_few_step_sampler(presto_run, tmp_path, monkeypatch):
+    calls = []
+    real_few_step = dmd.few_step_sample
+    monkeypatch.setattr(sample, "generate", lambda *a, **k: pytest.fail("ODE sampler used"))
+    monkeypatch.setattr(dmd, "few_step_sample",            # record the generator's input levels
+                        lambda G_fn, sigmas, noise_fn: calls.append(len(sigmas))
+                        or real_few_step(G_fn, sigmas, noise_fn))
+    out = str(tmp_path / "few.wav")
+    sample.main(["--ckpt", os.path.join(presto_run, "presto_s.pt"), "--prompt",
+                 "a piano melody in d minor", "--steps", "2", "--out", out, "--gl-iters", "2"])
+    wave, sr = sf.read(out)
+    cfg = train.load_checkpoint(os.path.join(presto_run, "presto_s.pt"))[0]
+    assert calls == [2] and sr == cfg.data.sample_rate and abs(len(wave) - 0.5 * sr) <= cfg.data.hop
+    assert 0 < abs(wave).max() <= 1
+
+
+def test_presto_s_resume_continues_exactly(base_run, presto_run, tmp_path, monkeypatch):
+    broken = str(tmp_path / "broken")
+    os.makedirs(broken)
+    shutil.copy(os.path.join(base_run, "base.pt"), broken)
+    crash_after_first_checkpoint(monkeypatch, train.train_presto_s, train.make_config("tiny", FAST),
+                                 broken)
+    assert torch.load(os.path.join(broken, "presto_s.pt"), weights_only=False)["step"] == 3
+    train.main(["--stage", "presto-s", "--out", broken, "--resume"])
+    a = torch.load(os.path.join(presto_run, "presto_s.pt"), weights_only=False)   # straight run
+    b = torch.load(os.path.join(broken, "presto_s.pt"), weights_only=False)
+    assert b["step"] == 6 and b["done"]
+    for key in ("G", "fake", "head"):
+        assert a[key].keys() == b[key].keys()
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), (key, name)
+    for key in ("opt_G", "opt_fake"):
+        for i, st in a[key]["state"].items():
+            assert all(torch.equal(v, b[key]["state"][i][n]) for n, v in st.items()), (key, i)
+    logs = [[json.loads(l) for l in open(os.path.join(r, "presto_s_log.jsonl"))]
+            for r in (presto_run, broken)]
+    assert logs[0] == logs[1]          # each step once, with the same losses
+
+
+# ----------------------------------------------------------------------------------------------
+# A worked example in 2-D: a toy teacher distilled by the real iteration (train.presto_s_iteration)
+#
+# The data: a mixture of 4 Gaussians (std 0.1) on a circle of radius 0.7. A "clip" is a sequence
+# of POINTS independent 2-D points shaped (B, 2, POINTS), like a (B, C, T) spectrogram, so the DMD
+# normaliser mean|x_hat - D_real| averages over many numbers as it does for audio. Every network
+# is a pointwise MLP wrapped in edm.Denoiser, so preconditioning, noise levels, losses and the
+# optimiser steps are the project's own; only the network and the data are small.
+
+N_MODES, RADIUS, MODE_STD, POINTS = 4, 0.7, 0.1, 8
+CENTRES = RADIUS * torch.tensor([[math.cos(math.pi / 4 + 2 * math.pi * k / N_MODES),
+                                  math.sin(math.pi / 4 + 2 * math.pi * k / N_MODES)]
+                                 for k in range(N_MODES)])
+
+
+def mixture(n, g):
+    """n clips of POINTS points each drawn from the mixture: (n, 2, POINTS)."""
+    k = torch.randint(N_MODES, (n * POINTS,), generator=g)
+    pts = CENTRES[k] + MODE_STD * torch.randn(n * POINTS, 2, generator=g)
+    return pts.view(n, POINTS, 2).transpose(1, 2).contiguous()
+
+
+class PointMLP(nn.Module):
+    """F(x; c_noise) applied to every point of a clip on its own: a residual MLP over the point
+    and a sinusoidal embedding of c_noise. It has the hook the discriminator needs
+    (`return_hidden=block` -> (F, hidden state (B, POINTS, width)))."""
+
+    def __init__(self, width=128, depth=4):
+        super().__init__()
+        self.register_buffer("freqs", torch.exp(torch.linspace(0, math.log(100), 16)))
+        self.inp = nn.Linear(2 + 32, width)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width),
+                                                  nn.SiLU(), nn.Linear(width, width))
+                                    for _ in range(depth))
+        self.out = nn.Linear(width, 2)
+
+    def forward(self, x, c_noise, cond, return_hidden=None):
+        a = c_noise[:, None] * self.freqs
+        t = torch.cat([a.cos(), a.sin()], 1)[:, None].expand(-1, x.shape[2], -1)   # (B, T, 32)
+        h = self.inp(torch.cat([x.transpose(1, 2), t], 2))                          # (B, T, W)
+        hidden = None
+        for i, block in enumerate(self.blocks):
+            h = h + block(h)
+            if i == return_hidden:
+                hidden = h
+        out = self.out(h).transpose(1, 2)
+        return out if return_hidden is None else (out, hidden)
+
+
+def train_toy_teacher(g, steps=1000, clips=32):
+    """Ordinary EDM training (edm.edm_loss at sigma ~ p_train) with Adam and a linear decay."""
+    teacher = edm.Denoiser(PointMLP(), sigma_data=0.5)
+    opt = torch.optim.Adam(teacher.parameters(), lr=3e-3)
+    for i in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = 3e-3 * (1 - i / steps)
+        x = mixture(clips, g)
+        loss = edm.edm_loss(teacher, x, None, edm.sample_p_train(clips, TOY_EDM, g), g).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return teacher.eval().requires_grad_(False)
+
+
+def distil(teacher, dc, g, iters):
+    """train_presto_s in miniature: G and mu_fake start as copies of the teacher, the head reads
+    the middle block of mu_fake; every iteration is train.presto_s_iteration on a fresh batch."""
+    G = copy.deepcopy(teacher).train().requires_grad_(True)
+    fake = copy.deepcopy(teacher).train().requires_grad_(True)
+    head = gan.Head(128, width=32)
+    opts = {"G": torch.optim.Adam(G.parameters(), lr=dc.lr_gen, betas=(0.9, 0.99)),
+            "fake": torch.optim.Adam([*fake.parameters(), *head.parameters()], lr=dc.lr_fake,
+                                     betas=(0.9, 0.99))}
+    nets = {"G": G, "fake": fake, "real": teacher, "head": head}
+    for step in range(iters):
+        train.presto_s_iteration(step, nets, opts, mixture(dc.batch_size, g), None, None, dc,
+                                 TOY_EDM, g, block=2)
+    return G.eval()
+
+
+def few_step(G, steps, clips=256):
+    """Samples of the N-step stochastic sampler (dmd.few_step_sample), as points (clips*POINTS, 2)."""
+    gen = torch.Generator().manual_seed(123)
+    x = dmd.few_step_sample(lambda x, s: G(x, s, None), dmd.few_step_sigmas(steps, TOY_EDM),
+                            lambda i: torch.randn(clips, 2, POINTS, generator=gen))
+    return x.transpose(1, 2).reshape(-1, 2)
+
+
+def mmd(a, b, bandwidth=0.1):
+    """Squared MMD with an RBF kernel (biased estimate): 0 when the two samples coincide."""
+    k = lambda u, v: torch.exp(-torch.cdist(u, v) ** 2 / (2 * bandwidth ** 2))
+    return (k(a, a).mean() + k(b, b).mean() - 2 * k(a, b).mean()).item()
+
+
+def mode_stats(points):
+    """(fraction of points within 3 std of a mode, share of points nearest each mode)."""
+    dist = torch.cdist(points, CENTRES)
+    d_min, nearest = dist.min(1)
+    shares = torch.bincount(nearest, minlength=N_MODES).float() / len(points)
+    return (d_min < 3 * MODE_STD).float().mean().item(), shares
+
+
+TOY_EDM = edm.EDMConfig()          # sigma_data 0.5, p_train log-normal(-1.2, 1.2), sigma_max 80
+
+
+def test_toy_mixture_distils_into_a_one_step_generator():
+    """The whole of Presto-S on a problem small enough to check by eye, ~20 s on one core.
+
+    1. Train a teacher on the 4-mode mixture with the ordinary EDM loss. Sampled with 32 Heun
+       steps it reproduces the mixture; asked for one step (x_hat = D(sigma_max * eps)) it can only
+       return the posterior mean, a blur around the origin far from every mode.
+    2. Distil: G and mu_fake start as copies of the teacher; train.presto_s_iteration runs the
+       fake-score + discriminator step every iteration and the DMD + LSGAN generator step every
+       5th. Generator inputs come from the 1-step grid (gen_sigmas="discrete", grid_steps=1: G
+       always sees sigma_max, the DMD2 recipe); no CFG (cfg_w=1, the toy is unconditional).
+    3. Check the 1-step samples: most points land near a mode, every mode keeps a fair share
+       (DMD alone is mode-seeking), and the MMD to the data falls well below the undistilled one.
+
+    What the toy also showed (the numbers are in the report of the change that added this test):
+    with Presto's *continuous* generator inputs (p_gen = inf) the result at a given step count is
+    not robust across seeds: mu_fake and the discriminator only see G's outputs pooled over all
+    sigma_gen, so a mode over-produced at one input level can be balanced by the same mode
+    under-produced at another, and nothing pushes back. Seeds where 1 step lost a mode while 2 and
+    4 steps were fine, and the reverse, both occurred; so did a 4-step discrete grid. Only the
+    1-step grid, where pooling is over a single level, passed on every seed tried.
+    """
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)                                        # network inits
+    teacher = train_toy_teacher(g)
+    data = mixture(256, torch.Generator().manual_seed(99)).transpose(1, 2).reshape(-1, 2)
+
+    sig = edm.karras_schedule(32, TOY_EDM)
+    z = torch.randn(256, 2, POINTS, generator=torch.Generator().manual_seed(1))
+    heun = edm.heun(lambda x, s: teacher(x, s, None), z * sig[0], sig).transpose(1, 2).reshape(-1, 2)
+    near, shares = mode_stats(heun)
+    assert near > 0.85 and shares.min() > 0.18 and mmd(heun, data) < 0.02    # the teacher is good
+
+    mmd_before = mmd(few_step(teacher, 1), data)              # undistilled G = teacher, 1 step
+    assert mode_stats(few_step(teacher, 1))[0] < 0.4
+
+    dc = dmd.DistillConfig(gen_sigmas="discrete", grid_steps=1, cfg_w=1.0, nu1=0.1, nu2=1e-2,
+                           gen_every=5, lr_gen=1e-3, lr_fake=1e-3, batch_size=32)
+    G = distil(teacher, dc, g, iters=1000)
+
+    near, shares = mode_stats(few_step(G, 1))
+    after = mmd(few_step(G, 1), data)
+    assert near > 0.7, near
+    assert shares.min() > 0.5 / N_MODES, shares                 # every mode >= half its share
+    assert after < 0.5 * mmd_before and after < 0.07, (after, mmd_before)
