@@ -337,7 +337,7 @@ def test_toy_mixture_distils_into_a_one_step_generator():
     3. Check the 1-step samples: most points land near a mode, every mode keeps a fair share
        (DMD alone is mode-seeking), and the MMD to the data falls well below the undistilled one.
 
-    What the toy also showed (the numbers are in the report of the change that added this test):
+    What the toy also showed (numbers in README.md, 'Findings'):
     with Presto's *continuous* generator inputs (p_gen = inf) the result at a given step count is
     not robust across seeds: mu_fake and the discriminator only see G's outputs pooled over all
     sigma_gen, so a mode over-produced at one input level can be balanced by the same mode
