@@ -33,6 +33,7 @@ class DiTConfig:
     mlp_ratio: float = 4.0
     text_width: int = 128      # the text encoder's width
     text_depth: int = 2        # the text encoder's transformer layers
+    text_heads: int = 4        # the text encoder's attention heads (text_width must divide by it)
     in_channels: int = 0       # latent channels C; filled in from data.Representation
     vocab_size: int = 0        # filled in from data.Tokenizer
     max_text_len: int = 32     # caption tokens (data.DataConfig.max_text_len)
@@ -187,7 +188,8 @@ class DiT(nn.Module):
         W, C, p = cfg.width, cfg.in_channels, cfg.patch
         self.x_embed = nn.Linear(C * p, W)
         self.t_embed = NoiseEmbedder(W)
-        self.text = TextEncoder(cfg.vocab_size, cfg.text_width, cfg.text_depth, 4, cfg.max_text_len)
+        self.text = TextEncoder(cfg.vocab_size, cfg.text_width, cfg.text_depth, cfg.text_heads,
+                                cfg.max_text_len)
         self.pooled_proj = nn.Linear(cfg.text_width, W)
         self.budget_emb = nn.Embedding(cfg.depth + 1, W)   # index = number of blocks run
         self.blocks = nn.ModuleList(Block(W, cfg.heads, cfg.mlp_ratio, cfg.text_width)

@@ -85,10 +85,10 @@ def dmd_gradient(x_hat, real_fn, fake_fn, sigma, eps):
     The per-sample normaliser is DMD's: it makes the step size independent of how far the sample
     is from the teacher's denoised estimate. Both scores are evaluated on the same noised sample.
     """
-    x_t = x_hat + edm._bcast(sigma, x_hat) * eps
+    x_t = x_hat + edm.bcast(sigma, x_hat) * eps
     D_real, D_fake = real_fn(x_t, sigma), fake_fn(x_t, sigma)
     norm = (x_hat - D_real).abs().flatten(1).mean(1)                       # (B,)
-    g = (D_fake - D_real) / edm._bcast(norm, x_hat)
+    g = (D_fake - D_real) / edm.bcast(norm, x_hat)
     return torch.nan_to_num(g)
 
 

@@ -47,7 +47,7 @@ def loss_weight(sigma, sigma_data=0.5):
     return (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
 
 
-def _bcast(v, x):
+def bcast(v, x):
     """Reshape a per-sample (B,) tensor to broadcast against x of shape (B, ...)."""
     return v.reshape(-1, *([1] * (x.ndim - 1)))
 
@@ -75,9 +75,9 @@ class Denoiser(nn.Module):
         x = x.float()
         sigma = sigma.float().expand(x.shape[0]) if sigma.ndim == 0 else sigma.float()
         c_skip, c_out, c_in, c_noise = precond(sigma, self.sigma_data)
-        out = self.net(_bcast(c_in, x) * x, c_noise, cond, **kw)
+        out = self.net(bcast(c_in, x) * x, c_noise, cond, **kw)
         F_x, extra = out if isinstance(out, tuple) else (out, None)
-        D = _bcast(c_skip, x) * x + _bcast(c_out, x) * F_x.float()
+        D = bcast(c_skip, x) * x + bcast(c_out, x) * F_x.float()
         return D if extra is None else (D, extra)
 
 
@@ -123,8 +123,8 @@ def db_snr_to_sigma(db, sigma_data=0.5):
 def edm_loss(denoiser, x, cond, sigma, generator=None):
     """Denoising score matching, EDM-weighted, mean over elements. Returns per-sample losses (B,)."""
     eps = torch.randn(x.shape, generator=generator, device=x.device)
-    D = denoiser(x + _bcast(sigma, x) * eps, sigma, cond)
-    per_elem = _bcast(loss_weight(sigma, denoiser.sigma_data), x) * (D - x) ** 2
+    D = denoiser(x + bcast(sigma, x) * eps, sigma, cond)
+    per_elem = bcast(loss_weight(sigma, denoiser.sigma_data), x) * (D - x) ** 2
     return per_elem.flatten(1).mean(1)
 
 

@@ -41,7 +41,7 @@ def features(mu_fake, x, sigma, cond, block):
 
 def noised_pair(x_real, x_fake, sigma, eps):
     """Noise real and generated latents to the same sigma with the same eps."""
-    s = edm._bcast(sigma, x_real)
+    s = edm.bcast(sigma, x_real)
     return x_real + s * eps, x_fake + s * eps
 
 

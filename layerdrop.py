@@ -152,8 +152,8 @@ def scheduled(denoiser, cfg, edm_cfg, budget=None):
 def dsm_loss(student, x, cond, sigma, budgets, method, generator=None, budget_cond=True):
     """ASE's training loss: ordinary denoising score matching on the layer-dropped network."""
     eps = torch.randn(x.shape, generator=generator, device=x.device)
-    D = forward(student, x + edm._bcast(sigma, x) * eps, sigma, cond, budgets, method, budget_cond)
-    w = edm._bcast(edm.loss_weight(sigma, student.sigma_data), x)
+    D = forward(student, x + edm.bcast(sigma, x) * eps, sigma, cond, budgets, method, budget_cond)
+    w = edm.bcast(edm.loss_weight(sigma, student.sigma_data), x)
     return (w * (D - x) ** 2).flatten(1).mean(1)
 
 
@@ -167,11 +167,11 @@ def self_teacher_loss(student, teacher, x, cond_student, cond_teacher, sigma, bu
     student's forward pass.
     """
     eps = torch.randn(x.shape, generator=generator, device=x.device)
-    x_noisy = x + edm._bcast(sigma, x) * eps
+    x_noisy = x + edm.bcast(sigma, x) * eps
     with torch.no_grad():
         D_teacher = teacher(x_noisy, sigma, cond_teacher)
     D = forward(student, x_noisy, sigma, cond_student, budgets, method, budget_cond)
-    w = edm._bcast(edm.loss_weight(sigma, student.sigma_data), x)
+    w = edm.bcast(edm.loss_weight(sigma, student.sigma_data), x)
     loss = (w * (D - D_teacher) ** 2).flatten(1).mean(1)
     if dsm_weight:
         loss = loss + dsm_weight * (w * (D - x) ** 2).flatten(1).mean(1)

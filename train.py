@@ -561,7 +561,7 @@ def presto_s_iteration(step, nets, opts, x_real, raw, raw_null, dc, edm_cfg, g, 
     # 1. generator input: a real latent noised to sigma_gen (continuous p_inf by default)
     sigma_gen = dmd.generator_sigmas(B, dc, edm_cfg, g, dev)
     with autocast, torch.set_grad_enabled(gen_turn):
-        x_hat = (G if gen_fn is None else gen_fn)(x_real + edm._bcast(sigma_gen, x_real) * noise(),
+        x_hat = (G if gen_fn is None else gen_fn)(x_real + edm.bcast(sigma_gen, x_real) * noise(),
                                                   sigma_gen, G.encode(raw))
     # 2. fake score + discriminator, every iteration, on the detached generator sample
     x_d = x_hat.detach()
@@ -590,7 +590,7 @@ def presto_s_iteration(step, nets, opts, x_real, raw, raw_null, dc, edm_cfg, g, 
                                     s_dmd, noise())
             L_DMD = dmd.dmd_loss(x_hat, grad)
             s = sigma_of(dc.p_gan)
-            x_s = x_hat + edm._bcast(s, x_hat) * noise()
+            x_s = x_hat + edm.bcast(s, x_hat) * noise()
             L_G = gan.g_loss(head(gan.features(fake, x_s, s, cond, block)))
         optimizer_step(L_DMD + dc.nu1 * L_G, opts["G"], grad_clip)
         fake.requires_grad_(True)

@@ -12,7 +12,7 @@ CFG = edm.EDMConfig()
 
 def gaussian_D(mean, s):
     """Posterior-mean denoiser of N(mean, s^2) data: mean + s^2 / (s^2 + sigma^2) (x - mean)."""
-    return lambda x, sigma: mean + (s ** 2 / (s ** 2 + edm._bcast(sigma, x) ** 2)) * (x - mean)
+    return lambda x, sigma: mean + (s ** 2 / (s ** 2 + edm.bcast(sigma, x) ** 2)) * (x - mean)
 
 
 def test_dmd_gradient_points_from_fake_toward_real():
