@@ -72,10 +72,13 @@ def sincos(x, dim, max_freq=1000.0):
     return torch.cat([ang.cos(), ang.sin()], dim=-1)
 
 
+NOISE_FREQS = 256  # sin-cos features of c_noise fed to the noise embedding MLP
+
+
 class NoiseEmbedder(nn.Module):
     """c_noise = ln(sigma)/4 (about -1.6..1.1) -> sin-cos features -> MLP -> (B, W)."""
 
-    def __init__(self, width, n_freq=256):
+    def __init__(self, width, n_freq=NOISE_FREQS):
         super().__init__()
         self.n_freq = n_freq
         self.mlp = nn.Sequential(nn.Linear(n_freq, width), nn.SiLU(), nn.Linear(width, width))
@@ -258,7 +261,9 @@ class DiT(nn.Module):
                 if i == return_hidden:
                     hidden = h
         else:                                        # per-sample: masked identity updates
-            needed = block_mask.any(0).tolist()      # one sync per forward, no loop over samples
+            # skip blocks no sample needs on CPU; on a GPU run them all (asking would be a sync)
+            needed = (block_mask.any(0).tolist() if block_mask.device.type == "cpu"
+                      else [True] * len(self.blocks))
             for i, blk in enumerate(self.blocks):
                 if needed[i]:
                     h_next = blk(h, c, cond["tokens"], cond["mask"])
@@ -276,3 +281,53 @@ class DiT(nn.Module):
 
 def n_params(model):
     return sum(p.numel() for p in model.parameters())
+
+
+def flops_per_sample(cfg, n_frames, text_len, blocks=None, text_encoder=True):
+    """Analytic forward-pass FLOPs of one sample (batch 1) through the DiT and its text encoder.
+
+    Counts every matrix product as 2*m*n*k FLOPs (a multiply and an add), and nothing else: norms,
+    activations, softmax, the residual adds and the embedding look-ups are left out, as
+    torch.utils.flop_counter.FlopCounterMode leaves them out, so the two can be compared. Attention
+    is dense: padded caption tokens cost as much as real ones (the mask only zeroes their weights).
+
+    cfg: a DiTConfig with in_channels and vocab_size filled in (width / depth / heads are
+    resolved here). n_frames: latent frames T (padded up to a multiple of the patch, as forward
+    does). text_len: caption token ids per sample (tokenizer padding length, max_text_len); the
+    text encoder adds its register token, so cross-attention sees text_len + 1 keys.
+    blocks: how many of the depth's blocks run (layer dropping); default all. Which blocks run
+    does not matter, they all cost the same.
+    text_encoder: False leaves out the text encoder and pooled projection, which a sampler runs
+    once per clip (encode_text) rather than once per network call.
+
+    Training FLOPs are about 3x this (the backward pass costs two forwards).
+    """
+    cfg = resolve(cfg)
+    W, C, p, depth = cfg.width, cfg.in_channels, cfg.patch, cfg.depth
+    blocks = depth if blocks is None else int(blocks)
+    if not 0 <= blocks <= depth:
+        raise ValueError(f"blocks={blocks} outside 0..{depth}")
+    N = -(-int(n_frames) // p)                 # tokens, after padding T up to a multiple of p
+    L = int(text_len) + 1                      # caption tokens plus the register token
+    Wt, H = cfg.text_width, int(W * cfg.mlp_ratio)
+    mm = lambda m, k, n: 2 * m * k * n         # (m, k) @ (k, n)
+
+    text = 0
+    if text_encoder:
+        per_layer = (mm(L, Wt, 3 * Wt)          # q, k, v projections (one packed in_proj)
+                     + 2 * mm(L, Wt, L)         # scores Q K^T and weights @ V, all heads together
+                     + mm(L, Wt, Wt)            # output projection
+                     + mm(L, Wt, 4 * Wt) + mm(L, 4 * Wt, Wt))  # feed-forward, 4x wide
+        text = cfg.text_depth * per_layer + mm(1, Wt, W)       # + pooled_proj of the pooled caption
+    embed = (mm(N, C * p, W)                   # patch embedding x_embed
+             + mm(1, NOISE_FREQS, W) + mm(1, W, W))  # noise embedding MLP
+    block = (mm(1, W, 6 * W)                   # adaLN modulation of c (per sample, not per token)
+             + mm(N, W, W) + mm(N, W, 2 * W)   # self-attention q and packed k, v
+             + 2 * mm(N, W, N)                 # self-attention scores and weighted values
+             + mm(N, W, W)                     # self-attention output projection
+             + mm(N, W, W) + mm(L, Wt, 2 * W)  # cross-attention q, and k, v of the text tokens
+             + 2 * mm(N, W, L)                 # cross-attention scores and weighted values
+             + mm(N, W, W)                     # cross-attention output projection
+             + mm(N, W, H) + mm(N, H, W))      # MLP
+    final = mm(1, W, 2 * W) + mm(N, W, C * p)  # final adaLN (shift, scale) and output Linear
+    return int(text + embed + blocks * block + final)

@@ -70,7 +70,7 @@ def generator_sigmas(n, cfg, edm_cfg, generator=None, device="cpu"):
         return sample_sigma(cfg.p_gen, n, edm_cfg, generator, device)
     if cfg.gen_sigmas == "discrete":
         grid = few_step_sigmas(cfg.grid_steps, edm_cfg, device)
-        return grid[torch.randint(len(grid), (n,), generator=generator, device=device)]
+        return grid[edm.randint(0, len(grid), n, generator, device)]
     raise ValueError(f"unknown gen_sigmas {cfg.gen_sigmas!r}; use 'continuous' or 'discrete'")
 
 

@@ -82,11 +82,57 @@ class Denoiser(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
+# Random draws. Every draw of the project goes through randn / rand / randint below, which take a
+# torch.Generator, or a BatchRNG: one training step's generator shared by data-parallel processes.
+
+class BatchRNG:
+    """The random numbers of one training step, split over processes the way its clips are.
+
+    Every process seeds `generator` alike, draws each tensor for the whole global batch of
+    `batch` rows, and keeps only `rows` (its micro-batch). So sample j of a step gets the same
+    sigma and noise whether the step runs on one process or on eight with gradient accumulation;
+    that is what lets a multi-process run reproduce a single-process one (tests/test_distributed.py).
+    The price is drawing batch/len(rows) times more numbers than used: small next to the network.
+    """
+
+    def __init__(self, generator, rows, batch):
+        self.generator, self.rows, self.batch = generator, rows, batch
+
+    def draw(self, fn, shape, device, *args):
+        """fn(*args, (batch, *shape[1:])) from the shared generator, cut to this process's rows."""
+        if shape[0] != self.rows.stop - self.rows.start:
+            raise ValueError(f"a draw of {shape[0]} rows from a BatchRNG holding rows {self.rows}")
+        return fn(*args, (self.batch, *shape[1:]), generator=self.generator, device=device)[self.rows]
+
+
+def randn(shape, generator=None, device="cpu"):
+    """Standard normal draws of `shape` (torch.randn, or this process's rows of a BatchRNG)."""
+    return _draw(torch.randn, shape, generator, device)
+
+
+def rand(shape, generator=None, device="cpu"):
+    """Uniform [0, 1) draws of `shape` (torch.rand, or this process's rows of a BatchRNG)."""
+    return _draw(torch.rand, shape, generator, device)
+
+
+def randint(low, high, shape, generator=None, device="cpu"):
+    """Integers in [low, high) of `shape` (torch.randint, or this process's rows of a BatchRNG)."""
+    return _draw(torch.randint, shape, generator, device, low, high)
+
+
+def _draw(fn, shape, generator, device, *args):
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    if isinstance(generator, BatchRNG):
+        return generator.draw(fn, shape, device, *args)
+    return fn(*args, shape, generator=generator, device=device)
+
+
+# ----------------------------------------------------------------------------------------------
 # Noise distributions: p_train (log-normal) and p_inf (the Karras schedule, drawn continuously)
 
 def sample_p_train(n, cfg, generator=None, device="cpu"):
     """sigma ~ p_train: ln(sigma) ~ N(P_mean, P_std^2). Shape (n,)."""
-    z = torch.randn(n, generator=generator, device=device)
+    z = randn(n, generator, device)
     return (cfg.P_mean + cfg.P_std * z).exp()
 
 
@@ -98,7 +144,7 @@ def karras_sigma(u, cfg):
 
 def sample_p_inf(n, cfg, generator=None, device="cpu"):
     """sigma ~ p_inf: the inference schedule drawn continuously, u ~ U(0, 1). Shape (n,)."""
-    return karras_sigma(torch.rand(n, generator=generator, device=device), cfg)
+    return karras_sigma(rand(n, generator, device), cfg)
 
 
 def karras_schedule(steps, cfg, device="cpu"):
@@ -120,9 +166,10 @@ def db_snr_to_sigma(db, sigma_data=0.5):
     return sigma_data * 10 ** (-torch.as_tensor(db) / 20)
 
 
-def edm_loss(denoiser, x, cond, sigma, generator=None):
-    """Denoising score matching, EDM-weighted, mean over elements. Returns per-sample losses (B,)."""
-    eps = torch.randn(x.shape, generator=generator, device=x.device)
+def edm_loss(denoiser, x, cond, sigma, generator=None, eps=None):
+    """Denoising score matching, EDM-weighted, mean over elements. Returns per-sample losses (B,).
+    eps: the noise, if the caller drew it already (default: drawn here from `generator`)."""
+    eps = randn(x.shape, generator, x.device) if eps is None else eps
     D = denoiser(x + bcast(sigma, x) * eps, sigma, cond)
     per_elem = bcast(loss_weight(sigma, denoiser.sigma_data), x) * (D - x) ** 2
     return per_elem.flatten(1).mean(1)

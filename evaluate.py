@@ -3,6 +3,8 @@
     python train.py --stage clap --preset cpu --out runs/cpu      # the evaluation embedder, once
     python evaluate.py --run runs/cpu [--n 64] [--seeds 4]         # -> runs/cpu/results.{md,json}
     python evaluate.py --run runs/cpu --variance                   # -> runs/cpu/variance.{md,json}
+    python evaluate.py --latency-only --preset paper [--rows presto-s presto-ls] [--compile]
+                                                   # random weights -> runs/latency_paper/latency.{md,json}
 
 Pretrained CLAP / VGGish weights cannot be downloaded here, so the project trains its own embedder:
 a miniature CLAP (contrastive audio-text model) on the training split, frozen afterwards. Every
@@ -11,8 +13,11 @@ metric below only sees embeddings, so a user with real CLAP passes their own `em
 Read first: the metric functions (`frechet_distance`, `mmd`, ...; pure functions on arrays), then
 `ClapModel` (what the numbers are measured with), then `evaluate_run` (what is compared with what).
 `variance_report` is PAPER.md section 3's figure analogue: why Presto-L keeps the final block.
+`latency_section` times the samplers at a preset's full output size with random weights, so the
+speed of the paper's setting can be measured without training it.
 """
 import argparse
+import functools
 import json
 import math
 import os
@@ -328,7 +333,7 @@ def median_time(fn, device, repeats, warmup=1):
 
 def machine(device):
     return dict(platform=platform.platform(), processor=platform.processor() or platform.machine(),
-                torch=torch.__version__, threads=torch.get_num_threads(),
+                cpus=os.cpu_count(), torch=torch.__version__, threads=torch.get_num_threads(),
                 device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
 
 
@@ -576,10 +581,172 @@ def write_variance(opts, device):
     print(f"wrote {os.path.join(opts.run, 'variance.md')} and variance.json")
 
 
+# ----------------------------------------------------------------------------------------------
+# Latency only: random weights at a preset's output size (no run folder, no trained weights)
+
+LATENCY_ROWS = ("base", "presto-s", "presto-ls")
+LATENCY_PROMPT = "an upbeat plucked arpeggio in D minor at 140 bpm with drums"
+
+
+def random_model(cfg, device):
+    """(rep, tok, denoiser in eval mode) for a config, untrained and without touching any data.
+
+    train.build would fit the latent statistics on synthesised clips (minutes of 44.1 kHz audio
+    at the paper's size); speed does not depend on them, so they are set to mean 0 / std 1. The
+    vocabulary is the synthetic set's. The weights are dit.py's initialisation: adaLN-Zero and the
+    output layer start at zero, but their matrix products are computed all the same, so the
+    timing is that of a trained model of the same shape.
+    """
+    import train
+    C = data.Representation(cfg.data, cfg.edm.sigma_data).latent_channels
+    stats = {"mean": torch.zeros(C, device="cpu"), "std": torch.ones(C, device="cpu"),
+             "sigma_data": cfg.edm.sigma_data, **{k: getattr(cfg.data, k) for k in data.Representation.KEYS}}
+    rep, tok, den = train.build(cfg, stats, data.Tokenizer.for_synth().state_dict())
+    return rep, tok, den.to(device).eval().requires_grad_(False)
+
+
+def count_calls(net, fn):
+    """Run fn() once with hooks on the DiT and return (its result, the batch size of each network
+    call, the number of blocks each call ran, the batch size of each text encoding). A CFG call is
+    one call of batch 2. Hooks go on an eager model (before any torch.compile)."""
+    calls, blocks, texts = [], [], []
+    hooks = [net.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0])),
+             net.text.register_forward_pre_hook(lambda m, args: texts.append(args[0].shape[0]))]
+    hooks += [blk.register_forward_pre_hook(lambda m, args: blocks.append(len(calls)))
+              for blk in net.blocks]                  # tagged with the number of the running call
+    try:
+        out = fn()
+    finally:
+        for h in hooks:
+            h.remove()
+    return out, calls, [blocks.count(i + 1) for i in range(len(calls))], texts
+
+
+def latency_section(cfg, rows, opts, device):
+    """Batch-1 latency of the requested rows for one config (one channel count), random weights.
+
+    base: the teacher's default sampler (Heun, opts.steps, CFG opts.cfg: each call is a batch of
+    2); presto-s: the few-step generator at opts.ls_steps steps, no CFG; presto-ls: the same with
+    Presto-L's budget schedule (layerdrop.scheduled, method presto-l). Each row samples through
+    sample.sampling_fn, the code path of sample.py and of the full evaluation. Generation,
+    Griffin-Lim decode and the two together are timed separately: the median of opts.repeats
+    after a warm-up (the counting pass; with --compile two more calls, which compile and, on
+    CUDA, record the graphs), CUDA synchronised.
+    """
+    import sample
+    rep, tok, den = random_model(cfg, device)
+    net, seconds, depth = den.net, cfg.data.seconds, cfg.model.depth
+    print(f"  DiT-{cfg.model.size}: {dit.n_params(net) / 1e6:.1f}M parameters on {device}", flush=True)
+    T = int(round(seconds * cfg.data.sample_rate / cfg.data.hop))      # as sample.generate
+    per_call = lambda b: dit.flops_per_sample(cfg.model, T, cfg.data.max_text_len, b, text_encoder=False)
+    text_flops = dit.flops_per_sample(cfg.model, T, cfg.data.max_text_len) - per_call(None)
+    ways = {"base": (f"base Heun {opts.steps}-step, CFG {opts.cfg:g}", cfg, "base", "heun", opts.steps,
+                     opts.cfg),
+            "presto-s": (f"Presto-S {opts.ls_steps}-step", cfg, "presto-s", None, opts.ls_steps, None),
+            "presto-ls": (f"Presto-LS {opts.ls_steps}-step",
+                          replace(cfg, layerdrop=replace(cfg.layerdrop, method="presto-l")),
+                          "presto-ls", None, opts.ls_steps, None)}
+    planned = []                      # (row, generate one clip, its latent)
+    for key in rows:                  # count calls and blocks on the eager model first
+        name, row_cfg, stage, sampler, steps, cfg_w = ways[key]
+        gen, expected_blocks = sample.sampling_fn(den, tok, row_cfg, stage, steps, sampler, cfg_w)
+        one = functools.partial(gen, [LATENCY_PROMPT], [0], seconds)
+        latent, sizes, ran, texts = count_calls(net, one)
+        flops = sum(texts) * text_flops + sum(b * per_call(k) for b, k in zip(sizes, ran))
+        row = dict(key=key, name=name, sampler=sampler or "few-step", steps=steps, cfg=cfg_w,
+                   network_calls=len(sizes), call_batch=max(sizes), blocks=sum(ran) / (len(ran) * depth),
+                   expected_blocks=expected_blocks, gflop_per_clip=flops / 1e9)
+        planned.append((row, one, latent))
+    if opts.compile:
+        sample.compile_network(den, device)
+    results = []
+    for row, one, latent in planned:
+        if opts.compile:
+            torch._dynamo.reset()     # each row compiles for its own shapes, as a deployment would
+        t_gen = median_time(one, device, opts.repeats, warmup=2 if opts.compile else 0)
+        t_dec = median_time(lambda: rep.decode(latent), device, opts.repeats)
+        t_e2e = median_time(lambda: rep.decode(one()), device, opts.repeats, warmup=0)
+        row.update(generation_s=t_gen, decode_s=t_dec, end_to_end_s=t_e2e, rtf=seconds / t_e2e)
+        results.append(row)
+        print(f"  {row['name']}: {row['network_calls']} calls, generation {t_gen:.3f} s, "
+              f"decode {t_dec:.3f} s, end to end {t_e2e:.3f} s", flush=True)
+    ref = next((r for r in results if r["key"] == "base"), None)
+    for r in results:
+        r["gen_speedup"] = ref["generation_s"] / r["generation_s"] if ref else None
+        r["speedup"] = ref["end_to_end_s"] / r["end_to_end_s"] if ref else None
+    return dict(channels=cfg.data.channels, params=dit.n_params(net), latent_channels=rep.latent_channels,
+                frames=T, tokens=-(-T // cfg.model.patch), seconds=seconds,
+                sample_rate=cfg.data.sample_rate, model=asdict(cfg.model), rows=results)
+
+
+def latency_report(opts, device):
+    """Every requested channel count of opts.preset (+ opts.sets): {settings, sections}."""
+    import train
+    sets = train.parse_sets(opts.sets)
+    rows = opts.rows
+    sections = {}
+    for ch in opts.channels:
+        cfg = train.make_config(opts.preset, {**sets, "data.channels": str(ch)})
+        label = {1: "mono", 2: "stereo"}.get(ch, f"{ch} channels")
+        print(f"{label}: building a random-weight DiT-{cfg.model.size} for {cfg.data.seconds:g} s "
+              f"of {cfg.data.sample_rate} Hz audio", flush=True)
+        sections[label] = latency_section(cfg, rows, opts, device)
+    settings = dict(preset=opts.preset, sets=sets, rows=rows, steps=opts.steps, cfg=opts.cfg,
+                    presto_steps=opts.ls_steps, repeats=opts.repeats, compile=opts.compile,
+                    compile_mode=("reduce-overhead" if device.type == "cuda" else "default")
+                    if opts.compile else None, batch=1, prompt=LATENCY_PROMPT,
+                    weights="random (dit.py initialisation); latent statistics mean 0 / std 1",
+                    machine=machine(device))
+    return dict(settings=settings, sections=sections)
+
+
+def latency_markdown(res):
+    s = res["settings"]
+    m = s["machine"]
+    compiled = f", torch.compile (mode {s['compile_mode']})" if s["compile"] else ", eager"
+    lines = [f"# Latency: preset {s['preset']}, random weights", "",
+             f"Device {m['device']} ({m['processor']}, {m['platform']}), torch {m['torch']}, "
+             f"CPU threads {m['threads']} of {m['cpus']}{compiled}. "
+             f"Batch 1, median of {s['repeats']} repeats after warm-up. Overrides: "
+             f"{' '.join(f'{k}={v}' for k, v in s['sets'].items()) or 'none'}."]
+    for label, sec in res["sections"].items():
+        md = sec["model"]
+        lines += ["", f"## {label}: DiT-{md['size']} ({md['width']} wide, {md['depth']} blocks), "
+                  f"{sec['params'] / 1e6:.1f}M parameters; {sec['seconds']:g} s of {sec['sample_rate']} Hz "
+                  f"= latent {sec['latent_channels']} x {sec['frames']}, {sec['tokens']} tokens", "",
+                  "| row | network calls | blocks run per clip | GFLOP per clip | generation s | decode s "
+                  "| end-to-end s | RTF | speed-up (generation) | speed-up (end-to-end) |", "|" + "---|" * 10]
+        for r in sec["rows"]:
+            calls = f"{r['network_calls']}" + (f" (batch {r['call_batch']})" if r["call_batch"] > 1 else "")
+            lines.append(f"| {r['name']} | {calls} | {r['blocks']:.2f} | {r['gflop_per_clip']:.4g} "
+                         f"| {r['generation_s']:.3f} | {r['decode_s']:.3f} | {r['end_to_end_s']:.3f} "
+                         f"| {r['rtf']:.2f} | {_fmt(r['gen_speedup'], '.1f')} | {_fmt(r['speedup'], '.1f')} |")
+    lines += ["", "Network calls count DiT forwards (CFG runs the conditional and the null caption as "
+              "one call of batch 2). Blocks: the fraction of the DiT's blocks a clip runs over its "
+              "calls. GFLOP: matrix products of the DiT and text encoder (dit.flops_per_sample; "
+              "Griffin-Lim not included). RTF = audio seconds / end-to-end seconds. Speed-ups = "
+              "base time / row time within one section (- where the base row was not run).",
+              "", "## Settings", "", "```", json.dumps(s, indent=2), "```", ""]
+    return "\n".join(lines)
+
+
+def write_latency(opts, device):
+    out = opts.out or os.path.join("runs", f"latency_{opts.preset}")
+    res = latency_report(opts, device)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "latency.json"), "w") as f:
+        json.dump(res, f, indent=2)
+    with open(os.path.join(out, "latency.md"), "w") as f:
+        f.write(latency_markdown(res))
+    print(latency_markdown(res))
+    print(f"wrote {os.path.join(out, 'latency.md')} and latency.json")
+    return res
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Evaluate every checkpoint of a run folder (PAPER.md section 5).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--run", required=True, help="run folder written by train.py")
+    p.add_argument("--run", default=None, help="run folder written by train.py (required unless --latency-only)")
     p.add_argument("--n", type=int, default=64, help="clips per row (test-split captions and references)")
     p.add_argument("--seeds", type=int, default=4, help="seeds per prompt for diversity")
     p.add_argument("--prompts", type=int, default=4, help="prompts for diversity")
@@ -587,7 +754,8 @@ def main(argv=None):
     p.add_argument("--dpm-steps", type=int, default=16, help="base DPM-Solver++(2M) steps")
     p.add_argument("--few-steps", type=int, nargs="+", default=[1, 2, 4, 8],
                    help="step counts of the distilled generators' rows")
-    p.add_argument("--ls-steps", type=int, default=4, help="steps of the Presto-LS row")
+    p.add_argument("--ls-steps", type=int, default=4,
+                   help="steps of the Presto-LS row (with --latency-only: of the Presto-S row too)")
     p.add_argument("--cfg", type=float, default=4.0,
                    help="CFG weight of the base, ASE and Presto-L rows (x0-space)")
     p.add_argument("--embedder", default=None, help="clap.pt (default: RUN/clap.pt)")
@@ -602,10 +770,42 @@ def main(argv=None):
     p.add_argument("--variance-clips", type=int, default=16, help="held-out clips for --variance")
     p.add_argument("--variance-budget", type=int, default=None,
                    help="blocks run by ASE / Presto-L for --variance (default: their schedule)")
+    p.add_argument("--latency-only", action="store_true",
+                   help="instead of the results table: batch-1 latency of random-weight models at a "
+                        "preset's output size (no run folder, no trained weights) -> OUT/latency.{md,json}")
+    p.add_argument("--preset", default=None, help="--latency-only: the train.PRESETS entry (e.g. paper)")
+    p.add_argument("--set", dest="sets", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="--latency-only: config overrides as train.py's, e.g. model.size=S")
+    p.add_argument("--channels", type=int, nargs="+", default=[1, 2],
+                   help="--latency-only: one section per channel count (sets data.channels)")
+    p.add_argument("--rows", nargs="+", choices=LATENCY_ROWS, default=list(LATENCY_ROWS),
+                   help="--latency-only: which rows to time; base is slow at the paper's size on a CPU")
+    p.add_argument("--compile", action="store_true",
+                   help="--latency-only: torch.compile the DiT (CUDA: mode reduce-overhead, i.e. CUDA "
+                        "graphs; CPU: the default mode, needs a C++ compiler); compiling is warm-up, "
+                        "not timed")
+    p.add_argument("--out", default=None,
+                   help="--latency-only: output folder (None: runs/latency_PRESET)")
     opts = p.parse_args(argv)
     import train
     if opts.threads:
         torch.set_num_threads(opts.threads)
+    latency_flags = [flag for flag, given in (      # options that only mean something with --latency-only
+        ("--preset", opts.preset), ("--set", opts.sets), ("--channels", opts.channels != [1, 2]),
+        ("--rows", opts.rows != list(LATENCY_ROWS)), ("--compile", opts.compile), ("--out", opts.out)) if given]
+    if opts.latency_only:
+        try:
+            if opts.preset is None:
+                raise ValueError(f"--latency-only needs --preset (one of {', '.join(train.PRESETS)})")
+            if opts.repeats < 1 or opts.steps < 1 or opts.ls_steps < 1:
+                raise ValueError("--repeats, --steps and --ls-steps must be >= 1")
+            return write_latency(opts, train.pick_device(opts.device))
+        except (ValueError, FileNotFoundError, RuntimeError) as e:
+            sys.exit(f"error: {e}")
+    if opts.run is None:
+        p.error("the following arguments are required: --run")
+    if latency_flags:
+        p.error(f"options of --latency-only given without it: {', '.join(latency_flags)}")
     try:
         if not os.path.isdir(opts.run):
             raise FileNotFoundError(f"run folder not found: {opts.run}")

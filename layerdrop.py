@@ -83,8 +83,7 @@ def train_budgets(sigma, depth, cfg, edm_cfg, generator=None):
     """Training budgets: the schedule plus uniform integer jitter in [-jitter, jitter], clamped."""
     b = budget_for_sigma(sigma, depth, cfg, edm_cfg)
     if cfg.jitter > 0:
-        b = b + torch.randint(-cfg.jitter, cfg.jitter + 1, b.shape, generator=generator,
-                              device=b.device)
+        b = b + edm.randint(-cfg.jitter, cfg.jitter + 1, b.shape, generator, b.device)
     return b.clamp(min_budget(cfg.method), depth)
 
 
@@ -118,31 +117,34 @@ def block_mask(budgets, depth, method):
     return (idx < b - 1) | (idx == depth - 1)                     # b = depth gives all blocks
 
 
-def forward(denoiser, x, sigma, cond, budgets, method, budget_cond=True):
+def forward(denoiser, x, sigma, cond, budgets, method, budget_cond=True, masked=False):
     """D(x; sigma, cond) of the layer-dropped network, budgets (B,) long.
 
     A batch sharing one budget really skips blocks (inference); mixed budgets use dit.py's masked
-    path, which costs full depth (training). Budget conditioning is Presto-L's; ASE has none.
+    path, which costs full depth (training). masked=True (the training losses) takes the masked
+    path without looking: comparing the budgets would be a host sync per step on a GPU. Budget
+    conditioning is Presto-L's; ASE has none.
     """
     check_method(method)
     depth = len(denoiser.net.blocks)
     budget = budgets if (method == "presto-l" and budget_cond) else None
-    if bool((budgets == budgets[0]).all()):
+    if not masked and bool((budgets == budgets[0]).all()):
         return denoiser(x, sigma, cond, budget=budget, blocks=block_list(budgets[0], depth, method))
     return denoiser(x, sigma, cond, budget=budget, block_mask=block_mask(budgets, depth, method))
 
 
-def scheduled(denoiser, cfg, edm_cfg, budget=None):
+def scheduled(denoiser, cfg, edm_cfg, budget=None, masked=False):
     """A denoiser(x, sigma, cond) that picks each call's budget from the schedule: a drop-in for
     the full model in edm.guided and the samplers (one sigma per call, so blocks really skip).
-    budget: a fixed number of blocks for every call instead of the schedule."""
+    budget: a fixed number of blocks for every call instead of the schedule. masked: see forward
+    (Presto-LS training, where each sample has its own sigma)."""
     depth = len(denoiser.net.blocks)
 
     def denoise(x, sigma, cond):
         sigma = sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma
         b = (budget_for_sigma(sigma, depth, cfg, edm_cfg) if budget is None else
              torch.full(sigma.shape, int(budget), dtype=torch.long, device=sigma.device))
-        return forward(denoiser, x, sigma, cond, b, cfg.method, cfg.budget_cond)
+        return forward(denoiser, x, sigma, cond, b, cfg.method, cfg.budget_cond, masked)
     return denoise
 
 
@@ -151,8 +153,9 @@ def scheduled(denoiser, cfg, edm_cfg, budget=None):
 
 def dsm_loss(student, x, cond, sigma, budgets, method, generator=None, budget_cond=True):
     """ASE's training loss: ordinary denoising score matching on the layer-dropped network."""
-    eps = torch.randn(x.shape, generator=generator, device=x.device)
-    D = forward(student, x + edm.bcast(sigma, x) * eps, sigma, cond, budgets, method, budget_cond)
+    eps = edm.randn(x.shape, generator, x.device)
+    D = forward(student, x + edm.bcast(sigma, x) * eps, sigma, cond, budgets, method, budget_cond,
+                masked=True)
     w = edm.bcast(edm.loss_weight(sigma, student.sigma_data), x)
     return (w * (D - x) ** 2).flatten(1).mean(1)
 
@@ -166,11 +169,11 @@ def self_teacher_loss(student, teacher, x, cond_student, cond_teacher, sigma, bu
     text encoder is fine-tuned too). dsm_weight > 0 adds the ordinary DSM loss, sharing the
     student's forward pass.
     """
-    eps = torch.randn(x.shape, generator=generator, device=x.device)
+    eps = edm.randn(x.shape, generator, x.device)
     x_noisy = x + edm.bcast(sigma, x) * eps
     with torch.no_grad():
         D_teacher = teacher(x_noisy, sigma, cond_teacher)
-    D = forward(student, x_noisy, sigma, cond_student, budgets, method, budget_cond)
+    D = forward(student, x_noisy, sigma, cond_student, budgets, method, budget_cond, masked=True)
     w = edm.bcast(edm.loss_weight(sigma, student.sigma_data), x)
     loss = (w * (D - D_teacher) ** 2).flatten(1).mean(1)
     if dsm_weight:

@@ -67,6 +67,10 @@ class TrainConfig:
     seed: int = 0              # seed of the model init and of every noise draw
     device: str = "auto"       # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
     threads: int = 0           # torch CPU threads (0 = torch's default)
+    micro_batch: int = 0       # clips per forward pass on each process (0: its whole share of the
+                               # global batch); smaller -> gradient accumulation, same optimisation
+    compile: bool = False      # torch.compile the DiT (the first steps are slow while it compiles)
+    peak_tflops: float = 0.0   # the accelerator's peak bf16 TFLOP/s for MFU (0: known GPUs only)
 
 
 @dataclass
@@ -105,6 +109,20 @@ PRESETS = {
             "clap.eval_every": 1000, "clap.ckpt_every": 1000, "clap.val_clips": 256,
             "distill.steps": 20_000, "distill.batch_size": 32,
             "layerdrop.steps": 10_000, "layerdrop.batch_size": 64},
+    # the paper's output size (32 s of 44.1 kHz; mono, or stereo with --set data.channels=2) and a
+    # DiT-L (~0.5B parameters, 24 blocks): for latency on random weights (evaluate.py
+    # --latency-only) and for multi-GPU runs. 43 frames/s x 1025 bins per channel, one frame per
+    # token: 1378 tokens for 32 s.
+    "paper": {"data.sample_rate": 44100, "data.seconds": 32.0, "data.n_fft": 2048,
+              "data.hop": 1024, "data.stats_clips": 256, "model.size": "L", "model.patch": 1,
+              "model.text_width": 512, "model.text_depth": 4, "model.text_heads": 8,
+              "train.steps": 200_000, "train.batch_size": 128, "train.lr": 1e-4,
+              "train.warmup": 2000, "train.ema": 0.9999, "train.eval_every": 5000,
+              "train.ckpt_every": 2000, "train.log_every": 50,
+              "clap.width": 256, "clap.dim": 256, "clap.steps": 20_000, "clap.batch_size": 128,
+              "clap.eval_every": 1000, "clap.ckpt_every": 1000, "clap.val_clips": 256,
+              "distill.steps": 20_000, "distill.batch_size": 64,
+              "layerdrop.steps": 20_000, "layerdrop.batch_size": 128},
 }
 
 
@@ -170,8 +188,8 @@ def parse_sets(items):
 # Building the pieces, checkpoints
 
 def pick_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "auto":          # under torchrun: this process's GPU
+        return torch.device(f"cuda:{DIST.local_rank}" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"train.device={name} but CUDA is not available")
     return torch.device(name)
@@ -206,7 +224,9 @@ def build(cfg, rep_state=None, vocab=None):
 
 
 def save_checkpoint(path, ckpt):
-    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
+    """Write atomically (rank 0 only): a crash mid-write leaves the previous checkpoint intact."""
+    if not DIST.main:
+        return
     tmp = f"{path}.tmp"
     with open(tmp, "wb") as f:
         torch.save(ckpt, f)
@@ -235,6 +255,157 @@ def load_checkpoint(path, device="cpu"):
 
 
 # ----------------------------------------------------------------------------------------------
+# Data parallelism under torchrun, nanoGPT-style: a few `if DIST.world > 1` lines, no framework.
+#
+#   torchrun --nproc_per_node=N train.py --stage S ...   (CPU: gloo; CUDA: nccl, one GPU per process)
+#
+# `*.batch_size` is always the *global* batch. It is cut into chunks of `train.micro_batch` clips
+# (0: one chunk per process); process r takes chunks r, r+N, r+2N, ... and accumulates their
+# gradients, so changing N or the micro-batch keeps the optimisation the same. Each chunk draws
+# its noise with edm.BatchRNG, so a clip gets the same noise wherever it runs. Gradients are
+# averaged with one all-reduce per optimiser step (`average_gradients`), which is what
+# DistributedDataParallel does in buckets during backward. We do it by hand, after backward: Presto-S
+# calls the fake network several times per step and freezes it on generator turns, and an explicit
+# all-reduce of exactly the parameters an optimiser owns cannot hit DDP's unused-parameter errors
+# or hang. Only rank 0 writes logs and checkpoints; every rank reads a checkpoint to resume.
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+
+DIST = Dist()          # this process's place in the job; a plain `python train.py` is a world of one
+
+
+def init_distributed():
+    """Join the process group that torchrun describes in the environment (no-op without torchrun)."""
+    global DIST
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        cuda = torch.cuda.is_available()
+        DIST = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+        if cuda:
+            torch.cuda.set_device(DIST.local_rank)
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    return DIST
+
+
+def say(msg):
+    """print, on rank 0 only (and through tqdm, so progress bars are not broken)."""
+    if DIST.main:
+        tqdm.write(msg)
+
+
+def micro_split(batch_size, micro_batch):
+    """(clips per chunk, number of chunks) of a global batch; a clear error if it does not divide."""
+    per_rank, rest = divmod(batch_size, DIST.world)
+    m = micro_batch or per_rank
+    if rest or m <= 0 or per_rank % m:
+        raise ValueError(f"global batch {batch_size} does not split into {DIST.world} processes x "
+                         f"micro-batches of {m} clips: set a batch size divisible by both "
+                         f"(or train.micro_batch)")
+    return m, batch_size // m
+
+
+def shards(ds, step, batch_size, seed, micro_batch=0):
+    """This process's micro-batches of global step `step`: yields (waves, captions, labels, rows).
+
+    rows is the chunk's slice of the global batch (its rows in edm.BatchRNG draws). Chunk c holds
+    positions [c*m, (c+1)*m) of the step's global batch, so no two processes share a clip and the
+    chunks together are exactly the single-process batch (data.batch_indices).
+    """
+    m, chunks = micro_split(batch_size, micro_batch)
+    for c in range(DIST.rank, chunks, DIST.world):
+        waves, captions, labels = data.get_batch(ds, step, m, seed, rank=c, world=chunks)
+        yield waves, captions, labels, slice(c * m, (c + 1) * m)
+
+
+def micro_batches(ds, rep, tok, cfg, step, device, batch_size):
+    """shards() as latents: yields (x, ids, labels, rng, weight). rng() returns a fresh
+    edm.BatchRNG of the step (call it again to replay the same draws); weight = the chunk's share
+    of this process's clips (the loss multiplier that makes accumulated gradients a mean)."""
+    m, chunks = micro_split(batch_size, cfg.train.micro_batch)
+    for waves, captions, labels, rows in shards(ds, step, batch_size, cfg.data.seed,
+                                                cfg.train.micro_batch):
+        x, ids = encode_batch(rep, tok, cfg, waves, captions, device)
+        rng = lambda rows=rows: edm.BatchRNG(step_generator(cfg.train.seed, step, device), rows,
+                                             batch_size)
+        yield x, ids, labels, rng, DIST.world / chunks
+
+
+def average_gradients(params):
+    """All-reduce the mean gradient over processes, in one flat buffer.
+
+    A parameter without a gradient on some process (a block no clip of its micro-batch ran)
+    counts as a zero there; one without a gradient anywhere stays without (as it would in a
+    single process), so AdamW skips it on every rank alike.
+    """
+    params = [p for p in params if p.requires_grad]
+    if DIST.world == 1 or not params:
+        return
+    dev = params[0].device
+    flat = torch.cat([*(p.grad.flatten() if p.grad is not None else torch.zeros(p.numel(), device=dev)
+                        for p in params),
+                      torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=dev)])
+    torch.distributed.all_reduce(flat)
+    used, offset = flat[-len(params):], 0
+    for i, p in enumerate(params):
+        g = flat[offset:offset + p.numel()].view_as(p) / DIST.world
+        if p.grad is not None:
+            p.grad.copy_(g)
+        elif used[i] > 0:       # a host sync, only for a parameter this process did not use
+            p.grad = g.to(p.dtype)
+        offset += p.numel()
+
+
+def global_mean(values):
+    """{name: tensor} -> {name: float}: each value averaged over processes (one host sync: call
+    it at log steps only)."""
+    if not values:
+        return {}
+    keys = sorted(values)
+    t = torch.stack([values[k].detach().float().reshape(()) for k in keys])
+    if DIST.world > 1:
+        torch.distributed.all_reduce(t)
+        t = t / DIST.world
+    return dict(zip(keys, t.tolist()))
+
+
+class _GatherRows(torch.autograd.Function):
+    """Concatenate every process's rows (forward); give each process the summed gradient of its
+    own rows (backward), so a loss over the gathered batch trains every process's encoder."""
+
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(DIST.world)]
+        torch.distributed.all_gather(parts, x.contiguous())
+        ctx.n = x.shape[0]
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        torch.distributed.all_reduce(grad)
+        return grad[DIST.rank * ctx.n:(DIST.rank + 1) * ctx.n]
+
+
+def gather_rows(x):
+    """The global batch of embeddings for a loss that needs all of it (the contrastive loss)."""
+    return x if DIST.world == 1 else _GatherRows.apply(x)
+
+
+def barrier():
+    if DIST.world > 1:
+        torch.distributed.barrier()
+
+
+# ----------------------------------------------------------------------------------------------
 # The base stage: EDM denoising score matching on the DiT
 
 def lr_at(step, t):
@@ -246,35 +417,96 @@ def lr_at(step, t):
     return t.lr * (t.min_lr_frac + (1 - t.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
-def check_finite(step, path, last_saved, knob, **values):
-    """The NaN guard: stop with a clear message (before anything is saved) on a non-finite value."""
-    bad = {k: v.item() for k, v in values.items() if not torch.isfinite(v).all()}
-    if bad:
-        where = (f"the last good checkpoint is {path} (step {last_saved})" if last_saved
-                 is not None else "no checkpoint was written yet")
-        raise FloatingPointError(f"{', '.join(f'{k} {v}' for k, v in bad.items())} at step {step}; "
-                                 f"stopped, {where}. Try a lower {knob}.")
+class NaNGuard:
+    """The NaN guard, without a host sync per step.
+
+    update() folds "is any value non-finite" into a flag on the device; check() (at log and
+    checkpoint steps) reads it and stops the run with a clear message naming the last good
+    checkpoint. A bad step may have reached the weights by then, but never a checkpoint: every
+    checkpoint write is preceded by a check.
+    """
+
+    def __init__(self, path, knob, last_saved):
+        self.path, self.knob, self.last_saved = path, knob, last_saved
+        self.bad, self.since = None, None
+
+    def update(self, step, **values):
+        if self.since is None:
+            self.since = step
+        bad = torch.stack([~torch.isfinite(v.detach()).all() for v in values.values()]).any()
+        self.bad = bad if self.bad is None else self.bad | bad
+        self.names = list(values)
+
+    def check(self, step):
+        bad = self.bad if self.bad is not None else torch.zeros((), dtype=torch.bool)
+        if global_mean({"bad": bad})["bad"] > 0:
+            where = (f"the last good checkpoint is {self.path} (step {self.last_saved})"
+                     if self.last_saved is not None else "no checkpoint was written yet")
+            raise FloatingPointError(
+                f"non-finite {' / '.join(self.names)} between step {self.since} and step {step}; "
+                f"stopped, {where}. Try a lower {self.knob}.")
+        self.bad, self.since = None, None
+
+    def saved(self, step):
+        self.last_saved = step
 
 
 @torch.no_grad()
 def ema_update(ema, model, decay):
-    for pe, pm in zip(ema.parameters(), model.parameters()):
-        pe.lerp_(pm, 1 - decay)
+    """ema <- decay * ema + (1 - decay) * model, every tensor in one fused call."""
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
 
 
-def optimizer_step(loss, opt, grad_clip, check=None):
-    """Backward, clip, step and clear the grads of the parameters one optimizer owns.
-
-    check(grad_norm), if given, runs before the step (the NaN guard), so a bad step never lands.
-    """
-    loss.backward()
+def optimizer_step(opt, grad_clip):
+    """Average the gradients that backward left on the parameters one optimizer owns over the
+    processes, clip them, step and clear them; returns the gradient norm (a tensor: no sync)."""
     params = [p for group in opt.param_groups for p in group["params"]]
-    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    if check is not None:
-        check(norm)
+    average_gradients(params)
+    norm = torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], grad_clip)
     opt.step()
     opt.zero_grad(set_to_none=True)
     return norm
+
+
+def compiled(denoiser, on):
+    """torch.compile the DiT in place (nn.Module.compile: the state_dict keys stay the same)."""
+    if on:
+        denoiser.net.compile()
+    return denoiser
+
+
+def describe_batch(batch_size, micro_batch):
+    m, chunks = micro_split(batch_size, micro_batch)
+    return (f"global; {DIST.world} process(es) x {chunks // DIST.world} micro-batch(es) of {m}"
+            if chunks > 1 else "global")
+
+
+# Dense bf16 peak of known accelerators, FLOP/s (vendor data sheets, SXM parts)
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+class Speed:
+    """Clips per second since the last report and, on CUDA, the model FLOPs utilisation: the
+    DiT's analytic training FLOPs per clip (3x the forward pass of dit.flops_per_sample: backward
+    costs twice the forward) times clips per second, over the peak of the processes' GPUs."""
+
+    def __init__(self, cfg, rep, device):
+        self.flops = 3 * dit.flops_per_sample(cfg.model, rep.n_frames(cfg.data.seconds),
+                                              cfg.data.max_text_len)
+        peak = cfg.train.peak_tflops * 1e12
+        if not peak and device.type == "cuda":
+            name = torch.cuda.get_device_name(device)
+            peak = next((v for k, v in PEAK_BF16.items() if k in name), 0.0)
+        self.peak = peak * DIST.world if device.type == "cuda" else 0.0
+        self.t0, self.n = time.time(), 0
+
+    def count(self, clips):
+        self.n += clips
+
+    def report(self):
+        rate = self.n / max(time.time() - self.t0, 1e-9)
+        self.t0, self.n = time.time(), 0
+        return {"clips_per_s": rate, **({"mfu": rate * self.flops / self.peak} if self.peak else {})}
 
 
 def autocast_for(device):
@@ -286,7 +518,7 @@ def autocast_for(device):
 def drop_captions(ids, p_uncond, g):
     """Replace each caption by the null caption with probability p_uncond, so that the model also
     learns D(x; sigma, null) and can be sampled with classifier-free guidance."""
-    drop = torch.rand(ids.shape[0], generator=g, device=ids.device) < p_uncond
+    drop = edm.rand(ids.shape[0], g, ids.device) < p_uncond
     return ids.masked_fill(drop[:, None], data.Tokenizer.PAD)
 
 
@@ -299,9 +531,12 @@ def make_batch(ds, rep, tok, cfg, step, device, batch_size=None):
     """(x latents (B, C, T), ids (B, L), labels) for one step of a split."""
     waves, captions, labels = data.get_batch(ds, step, batch_size or cfg.train.batch_size,
                                              cfg.data.seed)
-    x = rep.encode(waves.to(device))
-    ids = tok.encode(captions, cfg.data.max_text_len).to(device)
-    return x, ids, labels
+    return (*encode_batch(rep, tok, cfg, waves, captions, device), labels)
+
+
+def encode_batch(rep, tok, cfg, waves, captions, device):
+    """(latents (B, C, T), caption ids (B, L)) on device."""
+    return rep.encode(waves.to(device)), tok.encode(captions, cfg.data.max_text_len).to(device)
 
 
 SIGMA_BUCKETS = [0.002, 0.02, 0.1, 0.3, 1.0, 3.0, 10.0, 80.0]   # edges for per-sigma loss logs
@@ -337,10 +572,13 @@ def bucket_means(sigmas, values):
 
 
 class LossLog:
-    """Append-only jsonl loss log; on resume, lines past the resumed step are dropped."""
+    """Append-only jsonl loss log, written by rank 0; on resume, lines past the resumed step are
+    dropped."""
 
     def __init__(self, path, resume_step=None):
-        self.path = path
+        self.path = path if DIST.main else None
+        if not DIST.main:
+            return
         if resume_step is not None and os.path.exists(path):
             with open(path) as f:
                 keep = [l for l in f if json.loads(l).get("step", 0) <= resume_step]
@@ -350,6 +588,8 @@ class LossLog:
             os.remove(path)
 
     def write(self, **row):
+        if self.path is None:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
 
@@ -359,6 +599,8 @@ def stage_setup(cfg, out, filename, resume):
     device = pick_device(cfg.train.device)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    if device.type == "cuda":   # TF32 for the float32 matmuls left outside bf16 autocast
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, filename)
     if not resume:
@@ -383,7 +625,7 @@ def restore(ckpt, path, denoiser, ema, opt):
     denoiser.net.load_state_dict(ckpt["model"])
     ema.net.load_state_dict(ckpt["ema"])
     opt.load_state_dict(ckpt["opt"])
-    print(f"resuming {path} from step {ckpt['step']}")
+    say(f"resuming {path} from step {ckpt['step']}")
     return ckpt["step"]
 
 
@@ -418,44 +660,52 @@ def train_base(cfg, out, resume=False):
     autocast = autocast_for(device)
     log = LossLog(os.path.join(out, "base_log.jsonl"), start if resume else None)
     train_ds, val_ds = data.make_dataset(cfg.data, "train"), data.make_dataset(cfg.data, "val")
-    print(f"base: DiT-{cfg.model.size} {dit.n_params(denoiser.net) / 1e6:.2f}M params, latents "
-          f"{rep.latent_channels}x{rep.n_frames(cfg.data.seconds)}, {t.steps} steps of "
-          f"{t.batch_size} clips on {device}")
+    say(f"base: DiT-{cfg.model.size} {dit.n_params(denoiser.net) / 1e6:.2f}M params, latents "
+        f"{rep.latent_channels}x{rep.n_frames(cfg.data.seconds)}, {t.steps} steps of "
+        f"{t.batch_size} clips ({describe_batch(t.batch_size, t.micro_batch)}) on {device}")
 
     def checkpoint(step, val=None):
         save_checkpoint(path, model_checkpoint("base", step, t.steps, cfg, denoiser, ema, opt, tok,
                                                rep, val_loss=val))
         return step
 
-    last_saved = start if resume else None
-    bar = tqdm(range(start, t.steps), initial=start, total=t.steps, desc="base", dynamic_ncols=True)
-    t0, seen = time.time(), 0
+    guard = NaNGuard(path, "train.lr", start if resume else None)
+    net = compiled(denoiser, t.compile)
+    bar = tqdm(range(start, t.steps), initial=start, total=t.steps, desc="base", dynamic_ncols=True,
+               disable=not DIST.main)
+    speed = Speed(cfg, rep, device)
     for step in bar:
-        x, ids, _ = make_batch(train_ds, rep, tok, cfg, step, device)
-        g = step_generator(t.seed, step, device)
-        ids = drop_captions(ids, t.p_uncond, g)
-        sigma = edm.sample_p_train(ids.shape[0], cfg.edm, g, device)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, t)
-        with autocast:
-            loss = edm.edm_loss(denoiser, x, denoiser.net.encode_text(ids), sigma, g).mean()
-        grad_norm = optimizer_step(loss, opt, t.grad_clip, lambda norm: check_finite(
-            step, path, last_saved, "train.lr", loss=loss, grad_norm=norm))
+        loss = torch.zeros((), device=device)
+        for x, ids, _, rng, weight in micro_batches(train_ds, rep, tok, cfg, step, device, t.batch_size):
+            g = rng()
+            ids = drop_captions(ids, t.p_uncond, g)
+            sigma = edm.sample_p_train(ids.shape[0], cfg.edm, g, device)
+            with autocast:
+                micro = edm.edm_loss(net, x, net.encode(ids), sigma, g).mean() * weight
+            micro.backward()
+            loss += micro.detach()
+        grad_norm = optimizer_step(opt, t.grad_clip)
+        guard.update(step, loss=loss, grad_norm=grad_norm)
         ema_update(ema, denoiser, min(t.ema, (1 + step) / (10 + step)))
-        seen += ids.shape[0]
+        speed.count(t.batch_size)
         done = step + 1
         if done % t.log_every == 0 or done == t.steps:
-            rate = seen / (time.time() - t0)
-            bar.set_postfix(loss=f"{loss.item():.4f}", clips_per_s=f"{rate:.1f}")
-            log.write(step=done, loss=loss.item(), lr=lr_at(step, t), grad_norm=grad_norm.item(),
-                      clips_per_s=rate)
+            guard.check(done)
+            row = global_mean({"loss": loss, "grad_norm": grad_norm})
+            rates = speed.report()
+            bar.set_postfix(loss=f"{row['loss']:.4f}", **{k: f"{v:.3g}" for k, v in rates.items()})
+            log.write(step=done, loss=row["loss"], lr=lr_at(step, t), grad_norm=row["grad_norm"],
+                      **rates)
         val = None
-        if done % t.eval_every == 0 or done == t.steps:
+        if DIST.main and (done % t.eval_every == 0 or done == t.steps):
             val, by_sigma = validate(ema, val_ds, rep, tok, cfg, device, autocast)
             log.write(step=done, val_loss=val, val_loss_by_sigma=by_sigma)
-            bar.write(f"step {done}: train loss {loss.item():.4f}, val loss (EMA) {val:.4f}")
+            say(f"step {done}: train loss {loss.item():.4f}, val loss (EMA) {val:.4f}")
         if done % t.ckpt_every == 0 or done == t.steps:
-            last_saved = checkpoint(done, val)
+            guard.check(done)
+            guard.saved(checkpoint(done, val))
     bar.close()
     return path
 
@@ -482,17 +732,18 @@ def train_clap(cfg, out, resume=False):
     c = cfg.clap
     device, path, ckpt = stage_setup(cfg, out, "clap.pt", resume)
     model = evaluate.build_clap(cfg, ckpt and ckpt["feature_stats"], ckpt and ckpt["vocab"]).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay,
+                            fused=device.type == "cuda")
     start = 0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["opt"])
         start = ckpt["step"]
-        print(f"resuming {path} from step {start}")
+        say(f"resuming {path} from step {start}")
     log = LossLog(os.path.join(out, "clap_log.jsonl"), start if resume else None)
     train_ds, val_ds = data.make_dataset(cfg.data, "train"), data.make_dataset(cfg.data, "val")
     val = data.get_batch(val_ds, 0, min(c.val_clips, len(val_ds)), cfg.data.seed)  # fixed clips
-    print(f"clap: {dit.n_params(model) / 1e6:.2f}M params, d={c.dim}, {c.steps} steps of "
+    say(f"clap: {dit.n_params(model) / 1e6:.2f}M params, d={c.dim}, {c.steps} steps of "
           f"{c.batch_size} clips on {device}" + (", with attribute heads" if model.heads else ""))
 
     def checkpoint(step, metrics=None):
@@ -502,39 +753,48 @@ def train_clap(cfg, out, resume=False):
                                "feature_stats": model.rep.state_dict(), "val": metrics})
         return step
 
-    last_saved = start if resume else None
-    bar = tqdm(range(start, c.steps), initial=start, total=c.steps, desc="clap", dynamic_ncols=True)
+    guard = NaNGuard(path, "clap.lr", start if resume else None)
+    bar = tqdm(range(start, c.steps), initial=start, total=c.steps, desc="clap", dynamic_ncols=True,
+               disable=not DIST.main)
     for step in bar:
-        waves, captions, labels = data.get_batch(train_ds, step, c.batch_size, cfg.data.seed)
-        g = step_generator(c.seed, step, "cpu")
-        gain_db = -c.gain_db * torch.rand(len(waves), generator=g)                 # (B,)
-        waves = waves * (10 ** (gain_db / 20))[:, None, None]                      # level invariance
         for group in opt.param_groups:
             group["lr"] = lr_at(step, c)
-        audio, text = model.embed_audio(waves.to(device)), model.embed_text(captions)
-        loss_nce = evaluate.contrastive_loss(audio, text, model.log_scale)
-        loss_attr = (evaluate.attribute_loss(model.attribute_logits(audio), evaluate.attribute_targets(labels))
-                     if model.heads and labels[0] else torch.zeros((), device=device))
-        loss = loss_nce + c.attr_weight * loss_attr
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
-        check_finite(step, path, last_saved, "clap.lr", loss=loss, grad_norm=grad_norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        sums = {}
+        # Under torchrun the InfoNCE negatives are every process's clips of the micro-step
+        # (gather_rows); with gradient accumulation, only those of one micro-step.
+        for waves, captions, labels, rows in shards(train_ds, step, c.batch_size, cfg.data.seed,
+                                                    cfg.train.micro_batch):
+            g = edm.BatchRNG(step_generator(c.seed, step, "cpu"), rows, c.batch_size)
+            gain_db = -c.gain_db * edm.rand(len(waves), g)                              # (B,)
+            waves = waves * (10 ** (gain_db / 20))[:, None, None]                       # level invariance
+            audio, text = model.embed_audio(waves.to(device)), model.embed_text(captions)
+            loss_nce = evaluate.contrastive_loss(gather_rows(audio), gather_rows(text), model.log_scale)
+            loss_attr = (evaluate.attribute_loss(model.attribute_logits(audio), evaluate.attribute_targets(labels))
+                         if model.heads and labels[0] else torch.zeros((), device=device))
+            loss = loss_nce + c.attr_weight * loss_attr
+            weight = len(waves) * DIST.world / c.batch_size    # micro-batches are averaged
+            (loss * weight).backward()
+            for k, v in (("loss", loss), ("loss_nce", loss_nce), ("loss_attr", loss_attr)):
+                sums[k] = sums.get(k, 0) + v.detach() * weight
+        grad_norm = optimizer_step(opt, c.grad_clip)
+        guard.update(step, loss=sums["loss"], grad_norm=grad_norm)
         done = step + 1
         if done % c.log_every == 0 or done == c.steps:
-            bar.set_postfix(nce=f"{loss_nce.item():.3f}", attr=f"{loss_attr.item():.3f}")
-            log.write(step=done, loss=loss.item(), loss_nce=loss_nce.item(), loss_attr=loss_attr.item(),
-                      lr=lr_at(step, c), grad_norm=grad_norm.item(), temperature=1 / model.log_scale.exp().item())
+            guard.check(done)
+            row = global_mean({**sums, "grad_norm": grad_norm})
+            bar.set_postfix(nce=f"{row['loss_nce']:.3f}", attr=f"{row['loss_attr']:.3f}")
+            log.write(step=done, **row, lr=lr_at(step, c),
+                      temperature=1 / model.log_scale.exp().item())
         metrics = None
-        if done % c.eval_every == 0 or done == c.steps:
+        if DIST.main and (done % c.eval_every == 0 or done == c.steps):
             metrics = validate_clap(model, val)
             log.write(step=done, **metrics)
             attrs = metrics.get("val_attributes", {})
-            bar.write(f"step {done}: val R@1 {metrics['val_r1']:.3f} among {len(val[0])}"
-                      + "".join(f", {k} {v:.2f}" for k, v in attrs.items()))
+            say(f"step {done}: val R@1 {metrics['val_r1']:.3f} among {len(val[0])}"
+                + "".join(f", {k} {v:.2f}" for k, v in attrs.items()))
         if done % c.ckpt_every == 0 or done == c.steps:
-            last_saved = checkpoint(done, metrics)
+            guard.check(done)
+            guard.saved(checkpoint(done, metrics))
     bar.close()
     return path
 
@@ -544,59 +804,98 @@ def train_clap(cfg, out, resume=False):
 # distillation with a layer-dropped generator. One iteration is a function so the 2-D toy test
 # runs exactly this code path with tiny MLP denoisers.
 
-def presto_s_iteration(step, nets, opts, x_real, raw, raw_null, dc, edm_cfg, g, block,
-                       grad_clip=1.0, autocast=contextlib.nullcontext(), gen_fn=None):
-    """One Presto-S iteration; returns detached losses and diagnostics.
+def fake_turn_draws(rng, x_real, dc, edm_cfg):
+    """The random numbers of an iteration's first half, in a fixed order: the generator input
+    (sigma_gen, eps_gen), the fake score's DSM (sigma_dsm, eps_dsm), the discriminator's noising
+    (sigma_gan, eps_gan). Drawn in one place so the generator turn can replay them exactly."""
+    B, dev = x_real.shape[0], x_real.device
+    noise = lambda: edm.randn(x_real.shape, rng, dev)
+    d = {"sigma_gen": dmd.generator_sigmas(B, dc, edm_cfg, rng, dev)}
+    d["eps_gen"] = noise()
+    d["sigma_dsm"] = dmd.sample_sigma(dc.p_dsm, B, edm_cfg, rng, dev)
+    d["eps_dsm"] = noise()
+    d["sigma_gan"] = dmd.sample_sigma(dc.p_gan, B, edm_cfg, rng, dev)
+    d["eps_gan"] = noise()
+    return d
+
+
+def presto_s_iteration(step, nets, opts, batches, dc, edm_cfg, block, grad_clip=1.0,
+                       autocast=contextlib.nullcontext(), gen_fn=None):
+    """One Presto-S iteration; returns detached losses and diagnostics (means over the batch).
 
     nets: {"G", "fake", "real", "head"}, opts: {"G", "fake"} (the fake optimizer also owns the
-    head); raw / raw_null: the conditioning (caption ids) and its null version; block: the fake
+    head). batches: this process's micro-batches, each (x_real, raw, raw_null, rng): real latents,
+    the conditioning (caption ids) and its null version, and rng() -> a fresh generator of the
+    step (called twice: the generator turn replays the first half's draws). block: the fake
     score block the discriminator reads. gen_fn(x, sigma, cond): how the generator is called
     (default G itself; Presto-LS passes G layer-dropped at the budget b(sigma_gen)).
+
+    Two halves, each accumulating gradients over the micro-batches before one optimizer step:
+    1. fake score + discriminator on detached generator samples (every iteration);
+    2. generator on DMD + LSGAN through the frozen fake network (every gen_every iterations).
     """
     G, fake, real, head = nets["G"], nets["fake"], nets["real"], nets["head"]
-    B, dev = x_real.shape[0], x_real.device
-    noise = lambda: torch.randn(x_real.shape, generator=g, device=dev)
-    sigma_of = lambda kind: dmd.sample_sigma(kind, B, edm_cfg, g, dev)
+    gen = G if gen_fn is None else gen_fn
     gen_turn = step % dc.gen_every == 0
-    # 1. generator input: a real latent noised to sigma_gen (continuous p_inf by default)
-    sigma_gen = dmd.generator_sigmas(B, dc, edm_cfg, g, dev)
-    with autocast, torch.set_grad_enabled(gen_turn):
-        x_hat = (G if gen_fn is None else gen_fn)(x_real + edm.bcast(sigma_gen, x_real) * noise(),
-                                                  sigma_gen, G.encode(raw))
-    # 2. fake score + discriminator, every iteration, on the detached generator sample
-    x_d = x_hat.detach()
-    with autocast:
-        cond = fake.encode(raw)
-        L_fake = edm.edm_loss(fake, x_d, cond, sigma_of(dc.p_dsm), g).mean()
-        s = sigma_of(dc.p_gan)
-        x_real_s, x_fake_s = gan.noised_pair(x_real, x_d, s, noise())
-        h = gan.features(fake, torch.cat([x_real_s, x_fake_s]), torch.cat([s, s]),
-                         edm.cat_cond(cond, cond), block)
-        d_real, d_fake = head(h).chunk(2)
-        L_D = gan.d_loss(d_real, d_fake)
-    optimizer_step(L_fake + dc.nu2 * L_D, opts["fake"], grad_clip)
-    out = {"L_fake": L_fake.detach(), "L_D": L_D.detach(),
-           "D_real": d_real.detach().mean(), "D_fake": d_fake.detach().mean()}
-    # 3. generator, every gen_every iterations: DMD gradient + LSGAN through the frozen fake net
-    if gen_turn:
-        fake.requires_grad_(False)
-        head.requires_grad_(False)
+    weight = 1 / len(batches)
+    out, kept = {}, None
+
+    def add(**values):
+        for k, v in values.items():
+            out[k] = out.get(k, 0) + v.detach() * weight
+
+    for x_real, raw, _, rng in batches:                     # 1. fake score + discriminator
+        d = fake_turn_draws(rng(), x_real, dc, edm_cfg)
+        # the generator's sample of a real latent noised to sigma_gen (continuous p_inf by default);
+        # with one micro-batch its graph is kept for the generator turn, otherwise recomputed there
+        keep = gen_turn and len(batches) == 1
+        with autocast, torch.set_grad_enabled(keep):
+            x_hat = gen(x_real + edm.bcast(d["sigma_gen"], x_real) * d["eps_gen"], d["sigma_gen"],
+                        G.encode(raw))
+        kept = x_hat if keep else None
+        x_d = x_hat.detach()
         with autocast:
+            cond = fake.encode(raw)
+            L_fake = edm.edm_loss(fake, x_d, cond, d["sigma_dsm"], eps=d["eps_dsm"]).mean()
+            s = d["sigma_gan"]
+            x_real_s, x_fake_s = gan.noised_pair(x_real, x_d, s, d["eps_gan"])
+            h = gan.features(fake, torch.cat([x_real_s, x_fake_s]), torch.cat([s, s]),
+                             edm.cat_cond(cond, cond), block)
+            d_real, d_fake = head(h).chunk(2)
+            L_D = gan.d_loss(d_real, d_fake)
+        ((L_fake + dc.nu2 * L_D) * weight).backward()
+        add(L_fake=L_fake, L_D=L_D, D_real=d_real.mean(), D_fake=d_fake.mean())
+    optimizer_step(opts["fake"], grad_clip)
+    if not gen_turn:
+        return out
+
+    fake.requires_grad_(False)                              # 2. generator, through frozen fake
+    head.requires_grad_(False)
+    sigmas, g_abs = [], []
+    for x_real, raw, raw_null, rng in batches:
+        g = rng()
+        d = fake_turn_draws(g, x_real, dc, edm_cfg)         # replay: same sigma_gen, eps_gen
+        with autocast:
+            x_hat = kept if kept is not None else gen(
+                x_real + edm.bcast(d["sigma_gen"], x_real) * d["eps_gen"], d["sigma_gen"], G.encode(raw))
             cond = fake.encode(raw)
             real_fn = edm.guided(real, real.encode(raw),
                                  real.encode(raw_null) if dc.cfg_w != 1.0 else None, dc.cfg_w)
-            s_dmd = sigma_of(dc.p_dmd)
+            s_dmd = dmd.sample_sigma(dc.p_dmd, x_real.shape[0], edm_cfg, g, x_real.device)
             grad = dmd.dmd_gradient(x_hat.detach(), real_fn, lambda x, s: fake(x, s, cond),
-                                    s_dmd, noise())
+                                    s_dmd, edm.randn(x_real.shape, g, x_real.device))
             L_DMD = dmd.dmd_loss(x_hat, grad)
-            s = sigma_of(dc.p_gan)
-            x_s = x_hat + edm.bcast(s, x_hat) * noise()
+            s = dmd.sample_sigma(dc.p_gan, x_real.shape[0], edm_cfg, g, x_real.device)
+            x_s = x_hat + edm.bcast(s, x_hat) * edm.randn(x_real.shape, g, x_real.device)
             L_G = gan.g_loss(head(gan.features(fake, x_s, s, cond, block)))
-        optimizer_step(L_DMD + dc.nu1 * L_G, opts["G"], grad_clip)
-        fake.requires_grad_(True)
-        head.requires_grad_(True)
-        out.update(L_DMD=L_DMD.detach(), L_G=L_G.detach(), sigma_dmd=s_dmd,
-                   g_abs=grad.abs().flatten(1).mean(1))
+        ((L_DMD + dc.nu1 * L_G) * weight).backward()
+        add(L_DMD=L_DMD, L_G=L_G)
+        sigmas.append(s_dmd)
+        g_abs.append(grad.abs().flatten(1).mean(1))
+    optimizer_step(opts["G"], grad_clip)
+    fake.requires_grad_(True)
+    head.requires_grad_(True)
+    out.update(sigma_dmd=torch.cat(sigmas), g_abs=torch.cat(g_abs))
     return out
 
 
@@ -625,14 +924,16 @@ def train_distill(cfg, out, resume, stage):
         lcfg, _, _, _, student = load_checkpoint(earlier(out, "presto_l.pt"), device)
         G.net.load_state_dict(student.net.state_dict())
         cfg.layerdrop = lcfg.layerdrop          # the schedule and method G was trained for
-        gen_fn = layerdrop.scheduled(G, cfg.layerdrop, cfg.edm)
+        gen_fn = layerdrop.scheduled(G, cfg.layerdrop, cfg.edm, masked=True)
     fake = copy.deepcopy(real).train().requires_grad_(True)        # fake score <- teacher
     block = dc.disc_block if dc.disc_block >= 0 else len(fake.net.blocks) // 2
     head = gan.Head(cfg.model.width, dc.disc_width).to(device)
+    fused = device.type == "cuda"
     opts = {"G": torch.optim.AdamW(G.parameters(), lr=dc.lr_gen, betas=(0.9, t.beta2),
-                                   weight_decay=t.weight_decay),
+                                   weight_decay=t.weight_decay, fused=fused),
             "fake": torch.optim.AdamW([*fake.parameters(), *head.parameters()], lr=dc.lr_fake,
-                                      betas=(0.9, t.beta2), weight_decay=t.weight_decay)}
+                                      betas=(0.9, t.beta2), weight_decay=t.weight_decay,
+                                      fused=fused)}
     nets = {"G": G, "fake": fake, "real": real, "head": head}
     start = 0
     if ckpt is not None:
@@ -641,11 +942,11 @@ def train_distill(cfg, out, resume, stage):
         for k in opts:
             opts[k].load_state_dict(ckpt[f"opt_{k}"])
         start = ckpt["step"]
-        print(f"resuming {path} from step {start}")
+        say(f"resuming {path} from step {start}")
     autocast = autocast_for(device)
     log = LossLog(os.path.join(out, f"{name}_log.jsonl"), start if resume else None)
     train_ds = data.make_dataset(cfg.data, "train")
-    print(f"{stage}: distilling DiT-{cfg.model.size} ({dit.n_params(G.net) / 1e6:.2f}M params), "
+    say(f"{stage}: distilling DiT-{cfg.model.size} ({dit.n_params(G.net) / 1e6:.2f}M params), "
           f"{dc.steps} iterations of {dc.batch_size} clips, G every {dc.gen_every}, "
           f"discriminator on block {block}, on {device}"
           + (f", G layer-dropped ({cfg.layerdrop.method} schedule)" if gen_fn else ""))
@@ -659,32 +960,35 @@ def train_distill(cfg, out, resume, stage):
                                "latent_stats": rep.state_dict()})
         return step
 
-    last_saved = start if resume else None
+    guard = NaNGuard(path, "distill.lr_gen / distill.lr_fake", start if resume else None)
+    for k in ("G", "fake", "real"):
+        compiled(nets[k], t.compile)
     sums, counts, g_by_sigma = {}, {}, []
     bar = tqdm(range(start, dc.steps), initial=start, total=dc.steps, desc=stage,
-               dynamic_ncols=True)
+               dynamic_ncols=True, disable=not DIST.main)
     for step in bar:
-        x, ids, _ = make_batch(train_ds, rep, tok, cfg, step, device, dc.batch_size)
-        g = step_generator(t.seed, step, device)
-        out_ = presto_s_iteration(step, nets, opts, x, ids, torch.zeros_like(ids), dc, cfg.edm, g,
-                                  block, t.grad_clip, autocast, gen_fn=gen_fn)
+        batches = [(x, ids, torch.zeros_like(ids), rng) for x, ids, _, rng, _ in
+                   micro_batches(train_ds, rep, tok, cfg, step, device, dc.batch_size)]
+        out_ = presto_s_iteration(step, nets, opts, batches, dc, cfg.edm, block, t.grad_clip,
+                                  autocast, gen_fn=gen_fn)
         if "g_abs" in out_:
             g_by_sigma.append((out_.pop("sigma_dmd"), out_.pop("g_abs")))
+        guard.update(step, **out_)
         for k, v in out_.items():                          # running sums: no host sync per step
             sums[k], counts[k] = sums.get(k, 0) + v, counts.get(k, 0) + 1
         done = step + 1
         if done % t.log_every == 0 or done == dc.steps:
-            row = {k: v.item() / counts[k] for k, v in sums.items()}     # means since last log
+            guard.check(done)
+            row = {k: v / counts[k] for k, v in global_mean(sums).items()}   # means since last log
             sums, counts = {}, {}
-            check_finite(step, path, last_saved, "distill.lr_gen / distill.lr_fake",
-                         **{k: torch.tensor(v) for k, v in row.items()})
-            if g_by_sigma:
+            if g_by_sigma:         # this process's clips only (the buckets differ between ranks)
                 row["g_abs_by_sigma"] = bucket_means(*map(torch.cat, zip(*g_by_sigma)))
             g_by_sigma = []
             log.write(step=done, **row)
             bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k in ("L_fake", "L_D", "D_real", "D_fake")})
         if done % t.ckpt_every == 0 or done == dc.steps:
-            last_saved = checkpoint(done)
+            guard.check(done)
+            guard.saved(checkpoint(done))
     bar.close()
     return path
 
@@ -732,7 +1036,7 @@ def train_layerdrop(cfg, out, resume=False):
     def val_loss(den, x, cond, sigma, g):          # DSM of the model at the schedule's budgets
         b = layerdrop.budget_for_sigma(sigma, depth, ld, cfg.edm)
         return layerdrop.dsm_loss(den, x, cond, sigma, b, ld.method, g, ld.budget_cond)
-    print(f"{ld.method}: fine-tuning DiT-{cfg.model.size} ({depth} blocks) at budgets {budgets} "
+    say(f"{ld.method}: fine-tuning DiT-{cfg.model.size} ({depth} blocks) at budgets {budgets} "
           f"(low -> high noise, jitter {ld.jitter}), {ld.steps} steps of {ld.batch_size} clips "
           f"on {device}")
 
@@ -741,35 +1045,44 @@ def train_layerdrop(cfg, out, resume=False):
                                                tok, rep, val_loss=val))
         return step
 
-    last_saved = start if resume else None
+    guard = NaNGuard(path, "layerdrop.lr", start if resume else None)
+    net = compiled(student, t.compile)
     bar = tqdm(range(start, ld.steps), initial=start, total=ld.steps, desc=ld.method,
-               dynamic_ncols=True)
+               dynamic_ncols=True, disable=not DIST.main)
+    speed = Speed(cfg, rep, device)
     for step in bar:
-        x, ids, _ = make_batch(train_ds, rep, tok, cfg, step, device, ld.batch_size)
-        g = step_generator(t.seed, step, device)
-        ids = drop_captions(ids, t.p_uncond, g)          # so the layer-dropped model takes CFG
-        sigma = edm.sample_p_train(ids.shape[0], cfg.edm, g, device)
-        with autocast:
-            cond_teacher = teacher.encode(ids) if teacher is not None else None
-            loss, b = layerdrop.training_loss(student, teacher, x, student.encode(ids),
-                                              cond_teacher, sigma, ld, cfg.edm, g)
-            loss = loss.mean()
-        grad_norm = optimizer_step(loss, opt, t.grad_clip, lambda norm: check_finite(
-            step, path, last_saved, "layerdrop.lr", loss=loss, grad_norm=norm))
+        loss, blocks = torch.zeros((), device=device), torch.zeros((), device=device)
+        for x, ids, _, rng, weight in micro_batches(train_ds, rep, tok, cfg, step, device, ld.batch_size):
+            g = rng()
+            ids = drop_captions(ids, t.p_uncond, g)          # so the layer-dropped model takes CFG
+            sigma = edm.sample_p_train(ids.shape[0], cfg.edm, g, device)
+            with autocast:
+                cond_teacher = teacher.encode(ids) if teacher is not None else None
+                micro, b = layerdrop.training_loss(net, teacher, x, net.encode(ids), cond_teacher,
+                                                   sigma, ld, cfg.edm, g)
+                micro = micro.mean() * weight
+            micro.backward()
+            loss += micro.detach()
+            blocks += b.double().mean().float() / depth * weight
+        grad_norm = optimizer_step(opt, t.grad_clip)
+        guard.update(step, loss=loss, grad_norm=grad_norm)
         ema_update(ema, student, min(t.ema, (1 + step) / (10 + step)))
+        speed.count(ld.batch_size)
         done = step + 1
         if done % t.log_every == 0 or done == ld.steps:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            log.write(step=done, loss=loss.item(), grad_norm=grad_norm.item(),
-                      blocks=b.double().mean().item() / depth)
+            guard.check(done)
+            row = global_mean({"loss": loss, "grad_norm": grad_norm, "blocks": blocks})
+            bar.set_postfix(loss=f"{row['loss']:.4f}")
+            log.write(step=done, **row, **speed.report())
         val = None
-        if done % t.eval_every == 0 or done == ld.steps:   # the EMA at the schedule's budgets
+        if DIST.main and (done % t.eval_every == 0 or done == ld.steps):   # EMA at the schedule's budgets
             val, by_sigma = validate(ema, val_ds, rep, tok, cfg, device, autocast, val_loss)
             log.write(step=done, val_loss=val, val_loss_by_sigma=by_sigma)
-            bar.write(f"step {done}: train loss {loss.item():.4f}, val DSM loss (EMA, "
-                      f"layer-dropped) {val:.4f}")
+            say(f"step {done}: train loss {loss.item():.4f}, val DSM loss (EMA, layer-dropped) "
+                f"{val:.4f}")
         if done % t.ckpt_every == 0 or done == ld.steps:
-            last_saved = checkpoint(done, val)
+            guard.check(done)
+            guard.saved(checkpoint(done, val))
     bar.close()
     return path
 
@@ -801,7 +1114,8 @@ def run_stage(stage, out, preset, sets, resume=False, force=False):
                                   "to start over")
         cfg = make_config(preset, sets)
     stage_fn(cfg, out, resume=resume)
-    print(f"wrote {path}")
+    barrier()                         # every process sees the checkpoint before the next stage
+    say(f"wrote {path}")
     return path
 
 
@@ -813,7 +1127,7 @@ def run_all(out, preset, sets, force=False):
         ckpt = (torch.load(path, map_location="cpu", weights_only=False)
                 if os.path.exists(path) and not force else None)
         if ckpt is not None and ckpt.get("done"):
-            print(f"{stage}: {path} is complete, skipped (--force retrains it)")
+            say(f"{stage}: {path} is complete, skipped (--force retrains it)")
             continue
         run_stage(stage, out, preset, sets, resume=ckpt is not None, force=True)
 
@@ -821,7 +1135,9 @@ def run_all(out, preset, sets, force=False):
 def main(argv=None):
     p = argparse.ArgumentParser(
         description="Train a stage of Presto (see README). Example: "
-                    "python train.py --stage all --preset tiny --out runs/tiny",
+                    "python train.py --stage all --preset tiny --out runs/tiny. On several "
+                    "processes (GPUs, or CPU with gloo): torchrun --nproc_per_node=N train.py ...; "
+                    "batch sizes stay global (train.micro_batch sets gradient accumulation).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--stage", choices=[*STAGES, "all"], default="base",
                    help="base: the EDM + DiT teacher -> OUT/base.pt; clap: the evaluation "
@@ -840,18 +1156,26 @@ def main(argv=None):
     p.add_argument("--resume", action="store_true",
                    help="continue from the stage's checkpoint in --out (its config, plus --set); "
                         "--stage all resumes incomplete checkpoints by itself")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the DiT (same as --set train.compile=true)")
     p.add_argument("--force", action="store_true",
                    help="start over even if --out already holds this stage's checkpoint (with "
                         "--stage all: retrain every stage)")
     args = p.parse_args(argv)
     try:
+        init_distributed()
         sets = parse_sets(args.set)
+        if args.compile:
+            sets["train.compile"] = "true"
         if args.stage == "all":
             run_all(args.out, args.preset, sets, args.force)
         else:
             run_stage(args.stage, args.out, args.preset, sets, args.resume, args.force)
     except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, RuntimeError) as e:
         sys.exit(f"error: {e}")
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

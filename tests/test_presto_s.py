@@ -70,8 +70,8 @@ def _tiny_nets(base_run, teacher_trainable=False):
     x, ids, _ = train.make_batch(train.data.make_dataset(cfg.data, "train"), rep, tok, cfg, 0, "cpu", 2)
     nets = {"G": G, "fake": fake, "real": real, "head": head}
     block, dc = len(fake.net.blocks) // 2, cfg.distill
-    run = lambda step: train.presto_s_iteration(step, nets, opts, x, ids, torch.zeros_like(ids), dc,
-                                                cfg.edm, torch.Generator().manual_seed(step), block)
+    batch = lambda step: [(x, ids, torch.zeros_like(ids), lambda: torch.Generator().manual_seed(step))]
+    run = lambda step: train.presto_s_iteration(step, nets, opts, batch(step), dc, cfg.edm, block)
     return nets, opts, dc, run
 
 
@@ -94,16 +94,13 @@ def test_who_is_stepped_and_where_gradients_go(base_run, monkeypatch):
     seen = []
     real_step = train.optimizer_step
 
-    def spy(loss, opt, grad_clip):
+    def spy(opt, grad_clip):
         # right after backward (before the step clears them) look at which parameters got grads
-        loss.backward(retain_graph=True)
         who = "G" if opt is opts["G"] else "fake"
         has = {k: any(p.grad is not None for p in m.parameters()) for k, m in nets.items()}
         seen.append((who, has, {k: m.training and all(p.requires_grad for p in m.parameters())
                                 for k, m in (("fake", fake), ("head", head))}))
-        for p in _params(*nets.values()):
-            p.grad = None
-        return real_step(loss, opt, grad_clip)
+        return real_step(opt, grad_clip)
     monkeypatch.setattr(train, "optimizer_step", spy)
 
     # iteration 1 is a fake-score-only turn (gen_every = 5): G is not touched at all
@@ -135,8 +132,8 @@ def test_generator_gan_loss_reaches_G_through_the_fake_network(base_run, monkeyp
     monkeypatch.setattr(dmd, "dmd_gradient", lambda x_hat, *a: torch.zeros_like(x_hat))
     real_step, norms, after_fake = train.optimizer_step, [], []
 
-    def spy(loss, opt, grad_clip):
-        norm = real_step(loss, opt, grad_clip)
+    def spy(opt, grad_clip):
+        norm = real_step(opt, grad_clip)
         if opt is opts["fake"]:
             after_fake.append(_snapshot(nets["fake"], nets["head"]))
         else:
@@ -294,8 +291,9 @@ def distil(teacher, dc, g, iters):
                                      betas=(0.9, 0.99))}
     nets = {"G": G, "fake": fake, "real": teacher, "head": head}
     for step in range(iters):
-        train.presto_s_iteration(step, nets, opts, mixture(dc.batch_size, g), None, None, dc,
-                                 TOY_EDM, g, block=2)
+        x, state = mixture(dc.batch_size, g), g.get_state()
+        replay = lambda: g.set_state(state) or g       # the iteration's draws, from where they start
+        train.presto_s_iteration(step, nets, opts, [(x, None, None, replay)], dc, TOY_EDM, block=2)
     return G.eval()
 
 

@@ -79,7 +79,9 @@ def test_presto_l_resume_is_exact_and_stage_all_resumes_it(run, tmp_path, monkey
     for key in ("model", "ema"):
         for name in a[key]:
             assert torch.equal(a[key][name], b[key][name]), (key, name)
-    logs = [[json.loads(l) for l in open(os.path.join(d, "presto_l_log.jsonl"))] for d in (straight, broken)]
+    timing = ("clips_per_s", "mfu")                     # wall-clock figures differ between runs
+    logs = [[{k: v for k, v in json.loads(l).items() if k not in timing}
+             for l in open(os.path.join(d, "presto_l_log.jsonl"))] for d in (straight, broken)]
     assert logs[0] == logs[1] and [r["step"] for r in logs[1] if "loss" in r] == [1, 2, 3, 4]
 
 
