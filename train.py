@@ -274,6 +274,7 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    device: str = "cpu"        # where collectives run: this process's GPU under NCCL, else cpu
 
     @property
     def main(self):
@@ -289,7 +290,8 @@ def init_distributed():
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not torch.distributed.is_initialized():
         cuda = torch.cuda.is_available()
-        DIST = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        DIST = Dist(int(os.environ["RANK"]), world, local, f"cuda:{local}" if cuda else "cpu")
         if cuda:
             torch.cuda.set_device(DIST.local_rank)
         torch.distributed.init_process_group("nccl" if cuda else "gloo")
@@ -370,7 +372,8 @@ def global_mean(values):
     if not values:
         return {}
     keys = sorted(values)
-    t = torch.stack([values[k].detach().float().reshape(()) for k in keys])
+    dev = DIST.device if DIST.world > 1 else "cpu"      # NCCL reduces CUDA tensors only
+    t = torch.stack([values[k].detach().float().reshape(()).to(dev) for k in keys])
     if DIST.world > 1:
         torch.distributed.all_reduce(t)
         t = t / DIST.world
