@@ -637,7 +637,7 @@ def latency_section(cfg, rows, opts, device):
     rep, tok, den = random_model(cfg, device)
     net, seconds, depth = den.net, cfg.data.seconds, cfg.model.depth
     print(f"  DiT-{cfg.model.size}: {dit.n_params(net) / 1e6:.1f}M parameters on {device}", flush=True)
-    T = int(round(seconds * cfg.data.sample_rate / cfg.data.hop))      # as sample.generate
+    T = sample.latent_frames(cfg, seconds)
     per_call = lambda b: dit.flops_per_sample(cfg.model, T, cfg.data.max_text_len, b, text_encoder=False)
     text_flops = dit.flops_per_sample(cfg.model, T, cfg.data.max_text_len) - per_call(None)
     ways = {"base": (f"base Heun {opts.steps}-step, CFG {opts.cfg:g}", cfg, "base", "heun", opts.steps,

@@ -36,9 +36,14 @@ def per_sample_noise(seeds, shape, device):
     return lambda i=0: torch.cat([torch.randn(1, *shape, generator=g) for g in gens]).to(device)
 
 
+def latent_frames(cfg, seconds):
+    """Frames T of the latent the samplers generate for `seconds` of audio."""
+    return int(round(seconds * cfg.data.sample_rate / cfg.data.hop))
+
+
 def _setup(denoiser, tok, cfg, prompts, seeds, seconds):
     device = next(denoiser.parameters()).device
-    T = int(round(seconds * cfg.data.sample_rate / cfg.data.hop))
+    T = latent_frames(cfg, seconds)
     ids = tok.encode(prompts, cfg.data.max_text_len).to(device)
     return device, ids, per_sample_noise(seeds, (cfg.model.in_channels, T), device)
 

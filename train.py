@@ -316,29 +316,30 @@ def micro_split(batch_size, micro_batch):
 
 
 def shards(ds, step, batch_size, seed, micro_batch=0):
-    """This process's micro-batches of global step `step`: yields (waves, captions, labels, rows).
+    """This process's micro-batches of global step `step`: yields (waves, captions, labels, rows,
+    weight).
 
     rows is the chunk's slice of the global batch (its rows in edm.BatchRNG draws). Chunk c holds
     positions [c*m, (c+1)*m) of the step's global batch, so no two processes share a clip and the
-    chunks together are exactly the single-process batch (data.batch_indices).
+    chunks together are exactly the single-process batch (data.batch_indices). weight is the
+    chunk's share of this process's clips: the loss multiplier that makes accumulated gradients a
+    mean (average_gradients then averages over processes).
     """
     m, chunks = micro_split(batch_size, micro_batch)
     for c in range(DIST.rank, chunks, DIST.world):
         waves, captions, labels = data.get_batch(ds, step, m, seed, rank=c, world=chunks)
-        yield waves, captions, labels, slice(c * m, (c + 1) * m)
+        yield waves, captions, labels, slice(c * m, (c + 1) * m), DIST.world / chunks
 
 
 def micro_batches(ds, rep, tok, cfg, step, device, batch_size):
     """shards() as latents: yields (x, ids, labels, rng, weight). rng() returns a fresh
-    edm.BatchRNG of the step (call it again to replay the same draws); weight = the chunk's share
-    of this process's clips (the loss multiplier that makes accumulated gradients a mean)."""
-    m, chunks = micro_split(batch_size, cfg.train.micro_batch)
-    for waves, captions, labels, rows in shards(ds, step, batch_size, cfg.data.seed,
-                                                cfg.train.micro_batch):
+    edm.BatchRNG of the step (call it again to replay the same draws)."""
+    for waves, captions, labels, rows, weight in shards(ds, step, batch_size, cfg.data.seed,
+                                                        cfg.train.micro_batch):
         x, ids = encode_batch(rep, tok, cfg, waves, captions, device)
         rng = lambda rows=rows: edm.BatchRNG(step_generator(cfg.train.seed, step, device), rows,
                                              batch_size)
-        yield x, ids, labels, rng, DIST.world / chunks
+        yield x, ids, labels, rng, weight
 
 
 def average_gradients(params):
@@ -431,7 +432,7 @@ class NaNGuard:
 
     def __init__(self, path, knob, last_saved):
         self.path, self.knob, self.last_saved = path, knob, last_saved
-        self.bad, self.since = None, None
+        self.bad, self.since, self.names = None, None, []
 
     def update(self, step, **values):
         if self.since is None:
@@ -673,7 +674,7 @@ def train_base(cfg, out, resume=False):
         return step
 
     guard = NaNGuard(path, "train.lr", start if resume else None)
-    net = compiled(denoiser, t.compile)
+    compiled(denoiser, t.compile)
     bar = tqdm(range(start, t.steps), initial=start, total=t.steps, desc="base", dynamic_ncols=True,
                disable=not DIST.main)
     speed = Speed(cfg, rep, device)
@@ -686,7 +687,7 @@ def train_base(cfg, out, resume=False):
             ids = drop_captions(ids, t.p_uncond, g)
             sigma = edm.sample_p_train(ids.shape[0], cfg.edm, g, device)
             with autocast:
-                micro = edm.edm_loss(net, x, net.encode(ids), sigma, g).mean() * weight
+                micro = edm.edm_loss(denoiser, x, denoiser.encode(ids), sigma, g).mean() * weight
             micro.backward()
             loss += micro.detach()
         grad_norm = optimizer_step(opt, t.grad_clip)
@@ -765,8 +766,8 @@ def train_clap(cfg, out, resume=False):
         sums = {}
         # Under torchrun the InfoNCE negatives are every process's clips of the micro-step
         # (gather_rows); with gradient accumulation, only those of one micro-step.
-        for waves, captions, labels, rows in shards(train_ds, step, c.batch_size, cfg.data.seed,
-                                                    cfg.train.micro_batch):
+        for waves, captions, labels, rows, weight in shards(train_ds, step, c.batch_size,
+                                                            cfg.data.seed, cfg.train.micro_batch):
             g = edm.BatchRNG(step_generator(c.seed, step, "cpu"), rows, c.batch_size)
             gain_db = -c.gain_db * edm.rand(len(waves), g)                              # (B,)
             waves = waves * (10 ** (gain_db / 20))[:, None, None]                       # level invariance
@@ -775,7 +776,6 @@ def train_clap(cfg, out, resume=False):
             loss_attr = (evaluate.attribute_loss(model.attribute_logits(audio), evaluate.attribute_targets(labels))
                          if model.heads and labels[0] else torch.zeros((), device=device))
             loss = loss_nce + c.attr_weight * loss_attr
-            weight = len(waves) * DIST.world / c.batch_size    # micro-batches are averaged
             (loss * weight).backward()
             for k, v in (("loss", loss), ("loss_nce", loss_nce), ("loss_attr", loss_attr)):
                 sums[k] = sums.get(k, 0) + v.detach() * weight
@@ -1049,7 +1049,7 @@ def train_layerdrop(cfg, out, resume=False):
         return step
 
     guard = NaNGuard(path, "layerdrop.lr", start if resume else None)
-    net = compiled(student, t.compile)
+    compiled(student, t.compile)
     bar = tqdm(range(start, ld.steps), initial=start, total=ld.steps, desc=ld.method,
                dynamic_ncols=True, disable=not DIST.main)
     speed = Speed(cfg, rep, device)
@@ -1061,8 +1061,8 @@ def train_layerdrop(cfg, out, resume=False):
             sigma = edm.sample_p_train(ids.shape[0], cfg.edm, g, device)
             with autocast:
                 cond_teacher = teacher.encode(ids) if teacher is not None else None
-                micro, b = layerdrop.training_loss(net, teacher, x, net.encode(ids), cond_teacher,
-                                                   sigma, ld, cfg.edm, g)
+                micro, b = layerdrop.training_loss(student, teacher, x, student.encode(ids),
+                                                   cond_teacher, sigma, ld, cfg.edm, g)
                 micro = micro.mean() * weight
             micro.backward()
             loss += micro.detach()

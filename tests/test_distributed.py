@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import train
-from test_stages import ALL, FAST, FILES, _load
+from test_stages import ALL, FILES, _load, stage_all
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMING = ("clips_per_s", "mfu", "temperature")
@@ -65,15 +65,12 @@ WEIGHTS = {"base.pt": ("model", "ema"), "clap.pt": ("model",), "presto_s.pt": ("
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
     """test_stages' tiny `--stage all` run, but our own copy: a test below extends it."""
-    out = str(tmp_path_factory.mktemp("single"))
-    train.main([*ALL, "--out", out])
-    return out
+    return stage_all(tmp_path_factory, "single")
 
 
-def test_gradient_accumulation_matches_the_whole_batch(single, tmp_path):
+def test_gradient_accumulation_matches_the_whole_batch(single, tmp_path_factory):
     """Every stage but clap with micro-batches of 1 clip (4 accumulated micro-steps per step)."""
-    out = str(tmp_path)
-    train.main([*ALL, "train.micro_batch=1", "--out", out])
+    out = stage_all(tmp_path_factory, "accumulated", "train.micro_batch=1")
     for stage, name in FILES.items():
         if stage == "clap":                  # InfoNCE negatives change with the micro-batch
             continue

@@ -26,11 +26,16 @@ LAYER_DROPPED = ("ase.pt", "presto_l.pt", "presto_ls.pt")
 DEPTH = 4                                              # the tiny preset's DiT-XS
 
 
+def stage_all(tmp_path_factory, name, *sets):
+    """A fresh tiny `--stage all` run (plus --set values) in a new temporary folder."""
+    out = str(tmp_path_factory.mktemp(name))
+    train.main([*ALL, *sets, "--out", out])
+    return out
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("stages"))
-    train.main([*ALL, "--out", out])
-    return out
+    return stage_all(tmp_path_factory, "stages")
 
 
 def _load(run, name):
