@@ -34,6 +34,8 @@ class DistillConfig:
     p_gan: str = "train"         # sigmas at which real / generated latents are noised for the GAN
     gen_sigmas: str = "continuous"  # "continuous" (Presto) or "discrete" (the few-step grid, DMD2-style)
     grid_steps: int = 4          # N of the discrete grid, and the default sampling steps
+    gen_inputs: str = "real"     # what is noised to sigma_gen: "real" latents (PAPER.md section 2), or
+                                 # "backward": G's own 1-step sample (DMD2's backward simulation, one jump)
     cfg_w: float = 4.0           # CFG weight on the real score only (x0-space convention, edm.py)
     nu1: float = 3e-3            # generator loss = L_DMD + nu1 * L_G (LSGAN)
     nu2: float = 1e-2            # fake-score loss = L_fake + nu2 * L_D (LSGAN)
@@ -44,6 +46,10 @@ class DistillConfig:
     lr_fake: float = 1e-4        # Adam lr of the fake score and discriminator head
     steps: int = 1000            # distillation iterations (each steps the fake score; G every gen_every)
     batch_size: int = 16         # real clips per iteration
+    ema: float = 0.0             # EMA decay of G per generator step (0: off); samples come from the EMA
+    val_every: int = 0           # iterations between validation FADs of the grid_steps-step sampler on
+                                 # held-out clips (needs OUT/clap.pt); the best is kept as *_best.pt
+    val_clips: int = 64          # val-split clips of that FAD (and CLAP score)
 
 
 # ----------------------------------------------------------------------------------------------

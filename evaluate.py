@@ -301,6 +301,14 @@ ROWS = {"base.pt": base_rows, "presto_s.pt": presto_s_rows, "ase.pt": layerdrop_
 SPEEDUP_REFERENCE = "base Heun"
 
 
+def checkpoint_file(run, name, best=False):
+    """RUN/name, or with best=True RUN/name_best.pt where the distillation kept one (the checkpoint
+    with the lowest validation FAD, distill.val_every; chosen on the val split, scored on test)."""
+    path = os.path.join(run, name)
+    alt = path.replace(".pt", "_best.pt")
+    return alt if best and os.path.isfile(alt) else path
+
+
 # ----------------------------------------------------------------------------------------------
 # The evaluation
 
@@ -345,7 +353,8 @@ def evaluate_run(run, opts, embed_fn, embed_text=None, predict_fn=None, device="
     present = [f for f in ROWS if os.path.isfile(os.path.join(run, f))]
     if not present:
         raise FileNotFoundError(f"no checkpoints in {run} (looked for {', '.join(ROWS)})")
-    loaded = [ROWS[f](os.path.join(run, f), device, opts) for f in present]
+    loaded = [ROWS[f](checkpoint_file(run, f, getattr(opts, "best", False)), device, opts)
+              for f in present]
     cfg = loaded[0][0]
     test, train_ds = data.make_dataset(cfg.data, "test"), data.make_dataset(cfg.data, "train")
     n = min(opts.n, len(test), len(train_ds))
@@ -405,7 +414,7 @@ def evaluate_run(run, opts, embed_fn, embed_text=None, predict_fn=None, device="
     for r in results[1:]:
         r["speedup"] = ref["end_to_end_ms"] / r["end_to_end_ms"] if ref else None
         r["gen_speedup"] = ref["generation_ms"] / r["generation_ms"] if ref else None
-    settings = dict(run=run, embedder=embedder, n=n, seeds=opts.seeds, diversity_prompts=min(opts.prompts, n),
+    settings = dict(run=run, checkpoints=sorted({r["checkpoint"] for r in results[1:]}), embedder=embedder, n=n, seeds=opts.seeds, diversity_prompts=min(opts.prompts, n),
                     mmd="biased MMD^2 x1000, RBF on L2-normalised embeddings", mmd_sigma=opts.mmd_sigma,
                     fad="Gaussian fit of one embedding per clip, float64 eigen square roots",
                     steps=opts.steps, dpm_steps=opts.dpm_steps, few_steps=opts.few_steps, ls_steps=opts.ls_steps, cfg=opts.cfg, latency_repeats=opts.repeats,
@@ -758,6 +767,9 @@ def main(argv=None):
                    help="steps of the Presto-LS row (with --latency-only: of the Presto-S row too)")
     p.add_argument("--cfg", type=float, default=4.0,
                    help="CFG weight of the base, ASE and Presto-L rows (x0-space)")
+    p.add_argument("--best", action="store_true",
+                   help="score presto_s_best.pt / presto_ls_best.pt (lowest validation FAD during "
+                        "distillation, distill.val_every) instead of the last checkpoints, where present")
     p.add_argument("--embedder", default=None, help="clap.pt (default: RUN/clap.pt)")
     p.add_argument("--mmd-sigma", type=float, default=10.0, help="RBF bandwidth of MMD (CMMD's 10)")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per latency (median)")

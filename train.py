@@ -29,6 +29,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -819,7 +820,28 @@ def fake_turn_draws(rng, x_real, dc, edm_cfg):
     d["eps_dsm"] = noise()
     d["sigma_gan"] = dmd.sample_sigma(dc.p_gan, B, edm_cfg, rng, dev)
     d["eps_gan"] = noise()
+    if dc.gen_inputs == "backward":                  # last, so the other draws keep their order
+        d["eps_back"] = noise()
     return d
+
+
+def generator_input(gen, x_real, d, cond, dc, edm_cfg):
+    """The generator's input at sigma_gen (distill.gen_inputs).
+
+    "real" (PAPER.md section 2): a real latent noised to sigma_gen. "backward": DMD2's backward
+    simulation cut to one jump: G's own 1-step sample from pure noise (no gradient), noised to
+    sigma_gen. That is exactly what the 2-step sampler feeds G at its second step, and close to what
+    later steps see, so the steps after the first learn to refine G's outputs rather than real
+    latents they never meet at inference (the train/inference mismatch of ANCHORS.md, dmd.py)."""
+    s = edm.bcast(d["sigma_gen"], x_real)
+    if dc.gen_inputs == "real":
+        return x_real + s * d["eps_gen"]
+    if dc.gen_inputs == "backward":
+        with torch.no_grad():
+            top = torch.full_like(d["sigma_gen"], edm_cfg.sigma_max)
+            x0 = gen(d["eps_back"] * edm_cfg.sigma_max, top, cond)
+        return x0 + s * d["eps_gen"]
+    raise ValueError(f"unknown distill.gen_inputs {dc.gen_inputs!r}; use 'real' or 'backward'")
 
 
 def presto_s_iteration(step, nets, opts, batches, dc, edm_cfg, block, grad_clip=1.0,
@@ -853,8 +875,8 @@ def presto_s_iteration(step, nets, opts, batches, dc, edm_cfg, block, grad_clip=
         # with one micro-batch its graph is kept for the generator turn, otherwise recomputed there
         keep = gen_turn and len(batches) == 1
         with autocast, torch.set_grad_enabled(keep):
-            x_hat = gen(x_real + edm.bcast(d["sigma_gen"], x_real) * d["eps_gen"], d["sigma_gen"],
-                        G.encode(raw))
+            c_gen = G.encode(raw)
+            x_hat = gen(generator_input(gen, x_real, d, c_gen, dc, edm_cfg), d["sigma_gen"], c_gen)
         kept = x_hat if keep else None
         x_d = x_hat.detach()
         with autocast:
@@ -879,8 +901,11 @@ def presto_s_iteration(step, nets, opts, batches, dc, edm_cfg, block, grad_clip=
         g = rng()
         d = fake_turn_draws(g, x_real, dc, edm_cfg)         # replay: same sigma_gen, eps_gen
         with autocast:
-            x_hat = kept if kept is not None else gen(
-                x_real + edm.bcast(d["sigma_gen"], x_real) * d["eps_gen"], d["sigma_gen"], G.encode(raw))
+            if kept is not None:
+                x_hat = kept
+            else:
+                c_gen = G.encode(raw)
+                x_hat = gen(generator_input(gen, x_real, d, c_gen, dc, edm_cfg), d["sigma_gen"], c_gen)
             cond = fake.encode(raw)
             real_fn = edm.guided(real, real.encode(raw),
                                  real.encode(raw_null) if dc.cfg_w != 1.0 else None, dc.cfg_w)
@@ -900,6 +925,41 @@ def presto_s_iteration(step, nets, opts, batches, dc, edm_cfg, block, grad_clip=
     head.requires_grad_(True)
     out.update(sigma_dmd=torch.cat(sigmas), g_abs=torch.cat(g_abs))
     return out
+
+
+class FewStepValidator:
+    """FAD and CLAP score of the grid_steps-step sampler on the first distill.val_clips clips of
+    the *val* split, embedded by the evaluation embedder OUT/clap.pt: the numbers behind
+    distill.val_every's checkpoint selection. The test split, which evaluate.py scores, is never
+    looked at, so picking the best checkpoint here does not leak into the reported results."""
+
+    def __init__(self, cfg, out, rep, tok, device):
+        self.cfg, self.rep, self.tok, self.device = cfg, rep, tok, device
+        _, self.clap = evaluate.load_clap(os.path.join(out, "clap.pt"), device)
+        ds = data.make_dataset(cfg.data, "val")
+        clips = [ds.clip(i) for i in range(min(cfg.distill.val_clips, len(ds)))]
+        if len(clips) < 2:
+            raise ValueError("distill.val_every needs distill.val_clips >= 2 clips in the val split")
+        self.captions = [c.caption for c in clips]
+        self.real = self.embed(torch.from_numpy(np.stack([c.wave for c in clips])))
+        self.text = self.clap.embed_text(self.captions).float().cpu()
+
+    def embed(self, waves):
+        chunk = self.cfg.distill.batch_size
+        return torch.cat([self.clap.embed_audio(w.to(self.device)).float().cpu()
+                          for w in waves.split(chunk)])
+
+    @torch.no_grad()
+    def __call__(self, G, denoise=None):
+        import sample                                  # sample.py imports train
+        n, chunk, seconds = len(self.captions), self.cfg.distill.batch_size, self.cfg.data.seconds
+        waves = torch.cat([self.rep.decode(sample.generate_few_step(
+            G, self.tok, self.cfg, self.captions[b:b + chunk], list(range(b, min(n, b + chunk))),
+            seconds, steps=self.cfg.distill.grid_steps, denoise=denoise)).cpu()
+            for b in range(0, n, chunk)])
+        emb = self.embed(evaluate.listenable(waves))
+        return {"val_fad": evaluate.frechet_distance(emb, self.real),
+                "val_clap": evaluate.clap_score(emb, self.text)}
 
 
 def train_presto_s(cfg, out, resume=False):
@@ -928,6 +988,11 @@ def train_distill(cfg, out, resume, stage):
         G.net.load_state_dict(student.net.state_dict())
         cfg.layerdrop = lcfg.layerdrop          # the schedule and method G was trained for
         gen_fn = layerdrop.scheduled(G, cfg.layerdrop, cfg.edm, masked=True)
+    # the generator that samples (and is saved as "model"): an EMA of G, or G itself
+    G_ema = copy.deepcopy(G).eval().requires_grad_(False) if dc.ema > 0 else None
+    sampler = G_ema or G
+    sampler_fn = (layerdrop.scheduled(sampler, cfg.layerdrop, cfg.edm) if stage == "presto-ls"
+                  else None)
     fake = copy.deepcopy(real).train().requires_grad_(True)        # fake score <- teacher
     block = dc.disc_block if dc.disc_block >= 0 else len(fake.net.blocks) // 2
     head = gan.Head(cfg.model.width, dc.disc_width).to(device)
@@ -938,29 +1003,38 @@ def train_distill(cfg, out, resume, stage):
                                       betas=(0.9, t.beta2), weight_decay=t.weight_decay,
                                       fused=fused)}
     nets = {"G": G, "fake": fake, "real": real, "head": head}
-    start = 0
+    start, best = 0, None                  # best: the validation numbers of *_best.pt
     if ckpt is not None:
         for k in ("G", "fake", "head"):
             (nets[k].net if k != "head" else head).load_state_dict(ckpt[k])
         for k in opts:
             opts[k].load_state_dict(ckpt[f"opt_{k}"])
-        start = ckpt["step"]
+        if G_ema is not None:
+            G_ema.net.load_state_dict(ckpt.get("G_ema", ckpt["G"]))
+        start, best = ckpt["step"], ckpt.get("best_val")
         say(f"resuming {path} from step {start}")
+    best_path = os.path.join(out, f"{name}_best.pt")
+    validator = (FewStepValidator(cfg, out, rep, tok, device) if dc.val_every > 0 and DIST.main
+                 else None)
     autocast = autocast_for(device)
     log = LossLog(os.path.join(out, f"{name}_log.jsonl"), start if resume else None)
     train_ds = data.make_dataset(cfg.data, "train")
     say(f"{stage}: distilling DiT-{cfg.model.size} ({dit.n_params(G.net) / 1e6:.2f}M params), "
           f"{dc.steps} iterations of {dc.batch_size} clips, G every {dc.gen_every}, "
           f"discriminator on block {block}, on {device}"
-          + (f", G layer-dropped ({cfg.layerdrop.method} schedule)" if gen_fn else ""))
+          + (f", G layer-dropped ({cfg.layerdrop.method} schedule)" if gen_fn else "")
+          + (f", G inputs {dc.gen_inputs}" if dc.gen_inputs != "real" else "")
+          + (f", EMA {dc.ema}" if G_ema is not None else "")
+          + (f", val FAD every {dc.val_every}" if dc.val_every > 0 else ""))
 
-    def checkpoint(step):
-        save_checkpoint(path, {"stage": stage, "step": step, "done": step >= dc.steps,
-                               "config": dataclasses.asdict(cfg), "model": G.net.state_dict(),
+    def checkpoint(step, file=path):
+        save_checkpoint(file, {"stage": stage, "step": step, "done": step >= dc.steps,
+                               "config": dataclasses.asdict(cfg), "model": sampler.net.state_dict(),
                                "G": G.net.state_dict(), "fake": fake.net.state_dict(),
                                "head": head.state_dict(), "opt_G": opts["G"].state_dict(),
                                "opt_fake": opts["fake"].state_dict(), "vocab": tok.state_dict(),
-                               "latent_stats": rep.state_dict()})
+                               "latent_stats": rep.state_dict(), "best_val": best,
+                               **({"G_ema": G_ema.net.state_dict()} if G_ema is not None else {})})
         return step
 
     guard = NaNGuard(path, "distill.lr_gen / distill.lr_fake", start if resume else None)
@@ -974,8 +1048,11 @@ def train_distill(cfg, out, resume, stage):
                    micro_batches(train_ds, rep, tok, cfg, step, device, dc.batch_size)]
         out_ = presto_s_iteration(step, nets, opts, batches, dc, cfg.edm, block, t.grad_clip,
                                   autocast, gen_fn=gen_fn)
-        if "g_abs" in out_:
+        if "g_abs" in out_:                                 # a generator turn
             g_by_sigma.append((out_.pop("sigma_dmd"), out_.pop("g_abs")))
+            if G_ema is not None:     # ramped like the base stage's EMA, counting generator steps
+                k = step // dc.gen_every
+                ema_update(G_ema, G, min(dc.ema, (1 + k) / (10 + k)))
         guard.update(step, **out_)
         for k, v in out_.items():                          # running sums: no host sync per step
             sums[k], counts[k] = sums.get(k, 0) + v, counts.get(k, 0) + 1
@@ -989,6 +1066,16 @@ def train_distill(cfg, out, resume, stage):
             g_by_sigma = []
             log.write(step=done, **row)
             bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k in ("L_fake", "L_D", "D_real", "D_fake")})
+        if dc.val_every > 0 and (done % dc.val_every == 0 or done == dc.steps):
+            guard.check(done)                  # every rank (a collective); then rank 0 validates
+        if validator and (done % dc.val_every == 0 or done == dc.steps):
+            val = validator(sampler, sampler_fn)
+            if best is None or val["val_fad"] < best["val_fad"]:
+                best = {"step": done, **val}
+                checkpoint(done, best_path)
+            log.write(step=done, **val, best_step=best["step"])
+            say(f"step {done}: val FAD {val['val_fad']:.3f}, CLAP {val['val_clap']:.3f} "
+                f"({dc.grid_steps} steps, {len(validator.captions)} val clips); best: step {best['step']}")
         if done % t.ckpt_every == 0 or done == dc.steps:
             guard.check(done)
             guard.saved(checkpoint(done))

@@ -4,6 +4,7 @@ trained toy teacher into a few-step generator, and the stage end to end (train -
 few-step WAV, exact resume, the loss log). The closed-form pieces (DMD gradient between Gaussians,
 LSGAN optima, the few-step sampler) are in test_dmd.py."""
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -16,6 +17,7 @@ import torch.nn as nn
 
 import dmd
 import edm
+import evaluate
 import gan
 import sample
 import train
@@ -214,6 +216,122 @@ def test_presto_s_resume_continues_exactly(base_run, presto_run, tmp_path, monke
     logs = [[json.loads(l) for l in open(os.path.join(r, "presto_s_log.jsonl"))]
             for r in (presto_run, broken)]
     assert logs[0] == logs[1]          # each step once, with the same losses
+
+
+# ----------------------------------------------------------------------------------------------
+# Generator inputs, the generator's EMA, and checkpoint selection on a validation FAD
+
+def test_generator_inputs_real_and_backward():
+    """"real": x + sigma_gen eps. "backward": G's own sample from sigma_max noise (no gradient),
+    then noised to sigma_gen; the backward noise is drawn last, so "real" keeps its draws."""
+    x = torch.randn(3, 2, 5)
+    dc = dmd.DistillConfig()
+    d = train.fake_turn_draws(torch.Generator().manual_seed(0), x, dc, TOY_EDM)
+    assert "eps_back" not in d
+    s = d["sigma_gen"].view(-1, 1, 1)
+    w = torch.ones((), requires_grad=True)
+    calls = []
+
+    def gen(x_in, sigma, cond):
+        calls.append((x_in, sigma, torch.is_grad_enabled()))
+        return 0.5 * x_in * w
+    assert torch.equal(train.generator_input(gen, x, d, None, dc, TOY_EDM), x + s * d["eps_gen"])
+    assert not calls                                            # "real" never calls G
+    back = dataclasses.replace(dc, gen_inputs="backward")
+    d2 = train.fake_turn_draws(torch.Generator().manual_seed(0), x, back, TOY_EDM)
+    assert all(torch.equal(d[k], d2[k]) for k in d)              # same draws, plus eps_back
+    x_in = train.generator_input(gen, x, d2, None, back, TOY_EDM)
+    (noise, sigma, grad_on), = calls
+    assert torch.equal(noise, 80.0 * d2["eps_back"]) and torch.all(sigma == 80.0) and not grad_on
+    assert torch.allclose(x_in, 0.5 * 80.0 * d2["eps_back"] + s * d2["eps_gen"])
+    assert not x_in.requires_grad
+    with pytest.raises(ValueError, match="gen_inputs"):
+        train.generator_input(gen, x, d, None, dataclasses.replace(dc, gen_inputs="noise"), TOY_EDM)
+
+
+VAL = {**FAST, "distill.val_every": "2", "distill.val_clips": "4", "distill.ema": "0.9",
+       "distill.gen_inputs": "backward"}
+
+
+@pytest.fixture(scope="module")
+def val_run(base_run, tmp_path_factory):
+    """base.pt + a tiny clap.pt -> presto_s.pt with the generator's EMA, backward-simulated
+    inputs and a validation FAD every 2 iterations (the best kept as presto_s_best.pt)."""
+    out = str(tmp_path_factory.mktemp("val"))
+    shutil.copy(os.path.join(base_run, "base.pt"), out)
+    train.train_clap(train.make_config("tiny", {**FAST, "clap.steps": "4"}), out)
+    train.train_presto_s(train.make_config("tiny", VAL), out)
+    return out
+
+
+def test_ema_generator_is_what_samples(base_run, val_run, monkeypatch, tmp_path):
+    """Replay the run with a spy on ema_update: the saved "model" (what sample.py loads) is the
+    teacher lerped toward G after each generator turn with the ramped decay min(0.9, (1+k)/(10+k))."""
+    seen = []
+
+    def spy(ema, model, decay, real=train.ema_update):
+        seen.append((decay, [p.detach().clone() for p in model.parameters()]))
+        real(ema, model, decay)
+    monkeypatch.setattr(train, "ema_update", spy)
+    out = str(tmp_path)
+    for f in ("base.pt", "clap.pt"):
+        shutil.copy(os.path.join(val_run, f), out)
+    train.train_presto_s(train.make_config("tiny", VAL), out)
+    assert [round(d, 6) for d, _ in seen] == [round(1 / 10, 6), round(2 / 11, 6)]  # turns 0 and 5
+    expect = [p.detach().clone() for p in train.load_checkpoint(os.path.join(base_run, "base.pt"))[4].net.parameters()]
+    for decay, G in seen:
+        expect = [decay * e + (1 - decay) * g for e, g in zip(expect, G)]
+    ckpt = torch.load(os.path.join(out, "presto_s.pt"), weights_only=False)
+    names = [n for n, _ in train.load_checkpoint(os.path.join(base_run, "base.pt"))[4].net.named_parameters()]
+    for n, e in zip(names, expect):
+        assert torch.allclose(ckpt["model"][n], e, atol=1e-6), n
+        assert torch.equal(ckpt["model"][n], ckpt["G_ema"][n])
+    assert any(not torch.equal(ckpt["model"][n], ckpt["G"][n]) for n in names)
+
+
+def test_validation_keeps_the_best_checkpoint(val_run):
+    rows = [json.loads(l) for l in open(os.path.join(val_run, "presto_s_log.jsonl"))]
+    vals = [r for r in rows if "val_fad" in r]
+    assert [r["step"] for r in vals] == [2, 4, 6]
+    fads = [r["val_fad"] for r in vals]
+    best_step = vals[fads.index(min(fads))]["step"]
+    assert vals[-1]["best_step"] == best_step
+    best = torch.load(os.path.join(val_run, "presto_s_best.pt"), weights_only=False)
+    last = torch.load(os.path.join(val_run, "presto_s.pt"), weights_only=False)
+    assert best["step"] == best_step and best["best_val"]["val_fad"] == min(fads)
+    assert last["best_val"] == best["best_val"]
+    # the file holds the weights that scored that FAD: re-validating it gives the same number
+    cfg, _, rep, tok, G = train.load_checkpoint(os.path.join(val_run, "presto_s_best.pt"))
+    again = train.FewStepValidator(cfg, val_run, rep, tok, torch.device("cpu"))(G)
+    assert again["val_fad"] == pytest.approx(min(fads), rel=1e-5)
+    # evaluate.py --best picks it, and only where it exists
+    assert evaluate.checkpoint_file(val_run, "presto_s.pt", best=True).endswith("presto_s_best.pt")
+    assert evaluate.checkpoint_file(val_run, "presto_s.pt").endswith("presto_s.pt")
+    assert evaluate.checkpoint_file(val_run, "base.pt", best=True).endswith("base.pt")
+
+
+def test_validation_needs_the_embedder(base_run, tmp_path):
+    shutil.copy(os.path.join(base_run, "base.pt"), tmp_path)
+    with pytest.raises(FileNotFoundError, match="clap.pt"):
+        train.train_presto_s(train.make_config("tiny", VAL), str(tmp_path))
+
+
+def test_resume_with_ema_and_validation_is_exact(val_run, tmp_path, monkeypatch):
+    broken = str(tmp_path)
+    for f in ("base.pt", "clap.pt"):
+        shutil.copy(os.path.join(val_run, f), broken)
+    crash_after_first_checkpoint(monkeypatch, train.train_presto_s, train.make_config("tiny", VAL),
+                                 broken, only="presto_s.pt")       # after presto_s_best.pt at 2
+    assert torch.load(os.path.join(broken, "presto_s.pt"), weights_only=False)["step"] == 3
+    train.main(["--stage", "presto-s", "--out", broken, "--resume"])
+    for name in ("presto_s.pt", "presto_s_best.pt"):
+        a, b = (torch.load(os.path.join(r, name), weights_only=False) for r in (val_run, broken))
+        assert a["step"] == b["step"] and a["best_val"] == b["best_val"], name
+        for key in ("G", "G_ema", "fake"):
+            assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), (name, key)
+    logs = [[json.loads(l) for l in open(os.path.join(r, "presto_s_log.jsonl"))]
+            for r in (val_run, broken)]
+    assert logs[0] == logs[1]
 
 
 # ----------------------------------------------------------------------------------------------
