@@ -990,7 +990,7 @@ def train_distill(cfg, out, resume, stage):
         gen_fn = layerdrop.scheduled(G, cfg.layerdrop, cfg.edm, masked=True)
     # the generator that samples (and is saved as "model"): an EMA of G, or G itself
     G_ema = copy.deepcopy(G).eval().requires_grad_(False) if dc.ema > 0 else None
-    sampler = G_ema or G
+    sampler = G_ema if G_ema is not None else G
     sampler_fn = (layerdrop.scheduled(sampler, cfg.layerdrop, cfg.edm) if stage == "presto-ls"
                   else None)
     fake = copy.deepcopy(real).train().requires_grad_(True)        # fake score <- teacher

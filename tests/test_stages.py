@@ -120,6 +120,25 @@ def test_presto_ls_starts_from_presto_l_and_drops_layers_in_the_generator(run, t
         assert _block_fraction(G, lambda: gen_fn(x, torch.full((2,), 0.01), G.encode(ids))) == 1.0
 
 
+def test_presto_ls_validates_the_layer_dropped_generator(run, tmp_path):
+    """distill.val_every on Presto-LS: the validation FAD is that of the EMA generator sampled at
+    its budget schedule; re-validating presto_ls_best.pt that way gives the logged number, and the
+    same weights at full depth give another."""
+    out = str(tmp_path)
+    for name in ("base.pt", "clap.pt", "presto_l.pt"):
+        shutil.copy(os.path.join(run, name), out)
+    sets = {**FAST, "distill.steps": "4", "distill.val_every": "2", "distill.val_clips": "4",
+            "distill.ema": "0.9", "distill.gen_inputs": "backward"}
+    train.train_presto_ls(train.make_config("tiny", sets), out)
+    best = _load(out, "presto_ls_best.pt")
+    assert best["stage"] == "presto-ls" and best["step"] == best["best_val"]["step"]
+    cfg, _, rep, tok, G = train.load_checkpoint(os.path.join(out, "presto_ls_best.pt"))
+    validate = train.FewStepValidator(cfg, out, rep, tok, torch.device("cpu"))
+    dropped = validate(G, layerdrop.scheduled(G, cfg.layerdrop, cfg.edm))["val_fad"]
+    assert dropped == pytest.approx(best["best_val"]["val_fad"], rel=1e-5)
+    assert validate(G)["val_fad"] != pytest.approx(dropped, rel=1e-5)
+
+
 def _block_fraction(den, fn):
     """Run fn() and return (blocks run) / (network calls x depth), counted with forward hooks."""
     calls = {"blocks": 0, "net": 0}
