@@ -301,6 +301,19 @@ ROWS = {"base.pt": base_rows, "presto_s.pt": presto_s_rows, "ase.pt": layerdrop_
 SPEEDUP_REFERENCE = "base Heun"
 
 
+def embed_chunks(embed_fn, waves, batch, device):
+    """embed_fn over waves (B, ch, N) in chunks of `batch` (bounded memory): (B, d) float32 on the CPU."""
+    return torch.cat([embed_fn(w.to(device)).float().cpu() for w in waves.split(batch)])
+
+
+def generate_waves(gen, rep, captions, seconds, batch):
+    """Decoded waveforms (on the CPU) of gen(captions, seeds, seconds) -> latents, clip i with seed i,
+    generated `batch` clips at a time."""
+    n = len(captions)
+    return torch.cat([rep.decode(gen(captions[b:b + batch], list(range(b, min(n, b + batch))),
+                                     seconds)).cpu() for b in range(0, n, batch)])
+
+
 def checkpoint_file(run, name, best=False):
     """RUN/name, or with best=True RUN/name_best.pt where the distillation kept one (the checkpoint
     with the lowest validation FAD, distill.val_every; chosen on the val split, scored on test)."""
@@ -361,8 +374,8 @@ def evaluate_run(run, opts, embed_fn, embed_text=None, predict_fn=None, device="
     rows = [r for _, _, rs in loaded for r in rs]
     bar = tqdm(total=2 + 3 * len(rows), desc="evaluate", dynamic_ncols=True)
 
-    def embed(waves):  # chunks bound the memory
-        return torch.cat([embed_fn(w.to(device)).float().cpu() for w in waves.split(opts.batch)])
+    def embed(waves):
+        return embed_chunks(embed_fn, waves, opts.batch, device)
 
     def quality(audio, captions, labels):  # metrics of n clips against the real test clips
         text = embed_text(captions).float().cpu() if embed_text else None
@@ -391,8 +404,7 @@ def evaluate_run(run, opts, embed_fn, embed_text=None, predict_fn=None, device="
     for (row_cfg, rep, _), (name, settings, gen) in ((l, r) for l in loaded for r in l[2]):
         seconds = row_cfg.data.seconds
         bar.set_description(f"evaluate: {name}")
-        waves = torch.cat([rep.decode(gen(captions[b:b + opts.batch], list(range(b, min(n, b + opts.batch))),
-                                          seconds)).cpu() for b in range(0, n, opts.batch)])
+        waves = generate_waves(gen, rep, captions, seconds, opts.batch)
         bad = int((~torch.isfinite(waves)).flatten(1).any(1).sum())
         row = dict(name=name, **settings, **quality(embed(listenable(waves)), captions, labels),
                    nonfinite_clips=bad)

@@ -931,7 +931,8 @@ class FewStepValidator:
     """FAD and CLAP score of the grid_steps-step sampler on the first distill.val_clips clips of
     the *val* split, embedded by the evaluation embedder OUT/clap.pt: the numbers behind
     distill.val_every's checkpoint selection. The test split, which evaluate.py scores, is never
-    looked at, so picking the best checkpoint here does not leak into the reported results."""
+    looked at, so picking the best checkpoint here does not leak into the reported results.
+    Clips are generated exactly as sample.py / evaluate.py generate them (sample.sampling_fn)."""
 
     def __init__(self, cfg, out, rep, tok, device):
         self.cfg, self.rep, self.tok, self.device = cfg, rep, tok, device
@@ -945,18 +946,15 @@ class FewStepValidator:
         self.text = self.clap.embed_text(self.captions).float().cpu()
 
     def embed(self, waves):
-        chunk = self.cfg.distill.batch_size
-        return torch.cat([self.clap.embed_audio(w.to(self.device)).float().cpu()
-                          for w in waves.split(chunk)])
+        return evaluate.embed_chunks(self.clap.embed_audio, waves, self.cfg.distill.batch_size, self.device)
 
     @torch.no_grad()
-    def __call__(self, G, denoise=None):
+    def __call__(self, G, stage):
+        """G sampled the way a checkpoint of `stage` samples (presto-ls: at its budget schedule)."""
         import sample                                  # sample.py imports train
-        n, chunk, seconds = len(self.captions), self.cfg.distill.batch_size, self.cfg.data.seconds
-        waves = torch.cat([self.rep.decode(sample.generate_few_step(
-            G, self.tok, self.cfg, self.captions[b:b + chunk], list(range(b, min(n, b + chunk))),
-            seconds, steps=self.cfg.distill.grid_steps, denoise=denoise)).cpu()
-            for b in range(0, n, chunk)])
+        gen, _ = sample.sampling_fn(G, self.tok, self.cfg, stage, self.cfg.distill.grid_steps)
+        waves = evaluate.generate_waves(gen, self.rep, self.captions, self.cfg.data.seconds,
+                                        self.cfg.distill.batch_size)
         emb = self.embed(evaluate.listenable(waves))
         return {"val_fad": evaluate.frechet_distance(emb, self.real),
                 "val_clap": evaluate.clap_score(emb, self.text)}
@@ -991,8 +989,6 @@ def train_distill(cfg, out, resume, stage):
     # the generator that samples (and is saved as "model"): an EMA of G, or G itself
     G_ema = copy.deepcopy(G).eval().requires_grad_(False) if dc.ema > 0 else None
     sampler = G_ema if G_ema is not None else G
-    sampler_fn = (layerdrop.scheduled(sampler, cfg.layerdrop, cfg.edm) if stage == "presto-ls"
-                  else None)
     fake = copy.deepcopy(real).train().requires_grad_(True)        # fake score <- teacher
     block = dc.disc_block if dc.disc_block >= 0 else len(fake.net.blocks) // 2
     head = gan.Head(cfg.model.width, dc.disc_width).to(device)
@@ -1069,7 +1065,7 @@ def train_distill(cfg, out, resume, stage):
         if dc.val_every > 0 and (done % dc.val_every == 0 or done == dc.steps):
             guard.check(done)                  # every rank (a collective); then rank 0 validates
         if validator and (done % dc.val_every == 0 or done == dc.steps):
-            val = validator(sampler, sampler_fn)
+            val = validator(sampler, stage)
             if best is None or val["val_fad"] < best["val_fad"]:
                 best = {"step": done, **val}
                 checkpoint(done, best_path)
