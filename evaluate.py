@@ -129,12 +129,30 @@ def attribute_accuracy(pred, target):
     return {**acc, "mean": float(np.mean(list(acc.values())))}
 
 
-def diversity(emb):
-    """emb (P prompts, S seeds, d) -> mean pairwise L2 distance between seeds of one prompt."""
+def diversity(emb, per_prompt=False):
+    """emb (P prompts, S seeds, d) -> mean pairwise L2 distance between seeds of one prompt,
+    averaged over prompts (per_prompt: the (P,) array of each prompt's own mean)."""
     e = _unit(_f64(emb))
     d = np.linalg.norm(e[:, :, None] - e[:, None, :], axis=-1)  # (P, S, S)
     S = e.shape[1]
-    return float(d.sum((1, 2)).mean() / (S * (S - 1)))
+    by_prompt = d.sum((1, 2)) / (S * (S - 1))
+    return by_prompt if per_prompt else float(by_prompt.mean())
+
+
+def mean_and_se(values):
+    """Mean and standard error of the mean (None with fewer than 2 values) of a 1-D sample."""
+    v = _f64(values)
+    return float(v.mean()), (float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else None)
+
+
+def paired_diversity(rows, a, b):
+    """Diversity of row a minus row b, paired by prompt (both rows use the same prompts and
+    seeds): (mean difference, its standard error, prompts), or None if either row is missing."""
+    by_name = {r["name"]: r.get("diversity_by_prompt") for r in rows}
+    if not by_name.get(a) or not by_name.get(b):
+        return None
+    diff = _f64(by_name[a]) - _f64(by_name[b])
+    return (*mean_and_se(diff), len(diff))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -411,7 +429,12 @@ def evaluate_run(run, opts, embed_fn, embed_text=None, predict_fn=None, device="
         bar.update()
         P, S = min(opts.prompts, n), opts.seeds  # diversity: P prompts x S seeds each
         div_waves = rep.decode(gen([c for c in captions[:P] for _ in range(S)], list(range(P * S)), seconds))
-        row["diversity"] = diversity(embed(listenable(div_waves.cpu())).reshape(P, S, -1)) if S > 1 else None
+        if S > 1:
+            by_prompt = diversity(embed(listenable(div_waves.cpu())).reshape(P, S, -1), per_prompt=True)
+            row["diversity"], row["diversity_se"] = mean_and_se(by_prompt)
+            row["diversity_by_prompt"] = by_prompt.tolist()
+        else:
+            row["diversity"] = None
         bar.update()
         latent = gen(captions[:1], [0], seconds)  # latency: batch 1, the row's own settings
         t_gen = median_time(lambda: gen(captions[:1], [0], seconds), device, opts.repeats)
@@ -443,6 +466,27 @@ def _fmt(v, spec=".3f"):
     return "-" if v is None else format(v, spec)
 
 
+def _pm(se, spec=".3f"):
+    """' ± se' after a mean, or nothing without a standard error."""
+    return "" if se is None else f" ± {format(se, spec)}"
+
+
+def _paired_diversity_lines(rows):
+    """Report lines for each Presto-LS row against the Presto-S row with the same steps."""
+    lines = []
+    for r in rows:
+        a = r["name"]
+        b = a.replace("Presto-LS", "Presto-S")
+        p = paired_diversity(rows, a, b) if a.startswith("Presto-LS") else None
+        if p is None:
+            continue
+        d, se, n = p
+        z = f"; {abs(d) / se:.1f} standard errors" if se else ""
+        lines.append(f"- {a} minus {b}: {d:+.3f}{_pm(se)} over {n} prompts "
+                     f"(LS {'higher' if d > 0 else 'lower'}{z})")
+    return ["", "## Diversity, Presto-LS vs Presto-S (paired by prompt)", "", *lines] if lines else []
+
+
 def to_markdown(res):
     s, q = res["settings"], res["embedder_quality"]
     lines = ["# Results", "", "| row | steps | network calls | FAD | MMD | CLAP score | adherence | diversity "
@@ -451,7 +495,7 @@ def to_markdown(res):
     for r in res["rows"]:
         lines.append(f"| {r['name']} | {r.get('steps', '-')} | {r.get('network_calls', '-')} | {_fmt(r['fad'])} "
                      f"| {_fmt(r['mmd'])} | {_fmt(r['clap_score'])} | {_fmt(r['adherence'])} "
-                     f"| {_fmt(r.get('diversity'))} | {_fmt(r.get('blocks'), '.2f')} "
+                     f"| {_fmt(r.get('diversity'))}{_pm(r.get('diversity_se'))} | {_fmt(r.get('blocks'), '.2f')} "
                      f"| {_fmt(r.get('generation_ms'), '.0f')} "
                      f"| {_fmt(r.get('decode_ms'), '.0f')} | {_fmt(r.get('end_to_end_ms'), '.0f')} "
                      f"| {_fmt(r.get('rtf'), '.2f')} | {_fmt(r.get('gen_speedup'), '.1f')} "
@@ -462,7 +506,9 @@ def to_markdown(res):
               "Blocks: the mean fraction of the DiT's blocks a clip runs over its network calls "
               "(below 1 for the layer-dropped rows, from the sigmas the sampler used). "
               "RTF = audio seconds / end-to-end seconds; speed-ups = base Heun time / row time, generation "
-              "alone and end to end (with Griffin-Lim decoding), measured in this run.",
+              "alone and end to end (with Griffin-Lim decoding), measured in this run. Diversity: "
+              f"mean over {s.get('diversity_prompts', '?')} prompts of the mean pairwise embedding "
+              f"distance between {s['seeds']} seeds of a prompt, ± its standard error over prompts.",
               *[f"\n**{r['name']}: {r['nonfinite_clips']} of {s['n']} clips decoded to inf/NaN samples** "
                 "(zeroed before embedding)." for r in res["rows"] if r.get("nonfinite_clips")],
               "", "## Embedder quality (held-out real test clips)", "",
@@ -470,6 +516,7 @@ def to_markdown(res):
               f"(chance {1 / q['candidates']:.3f})"]
     if q["attributes"]:
         lines.append("- attribute accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in q["attributes"].items()))
+    lines += _paired_diversity_lines(res["rows"])
     lines += ["", "## Settings", "", "```", json.dumps(s, indent=2), "```", ""]
     return "\n".join(lines)
 

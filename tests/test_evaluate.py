@@ -99,9 +99,28 @@ def test_clap_score_retrieval_and_diversity_on_known_embeddings():
     assert evaluate.diversity(same) == 0.0
     orth = np.stack([np.eye(3, 4), np.eye(3, 4)])   # orthogonal unit vectors: distance sqrt(2)
     assert evaluate.diversity(orth) == pytest.approx(math.sqrt(2))
+    mixed = np.concatenate([same[:1], orth[:1]])      # prompt 0: no diversity, prompt 1: sqrt(2)
+    assert evaluate.diversity(mixed, per_prompt=True) == pytest.approx([0.0, math.sqrt(2)])
     acc = evaluate.attribute_accuracy({"a": np.array([0, 1]), "b": np.array([1, 1])},
                                       {"a": np.array([0, 0]), "b": np.array([1, 1])})
     assert acc == {"a": 0.5, "b": 1.0, "mean": 0.75}
+
+def test_diversity_standard_error_and_paired_difference():
+    # mean and SE of [1, 2, 3, 6]: mean 3, sample std sqrt(14/3), SE sqrt(14/3)/2
+    mean, se = evaluate.mean_and_se([1.0, 2.0, 3.0, 6.0])
+    assert mean == pytest.approx(3.0) and se == pytest.approx(math.sqrt(14 / 3) / 2)
+    assert evaluate.mean_and_se([0.5])[1] is None
+    # pairing removes the prompt-to-prompt spread: LS is S + 0.01 on every prompt, so the paired
+    # difference is exactly 0.01 with no spread, though each row's own SE is large
+    s_div = [0.1, 0.5, 0.2, 0.9]
+    rows = [dict(name="Presto-S 4-step", diversity_by_prompt=s_div),
+            dict(name="Presto-LS 4-step", diversity_by_prompt=[v + 0.01 for v in s_div])]
+    d, se, n = evaluate.paired_diversity(rows, "Presto-LS 4-step", "Presto-S 4-step")
+    assert d == pytest.approx(0.01) and se == pytest.approx(0.0, abs=1e-12) and n == 4
+    assert evaluate.paired_diversity(rows, "Presto-LS 4-step", "Presto-S 8-step") is None
+    lines = evaluate._paired_diversity_lines(rows + [dict(name="base Heun", diversity_by_prompt=s_div)])
+    assert len(lines) == 4 and "Presto-LS 4-step minus Presto-S 4-step: +0.010" in lines[-1]
+
 
 # -----------------------------------------------------------------------------
 # The embedder and the evaluate command, at toy scale
@@ -155,8 +174,13 @@ def test_evaluate_writes_results_for_every_row(tiny_run):
     assert res["rows"][1]["speedup"] == 1.0 and res["rows"][1]["network_calls"] == 3
     assert res["settings"]["n"] == 4 and "torch" in res["settings"]["machine"]
     assert res["embedder_quality"]["candidates"] == 4
+    for r in res["rows"][1:]:                         # 2 prompts: per-prompt values and their SE
+        assert len(r["diversity_by_prompt"]) == 2
+        assert r["diversity"] == pytest.approx(np.mean(r["diversity_by_prompt"]))
+        assert r["diversity_se"] == pytest.approx(abs(np.subtract(*r["diversity_by_prompt"])) / 2)
     md = open(os.path.join(tiny_run, "results.md")).read()
     assert "| base Heun | 2 | 3 |" in md and "R@1 among 4 candidates" in md
+    assert f"{res['rows'][1]['diversity']:.3f} ± {res['rows'][1]['diversity_se']:.3f}" in md
 
 
 @pytest.mark.parametrize("make_args,msg", [
