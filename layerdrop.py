@@ -35,6 +35,8 @@ class LayerDropConfig:
     schedule: list = field(default_factory=lambda: [b / 28 for b in ASE_SCHEDULE])
     jitter: int = 1            # [ours] training budgets = schedule + U{-jitter..jitter} blocks
     dsm_weight: float = 0.0    # [ours] Presto-L: weight of the ordinary DSM loss added to L_st
+    st_weight: float = 1.0     # [ours] Presto-L: weight of L_st itself (0 with dsm_weight > 0: ASE's
+                               # objective on Presto-L's blocks, to tell structure from objective)
     budget_cond: bool = True   # Presto-L's budget embedding (ablation: off); ASE never has one
     # the fine-tuning stages (train.py --stage ase / presto-l), as dmd.DistillConfig's
     steps: int = 1000          # optimiser steps
@@ -161,21 +163,27 @@ def dsm_loss(student, x, cond, sigma, budgets, method, generator=None, budget_co
 
 
 def self_teacher_loss(student, teacher, x, cond_student, cond_teacher, sigma, budgets, method,
-                      generator=None, dsm_weight=0.0, budget_cond=True):
+                      generator=None, dsm_weight=0.0, budget_cond=True, st_weight=1.0):
     """Presto-L's L_st [ours: form]: the layer-dropped student's D regresses onto the frozen
     full-depth teacher's D at the same noisy input (one eps), weighted by lambda(sigma).
 
     cond_student / cond_teacher are each network's own encoding of the same captions (the student's
     text encoder is fine-tuned too). dsm_weight > 0 adds the ordinary DSM loss, sharing the
-    student's forward pass.
+    student's forward pass; st_weight scales L_st (at 0 the teacher is not called at all).
     """
+    if st_weight < 0 or dsm_weight < 0 or st_weight == dsm_weight == 0:
+        raise ValueError(f"layerdrop.st_weight={st_weight} and dsm_weight={dsm_weight}: both must be "
+                         ">= 0 and at least one > 0")
     eps = edm.randn(x.shape, generator, x.device)
     x_noisy = x + edm.bcast(sigma, x) * eps
-    with torch.no_grad():
-        D_teacher = teacher(x_noisy, sigma, cond_teacher)
+    if st_weight:
+        with torch.no_grad():
+            D_teacher = teacher(x_noisy, sigma, cond_teacher)
     D = forward(student, x_noisy, sigma, cond_student, budgets, method, budget_cond, masked=True)
     w = edm.bcast(edm.loss_weight(sigma, student.sigma_data), x)
-    loss = (w * (D - D_teacher) ** 2).flatten(1).mean(1)
+    loss = torch.zeros_like(sigma)
+    if st_weight:
+        loss = loss + st_weight * (w * (D - D_teacher) ** 2).flatten(1).mean(1)
     if dsm_weight:
         loss = loss + dsm_weight * (w * (D - x) ** 2).flatten(1).mean(1)
     return loss
@@ -189,7 +197,8 @@ def training_loss(student, teacher, x, cond_student, cond_teacher, sigma, cfg, e
     if cfg.method == "ase":
         return dsm_loss(student, x, cond_student, sigma, budgets, "ase", generator), budgets
     return self_teacher_loss(student, teacher, x, cond_student, cond_teacher, sigma, budgets,
-                             "presto-l", generator, cfg.dsm_weight, cfg.budget_cond), budgets
+                             "presto-l", generator, cfg.dsm_weight, cfg.budget_cond,
+                             cfg.st_weight), budgets
 
 
 # ----------------------------------------------------------------------------------------------

@@ -146,6 +146,13 @@ def test_self_teacher_loss_is_zero_at_full_depth_and_positive_when_dropping():
                                  dsm_weight=1.0)
     torch.testing.assert_close(L_dsm, edm.edm_loss(den, x, cond, sigma, g()))
     torch.testing.assert_close(ld.dsm_loss(den, x, cond, sigma, full, "ase", g()), L_dsm)
+    # st_weight=0: DSM alone on Presto-L's blocks, without calling the teacher (None would fail)
+    three = torch.full((4,), 3)
+    L_only = ld.self_teacher_loss(den, None, x, cond, None, sigma, three, "presto-l", g(),
+                                  dsm_weight=1.0, st_weight=0.0)
+    torch.testing.assert_close(L_only, ld.dsm_loss(den, x, cond, sigma, three, "presto-l", g()))
+    with pytest.raises(ValueError, match="at least one"):
+        ld.self_teacher_loss(den, den, x, cond, cond, sigma, three, "presto-l", g(), st_weight=0.0)
 
 
 def test_training_loss_backpropagates_into_the_student_only():
