@@ -112,9 +112,11 @@ def mmd(x, y, sigma=10.0):
     return float(1000 * (k(x, x).mean() + k(y, y).mean() - 2 * k(x, y).mean()))
 
 
-def clap_score(audio, text):
-    """Mean cosine similarity between matching rows of audio (n, d) and text (n, d) embeddings."""
-    return float((_unit(_f64(audio)) * _unit(_f64(text))).sum(1).mean())
+def clap_score(audio, text, per_clip=False):
+    """Mean cosine similarity between matching rows of audio (n, d) and text (n, d) embeddings
+    (per_clip: the (n,) array of each clip's own similarity)."""
+    by_clip = (_unit(_f64(audio)) * _unit(_f64(text))).sum(1)
+    return by_clip if per_clip else float(by_clip.mean())
 
 
 def retrieval_r1(audio, text):
@@ -145,10 +147,11 @@ def mean_and_se(values):
     return float(v.mean()), (float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else None)
 
 
-def paired_diversity(rows, a, b):
-    """Diversity of row a minus row b, paired by prompt (both rows use the same prompts and
-    seeds): (mean difference, its standard error, prompts), or None if either row is missing."""
-    by_name = {r["name"]: r.get("diversity_by_prompt") for r in rows}
+def paired_difference(rows, a, b, key):
+    """Row a's metric minus row b's, paired item by item: rows hold per-item values under key
+    (e.g. "diversity_by_prompt", "clap_score_by_clip"), computed on the same prompts and seeds.
+    Returns (mean difference, its standard error, items), or None if either row lacks them."""
+    by_name = {r["name"]: r.get(key) for r in rows}
     if not by_name.get(a) or not by_name.get(b):
         return None
     diff = _f64(by_name[a]) - _f64(by_name[b])
@@ -399,8 +402,11 @@ def evaluate_run(run, opts, embed_fn, embed_text=None, predict_fn=None, device="
         text = embed_text(captions).float().cpu() if embed_text else None
         adh = (attribute_accuracy(predict_fn(audio.to(device)), attribute_targets(labels))
                if predict_fn and labels[0] else None)
+        by_clip = clap_score(audio, text, per_clip=True) if text is not None else None
+        clap, clap_se = mean_and_se(by_clip) if by_clip is not None else (None, None)
         return dict(fad=frechet_distance(audio, real), mmd=mmd(audio, real, opts.mmd_sigma),
-                    clap_score=clap_score(audio, text) if text is not None else None,
+                    clap_score=clap, clap_score_se=clap_se,
+                    clap_score_by_clip=None if by_clip is None else by_clip.tolist(),
                     adherence=adh and adh["mean"], adherence_by_attribute=adh)
 
     # real test clips: the reference set, the prompts, and the embedder's own quality
@@ -471,20 +477,27 @@ def _pm(se, spec=".3f"):
     return "" if se is None else f" ± {format(se, spec)}"
 
 
-def _paired_diversity_lines(rows):
-    """Report lines for each Presto-LS row against the Presto-S row with the same steps."""
+# (row a, row b, metric) compared item by item in the report where both rows are present: the
+# paper's "LS improves diversity" at every Presto-LS step count, and Presto-L against ASE
+PAIRED = [*[(f"Presto-LS {k}-step", f"Presto-S {k}-step", "diversity") for k in (1, 2, 4, 8)],
+          ("Presto-L", "ASE", "clap_score")]
+PAIRED_ITEMS = {"diversity": ("diversity_by_prompt", "prompts"),     # metric -> per-item key, items
+                "clap_score": ("clap_score_by_clip", "clips")}
+
+
+def _paired_lines(rows):
+    """Report lines for every PAIRED comparison whose rows both carry per-item values."""
     lines = []
-    for r in rows:
-        a = r["name"]
-        b = a.replace("Presto-LS", "Presto-S")
-        p = paired_diversity(rows, a, b) if a.startswith("Presto-LS") else None
+    for a, b, metric in PAIRED:
+        key, items = PAIRED_ITEMS[metric]
+        p = paired_difference(rows, a, b, key)
         if p is None:
             continue
         d, se, n = p
         z = f"; {abs(d) / se:.1f} standard errors" if se else ""
-        lines.append(f"- {a} minus {b}: {d:+.3f}{_pm(se)} over {n} prompts "
-                     f"(LS {'higher' if d > 0 else 'lower'}{z})")
-    return ["", "## Diversity, Presto-LS vs Presto-S (paired by prompt)", "", *lines] if lines else []
+        lines.append(f"- {metric}, {a} minus {b}: {d:+.3f}{_pm(se)} over {n} {items} "
+                     f"({a} {'higher' if d > 0 else 'lower'}{z})")
+    return ["", "## Paired differences (same prompts and seeds)", "", *lines] if lines else []
 
 
 def to_markdown(res):
@@ -494,7 +507,7 @@ def to_markdown(res):
              "| speed-up (end-to-end) |", "|" + "---|" * 15]
     for r in res["rows"]:
         lines.append(f"| {r['name']} | {r.get('steps', '-')} | {r.get('network_calls', '-')} | {_fmt(r['fad'])} "
-                     f"| {_fmt(r['mmd'])} | {_fmt(r['clap_score'])} | {_fmt(r['adherence'])} "
+                     f"| {_fmt(r['mmd'])} | {_fmt(r['clap_score'])}{_pm(r.get('clap_score_se'))} | {_fmt(r['adherence'])} "
                      f"| {_fmt(r.get('diversity'))}{_pm(r.get('diversity_se'))} | {_fmt(r.get('blocks'), '.2f')} "
                      f"| {_fmt(r.get('generation_ms'), '.0f')} "
                      f"| {_fmt(r.get('decode_ms'), '.0f')} | {_fmt(r.get('end_to_end_ms'), '.0f')} "
@@ -508,7 +521,8 @@ def to_markdown(res):
               "RTF = audio seconds / end-to-end seconds; speed-ups = base Heun time / row time, generation "
               "alone and end to end (with Griffin-Lim decoding), measured in this run. Diversity: "
               f"mean over {s.get('diversity_prompts', '?')} prompts of the mean pairwise embedding "
-              f"distance between {s['seeds']} seeds of a prompt, ± its standard error over prompts.",
+              f"distance between {s['seeds']} seeds of a prompt, ± its standard error over prompts; CLAP "
+              "score ± its standard error over clips.",
               *[f"\n**{r['name']}: {r['nonfinite_clips']} of {s['n']} clips decoded to inf/NaN samples** "
                 "(zeroed before embedding)." for r in res["rows"] if r.get("nonfinite_clips")],
               "", "## Embedder quality (held-out real test clips)", "",
@@ -516,7 +530,7 @@ def to_markdown(res):
               f"(chance {1 / q['candidates']:.3f})"]
     if q["attributes"]:
         lines.append("- attribute accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in q["attributes"].items()))
-    lines += _paired_diversity_lines(res["rows"])
+    lines += _paired_lines(res["rows"])
     lines += ["", "## Settings", "", "```", json.dumps(s, indent=2), "```", ""]
     return "\n".join(lines)
 

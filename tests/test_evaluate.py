@@ -99,6 +99,7 @@ def test_clap_score_retrieval_and_diversity_on_known_embeddings():
     assert evaluate.diversity(same) == 0.0
     orth = np.stack([np.eye(3, 4), np.eye(3, 4)])   # orthogonal unit vectors: distance sqrt(2)
     assert evaluate.diversity(orth) == pytest.approx(math.sqrt(2))
+    assert evaluate.clap_score(e, e[[1, 0, 2, 3]], per_clip=True).tolist() == [0, 0, 1, 1]
     mixed = np.concatenate([same[:1], orth[:1]])      # prompt 0: no diversity, prompt 1: sqrt(2)
     assert evaluate.diversity(mixed, per_prompt=True) == pytest.approx([0.0, math.sqrt(2)])
     acc = evaluate.attribute_accuracy({"a": np.array([0, 1]), "b": np.array([1, 1])},
@@ -115,11 +116,20 @@ def test_diversity_standard_error_and_paired_difference():
     s_div = [0.1, 0.5, 0.2, 0.9]
     rows = [dict(name="Presto-S 4-step", diversity_by_prompt=s_div),
             dict(name="Presto-LS 4-step", diversity_by_prompt=[v + 0.01 for v in s_div])]
-    d, se, n = evaluate.paired_diversity(rows, "Presto-LS 4-step", "Presto-S 4-step")
+    key = "diversity_by_prompt"
+    d, se, n = evaluate.paired_difference(rows, "Presto-LS 4-step", "Presto-S 4-step", key)
     assert d == pytest.approx(0.01) and se == pytest.approx(0.0, abs=1e-12) and n == 4
-    assert evaluate.paired_diversity(rows, "Presto-LS 4-step", "Presto-S 8-step") is None
-    lines = evaluate._paired_diversity_lines(rows + [dict(name="base Heun", diversity_by_prompt=s_div)])
-    assert len(lines) == 4 and "Presto-LS 4-step minus Presto-S 4-step: +0.010" in lines[-1]
+    assert evaluate.paired_difference(rows, "Presto-LS 4-step", "Presto-S 8-step", key) is None
+    # the report pairs LS with S at the same steps and Presto-L with ASE on per-clip CLAP scores
+    rows += [dict(name="base Heun", diversity_by_prompt=s_div),
+             dict(name="ASE", clap_score_by_clip=[0.2, 0.3, 0.1]),
+             dict(name="Presto-L", clap_score_by_clip=[0.1, 0.1, 0.2])]
+    lines = evaluate._paired_lines(rows)
+    assert len(lines) == 5
+    assert "diversity, Presto-LS 4-step minus Presto-S 4-step: +0.010" in lines[3]
+    d, se, n = evaluate.paired_difference(rows, "Presto-L", "ASE", "clap_score_by_clip")
+    assert n == 3 and d == pytest.approx(-0.2 / 3) and se == pytest.approx(np.std([-0.1, -0.2, 0.1], ddof=1) / math.sqrt(3))
+    assert f"clap_score, Presto-L minus ASE: {d:+.3f} ± {se:.3f} over 3 clips" in lines[4]
 
 
 # -----------------------------------------------------------------------------
@@ -181,6 +191,9 @@ def test_evaluate_writes_results_for_every_row(tiny_run):
     md = open(os.path.join(tiny_run, "results.md")).read()
     assert "| base Heun | 2 | 3 |" in md and "R@1 among 4 candidates" in md
     assert f"{res['rows'][1]['diversity']:.3f} ± {res['rows'][1]['diversity_se']:.3f}" in md
+    clap = res["rows"][1]["clap_score_by_clip"]         # per-clip CLAP scores, and their mean and SE
+    assert len(clap) == 4 and res["rows"][1]["clap_score"] == pytest.approx(np.mean(clap))
+    assert res["rows"][1]["clap_score_se"] == pytest.approx(np.std(clap, ddof=1) / 2)
 
 
 @pytest.mark.parametrize("make_args,msg", [
