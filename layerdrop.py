@@ -49,6 +49,13 @@ def check_method(method):
         raise ValueError(f"unknown layer-drop method {method!r}; choose one of {METHODS}")
 
 
+def check_loss_weights(st_weight, dsm_weight):
+    """Presto-L's loss must have a term: both weights >= 0, at least one > 0."""
+    if st_weight < 0 or dsm_weight < 0 or st_weight == dsm_weight == 0:
+        raise ValueError(f"layerdrop.st_weight={st_weight} and dsm_weight={dsm_weight}: both must be "
+                         ">= 0 and at least one > 0")
+
+
 def min_budget(method):
     """Presto-L always runs the final block, so it keeps at least one early block besides it."""
     return 2 if method == "presto-l" else 1
@@ -171,9 +178,7 @@ def self_teacher_loss(student, teacher, x, cond_student, cond_teacher, sigma, bu
     text encoder is fine-tuned too). dsm_weight > 0 adds the ordinary DSM loss, sharing the
     student's forward pass; st_weight scales L_st (at 0 the teacher is not called at all).
     """
-    if st_weight < 0 or dsm_weight < 0 or st_weight == dsm_weight == 0:
-        raise ValueError(f"layerdrop.st_weight={st_weight} and dsm_weight={dsm_weight}: both must be "
-                         ">= 0 and at least one > 0")
+    check_loss_weights(st_weight, dsm_weight)
     eps = edm.randn(x.shape, generator, x.device)
     x_noisy = x + edm.bcast(sigma, x) * eps
     if st_weight:

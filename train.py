@@ -1104,12 +1104,15 @@ def train_layerdrop(cfg, out, resume=False):
     the frozen base model for Presto-L."""
     ld, t = cfg.layerdrop, cfg.train
     layerdrop.check_method(ld.method)
+    if ld.method == "presto-l":
+        layerdrop.check_loss_weights(ld.st_weight, ld.dsm_weight)
     name = ld.method.replace("-", "_")
     device, path, ckpt = stage_setup(cfg, out, f"{name}.pt", resume)
     rep, tok, teacher = load_teacher(cfg, out, device)
     student = copy.deepcopy(teacher).train().requires_grad_(True)
     ema = copy.deepcopy(teacher)                      # eval mode, no grad, like the teacher
-    teacher = teacher if ld.method == "presto-l" else None          # ASE's DSM needs no teacher
+    # only L_st needs the frozen teacher (ASE's DSM, and Presto-L with st_weight=0, do not)
+    teacher = teacher if ld.method == "presto-l" and ld.st_weight else None
     opt = torch.optim.AdamW(student.parameters(), lr=ld.lr, betas=(0.9, t.beta2),
                             weight_decay=t.weight_decay, fused=device.type == "cuda")
     start = restore(ckpt, path, student, ema, opt)

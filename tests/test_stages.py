@@ -90,6 +90,22 @@ def test_presto_l_resume_is_exact_and_stage_all_resumes_it(run, tmp_path, monkey
     assert logs[0] == logs[1] and [r["step"] for r in logs[1] if "loss" in r] == [1, 2, 3, 4]
 
 
+def test_presto_l_on_dsm_alone_needs_no_teacher_and_bad_weights_fail_first(run, tmp_path, monkeypatch):
+    out = str(tmp_path)
+    shutil.copy(os.path.join(run, "base.pt"), out)
+    with pytest.raises(ValueError, match="at least one > 0"):    # before any work or file
+        train.train_presto_l(train.make_config("tiny", {**FAST, "layerdrop.st_weight": "0"}), out)
+    assert not os.path.exists(os.path.join(out, "presto_l.pt"))
+    calls = []                                          # the frozen teacher is never called
+    real = layerdrop.self_teacher_loss
+    monkeypatch.setattr(layerdrop, "self_teacher_loss",
+                        lambda s, t, *a, **k: calls.append(t) or real(s, t, *a, **k))
+    cfg = train.make_config("tiny", {**FAST, "layerdrop.st_weight": "0", "layerdrop.dsm_weight": "1"})
+    train.train_presto_l(cfg, out)
+    assert len(calls) == 4 and all(t is None for t in calls)
+    assert _load(out, "presto_l.pt")["config"]["layerdrop"]["st_weight"] == 0
+
+
 def test_presto_ls_starts_from_presto_l_and_drops_layers_in_the_generator(run, tmp_path, monkeypatch):
     seen = []                                           # (gen_fn, nets, weights at iteration 0)
     real_iteration = train.presto_s_iteration
