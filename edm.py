@@ -166,13 +166,18 @@ def db_snr_to_sigma(db, sigma_data=0.5):
     return sigma_data * 10 ** (-torch.as_tensor(db) / 20)
 
 
+def weighted_error(D, target, sigma, sigma_data=0.5):
+    """lambda(sigma) |D - target|^2, mean over elements: per-sample (B,). With target = the clean
+    data this is DSM; layerdrop.py also regresses onto a teacher's D with it."""
+    return (bcast(loss_weight(sigma, sigma_data), D) * (D - target) ** 2).flatten(1).mean(1)
+
+
 def edm_loss(denoiser, x, cond, sigma, generator=None, eps=None):
     """Denoising score matching, EDM-weighted, mean over elements. Returns per-sample losses (B,).
     eps: the noise, if the caller drew it already (default: drawn here from `generator`)."""
     eps = randn(x.shape, generator, x.device) if eps is None else eps
     D = denoiser(x + bcast(sigma, x) * eps, sigma, cond)
-    per_elem = bcast(loss_weight(sigma, denoiser.sigma_data), x) * (D - x) ** 2
-    return per_elem.flatten(1).mean(1)
+    return weighted_error(D, x, sigma, denoiser.sigma_data)
 
 
 # ----------------------------------------------------------------------------------------------

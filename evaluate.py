@@ -477,25 +477,23 @@ def _pm(se, spec=".3f"):
     return "" if se is None else f" ± {format(se, spec)}"
 
 
-# (row a, row b, metric) compared item by item in the report where both rows are present: the
+# (row a, row b, per-item key) compared item by item in the report where both rows are present: the
 # paper's "LS improves diversity" at every Presto-LS step count, and Presto-L against ASE
-PAIRED = [*[(f"Presto-LS {k}-step", f"Presto-S {k}-step", "diversity") for k in (1, 2, 4, 8)],
-          ("Presto-L", "ASE", "clap_score")]
-PAIRED_ITEMS = {"diversity": ("diversity_by_prompt", "prompts"),     # metric -> per-item key, items
-                "clap_score": ("clap_score_by_clip", "clips")}
+PAIRED = [*[(f"Presto-LS {k}-step", f"Presto-S {k}-step", "diversity_by_prompt") for k in (1, 2, 4, 8)],
+          ("Presto-L", "ASE", "clap_score_by_clip")]
 
 
 def _paired_lines(rows):
     """Report lines for every PAIRED comparison whose rows both carry per-item values."""
     lines = []
-    for a, b, metric in PAIRED:
-        key, items = PAIRED_ITEMS[metric]
+    for a, b, key in PAIRED:
         p = paired_difference(rows, a, b, key)
         if p is None:
             continue
         d, se, n = p
+        metric, item = key.split("_by_")
         z = f"; {abs(d) / se:.1f} standard errors" if se else ""
-        lines.append(f"- {metric}, {a} minus {b}: {d:+.3f}{_pm(se)} over {n} {items} "
+        lines.append(f"- {metric}, {a} minus {b}: {d:+.3f}{_pm(se)} over {n} {item}s "
                      f"({a} {'higher' if d > 0 else 'lower'}{z})")
     return ["", "## Paired differences (same prompts and seeds)", "", *lines] if lines else []
 

@@ -165,8 +165,7 @@ def dsm_loss(student, x, cond, sigma, budgets, method, generator=None, budget_co
     eps = edm.randn(x.shape, generator, x.device)
     D = forward(student, x + edm.bcast(sigma, x) * eps, sigma, cond, budgets, method, budget_cond,
                 masked=True)
-    w = edm.bcast(edm.loss_weight(sigma, student.sigma_data), x)
-    return (w * (D - x) ** 2).flatten(1).mean(1)
+    return edm.weighted_error(D, x, sigma, student.sigma_data)
 
 
 def self_teacher_loss(student, teacher, x, cond_student, cond_teacher, sigma, budgets, method,
@@ -181,16 +180,14 @@ def self_teacher_loss(student, teacher, x, cond_student, cond_teacher, sigma, bu
     check_loss_weights(st_weight, dsm_weight)
     eps = edm.randn(x.shape, generator, x.device)
     x_noisy = x + edm.bcast(sigma, x) * eps
+    D = forward(student, x_noisy, sigma, cond_student, budgets, method, budget_cond, masked=True)
+    loss = torch.zeros_like(sigma)
     if st_weight:
         with torch.no_grad():
             D_teacher = teacher(x_noisy, sigma, cond_teacher)
-    D = forward(student, x_noisy, sigma, cond_student, budgets, method, budget_cond, masked=True)
-    w = edm.bcast(edm.loss_weight(sigma, student.sigma_data), x)
-    loss = torch.zeros_like(sigma)
-    if st_weight:
-        loss = loss + st_weight * (w * (D - D_teacher) ** 2).flatten(1).mean(1)
+        loss = loss + st_weight * edm.weighted_error(D, D_teacher, sigma, student.sigma_data)
     if dsm_weight:
-        loss = loss + dsm_weight * (w * (D - x) ** 2).flatten(1).mean(1)
+        loss = loss + dsm_weight * edm.weighted_error(D, x, sigma, student.sigma_data)
     return loss
 
 
