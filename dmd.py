@@ -1,7 +1,10 @@
-"""DMD: score-based distribution matching distillation for EDM models (Presto-S, steps).
+"""dmd.py: Presto-S, score-based distribution matching distillation for EDM models (steps).
 
-Implements PAPER.md section 2 (Presto! section 3.2, building on DMD, Yin et al. CVPR 2024, and
-DMD2, Yin et al. NeurIPS 2024). Read `dmd_gradient` first, then `few_step_sample`.
+Implements the paper's Presto-S (Section 3.2 and its algorithm in Appendix A.3, building on DMD,
+Yin et al. CVPR 2024, and DMD2, Yin et al. NeurIPS 2024). Read `dmd_gradient` first, then the
+two updates of one iteration, `fake_score_loss` (L_fake + nu2 L_D) and `generator_loss`
+(L_DMD + nu1 L_G), then `few_step_sample`. train.presto_s_iteration only draws, calls these two
+and steps the optimisers.
 
 Three networks, all EDM denoisers of the same shape (edm.Denoiser):
   mu_real  the frozen teacher; its score, with CFG, is the target distribution's score
@@ -11,8 +14,9 @@ Three networks, all EDM denoisers of the same shape (edm.Denoiser):
 
 Since score = (D(x; s) - x) / s^2, the KL gradient (score_fake - score_real) at a noised generator
 sample is proportional to D_fake - D_real: moving x_hat along -(D_fake - D_real) moves the
-generator's distribution toward the teacher's. The fake score's DSM loss is the ordinary EDM loss
-(`edm.edm_loss`) on detached generator samples, so it needs no function of its own here.
+generator's distribution toward the teacher's. The fake score's DSM loss L_fake is the ordinary
+EDM loss (`edm.edm_loss`) on detached generator samples; the adversarial terms L_D and L_G are
+gan.py's least-squares GAN on mu_fake's hidden states.
 
 The paper's central ablation is *which* sigma distribution each part draws from (the four settings
 p_gen, p_dmd, p_dsm, p_gan, each "train" = EDM's log-normal or "inf" = the Karras inference
@@ -24,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 import edm
+import gan
 
 
 @dataclass
@@ -34,7 +39,7 @@ class DistillConfig:
     p_gan: str = "train"         # sigmas at which real / generated latents are noised for the GAN
     gen_sigmas: str = "continuous"  # "continuous" (Presto) or "discrete" (the few-step grid, DMD2-style)
     grid_steps: int = 4          # N of the discrete grid, and the default sampling steps
-    gen_inputs: str = "real"     # what is noised to sigma_gen: "real" latents (PAPER.md section 2), or
+    gen_inputs: str = "real"     # what is noised to sigma_gen: "real" latents (the paper's Presto-S), or
                                  # "backward": G's own 1-step sample (DMD2's backward simulation, one jump)
     cfg_w: float = 4.0           # CFG weight on the real score only (x0-space convention, edm.py)
     nu1: float = 3e-3            # generator loss = L_DMD + nu1 * L_G (LSGAN)
@@ -101,6 +106,98 @@ def dmd_gradient(x_hat, real_fn, fake_fn, sigma, eps):
 def dmd_loss(x_hat, g):
     """0.5 * mean((x_hat - sg(x_hat - g))^2): its gradient w.r.t. x_hat is g / x_hat.numel()."""
     return 0.5 * (x_hat - (x_hat - g).detach()).pow(2).mean()
+
+
+# ----------------------------------------------------------------------------------------------
+# One Presto-S iteration: its random draws, the generator's input, and the two updates
+
+def iteration_draws(rng, x_real, distill, edm_cfg):
+    """The random numbers of an iteration's fake-score turn, in a fixed order: the generator input
+    (sigma_gen ~ p_gen, eps_gen), the fake score's DSM (sigma_dsm ~ p_dsm, eps_dsm), the
+    discriminator's noising (sigma_gan ~ p_gan, eps_gan). The generator turn draws them again from
+    a fresh copy of the same RNG (the same sigma_gen and eps_gen), then `generator_turn_draws`."""
+    B, device = x_real.shape[0], x_real.device
+    noise = lambda: edm.randn(x_real.shape, rng, device)
+    draws = {"sigma_gen": generator_sigmas(B, distill, edm_cfg, rng, device)}
+    draws["eps_gen"] = noise()
+    draws["sigma_dsm"] = sample_sigma(distill.p_dsm, B, edm_cfg, rng, device)
+    draws["eps_dsm"] = noise()
+    draws["sigma_gan"] = sample_sigma(distill.p_gan, B, edm_cfg, rng, device)
+    draws["eps_gan"] = noise()
+    if distill.gen_inputs == "backward":             # last, so the other draws keep their order
+        draws["eps_back"] = noise()
+    return draws
+
+
+def generator_turn_draws(rng, x_real, distill, edm_cfg):
+    """The generator turn's own draws, after iteration_draws: the DMD gradient's
+    (sigma_dmd ~ p_dmd, eps_dmd) and L_G's noising (sigma_gan ~ p_gan, eps_gan)."""
+    B, device = x_real.shape[0], x_real.device
+    draws = {"sigma_dmd": sample_sigma(distill.p_dmd, B, edm_cfg, rng, device)}
+    draws["eps_dmd"] = edm.randn(x_real.shape, rng, device)
+    draws["sigma_gan"] = sample_sigma(distill.p_gan, B, edm_cfg, rng, device)
+    draws["eps_gan"] = edm.randn(x_real.shape, rng, device)
+    return draws
+
+
+def generator_input(G_fn, x_real, draws, cond, distill, edm_cfg):
+    """The generator's input at sigma_gen (distill.gen_inputs).
+
+    "real" (the paper): a real latent noised to sigma_gen. "backward" (ours): DMD2's backward
+    simulation cut to one jump: G's own 1-step sample from pure noise (no gradient), noised to
+    sigma_gen. That is exactly what the 2-step sampler feeds G at its second step, and close to what
+    later steps see, so the steps after the first learn to refine G's outputs rather than real
+    latents they never meet at inference."""
+    s = edm.bcast(draws["sigma_gen"], x_real)
+    if distill.gen_inputs == "real":
+        return x_real + s * draws["eps_gen"]
+    if distill.gen_inputs == "backward":
+        with torch.no_grad():
+            top = torch.full_like(draws["sigma_gen"], edm_cfg.sigma_max)
+            x0 = G_fn(draws["eps_back"] * edm_cfg.sigma_max, top, cond)
+        return x0 + s * draws["eps_gen"]
+    raise ValueError(f"unknown distill.gen_inputs {distill.gen_inputs!r}; use 'real' or 'backward'")
+
+
+def fake_score_loss(x_real, x_hat, ids, mu_fake, head, draws, nu2, block):
+    """The fake score's update: L_fake + nu2 * L_D, and its parts (L_fake, L_D, D_real, D_fake).
+
+    L_fake: denoising score matching of mu_fake on the detached generator samples x_hat at sigma_dsm,
+    so mu_fake tracks the generator's distribution. L_D: the least-squares discriminator (mu_fake's
+    hidden state after `block`, then `head`) on real and generated latents noised to sigma_gan with
+    the same eps_gan. ids: the caption ids; both terms step mu_fake and head.
+    """
+    x_hat = x_hat.detach()
+    cond = mu_fake.encode(ids)
+    L_fake = edm.edm_loss(mu_fake, x_hat, cond, draws["sigma_dsm"], eps=draws["eps_dsm"]).mean()
+    sigma = draws["sigma_gan"]
+    x_real_s, x_fake_s = gan.noised_pair(x_real, x_hat, sigma, draws["eps_gan"])
+    h = gan.features(mu_fake, torch.cat([x_real_s, x_fake_s]), torch.cat([sigma, sigma]),
+                     edm.cat_cond(cond, cond), block)
+    D_real, D_fake = head(h).chunk(2)
+    L_D = gan.d_loss(D_real, D_fake)
+    return L_fake + nu2 * L_D, {"L_fake": L_fake, "L_D": L_D, "D_real": D_real.mean(),
+                                "D_fake": D_fake.mean()}
+
+
+def generator_loss(x_hat, ids, null_ids, mu_real, mu_fake, head, draws, cfg_w, nu1, block):
+    """The generator's update: L_DMD + nu1 * L_G, and its parts (L_DMD, L_G, and g: the DMD gradient).
+
+    L_DMD: the surrogate loss of the DMD gradient g at sigma_dmd, with CFG (weight cfg_w, null
+    caption null_ids) on the real score only. L_G: the least-squares generator loss of the
+    discriminator at sigma_gan; mu_fake and head must be frozen by the caller (requires_grad off),
+    so L_G's gradient flows through them into x_hat and on into G without changing them.
+    """
+    cond = mu_fake.encode(ids)
+    real_fn = edm.guided(mu_real, mu_real.encode(ids),
+                         mu_real.encode(null_ids) if cfg_w != 1.0 else None, cfg_w)
+    g = dmd_gradient(x_hat.detach(), real_fn, lambda x, s: mu_fake(x, s, cond),
+                     draws["sigma_dmd"], draws["eps_dmd"])
+    L_DMD = dmd_loss(x_hat, g)
+    sigma = draws["sigma_gan"]
+    x_s = x_hat + edm.bcast(sigma, x_hat) * draws["eps_gan"]
+    L_G = gan.g_loss(head(gan.features(mu_fake, x_s, sigma, cond, block)))
+    return L_DMD + nu1 * L_G, {"L_DMD": L_DMD, "L_G": L_G, "g": g}
 
 
 # ----------------------------------------------------------------------------------------------

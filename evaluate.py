@@ -1,4 +1,4 @@
-"""evaluate.py: how good and how fast is each model of a run (PAPER.md section 5).
+"""evaluate.py: how good and how fast is each model of a run (the paper's evaluation, Section 4).
 
     python train.py --stage clap --preset cpu --out runs/cpu      # the evaluation embedder, once
     python evaluate.py --run runs/cpu [--n 64] [--seeds 4]         # -> runs/cpu/results.{md,json}
@@ -6,13 +6,14 @@
     python evaluate.py --latency-only --preset paper [--rows presto-s presto-ls] [--compile]
                                                    # random weights -> runs/latency_paper/latency.{md,json}
 
-Pretrained CLAP / VGGish weights cannot be downloaded here, so the project trains its own embedder:
-a miniature CLAP (contrastive audio-text model) on the training split, frozen afterwards. Every
-metric below only sees embeddings, so a user with real CLAP passes their own `embed_fn`.
+Pretrained CLAP / VGGish weights cannot be downloaded here, so the project trains its own embedder
+(clap.py, `--stage clap`). Every metric below only sees embeddings, so a user with real CLAP passes
+their own `embed_fn`.
 
 Read first: the metric functions (`frechet_distance`, `mmd`, ...; pure functions on arrays), then
-`ClapModel` (what the numbers are measured with), then `evaluate_run` (what is compared with what).
-`variance_report` is PAPER.md section 3's figure analogue: why Presto-L keeps the final block.
+`evaluate_run` (what is compared with what). `FewStepValidator` scores a generator on the val split
+while Presto-S trains (checkpoint selection). `variance_report` is the analogue of the paper's
+hidden-state variance figure: why Presto-L keeps the final block.
 `latency_section` times the samplers at a preset's full output size with random weights, so the
 speed of the paper's setting can be measured without training it.
 """
@@ -29,39 +30,15 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 from tqdm import tqdm
 
+import clap
+import config
 import data
 import dit
 import edm
 import layerdrop
-# train.py imports ClapConfig from here, so `train` and `sample` are imported inside functions.
-
-
-@dataclass
-class ClapConfig:
-    dim: int = 128             # joint embedding size d (what FAD / MMD / CLAP score see)
-    width: int = 128           # audio tower channels and text tower width
-    audio_depth: int = 4       # dilated residual conv blocks (dilation 1, 2, 4, ...) in the audio tower
-    text_depth: int = 1        # transformer layers in the text tower
-    heads: int = 4             # text tower attention heads
-    attr_weight: float = 1.0   # weight of the attribute cross-entropy (synthetic data only)
-    gain_db: float = 6.0       # augmentation: random gain in [-gain_db, 0] dB per training clip
-    steps: int = 1000          # optimiser steps
-    batch_size: int = 32       # clips per step (also the InfoNCE negatives)
-    lr: float = 1e-3           # AdamW peak learning rate (train.lr_at schedule)
-    warmup: int = 50
-    lr_decay: str = "cosine"
-    min_lr_frac: float = 0.1
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    log_every: int = 10
-    eval_every: int = 250      # steps between held-out (val split) retrieval / attribute numbers
-    ckpt_every: int = 250
-    val_clips: int = 64        # val clips for those numbers (R@1 among this many candidates)
-    seed: int = 0              # model init and augmentation draws
+import sample
 
 
 # ----------------------------------------------------------------------------------------------
@@ -159,130 +136,11 @@ def paired_difference(rows, a, b, key):
 
 
 # ----------------------------------------------------------------------------------------------
-# The evaluation embedder: a miniature CLAP with attribute heads
-
-# attribute -> its classes (the label spaces of the synthetic set), and how a clip's labels map to one
-ATTRIBUTES = {"instrument": data.INSTRUMENTS, "tonic": data.TONICS, "mode": data.MODES,
-              "tempo": data.TEMPO_WORDS, "texture": data.TEXTURES, "drums": (False, True)}
-
-
-def attribute_targets(labels):
-    """List of synthetic label dicts -> {attribute: LongTensor (B,)} of class indices."""
-    value = lambda l, k: data.tempo_bucket(l["bpm"]) if k == "tempo" else ATTRIBUTES[k].index(l[k])
-    return {k: torch.tensor([value(l, k) for l in labels]) for k in ATTRIBUTES}
-
-
-class ClapModel(nn.Module):
-    """Audio tower (conv over normalised log|STFT| frames, mean-pooled) and text tower
-    (dit.TextEncoder, pooled), both projected to d and L2-normalised; optional attribute heads."""
-
-    def __init__(self, c, rep, tok, max_len, attributes):
-        super().__init__()
-        self.rep, self.tok, self.max_len = rep, tok, max_len  # features and words, not parameters
-        W = c.width
-        self.stem = nn.Sequential(  # two stride-2 convs: ~16 tokens per second at 8 kHz / hop 128
-            nn.Conv1d(rep.latent_channels, W, 5, stride=2, padding=2), nn.GELU(),
-            nn.Conv1d(W, W, 5, stride=2, padding=2))
-        self.blocks = nn.ModuleList(  # dilated residual blocks: a receptive field of a few beats
-            nn.Sequential(nn.GroupNorm(1, W), nn.GELU(), nn.Conv1d(W, W, 3, padding=2**i, dilation=2**i),
-                          nn.GELU(), nn.Conv1d(W, W, 1)) for i in range(c.audio_depth))
-        # tempo is a period, which mean-pooled local features hardly see: add the autocorrelation
-        # of the onset envelope (positive spectral flux) over lags up to 1.2 s (below 50 bpm)
-        self.lags = max(2, int(1.2 * rep.frames_per_second))
-        self.rhythm = nn.Linear(self.lags, W)
-        self.audio_proj = nn.Sequential(nn.LayerNorm(W), nn.Linear(W, c.dim))
-        self.text = dit.TextEncoder(tok.vocab_size, W, c.text_depth, c.heads, max_len)
-        self.text_proj = nn.Linear(W, c.dim)
-        self.log_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature
-        self.heads = nn.ModuleDict({k: nn.Linear(c.dim, len(v)) for k, v in ATTRIBUTES.items()}
-                                   if attributes else {})
-
-    def embed_audio(self, waves):
-        """waves (B, ch, N) at cfg.data.sample_rate -> unit embeddings (B, d)."""
-        x = self.rep.encode(waves.to(self.log_scale.device))              # (B, C, T)
-        h = self.stem(x)                                                   # (B, W, T/4)
-        for block in self.blocks:
-            h = h + block(h)
-        return F.normalize(self.audio_proj(h.mean(-1) + self.rhythm(self.onset_autocorr(x))), dim=-1)
-
-    def onset_autocorr(self, x):
-        """x (B, C, T) -> normalised autocorrelation of the onset envelope at lags 1..L (B, L)."""
-        flux = F.relu(x.diff(dim=-1)).mean(1)                              # (B, T-1)
-        flux = flux - flux.mean(-1, keepdim=True)
-        n = max(flux.shape[-1], self.lags + 1)
-        spec = torch.fft.rfft(flux, 2 * n)                                 # zero-padded: no wrap-around
-        ac = torch.fft.irfft(spec.abs() ** 2, 2 * n)[:, :self.lags + 1]    # (B, L+1)
-        return ac[:, 1:] / ac[:, :1].clamp_min(1e-6)
-
-    def embed_text(self, captions):
-        """captions (B strings) -> unit embeddings (B, d)."""
-        ids = self.tok.encode(captions, self.max_len).to(self.log_scale.device)
-        return F.normalize(self.text_proj(self.text(ids)[2]), dim=-1)
-
-    def attribute_logits(self, emb):
-        return {k: head(emb) for k, head in self.heads.items()}
-
-    def predict_attributes(self, emb):
-        """emb (B, d) -> {attribute: predicted class index (B,)}."""
-        return {k: v.argmax(-1) for k, v in self.attribute_logits(emb).items()}
-
-
-def contrastive_loss(audio, text, log_scale):
-    """Symmetric InfoNCE over a batch of matching (audio, text) unit embeddings, learned temperature."""
-    logits = log_scale.clamp(max=math.log(100)).exp() * text @ audio.T  # (B captions, B clips)
-    target = torch.arange(len(logits), device=logits.device)
-    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
-
-
-def attribute_loss(logits, targets):
-    """Mean cross-entropy over the attribute heads."""
-    return sum(F.cross_entropy(logits[k], targets[k].to(logits[k].device)) for k in logits) / len(logits)
-
-
-def build_clap(cfg, feature_stats=None, vocab=None):
-    """The (untrained) embedder for a config; feature statistics fitted on training clips or restored."""
-    rep = data.Representation(cfg.data)
-    if feature_stats is not None:
-        rep.load_state_dict(feature_stats)
-    else:
-        ds = data.make_dataset(cfg.data, "train")
-        rep.fit(torch.stack([torch.from_numpy(ds.clip(i).wave) for i in range(min(cfg.data.stats_clips, len(ds)))]))
-    if vocab is not None:
-        tok = data.Tokenizer.from_state_dict(vocab)
-    elif cfg.data.dataset == "synth":
-        tok = data.Tokenizer.for_synth()
-    else:
-        tok = data.Tokenizer.from_captions(data.make_dataset(cfg.data, "train").captions)
-    torch.manual_seed(cfg.clap.seed)
-    return ClapModel(cfg.clap, rep, tok, cfg.data.max_text_len, attributes=cfg.data.dataset == "synth")
-
-
-def load_clap(path, device="cpu"):
-    """(cfg, frozen ClapModel in eval mode) from clap.pt; one-line errors for missing/foreign files."""
-    import train
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"embedder not found: {path} (train it with: python train.py "
-                                f"--stage clap --preset P --out {os.path.dirname(path) or '.'})")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise ValueError(f"cannot read embedder {path}: {type(e).__name__}: {e}") from None
-    if not isinstance(ckpt, dict) or ckpt.get("stage") != "clap" or "feature_stats" not in ckpt:
-        raise ValueError(f"{path} is not an embedder written by train.py --stage clap")
-    cfg = train.config_from_dict(ckpt["config"])
-    model = build_clap(cfg, ckpt["feature_stats"], ckpt["vocab"])
-    model.load_state_dict(ckpt["model"])
-    return cfg, model.to(device).eval().requires_grad_(False)
-
-
-# ----------------------------------------------------------------------------------------------
 # Rows: checkpoint file in the run folder -> the rows it contributes (later stages add entries)
 
 def _rows(path, device, ways):
     """Load a checkpoint and make one row per (name, sampler or None for few-step, steps, cfg_w)."""
-    import sample
-    import train
-    cfg, ckpt, rep, tok, den = train.load_checkpoint(path, device)
+    cfg, ckpt, rep, tok, den = config.load_checkpoint(path, device, sample.SAMPLING_STAGES)
     rows = []
     for name, sampler, steps, cfg_w in ways(ckpt["stage"]):
         gen, blocks = sample.sampling_fn(den, tok, cfg, ckpt["stage"], steps, sampler, cfg_w)
@@ -400,12 +258,12 @@ def evaluate_run(run, opts, embed_fn, embed_text=None, predict_fn=None, device="
 
     def quality(audio, captions, labels):  # metrics of n clips against the real test clips
         text = embed_text(captions).float().cpu() if embed_text else None
-        adh = (attribute_accuracy(predict_fn(audio.to(device)), attribute_targets(labels))
+        adh = (attribute_accuracy(predict_fn(audio.to(device)), clap.attribute_targets(labels))
                if predict_fn and labels[0] else None)
         by_clip = clap_score(audio, text, per_clip=True) if text is not None else None
-        clap, clap_se = mean_and_se(by_clip) if by_clip is not None else (None, None)
+        score, score_se = mean_and_se(by_clip) if by_clip is not None else (None, None)
         return dict(fad=frechet_distance(audio, real), mmd=mmd(audio, real, opts.mmd_sigma),
-                    clap_score=clap, clap_score_se=clap_se,
+                    clap_score=score, clap_score_se=score_se,
                     clap_score_by_clip=None if by_clip is None else by_clip.tolist(),
                     adherence=adh and adh["mean"], adherence_by_attribute=adh)
 
@@ -563,7 +421,50 @@ def plot(res, path):
 
 
 # ----------------------------------------------------------------------------------------------
-# Hidden-state variance (PAPER.md section 3): why Presto-L keeps the final block
+# The embedder, and the validation FAD that selects Presto-S checkpoints
+
+def load_embedder(path, device="cpu"):
+    """(cfg, frozen clap.ClapModel) from clap.pt; a one-line error saying how to train a missing one."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"embedder not found: {path} (train it with: python train.py "
+                                f"--stage clap --preset P --out {os.path.dirname(path) or '.'})")
+    cfg, _, _, _, model = config.load_checkpoint(path, device, stages=("clap",))
+    return cfg, model
+
+
+class FewStepValidator:
+    """FAD and CLAP score of the grid_steps-step sampler on the first distill.val_clips clips of
+    the *val* split, embedded by the evaluation embedder OUT/clap.pt: the numbers behind
+    distill.val_every's checkpoint selection. The test split, which evaluate_run scores, is never
+    looked at, so picking the best checkpoint here does not leak into the reported results.
+    Clips are generated exactly as sample.py / evaluate_run generate them (sample.sampling_fn)."""
+
+    def __init__(self, cfg, out, rep, tok, device):
+        self.cfg, self.rep, self.tok, self.device = cfg, rep, tok, device
+        _, self.clap = load_embedder(os.path.join(out, "clap.pt"), device)
+        ds = data.make_dataset(cfg.data, "val")
+        clips = [ds.clip(i) for i in range(min(cfg.distill.val_clips, len(ds)))]
+        if len(clips) < 2:
+            raise ValueError("distill.val_every needs distill.val_clips >= 2 clips in the val split")
+        self.captions = [c.caption for c in clips]
+        self.real = self.embed(torch.from_numpy(np.stack([c.wave for c in clips])))
+        self.text = self.clap.embed_text(self.captions).float().cpu()
+
+    def embed(self, waves):
+        return embed_chunks(self.clap.embed_audio, waves, self.cfg.distill.batch_size, self.device)
+
+    @torch.no_grad()
+    def __call__(self, G, stage):
+        """G sampled the way a checkpoint of `stage` samples (presto-ls: at its budget schedule)."""
+        gen, _ = sample.sampling_fn(G, self.tok, self.cfg, stage, self.cfg.distill.grid_steps)
+        waves = generate_waves(gen, self.rep, self.captions, self.cfg.data.seconds,
+                               self.cfg.distill.batch_size)
+        emb = self.embed(listenable(waves))
+        return {"val_fad": frechet_distance(emb, self.real), "val_clap": clap_score(emb, self.text)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Hidden-state variance (the paper's Presto-L section and figure): why Presto-L keeps the final block
 
 VARIANCE_SIGMAS = (0.01, 0.05, 0.2, 0.5, 1.0, 2.0, 5.0, 20.0, 80.0)
 
@@ -574,8 +475,7 @@ def variance_report(run, device, n=16, budget=None, sigmas=VARIANCE_SIGMAS):
     layer's input for the full-depth model and for ASE / Presto-L dropping, each both with the base
     weights (before fine-tuning) and with its own checkpoint where the run has one. Dropping runs
     at the schedule's budget for each sigma, or at `budget` blocks. n held-out (test) clips."""
-    import train
-    cfg, _, rep, tok, base = train.load_checkpoint(os.path.join(run, "base.pt"), device)
+    cfg, _, rep, tok, base = config.load_checkpoint(os.path.join(run, "base.pt"), device, ("base",))
     test = data.make_dataset(cfg.data, "test")
     waves, captions, _ = data.get_batch(test, 0, min(n, len(test)), cfg.data.seed)
     x = rep.encode(waves.to(device))
@@ -590,7 +490,8 @@ def variance_report(run, device, n=16, budget=None, sigmas=VARIANCE_SIGMAS):
         models = {f"{name}, base weights": base}
         ld_cfg = replace(cfg.layerdrop, method=method)
         if os.path.isfile(os.path.join(run, file)):
-            mcfg, _, _, _, models[f"{name} ({file})"] = train.load_checkpoint(os.path.join(run, file), device)
+            mcfg, _, _, _, models[f"{name} ({file})"] = config.load_checkpoint(
+                os.path.join(run, file), device, (method,))
             ld_cfg = mcfg.layerdrop
         b = ([budget] * len(sigmas) if budget is not None else layerdrop.budget_for_sigma(
             torch.tensor(sigmas), depth, ld_cfg, cfg.edm).tolist())
@@ -671,17 +572,16 @@ LATENCY_PROMPT = "an upbeat plucked arpeggio in D minor at 140 bpm with drums"
 def random_model(cfg, device):
     """(rep, tok, denoiser in eval mode) for a config, untrained and without touching any data.
 
-    train.build would fit the latent statistics on synthesised clips (minutes of 44.1 kHz audio
+    config.build would fit the latent statistics on synthesised clips (minutes of 44.1 kHz audio
     at the paper's size); speed does not depend on them, so they are set to mean 0 / std 1. The
     vocabulary is the synthetic set's. The weights are dit.py's initialisation: adaLN-Zero and the
     output layer start at zero, but their matrix products are computed all the same, so the
     timing is that of a trained model of the same shape.
     """
-    import train
     C = data.Representation(cfg.data, cfg.edm.sigma_data).latent_channels
     stats = {"mean": torch.zeros(C, device="cpu"), "std": torch.ones(C, device="cpu"),
              "sigma_data": cfg.edm.sigma_data, **{k: getattr(cfg.data, k) for k in data.Representation.KEYS}}
-    rep, tok, den = train.build(cfg, stats, data.Tokenizer.for_synth().state_dict())
+    rep, tok, den = config.build(cfg, "denoiser", stats, data.Tokenizer.for_synth().state_dict())
     return rep, tok, den.to(device).eval().requires_grad_(False)
 
 
@@ -713,7 +613,6 @@ def latency_section(cfg, rows, opts, device):
     after a warm-up (the counting pass; with --compile two more calls, which compile and, on
     CUDA, record the graphs), CUDA synchronised.
     """
-    import sample
     rep, tok, den = random_model(cfg, device)
     net, seconds, depth = den.net, cfg.data.seconds, cfg.model.depth
     print(f"  DiT-{cfg.model.size}: {dit.n_params(net) / 1e6:.1f}M parameters on {device}", flush=True)
@@ -738,7 +637,7 @@ def latency_section(cfg, rows, opts, device):
                    expected_blocks=expected_blocks, gflop_per_clip=flops / 1e9)
         planned.append((row, one, latent))
     if opts.compile:
-        sample.compile_network(den, device)
+        config.compile_network(den, "reduce-overhead" if torch.device(device).type == "cuda" else None)
     results = []
     for row, one, latent in planned:
         if opts.compile:
@@ -761,12 +660,11 @@ def latency_section(cfg, rows, opts, device):
 
 def latency_report(opts, device):
     """Every requested channel count of opts.preset (+ opts.sets): {settings, sections}."""
-    import train
-    sets = train.parse_sets(opts.sets)
+    sets = config.parse_sets(opts.sets)
     rows = opts.rows
     sections = {}
     for ch in opts.channels:
-        cfg = train.make_config(opts.preset, {**sets, "data.channels": str(ch)})
+        cfg = config.make_config(opts.preset, {**sets, "data.channels": str(ch)})
         label = {1: "mono", 2: "stereo"}.get(ch, f"{ch} channels")
         print(f"{label}: building a random-weight DiT-{cfg.model.size} for {cfg.data.seconds:g} s "
               f"of {cfg.data.sample_rate} Hz audio", flush=True)
@@ -824,7 +722,8 @@ def write_latency(opts, device):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Evaluate every checkpoint of a run folder (PAPER.md section 5).",
+    p = argparse.ArgumentParser(description="Evaluate every checkpoint of a run folder: FAD, MMD, "
+                                "CLAP score, adherence, diversity and latency (see README).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--run", default=None, help="run folder written by train.py (required unless --latency-only)")
     p.add_argument("--n", type=int, default=64, help="clips per row (test-split captions and references)")
@@ -845,7 +744,8 @@ def main(argv=None):
     p.add_argument("--mmd-sigma", type=float, default=10.0, help="RBF bandwidth of MMD (CMMD's 10)")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per latency (median)")
     p.add_argument("--batch", type=int, default=16, help="clips generated / embedded together")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA if available, else CPU), cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--variance", action="store_true",
                    help="instead of the results table: hidden-state variance by depth and noise level, "
@@ -856,7 +756,8 @@ def main(argv=None):
     p.add_argument("--latency-only", action="store_true",
                    help="instead of the results table: batch-1 latency of random-weight models at a "
                         "preset's output size (no run folder, no trained weights) -> OUT/latency.{md,json}")
-    p.add_argument("--preset", default=None, help="--latency-only: the train.PRESETS entry (e.g. paper)")
+    p.add_argument("--preset", default=None, choices=list(config.PRESETS),
+                   help="--latency-only: the preset whose output size and model are timed (e.g. paper)")
     p.add_argument("--set", dest="sets", nargs="+", default=[], metavar="KEY=VALUE",
                    help="--latency-only: config overrides as train.py's, e.g. model.size=S")
     p.add_argument("--channels", type=int, nargs="+", default=[1, 2],
@@ -870,7 +771,6 @@ def main(argv=None):
     p.add_argument("--out", default=None,
                    help="--latency-only: output folder (None: runs/latency_PRESET)")
     opts = p.parse_args(argv)
-    import train
     if opts.threads:
         torch.set_num_threads(opts.threads)
     latency_flags = [flag for flag, given in (      # options that only mean something with --latency-only
@@ -879,10 +779,10 @@ def main(argv=None):
     if opts.latency_only:
         try:
             if opts.preset is None:
-                raise ValueError(f"--latency-only needs --preset (one of {', '.join(train.PRESETS)})")
+                raise ValueError(f"--latency-only needs --preset (one of {', '.join(config.PRESETS)})")
             if opts.repeats < 1 or opts.steps < 1 or opts.ls_steps < 1:
                 raise ValueError("--repeats, --steps and --ls-steps must be >= 1")
-            return write_latency(opts, train.pick_device(opts.device))
+            return write_latency(opts, config.pick_device(opts.device))
         except (ValueError, FileNotFoundError, RuntimeError) as e:
             sys.exit(f"error: {e}")
     if opts.run is None:
@@ -896,15 +796,15 @@ def main(argv=None):
             raise FileNotFoundError(f"no checkpoints in {opts.run} (looked for {', '.join(ROWS)})")
         if opts.n < 2 or opts.seeds < 1 or opts.repeats < 1:
             raise ValueError("--n must be >= 2, --seeds and --repeats >= 1")
-        device = train.pick_device(opts.device)
+        device = config.pick_device(opts.device)
         if opts.variance:
             return write_variance(opts, device)
         path = opts.embedder or os.path.join(opts.run, "clap.pt")
-        clap_cfg, clap = load_clap(path, device)
-        res = evaluate_run(opts.run, opts, clap.embed_audio, clap.embed_text,
-                           clap.predict_attributes if clap.heads else None, device,
-                           embedder=f"{path} (miniature CLAP, d={clap_cfg.clap.dim}, "
-                                    f"{clap_cfg.clap.steps} steps)")
+        embedder_cfg, embedder = load_embedder(path, device)
+        res = evaluate_run(opts.run, opts, embedder.embed_audio, embedder.embed_text,
+                           embedder.predict_attributes if embedder.heads else None, device,
+                           embedder=f"{path} (miniature CLAP, d={embedder_cfg.clap.dim}, "
+                                    f"{embedder_cfg.clap.steps} steps)")
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         sys.exit(f"error: {e}")
     with open(os.path.join(opts.run, "results.json"), "w") as f:

@@ -1,7 +1,8 @@
-"""GAN: a least-squares discriminator on the fake score's hidden features (Presto-S).
+"""gan.py: a least-squares discriminator on the fake score's hidden features (Presto-S).
 
-Implements the adversarial half of PAPER.md section 2 (Presto! section 3.2; DMD2's "GAN on the
-fake-score backbone", Yin et al. 2024; least-squares GAN, Mao et al. 2017). Read `features` first.
+Implements the adversarial half of the paper's Presto-S (Section 3.2; DMD2's "GAN on the
+fake-score backbone", Yin et al. 2024; least-squares GAN, Mao et al. 2017). Read `features` first;
+dmd.fake_score_loss and dmd.generator_loss use these pieces.
 
 The discriminator is not a separate network: it is the fake score mu_fake up to one of its blocks
 (a sigma-conditioned feature extractor that already knows the data), plus a small Conv1d head over
@@ -32,6 +33,11 @@ class Head(nn.Module):
 
     def forward(self, h):
         return self.net(h.transpose(1, 2).float()).squeeze(1)             # (B, N')
+
+
+def disc_block(setting, depth):
+    """The block whose output the discriminator reads: distill.disc_block, or the middle one (-1)."""
+    return setting if setting >= 0 else depth // 2
 
 
 def features(mu_fake, x, sigma, cond, block):

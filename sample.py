@@ -23,10 +23,10 @@ import numpy as np
 import soundfile as sf
 import torch
 
+import config
 import dmd
 import edm
 import layerdrop
-import train
 
 
 def per_sample_noise(seeds, shape, device):
@@ -78,6 +78,7 @@ def generate_few_step(G, tok, cfg, prompts, seeds, seconds, steps=4, denoise=Non
 # checkpoint stage -> how it samples
 FEW_STEP_STAGES = ("presto-s", "presto-ls")
 LAYER_DROP_STAGES = ("ase", "presto-l", "presto-ls")
+SAMPLING_STAGES = ("base", "presto-s", "ase", "presto-l", "presto-ls")   # every stage but clap
 
 
 def network_sigmas(cfg, steps, sampler=None):
@@ -130,25 +131,6 @@ def sampling_fn(denoiser, tok, cfg, stage, steps, sampler="heun", cfg_w=4.0, bud
                              cfg_w=cfg_w, denoise=denoise), blocks
 
 
-def compile_network(denoiser, device):
-    """torch.compile the DiT inside `denoiser`, in place; returns the denoiser.
-
-    Only the network's forward is compiled (what every sampler step calls); the text encoder runs
-    once per clip and stays eager. On CUDA the mode is "reduce-overhead": CUDA graphs replay a whole
-    network call as one launch, which is what batch-1 few-step sampling is bound by (kernel launch
-    overhead, not arithmetic); elsewhere torch's default mode. Compiling happens on the first call
-    and again for every new batch size or list of blocks (a layer-dropped model compiles once per
-    budget), so the recompile limit is raised to cover every budget of the depth. Needs a C++
-    compiler on CPU (and Triton on CUDA).
-    """
-    depth = len(denoiser.net.blocks)
-    limit = torch._dynamo.config.recompile_limit
-    torch._dynamo.config.recompile_limit = max(limit, 2 * depth + 4)   # budgets x batch sizes
-    mode = "reduce-overhead" if torch.device(device).type == "cuda" else None
-    denoiser.net.compile(mode=mode)
-    return denoiser
-
-
 def check_request(cfg, prompts, seconds, steps):
     """Raise ValueError with a one-line reason for a request the model cannot serve."""
     if not prompts:
@@ -197,7 +179,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of the first prompt; prompt i uses seed+i")
     p.add_argument("--gl-iters", type=int, default=None, help="Griffin-Lim iterations for decoding")
     p.add_argument("--batch", type=int, default=8, help="prompts generated together")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA if available, else CPU), cpu, cuda or cuda:N")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the network (on CUDA mode='reduce-overhead', i.e. CUDA graphs, "
                         "which pays off most for batch-1 few-step sampling). The first generation "
@@ -216,8 +199,9 @@ def main(argv=None):
                 prompts = [l.strip() for l in f if l.strip()]
         else:
             prompts = [args.prompt]
-        device = train.pick_device(args.device)
-        cfg, ckpt, rep, tok, denoiser = train.load_checkpoint(args.ckpt, device)
+        device = config.pick_device(args.device)
+        cfg, ckpt, rep, tok, denoiser = config.load_checkpoint(args.ckpt, device,
+                                                               stages=SAMPLING_STAGES)
         seconds = cfg.data.seconds if args.seconds is None else args.seconds
         few_step = ckpt.get("stage", "base") in FEW_STEP_STAGES
         steps = args.steps if args.steps is not None else (4 if few_step else 32)
@@ -225,7 +209,7 @@ def main(argv=None):
         gen, blocks = sampling_fn(denoiser, tok, cfg, ckpt.get("stage", "base"), steps,
                                   args.sampler, args.cfg, args.budget)
         if args.compile:
-            compile_network(denoiser, device)
+            config.compile_network(denoiser, "reduce-overhead" if device.type == "cuda" else None)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         sys.exit(f"error: {e}")
 

@@ -1,19 +1,21 @@
-"""train.py: the one training loop of the project, one `--stage` per paper idea.
+"""train.py: the training loops of the project, one `--stage` per paper idea.
 
     python train.py --stage base --preset cpu --out runs/cpu [--set train.steps=3000 ...] [--resume]
 
 Stages, each writing one checkpoint in OUT (later stages read earlier ones):
-    base       the EDM + DiT teacher of PAPER.md section 1                      -> base.pt
-    clap       the evaluation embedder of section 5 (evaluate.py)               -> clap.pt
-    presto-s   step distillation of base.pt (section 2, dmd.py + gan.py)        -> presto_s.pt
-    ase        the layer-drop baseline: base.pt fine-tuned to exit after b blocks -> ase.pt
-    presto-l   layer distillation of base.pt (section 3, layerdrop.py)          -> presto_l.pt
-    presto-ls  Presto-S with the generator initialised from presto_l.pt (section 4) -> presto_ls.pt
+    base       the EDM + DiT teacher (paper Section 2.1; edm.py, dit.py)                -> base.pt
+    clap       the evaluation embedder (clap.py; the paper scores with pretrained CLAP)  -> clap.pt
+    presto-s   step distillation of base.pt (Section 3.2; dmd.py, gan.py)               -> presto_s.pt
+    ase        the layer-drop baseline: base.pt fine-tuned to exit after b blocks       -> ase.pt
+    presto-l   layer distillation of base.pt (Section 3.3; layerdrop.py)                -> presto_l.pt
+    presto-ls  Presto-S with the generator initialised from presto_l.pt (Section 3.4)   -> presto_ls.pt
     all        the six in this order, skipping those whose checkpoint is complete
 
-How to read this file: the config dataclass and presets first, then `build` (what a checkpoint
-becomes in memory), then `train_base`, a flat nanoGPT-style loop. Every config field can be set
-from the command line as `--set section.field=value` (e.g. `--set model.size=M data.seconds=2`).
+How to read this file: `train_base` first, a flat nanoGPT-style loop; then `presto_s_iteration`
+(one Presto-S iteration: draws, the two losses of dmd.py, the optimiser steps) and the loops
+around it. The losses themselves live in the concept files; this file only composes them.
+Configuration, presets and checkpoint I/O are in config.py; every config field can be set from the
+command line as `--set section.field=value` (e.g. `--set model.size=M data.seconds=2`).
 
 Determinism: the batch and every random draw of step k are pure functions of (seed, k), so
 `--resume` continues exactly where the run stopped (there is no iterator state to save).
@@ -27,12 +29,13 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
+import clap
+import config
 import data
 import dit
 import dmd
@@ -40,219 +43,7 @@ import edm
 import evaluate
 import gan
 import layerdrop
-from data import DataConfig
-from dit import DiTConfig
-from dmd import DistillConfig
-from edm import EDMConfig
-from evaluate import ClapConfig
-from layerdrop import LayerDropConfig
-
-
-@dataclass
-class TrainConfig:
-    steps: int = 2000          # optimiser steps
-    batch_size: int = 16       # clips per step (global batch)
-    lr: float = 3e-4           # AdamW peak learning rate
-    warmup: int = 100          # linear lr warm-up steps
-    lr_decay: str = "cosine"   # "cosine" (to min_lr_frac * lr at the last step) or "constant"
-    min_lr_frac: float = 0.1
-    weight_decay: float = 0.0  # DiT and EDM train without weight decay
-    beta2: float = 0.99        # AdamW beta2 (beta1 = 0.9)
-    grad_clip: float = 1.0     # clip the global gradient norm to this
-    ema: float = 0.999         # EMA decay, ramped up as min(ema, (1+k)/(10+k)) so early EMAs track
-    p_uncond: float = 0.1      # caption dropped (null condition) with this probability, for CFG
-    log_every: int = 10        # steps between loss-log lines
-    eval_every: int = 250      # steps between validation losses (on the EMA model)
-    ckpt_every: int = 250      # steps between checkpoints (always one at the end)
-    val_batches: int = 4       # validation batches (fixed clips, fixed noise)
-    seed: int = 0              # seed of the model init and of every noise draw
-    device: str = "auto"       # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
-    threads: int = 0           # torch CPU threads (0 = torch's default)
-    micro_batch: int = 0       # clips per forward pass on each process (0: its whole share of the
-                               # global batch); smaller -> gradient accumulation, same optimisation
-    compile: bool = False      # torch.compile the DiT (the first steps are slow while it compiles)
-    peak_tflops: float = 0.0   # the accelerator's peak bf16 TFLOP/s for MFU (0: known GPUs only)
-
-
-@dataclass
-class Config:
-    data: DataConfig = field(default_factory=DataConfig)
-    model: DiTConfig = field(default_factory=DiTConfig)
-    edm: EDMConfig = field(default_factory=EDMConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    clap: ClapConfig = field(default_factory=ClapConfig)
-    distill: DistillConfig = field(default_factory=DistillConfig)
-    layerdrop: LayerDropConfig = field(default_factory=LayerDropConfig)
-
-
-# Presets: small named overrides of the defaults above.
-PRESETS = {
-    # tests: a few seconds on 2 cores
-    "tiny": {"data.seconds": 1.0, "data.stats_clips": 32, "model.size": "XS", "model.text_depth": 1,
-             "train.steps": 30, "train.batch_size": 4, "train.warmup": 5, "train.eval_every": 15,
-             "train.ckpt_every": 15, "train.val_batches": 1, "train.log_every": 5,
-             "clap.width": 32, "clap.dim": 32, "clap.audio_depth": 2, "clap.steps": 20,
-             "clap.batch_size": 8, "clap.warmup": 5, "clap.eval_every": 10, "clap.ckpt_every": 10,
-             "clap.val_clips": 8, "clap.log_every": 5,
-             "distill.steps": 10, "distill.batch_size": 4, "distill.disc_width": 16,
-             "layerdrop.steps": 10, "layerdrop.batch_size": 4},
-    # a teacher that audibly follows prompts after ~20 minutes on 2 CPU cores
-    "cpu": {"model.size": "S", "train.steps": 1250, "train.batch_size": 16, "train.lr": 5e-4,
-            "distill.steps": 300, "distill.batch_size": 8, "distill.lr_gen": 2e-4,
-            "distill.lr_fake": 2e-4,                                 # ~13 min on one core
-            "layerdrop.steps": 300, "layerdrop.batch_size": 16},   # ~7 min each on one core
-    # one GPU: 16 kHz, 8 s clips, a bigger model
-    "gpu": {"data.sample_rate": 16000, "data.n_fft": 512, "data.hop": 256, "data.seconds": 8.0,
-            "data.stats_clips": 1024, "model.size": "B", "train.steps": 100_000,
-            "train.batch_size": 64, "train.lr": 1e-4, "train.warmup": 1000, "train.ema": 0.9999,
-            "train.eval_every": 2000, "train.ckpt_every": 2000, "train.log_every": 50,
-            "clap.width": 256, "clap.dim": 256, "clap.steps": 10_000, "clap.batch_size": 128,
-            "clap.eval_every": 1000, "clap.ckpt_every": 1000, "clap.val_clips": 256,
-            "distill.steps": 20_000, "distill.batch_size": 32,
-            "layerdrop.steps": 10_000, "layerdrop.batch_size": 64},
-    # the paper's output size (32 s of 44.1 kHz; mono, or stereo with --set data.channels=2) and a
-    # DiT-L (~0.5B parameters, 24 blocks): for latency on random weights (evaluate.py
-    # --latency-only) and for multi-GPU runs. 43 frames/s x 1025 bins per channel, one frame per
-    # token: 1378 tokens for 32 s.
-    "paper": {"data.sample_rate": 44100, "data.seconds": 32.0, "data.n_fft": 2048,
-              "data.hop": 1024, "data.stats_clips": 256, "model.size": "L", "model.patch": 1,
-              "model.text_width": 512, "model.text_depth": 4, "model.text_heads": 8,
-              "train.steps": 200_000, "train.batch_size": 128, "train.lr": 1e-4,
-              "train.warmup": 2000, "train.ema": 0.9999, "train.eval_every": 5000,
-              "train.ckpt_every": 2000, "train.log_every": 50,
-              "clap.width": 256, "clap.dim": 256, "clap.steps": 20_000, "clap.batch_size": 128,
-              "clap.eval_every": 1000, "clap.ckpt_every": 1000, "clap.val_clips": 256,
-              "distill.steps": 20_000, "distill.batch_size": 64,
-              "layerdrop.steps": 20_000, "layerdrop.batch_size": 128},
-}
-
-
-# ----------------------------------------------------------------------------------------------
-# Config plumbing: presets, --set key=value, (de)serialisation
-
-def _parse_value(text, current):
-    if isinstance(current, (list, tuple)):       # comma-separated, e.g. layerdrop.schedule=1,0.8,0.6
-        items = [t.strip() for t in text.split(",")]
-        if not all(items):
-            raise ValueError(f"expected a comma-separated list, got {text!r}")
-        return type(current)(_parse_value(t, current[0] if current else "") for t in items)
-    if isinstance(current, bool):
-        if text.lower() in ("1", "true", "yes", "on"): return True
-        if text.lower() in ("0", "false", "no", "off"): return False
-        raise ValueError(f"expected a boolean, got {text!r}")
-    return type(current)(text) if current is not None else text
-
-
-def apply_overrides(cfg, overrides):
-    """Set fields from {"section.field": value} (values may be strings from the command line)."""
-    for key, value in overrides.items():
-        section, _, name = key.partition(".")
-        sub = getattr(cfg, section, None)
-        if sub is None or not dataclasses.is_dataclass(sub) or not hasattr(sub, name):
-            known = [f"{s.name}.{f.name}" for s in dataclasses.fields(cfg)
-                     for f in dataclasses.fields(getattr(cfg, s.name))]
-            raise ValueError(f"unknown config key {key!r}; known keys: {', '.join(known)}")
-        current = getattr(sub, name)
-        try:
-            setattr(sub, name, _parse_value(value, current) if isinstance(value, str) else value)
-        except ValueError as e:
-            raise ValueError(f"bad value for {key}: {e}") from None
-    return cfg
-
-
-def make_config(preset="cpu", overrides=None):
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {list(PRESETS)}")
-    cfg = apply_overrides(Config(), PRESETS[preset])
-    return apply_overrides(cfg, overrides or {})
-
-
-def config_from_dict(d):
-    return Config(data=DataConfig(**d["data"]), model=DiTConfig(**d["model"]),
-                  edm=EDMConfig(**d["edm"]), train=TrainConfig(**d["train"]),
-                  clap=ClapConfig(**d.get("clap", {})),     # sections newer than some checkpoints
-                  distill=DistillConfig(**d.get("distill", {})),
-                  layerdrop=LayerDropConfig(**d.get("layerdrop", {})))
-
-
-def parse_sets(items):
-    out = {}
-    for item in items or []:
-        if "=" not in item:
-            raise ValueError(f"--set expects key=value, got {item!r}")
-        k, v = item.split("=", 1)
-        out[k.strip()] = v.strip()
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
-# Building the pieces, checkpoints
-
-def pick_device(name):
-    if name == "auto":          # under torchrun: this process's GPU
-        return torch.device(f"cuda:{DIST.local_rank}" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device={name} but CUDA is not available")
-    return torch.device(name)
-
-
-def build(cfg, rep_state=None, vocab=None):
-    """Representation, tokenizer and the (untrained) denoiser for a config.
-
-    Without rep_state/vocab (a fresh run) the latent statistics are fitted on training clips and
-    the vocabulary is built from the data; with them (a checkpoint) they are restored.
-    """
-    rep = data.Representation(cfg.data, cfg.edm.sigma_data)
-    if rep_state is not None:
-        rep.load_state_dict(rep_state)
-    else:
-        ds = data.make_dataset(cfg.data, "train")
-        n = min(cfg.data.stats_clips, len(ds))
-        rep.fit(torch.stack([torch.from_numpy(ds.clip(i).wave) for i in range(n)]))
-    if vocab is not None:
-        tok = data.Tokenizer.from_state_dict(vocab)
-    elif cfg.data.dataset == "synth":
-        tok = data.Tokenizer.for_synth()
-    else:
-        ds = data.make_dataset(cfg.data, "train")
-        tok = data.Tokenizer.from_captions(ds.captions)
-    cfg.model.in_channels = rep.latent_channels
-    cfg.model.vocab_size = tok.vocab_size
-    cfg.model.max_text_len = cfg.data.max_text_len
-    torch.manual_seed(cfg.train.seed)
-    denoiser = edm.Denoiser(dit.DiT(cfg.model), cfg.edm.sigma_data)
-    return rep, tok, denoiser
-
-
-def save_checkpoint(path, ckpt):
-    """Write atomically (rank 0 only): a crash mid-write leaves the previous checkpoint intact."""
-    if not DIST.main:
-        return
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(ckpt, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path, device="cpu"):
-    """(cfg, ckpt dict, rep, tok, denoiser in eval mode) from a checkpoint file (any stage).
-
-    Raises FileNotFoundError / ValueError with a one-line message for a missing or foreign file.
-    """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
-    if not isinstance(ckpt, dict) or not {"config", "model", "latent_stats", "vocab"} <= ckpt.keys():
-        raise ValueError(f"{path} is not a model checkpoint written by this project's train.py")
-    cfg = config_from_dict(ckpt["config"])
-    rep, tok, denoiser = build(cfg, ckpt["latent_stats"], ckpt["vocab"])
-    denoiser.net.load_state_dict(ckpt.get("ema", ckpt["model"]))   # EMA weights where there are
-    return cfg, ckpt, rep, tok, denoiser.to(device).eval().requires_grad_(False)
+from config import pick_device
 
 
 # ----------------------------------------------------------------------------------------------
@@ -333,14 +124,14 @@ def shards(ds, step, batch_size, seed, micro_batch=0):
 
 
 def micro_batches(ds, rep, tok, cfg, step, device, batch_size):
-    """shards() as latents: yields (x, ids, labels, rng, weight). rng() returns a fresh
+    """shards() as latents: yields (x, ids, labels, make_rng, weight). make_rng() returns a fresh
     edm.BatchRNG of the step (call it again to replay the same draws)."""
     for waves, captions, labels, rows, weight in shards(ds, step, batch_size, cfg.data.seed,
                                                         cfg.train.micro_batch):
         x, ids = encode_batch(rep, tok, cfg, waves, captions, device)
-        rng = lambda rows=rows: edm.BatchRNG(step_generator(cfg.train.seed, step, device), rows,
-                                             batch_size)
-        yield x, ids, labels, rng, weight
+        make_rng = lambda rows=rows: edm.BatchRNG(step_generator(cfg.train.seed, step, device), rows,
+                                                  batch_size)
+        yield x, ids, labels, make_rng, weight
 
 
 def average_gradients(params):
@@ -411,15 +202,17 @@ def barrier():
 
 
 # ----------------------------------------------------------------------------------------------
-# The base stage: EDM denoising score matching on the DiT
+# What the stage loops share
 
-def lr_at(step, t):
-    if step < t.warmup:
-        return t.lr * (step + 1) / t.warmup
-    if t.lr_decay == "constant":
-        return t.lr
-    frac = (step - t.warmup) / max(1, t.steps - t.warmup)
-    return t.lr * (t.min_lr_frac + (1 - t.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * frac)))
+def lr_at(step, sched):
+    """Learning rate at `step` of a config with lr, warmup, lr_decay, min_lr_frac and steps (the
+    train and clap sections): linear warm-up, then cosine decay to min_lr_frac * lr, or constant."""
+    if step < sched.warmup:
+        return sched.lr * (step + 1) / sched.warmup
+    if sched.lr_decay == "constant":
+        return sched.lr
+    frac = (step - sched.warmup) / max(1, sched.steps - sched.warmup)
+    return sched.lr * (sched.min_lr_frac + (1 - sched.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
 class NaNGuard:
@@ -473,13 +266,6 @@ def optimizer_step(opt, grad_clip):
     return norm
 
 
-def compiled(denoiser, on):
-    """torch.compile the DiT in place (nn.Module.compile: the state_dict keys stay the same)."""
-    if on:
-        denoiser.net.compile()
-    return denoiser
-
-
 def describe_batch(batch_size, micro_batch):
     m, chunks = micro_split(batch_size, micro_batch)
     return (f"global; {DIST.world} process(es) x {chunks // DIST.world} micro-batch(es) of {m}"
@@ -520,10 +306,10 @@ def autocast_for(device):
             else contextlib.nullcontext())
 
 
-def drop_captions(ids, p_uncond, g):
+def drop_captions(ids, p_uncond, rng):
     """Replace each caption by the null caption with probability p_uncond, so that the model also
     learns D(x; sigma, null) and can be sampled with classifier-free guidance."""
-    drop = edm.rand(ids.shape[0], g, ids.device) < p_uncond
+    drop = edm.rand(ids.shape[0], rng, ids.device) < p_uncond
     return ids.masked_fill(drop[:, None], data.Tokenizer.PAD)
 
 
@@ -551,17 +337,17 @@ SIGMA_BUCKETS = [0.002, 0.02, 0.1, 0.3, 1.0, 3.0, 10.0, 80.0]   # edges for per-
 def validate(denoiser, ds, rep, tok, cfg, device, autocast, loss_fn=None):
     """Mean EDM loss on fixed val clips with fixed sigmas and noise; also per sigma bucket.
 
-    loss_fn(denoiser, x, cond, sigma, g) -> (B,): the loss scored (default edm.edm_loss; the
+    loss_fn(denoiser, x, cond, sigma, rng) -> (B,): the loss scored (default edm.edm_loss; the
     layer-drop stages score the layer-dropped model's DSM loss at the schedule's budgets).
     """
     losses, sigmas = [], []
     for i in range(cfg.train.val_batches):
         x, ids, _ = make_batch(ds, rep, tok, cfg, i, device)
-        g = step_generator(12345, i, device)
-        sigma = edm.sample_p_train(x.shape[0], cfg.edm, g, device)
+        rng = step_generator(12345, i, device)
+        sigma = edm.sample_p_train(x.shape[0], cfg.edm, rng, device)
         with autocast:
             losses.append((loss_fn or edm.edm_loss)(denoiser, x, denoiser.net.encode_text(ids),
-                                                    sigma, g).float())
+                                                    sigma, rng).float())
         sigmas.append(sigma)
     losses = torch.cat(losses)
     return losses.mean().item(), bucket_means(torch.cat(sigmas), losses)
@@ -599,6 +385,54 @@ class LossLog:
             f.write(json.dumps(row) + "\n")
 
 
+class StageLoop:
+    """What every stage loop shares around its optimisation step: the progress bar over the steps,
+    the loss log (OUT/<stage>_log.jsonl), the NaN guard and the cadence: log, validate and
+    checkpoint every `every` steps and always at the last step. Used as
+
+        loop = StageLoop("base", path, start, total, resume, "train.lr", log_every, ckpt_every)
+        for step in loop:
+            ...one optimiser step; loop.guard.update(step, loss=loss)...
+            if loop.due(done, log_every): loop.guard.check(done); loop.log.write(...)
+            loop.checkpoint(done, save)
+    """
+
+    def __init__(self, desc, path, start, total, resume, knob, ckpt_every):
+        self.total, self.ckpt_every = total, ckpt_every
+        self.guard = NaNGuard(path, knob, start if resume else None)
+        self.log = LossLog(path.replace(".pt", "_log.jsonl"), start if resume else None)
+        self.bar = tqdm(range(start, total), initial=start, total=total, desc=desc,
+                        dynamic_ncols=True, disable=not DIST.main)
+
+    def __iter__(self):
+        yield from self.bar
+        self.bar.close()
+
+    def due(self, done, every):
+        """Is step `done` (1-based) one of the every-N steps, or the last one?"""
+        return every > 0 and (done % every == 0 or done == self.total)
+
+    def logged(self, done, every, **values):
+        """At a log step: the NaN check (every rank), then {name: mean over processes}; else None."""
+        if not self.due(done, every):
+            return None
+        self.guard.check(done)
+        return global_mean(values)
+
+    def checkpoint(self, done, save):
+        """At a checkpoint step: the NaN check (every rank), then save(done) (rank 0 writes)."""
+        if self.due(done, self.ckpt_every):
+            self.guard.check(done)
+            save(done)
+            self.guard.saved(done)
+
+
+def write_checkpoint(path, ckpt):
+    """config.save_checkpoint on rank 0 only (every rank holds the same weights)."""
+    if DIST.main:
+        config.save_checkpoint(path, ckpt)
+
+
 def stage_setup(cfg, out, filename, resume):
     """Device, thread count, run folder; returns (device, checkpoint path, checkpoint or None)."""
     device = pick_device(cfg.train.device)
@@ -612,7 +446,7 @@ def stage_setup(cfg, out, filename, resume):
         return device, path, None
     if not os.path.exists(path):
         raise FileNotFoundError(f"--resume: no checkpoint at {path}")
-    return device, path, torch.load(path, map_location="cpu", weights_only=False)
+    return device, path, config.read_checkpoint(path)
 
 
 def model_checkpoint(stage, step, total, cfg, denoiser, ema, opt, tok, rep, **extra):
@@ -634,6 +468,12 @@ def restore(ckpt, path, denoiser, ema, opt):
     return ckpt["step"]
 
 
+def adamw(params, lr, train_cfg, device):
+    """The project's AdamW (beta1 0.9, train.beta2, train.weight_decay; fused on CUDA)."""
+    return torch.optim.AdamW(params, lr=lr, betas=(0.9, train_cfg.beta2),
+                             weight_decay=train_cfg.weight_decay, fused=device.type == "cuda")
+
+
 def earlier(out, name):
     """Path of a checkpoint that an earlier stage wrote in out; a clear error when it is missing."""
     path = os.path.join(out, name)
@@ -647,76 +487,70 @@ def load_teacher(cfg, out, device):
     """The frozen teacher OUT/base.pt (EMA weights, eval mode, no grad) of a stage that starts
     from the base model; its data, model and EDM settings are the ones the student must keep, so
     they replace cfg's. Returns (rep, tok, teacher)."""
-    tcfg, _, rep, tok, teacher = load_checkpoint(earlier(out, "base.pt"), device)
-    cfg.data, cfg.model, cfg.edm = tcfg.data, tcfg.model, tcfg.edm
+    teacher_cfg, _, rep, tok, teacher = config.load_checkpoint(earlier(out, "base.pt"), device)
+    cfg.data, cfg.model, cfg.edm = teacher_cfg.data, teacher_cfg.model, teacher_cfg.edm
     return rep, tok, teacher
 
 
+# ----------------------------------------------------------------------------------------------
+# The base stage: EDM denoising score matching on the DiT (paper Section 2.1)
+
 def train_base(cfg, out, resume=False):
     """Train the teacher; returns the path of base.pt."""
-    t = cfg.train
+    train_cfg = cfg.train
     device, path, ckpt = stage_setup(cfg, out, "base.pt", resume)
-    rep, tok, denoiser = build(cfg, ckpt and ckpt["latent_stats"], ckpt and ckpt["vocab"])
+    rep, tok, denoiser = config.build(cfg, "denoiser", ckpt and ckpt["latent_stats"],
+                                      ckpt and ckpt["vocab"])
     denoiser.to(device)
     ema = copy.deepcopy(denoiser).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(denoiser.parameters(), lr=t.lr, betas=(0.9, t.beta2),
-                            weight_decay=t.weight_decay, fused=device.type == "cuda")
+    opt = adamw(denoiser.parameters(), train_cfg.lr, train_cfg, device)
     start = restore(ckpt, path, denoiser, ema, opt)
     autocast = autocast_for(device)
-    log = LossLog(os.path.join(out, "base_log.jsonl"), start if resume else None)
     train_ds, val_ds = data.make_dataset(cfg.data, "train"), data.make_dataset(cfg.data, "val")
     say(f"base: DiT-{cfg.model.size} {dit.n_params(denoiser.net) / 1e6:.2f}M params, latents "
-        f"{rep.latent_channels}x{rep.n_frames(cfg.data.seconds)}, {t.steps} steps of "
-        f"{t.batch_size} clips ({describe_batch(t.batch_size, t.micro_batch)}) on {device}")
-
-    def checkpoint(step, val=None):
-        save_checkpoint(path, model_checkpoint("base", step, t.steps, cfg, denoiser, ema, opt, tok,
-                                               rep, val_loss=val))
-        return step
-
-    guard = NaNGuard(path, "train.lr", start if resume else None)
-    compiled(denoiser, t.compile)
-    bar = tqdm(range(start, t.steps), initial=start, total=t.steps, desc="base", dynamic_ncols=True,
-               disable=not DIST.main)
+        f"{rep.latent_channels}x{rep.n_frames(cfg.data.seconds)}, {train_cfg.steps} steps of "
+        f"{train_cfg.batch_size} clips ({describe_batch(train_cfg.batch_size, train_cfg.micro_batch)}) "
+        f"on {device}")
+    if train_cfg.compile:
+        config.compile_network(denoiser)
+    loop = StageLoop("base", path, start, train_cfg.steps, resume, "train.lr", train_cfg.ckpt_every)
     speed = Speed(cfg, rep, device)
-    for step in bar:
+    for step in loop:
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, t)
+            group["lr"] = lr_at(step, train_cfg)
         loss = torch.zeros((), device=device)
-        for x, ids, _, rng, weight in micro_batches(train_ds, rep, tok, cfg, step, device, t.batch_size):
-            g = rng()
-            ids = drop_captions(ids, t.p_uncond, g)
-            sigma = edm.sample_p_train(ids.shape[0], cfg.edm, g, device)
+        for x, ids, _, make_rng, weight in micro_batches(train_ds, rep, tok, cfg, step, device,
+                                                         train_cfg.batch_size):
+            rng = make_rng()
+            ids = drop_captions(ids, train_cfg.p_uncond, rng)
+            sigma = edm.sample_p_train(ids.shape[0], cfg.edm, rng, device)
             with autocast:
-                micro = edm.edm_loss(denoiser, x, denoiser.encode(ids), sigma, g).mean() * weight
+                micro = edm.edm_loss(denoiser, x, denoiser.encode(ids), sigma, rng).mean() * weight
             micro.backward()
             loss += micro.detach()
-        grad_norm = optimizer_step(opt, t.grad_clip)
-        guard.update(step, loss=loss, grad_norm=grad_norm)
-        ema_update(ema, denoiser, min(t.ema, (1 + step) / (10 + step)))
-        speed.count(t.batch_size)
+        grad_norm = optimizer_step(opt, train_cfg.grad_clip)
+        loop.guard.update(step, loss=loss, grad_norm=grad_norm)
+        ema_update(ema, denoiser, min(train_cfg.ema, (1 + step) / (10 + step)))
+        speed.count(train_cfg.batch_size)
         done = step + 1
-        if done % t.log_every == 0 or done == t.steps:
-            guard.check(done)
-            row = global_mean({"loss": loss, "grad_norm": grad_norm})
+        row = loop.logged(done, train_cfg.log_every, loss=loss, grad_norm=grad_norm)
+        if row is not None:
             rates = speed.report()
-            bar.set_postfix(loss=f"{row['loss']:.4f}", **{k: f"{v:.3g}" for k, v in rates.items()})
-            log.write(step=done, loss=row["loss"], lr=lr_at(step, t), grad_norm=row["grad_norm"],
-                      **rates)
+            loop.bar.set_postfix(loss=f"{row['loss']:.4f}", **{k: f"{v:.3g}" for k, v in rates.items()})
+            loop.log.write(step=done, loss=row["loss"], lr=lr_at(step, train_cfg),
+                           grad_norm=row["grad_norm"], **rates)
         val = None
-        if DIST.main and (done % t.eval_every == 0 or done == t.steps):
+        if DIST.main and loop.due(done, train_cfg.eval_every):
             val, by_sigma = validate(ema, val_ds, rep, tok, cfg, device, autocast)
-            log.write(step=done, val_loss=val, val_loss_by_sigma=by_sigma)
+            loop.log.write(step=done, val_loss=val, val_loss_by_sigma=by_sigma)
             say(f"step {done}: train loss {loss.item():.4f}, val loss (EMA) {val:.4f}")
-        if done % t.ckpt_every == 0 or done == t.steps:
-            guard.check(done)
-            guard.saved(checkpoint(done, val))
-    bar.close()
+        loop.checkpoint(done, lambda done: write_checkpoint(path, model_checkpoint(
+            "base", done, train_cfg.steps, cfg, denoiser, ema, opt, tok, rep, val_loss=val)))
     return path
 
 
 # ----------------------------------------------------------------------------------------------
-# The clap stage: the evaluation embedder of PAPER.md section 5 (model and losses in evaluate.py)
+# The clap stage: the evaluation embedder (model and losses in clap.py)
 
 @torch.no_grad()
 def validate_clap(model, val):
@@ -726,18 +560,19 @@ def validate_clap(model, val):
     audio = model.embed_audio(waves)
     out = {"val_r1": evaluate.retrieval_r1(audio, model.embed_text(captions))}
     if model.heads:
-        acc = evaluate.attribute_accuracy(model.predict_attributes(audio), evaluate.attribute_targets(labels))
-        out["val_attributes"] = acc
+        out["val_attributes"] = evaluate.attribute_accuracy(model.predict_attributes(audio),
+                                                            clap.attribute_targets(labels))
     model.train()
     return out
 
 
 def train_clap(cfg, out, resume=False):
     """Train the miniature CLAP (contrastive + attribute heads); returns the path of clap.pt."""
-    c = cfg.clap
+    clap_cfg = cfg.clap
     device, path, ckpt = stage_setup(cfg, out, "clap.pt", resume)
-    model = evaluate.build_clap(cfg, ckpt and ckpt["feature_stats"], ckpt and ckpt["vocab"]).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay,
+    _, _, model = config.build(cfg, "clap", ckpt and ckpt["feature_stats"], ckpt and ckpt["vocab"])
+    model.to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=clap_cfg.lr, weight_decay=clap_cfg.weight_decay,
                             fused=device.type == "cuda")
     start = 0
     if ckpt is not None:
@@ -745,219 +580,123 @@ def train_clap(cfg, out, resume=False):
         opt.load_state_dict(ckpt["opt"])
         start = ckpt["step"]
         say(f"resuming {path} from step {start}")
-    log = LossLog(os.path.join(out, "clap_log.jsonl"), start if resume else None)
     train_ds, val_ds = data.make_dataset(cfg.data, "train"), data.make_dataset(cfg.data, "val")
-    val = data.get_batch(val_ds, 0, min(c.val_clips, len(val_ds)), cfg.data.seed)  # fixed clips
-    say(f"clap: {dit.n_params(model) / 1e6:.2f}M params, d={c.dim}, {c.steps} steps of "
-          f"{c.batch_size} clips on {device}" + (", with attribute heads" if model.heads else ""))
-
-    def checkpoint(step, metrics=None):
-        save_checkpoint(path, {"stage": "clap", "step": step, "done": step >= c.steps,
-                               "config": dataclasses.asdict(cfg), "model": model.state_dict(),
-                               "opt": opt.state_dict(), "vocab": model.tok.state_dict(),
-                               "feature_stats": model.rep.state_dict(), "val": metrics})
-        return step
-
-    guard = NaNGuard(path, "clap.lr", start if resume else None)
-    bar = tqdm(range(start, c.steps), initial=start, total=c.steps, desc="clap", dynamic_ncols=True,
-               disable=not DIST.main)
-    for step in bar:
+    val = data.get_batch(val_ds, 0, min(clap_cfg.val_clips, len(val_ds)), cfg.data.seed)  # fixed clips
+    say(f"clap: {dit.n_params(model) / 1e6:.2f}M params, d={clap_cfg.dim}, {clap_cfg.steps} steps of "
+        f"{clap_cfg.batch_size} clips on {device}" + (", with attribute heads" if model.heads else ""))
+    loop = StageLoop("clap", path, start, clap_cfg.steps, resume, "clap.lr", clap_cfg.ckpt_every)
+    for step in loop:
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, c)
+            group["lr"] = lr_at(step, clap_cfg)
         sums = {}
         # Under torchrun the InfoNCE negatives are every process's clips of the micro-step
         # (gather_rows); with gradient accumulation, only those of one micro-step.
-        for waves, captions, labels, rows, weight in shards(train_ds, step, c.batch_size,
+        for waves, captions, labels, rows, weight in shards(train_ds, step, clap_cfg.batch_size,
                                                             cfg.data.seed, cfg.train.micro_batch):
-            g = edm.BatchRNG(step_generator(c.seed, step, "cpu"), rows, c.batch_size)
-            gain_db = -c.gain_db * edm.rand(len(waves), g)                              # (B,)
+            rng = edm.BatchRNG(step_generator(clap_cfg.seed, step, "cpu"), rows, clap_cfg.batch_size)
+            gain_db = -clap_cfg.gain_db * edm.rand(len(waves), rng)                     # (B,)
             waves = waves * (10 ** (gain_db / 20))[:, None, None]                       # level invariance
             audio, text = model.embed_audio(waves.to(device)), model.embed_text(captions)
-            loss_nce = evaluate.contrastive_loss(gather_rows(audio), gather_rows(text), model.log_scale)
-            loss_attr = (evaluate.attribute_loss(model.attribute_logits(audio), evaluate.attribute_targets(labels))
+            loss_nce = clap.contrastive_loss(gather_rows(audio), gather_rows(text), model.log_scale)
+            loss_attr = (clap.attribute_loss(model.attribute_logits(audio), clap.attribute_targets(labels))
                          if model.heads and labels[0] else torch.zeros((), device=device))
-            loss = loss_nce + c.attr_weight * loss_attr
+            loss = loss_nce + clap_cfg.attr_weight * loss_attr
             (loss * weight).backward()
             for k, v in (("loss", loss), ("loss_nce", loss_nce), ("loss_attr", loss_attr)):
                 sums[k] = sums.get(k, 0) + v.detach() * weight
-        grad_norm = optimizer_step(opt, c.grad_clip)
-        guard.update(step, loss=sums["loss"], grad_norm=grad_norm)
+        grad_norm = optimizer_step(opt, clap_cfg.grad_clip)
+        loop.guard.update(step, loss=sums["loss"], grad_norm=grad_norm)
         done = step + 1
-        if done % c.log_every == 0 or done == c.steps:
-            guard.check(done)
-            row = global_mean({**sums, "grad_norm": grad_norm})
-            bar.set_postfix(nce=f"{row['loss_nce']:.3f}", attr=f"{row['loss_attr']:.3f}")
-            log.write(step=done, **row, lr=lr_at(step, c),
-                      temperature=1 / model.log_scale.exp().item())
+        row = loop.logged(done, clap_cfg.log_every, **sums, grad_norm=grad_norm)
+        if row is not None:
+            loop.bar.set_postfix(nce=f"{row['loss_nce']:.3f}", attr=f"{row['loss_attr']:.3f}")
+            loop.log.write(step=done, **row, lr=lr_at(step, clap_cfg),
+                           temperature=1 / model.log_scale.exp().item())
         metrics = None
-        if DIST.main and (done % c.eval_every == 0 or done == c.steps):
+        if DIST.main and loop.due(done, clap_cfg.eval_every):
             metrics = validate_clap(model, val)
-            log.write(step=done, **metrics)
+            loop.log.write(step=done, **metrics)
             attrs = metrics.get("val_attributes", {})
             say(f"step {done}: val R@1 {metrics['val_r1']:.3f} among {len(val[0])}"
                 + "".join(f", {k} {v:.2f}" for k, v in attrs.items()))
-        if done % c.ckpt_every == 0 or done == c.steps:
-            guard.check(done)
-            guard.saved(checkpoint(done, metrics))
-    bar.close()
+        loop.checkpoint(done, lambda done: write_checkpoint(path, {
+            "stage": "clap", "step": done, "done": done >= clap_cfg.steps,
+            "config": dataclasses.asdict(cfg), "model": model.state_dict(), "opt": opt.state_dict(),
+            "vocab": model.tok.state_dict(), "feature_stats": model.rep.state_dict(), "val": metrics}))
     return path
 
 
 # ----------------------------------------------------------------------------------------------
-# Presto-S: score-based DMD + LSGAN (PAPER.md section 2), and Presto-LS (section 4): the same
-# distillation with a layer-dropped generator. One iteration is a function so the 2-D toy test
-# runs exactly this code path with tiny MLP denoisers.
+# Presto-S (paper Section 3.2) and Presto-LS (Section 3.4). One iteration is a function, so the
+# 2-D toy test runs exactly this code path with tiny MLP denoisers.
 
-def fake_turn_draws(rng, x_real, dc, edm_cfg):
-    """The random numbers of an iteration's first half, in a fixed order: the generator input
-    (sigma_gen, eps_gen), the fake score's DSM (sigma_dsm, eps_dsm), the discriminator's noising
-    (sigma_gan, eps_gan). Drawn in one place so the generator turn can replay them exactly."""
-    B, dev = x_real.shape[0], x_real.device
-    noise = lambda: edm.randn(x_real.shape, rng, dev)
-    d = {"sigma_gen": dmd.generator_sigmas(B, dc, edm_cfg, rng, dev)}
-    d["eps_gen"] = noise()
-    d["sigma_dsm"] = dmd.sample_sigma(dc.p_dsm, B, edm_cfg, rng, dev)
-    d["eps_dsm"] = noise()
-    d["sigma_gan"] = dmd.sample_sigma(dc.p_gan, B, edm_cfg, rng, dev)
-    d["eps_gan"] = noise()
-    if dc.gen_inputs == "backward":                  # last, so the other draws keep their order
-        d["eps_back"] = noise()
-    return d
-
-
-def generator_input(gen, x_real, d, cond, dc, edm_cfg):
-    """The generator's input at sigma_gen (distill.gen_inputs).
-
-    "real" (PAPER.md section 2): a real latent noised to sigma_gen. "backward": DMD2's backward
-    simulation cut to one jump: G's own 1-step sample from pure noise (no gradient), noised to
-    sigma_gen. That is exactly what the 2-step sampler feeds G at its second step, and close to what
-    later steps see, so the steps after the first learn to refine G's outputs rather than real
-    latents they never meet at inference (the train/inference mismatch of ANCHORS.md, dmd.py)."""
-    s = edm.bcast(d["sigma_gen"], x_real)
-    if dc.gen_inputs == "real":
-        return x_real + s * d["eps_gen"]
-    if dc.gen_inputs == "backward":
-        with torch.no_grad():
-            top = torch.full_like(d["sigma_gen"], edm_cfg.sigma_max)
-            x0 = gen(d["eps_back"] * edm_cfg.sigma_max, top, cond)
-        return x0 + s * d["eps_gen"]
-    raise ValueError(f"unknown distill.gen_inputs {dc.gen_inputs!r}; use 'real' or 'backward'")
-
-
-def presto_s_iteration(step, nets, opts, batches, dc, edm_cfg, block, grad_clip=1.0,
+def presto_s_iteration(step, nets, opts, batches, distill, edm_cfg, block, grad_clip=1.0,
                        autocast=contextlib.nullcontext(), gen_fn=None):
     """One Presto-S iteration; returns detached losses and diagnostics (means over the batch).
 
-    nets: {"G", "fake", "real", "head"}, opts: {"G", "fake"} (the fake optimizer also owns the
-    head). batches: this process's micro-batches, each (x_real, raw, raw_null, rng): real latents,
-    the conditioning (caption ids) and its null version, and rng() -> a fresh generator of the
-    step (called twice: the generator turn replays the first half's draws). block: the fake
-    score block the discriminator reads. gen_fn(x, sigma, cond): how the generator is called
-    (default G itself; Presto-LS passes G layer-dropped at the budget b(sigma_gen)).
+    nets: {"G", "mu_fake", "mu_real", "head"}, opts: {"G", "mu_fake"} (the mu_fake optimizer also
+    owns the discriminator head). batches: this process's micro-batches, each (x_real, ids,
+    null_ids, make_rng): real latents, caption ids, the null caption's ids, and make_rng() -> a
+    fresh RNG of the step (called twice: the generator turn replays the first half's draws).
+    block: the mu_fake block the discriminator reads. gen_fn(x, sigma, cond): how the generator is
+    called (default G itself; Presto-LS passes G layer-dropped at the budget b(sigma_gen)).
 
     Two halves, each accumulating gradients over the micro-batches before one optimizer step:
-    1. fake score + discriminator on detached generator samples (every iteration);
-    2. generator on DMD + LSGAN through the frozen fake network (every gen_every iterations).
+    1. mu_fake + discriminator on L_fake + nu2 L_D (dmd.fake_score_loss), every iteration;
+    2. G on L_DMD + nu1 L_G (dmd.generator_loss) through the frozen mu_fake, every gen_every.
     """
-    G, fake, real, head = nets["G"], nets["fake"], nets["real"], nets["head"]
-    gen = G if gen_fn is None else gen_fn
-    gen_turn = step % dc.gen_every == 0
+    G, mu_fake, mu_real, head = nets["G"], nets["mu_fake"], nets["mu_real"], nets["head"]
+    G_fn = G if gen_fn is None else gen_fn
+    gen_turn = step % distill.gen_every == 0
     weight = 1 / len(batches)
     out, kept = {}, None
 
-    def add(**values):
-        for k, v in values.items():
+    def add(parts):
+        for k, v in parts.items():
             out[k] = out.get(k, 0) + v.detach() * weight
 
-    for x_real, raw, _, rng in batches:                     # 1. fake score + discriminator
-        d = fake_turn_draws(rng(), x_real, dc, edm_cfg)
-        # the generator's sample of a real latent noised to sigma_gen (continuous p_inf by default);
-        # with one micro-batch its graph is kept for the generator turn, otherwise recomputed there
+    def sample_G(x_real, ids, draws):        # x_hat: G's sample of its input at sigma_gen
+        cond = G.encode(ids)
+        return G_fn(dmd.generator_input(G_fn, x_real, draws, cond, distill, edm_cfg),
+                    draws["sigma_gen"], cond)
+
+    for x_real, ids, _, make_rng in batches:                # 1. fake score + discriminator
+        draws = dmd.iteration_draws(make_rng(), x_real, distill, edm_cfg)
+        # with one micro-batch x_hat's graph is kept for the generator turn, else recomputed there
         keep = gen_turn and len(batches) == 1
         with autocast, torch.set_grad_enabled(keep):
-            c_gen = G.encode(raw)
-            x_hat = gen(generator_input(gen, x_real, d, c_gen, dc, edm_cfg), d["sigma_gen"], c_gen)
+            x_hat = sample_G(x_real, ids, draws)
         kept = x_hat if keep else None
-        x_d = x_hat.detach()
         with autocast:
-            cond = fake.encode(raw)
-            L_fake = edm.edm_loss(fake, x_d, cond, d["sigma_dsm"], eps=d["eps_dsm"]).mean()
-            s = d["sigma_gan"]
-            x_real_s, x_fake_s = gan.noised_pair(x_real, x_d, s, d["eps_gan"])
-            h = gan.features(fake, torch.cat([x_real_s, x_fake_s]), torch.cat([s, s]),
-                             edm.cat_cond(cond, cond), block)
-            d_real, d_fake = head(h).chunk(2)
-            L_D = gan.d_loss(d_real, d_fake)
-        ((L_fake + dc.nu2 * L_D) * weight).backward()
-        add(L_fake=L_fake, L_D=L_D, D_real=d_real.mean(), D_fake=d_fake.mean())
-    optimizer_step(opts["fake"], grad_clip)
+            loss, parts = dmd.fake_score_loss(x_real, x_hat, ids, mu_fake, head, draws,
+                                              distill.nu2, block)
+        (loss * weight).backward()
+        add(parts)
+    optimizer_step(opts["mu_fake"], grad_clip)
     if not gen_turn:
         return out
 
-    fake.requires_grad_(False)                              # 2. generator, through frozen fake
+    mu_fake.requires_grad_(False)                           # 2. generator, through frozen mu_fake
     head.requires_grad_(False)
     sigmas, g_abs = [], []
-    for x_real, raw, raw_null, rng in batches:
-        g = rng()
-        d = fake_turn_draws(g, x_real, dc, edm_cfg)         # replay: same sigma_gen, eps_gen
+    for x_real, ids, null_ids, make_rng in batches:
+        rng = make_rng()
+        draws = dmd.iteration_draws(rng, x_real, distill, edm_cfg)   # replay: same sigma_gen, eps_gen
+        turn = dmd.generator_turn_draws(rng, x_real, distill, edm_cfg)
         with autocast:
-            if kept is not None:
-                x_hat = kept
-            else:
-                c_gen = G.encode(raw)
-                x_hat = gen(generator_input(gen, x_real, d, c_gen, dc, edm_cfg), d["sigma_gen"], c_gen)
-            cond = fake.encode(raw)
-            real_fn = edm.guided(real, real.encode(raw),
-                                 real.encode(raw_null) if dc.cfg_w != 1.0 else None, dc.cfg_w)
-            s_dmd = dmd.sample_sigma(dc.p_dmd, x_real.shape[0], edm_cfg, g, x_real.device)
-            grad = dmd.dmd_gradient(x_hat.detach(), real_fn, lambda x, s: fake(x, s, cond),
-                                    s_dmd, edm.randn(x_real.shape, g, x_real.device))
-            L_DMD = dmd.dmd_loss(x_hat, grad)
-            s = dmd.sample_sigma(dc.p_gan, x_real.shape[0], edm_cfg, g, x_real.device)
-            x_s = x_hat + edm.bcast(s, x_hat) * edm.randn(x_real.shape, g, x_real.device)
-            L_G = gan.g_loss(head(gan.features(fake, x_s, s, cond, block)))
-        ((L_DMD + dc.nu1 * L_G) * weight).backward()
-        add(L_DMD=L_DMD, L_G=L_G)
-        sigmas.append(s_dmd)
-        g_abs.append(grad.abs().flatten(1).mean(1))
+            x_hat = kept if kept is not None else sample_G(x_real, ids, draws)
+            loss, parts = dmd.generator_loss(x_hat, ids, null_ids, mu_real, mu_fake, head, turn,
+                                             distill.cfg_w, distill.nu1, block)
+        (loss * weight).backward()
+        g = parts.pop("g")
+        add(parts)
+        sigmas.append(turn["sigma_dmd"])
+        g_abs.append(g.abs().flatten(1).mean(1))
     optimizer_step(opts["G"], grad_clip)
-    fake.requires_grad_(True)
+    mu_fake.requires_grad_(True)
     head.requires_grad_(True)
     out.update(sigma_dmd=torch.cat(sigmas), g_abs=torch.cat(g_abs))
     return out
-
-
-class FewStepValidator:
-    """FAD and CLAP score of the grid_steps-step sampler on the first distill.val_clips clips of
-    the *val* split, embedded by the evaluation embedder OUT/clap.pt: the numbers behind
-    distill.val_every's checkpoint selection. The test split, which evaluate.py scores, is never
-    looked at, so picking the best checkpoint here does not leak into the reported results.
-    Clips are generated exactly as sample.py / evaluate.py generate them (sample.sampling_fn)."""
-
-    def __init__(self, cfg, out, rep, tok, device):
-        self.cfg, self.rep, self.tok, self.device = cfg, rep, tok, device
-        _, self.clap = evaluate.load_clap(os.path.join(out, "clap.pt"), device)
-        ds = data.make_dataset(cfg.data, "val")
-        clips = [ds.clip(i) for i in range(min(cfg.distill.val_clips, len(ds)))]
-        if len(clips) < 2:
-            raise ValueError("distill.val_every needs distill.val_clips >= 2 clips in the val split")
-        self.captions = [c.caption for c in clips]
-        self.real = self.embed(torch.from_numpy(np.stack([c.wave for c in clips])))
-        self.text = self.clap.embed_text(self.captions).float().cpu()
-
-    def embed(self, waves):
-        return evaluate.embed_chunks(self.clap.embed_audio, waves, self.cfg.distill.batch_size, self.device)
-
-    @torch.no_grad()
-    def __call__(self, G, stage):
-        """G sampled the way a checkpoint of `stage` samples (presto-ls: at its budget schedule)."""
-        import sample                                  # sample.py imports train
-        gen, _ = sample.sampling_fn(G, self.tok, self.cfg, stage, self.cfg.distill.grid_steps)
-        waves = evaluate.generate_waves(gen, self.rep, self.captions, self.cfg.data.seconds,
-                                        self.cfg.distill.batch_size)
-        emb = self.embed(evaluate.listenable(waves))
-        return {"val_fad": evaluate.frechet_distance(emb, self.real),
-                "val_clap": evaluate.clap_score(emb, self.text)}
 
 
 def train_presto_s(cfg, out, resume=False):
@@ -971,116 +710,112 @@ def train_presto_ls(cfg, out, resume=False):
 
 
 def train_distill(cfg, out, resume, stage):
-    """Presto-S or Presto-LS. Both distil the frozen full-depth teacher OUT/base.pt (the real
-    score; the fake score is a full-depth copy of it); they differ only in the generator: a copy
-    of the teacher (presto-s), or the Presto-L student run at the budget b(sigma_gen) of its
-    schedule, budget embedding included (presto-ls)."""
-    dc, t = cfg.distill, cfg.train
+    """Presto-S or Presto-LS. Both distil the frozen full-depth teacher OUT/base.pt (mu_real;
+    mu_fake is a full-depth copy of it); they differ only in the generator: a copy of the teacher
+    (presto-s), or the Presto-L student run at the budget b(sigma_gen) of its schedule, budget
+    embedding included (presto-ls)."""
+    distill, train_cfg = cfg.distill, cfg.train
     name = stage.replace("-", "_")
     device, path, ckpt = stage_setup(cfg, out, f"{name}.pt", resume)
-    rep, tok, real = load_teacher(cfg, out, device)
-    G = copy.deepcopy(real).train().requires_grad_(True)           # generator <- teacher
+    rep, tok, mu_real = load_teacher(cfg, out, device)
+    G = copy.deepcopy(mu_real).train().requires_grad_(True)       # generator <- teacher
     gen_fn = None
     if stage == "presto-ls":                                       # ... <- Presto-L, layer-dropped
-        lcfg, _, _, _, student = load_checkpoint(earlier(out, "presto_l.pt"), device)
+        student_cfg, _, _, _, student = config.load_checkpoint(earlier(out, "presto_l.pt"), device,
+                                                               stages=("presto-l",))
         G.net.load_state_dict(student.net.state_dict())
-        cfg.layerdrop = lcfg.layerdrop          # the schedule and method G was trained for
+        cfg.layerdrop = student_cfg.layerdrop      # the schedule and method G was trained for
         gen_fn = layerdrop.scheduled(G, cfg.layerdrop, cfg.edm, masked=True)
     # the generator that samples (and is saved as "model"): an EMA of G, or G itself
-    G_ema = copy.deepcopy(G).eval().requires_grad_(False) if dc.ema > 0 else None
+    G_ema = copy.deepcopy(G).eval().requires_grad_(False) if distill.ema > 0 else None
     sampler = G_ema if G_ema is not None else G
-    fake = copy.deepcopy(real).train().requires_grad_(True)        # fake score <- teacher
-    block = dc.disc_block if dc.disc_block >= 0 else len(fake.net.blocks) // 2
-    head = gan.Head(cfg.model.width, dc.disc_width).to(device)
-    fused = device.type == "cuda"
-    opts = {"G": torch.optim.AdamW(G.parameters(), lr=dc.lr_gen, betas=(0.9, t.beta2),
-                                   weight_decay=t.weight_decay, fused=fused),
-            "fake": torch.optim.AdamW([*fake.parameters(), *head.parameters()], lr=dc.lr_fake,
-                                      betas=(0.9, t.beta2), weight_decay=t.weight_decay,
-                                      fused=fused)}
-    nets = {"G": G, "fake": fake, "real": real, "head": head}
+    mu_fake = copy.deepcopy(mu_real).train().requires_grad_(True)  # fake score <- teacher
+    block = gan.disc_block(distill.disc_block, len(mu_fake.net.blocks))
+    head = gan.Head(cfg.model.width, distill.disc_width).to(device)
+    opts = {"G": adamw(G.parameters(), distill.lr_gen, train_cfg, device),
+            "mu_fake": adamw([*mu_fake.parameters(), *head.parameters()], distill.lr_fake,
+                             train_cfg, device)}
+    nets = {"G": G, "mu_fake": mu_fake, "mu_real": mu_real, "head": head}
     start, best = 0, None                  # best: the validation numbers of *_best.pt
-    if ckpt is not None:
-        for k in ("G", "fake", "head"):
-            (nets[k].net if k != "head" else head).load_state_dict(ckpt[k])
-        for k in opts:
-            opts[k].load_state_dict(ckpt[f"opt_{k}"])
+    if ckpt is not None:                   # (checkpoints before the rename say "fake")
+        G.net.load_state_dict(ckpt["G"])
+        mu_fake.net.load_state_dict(ckpt.get("mu_fake", ckpt.get("fake")))
+        head.load_state_dict(ckpt["head"])
+        opts["G"].load_state_dict(ckpt["opt_G"])
+        opts["mu_fake"].load_state_dict(ckpt.get("opt_mu_fake", ckpt.get("opt_fake")))
         if G_ema is not None:
             G_ema.net.load_state_dict(ckpt.get("G_ema", ckpt["G"]))
         start, best = ckpt["step"], ckpt.get("best_val")
         say(f"resuming {path} from step {start}")
     best_path = os.path.join(out, f"{name}_best.pt")
-    validator = (FewStepValidator(cfg, out, rep, tok, device) if dc.val_every > 0 and DIST.main
-                 else None)
+    validator = (evaluate.FewStepValidator(cfg, out, rep, tok, device)
+                 if distill.val_every > 0 and DIST.main else None)
     autocast = autocast_for(device)
-    log = LossLog(os.path.join(out, f"{name}_log.jsonl"), start if resume else None)
     train_ds = data.make_dataset(cfg.data, "train")
     say(f"{stage}: distilling DiT-{cfg.model.size} ({dit.n_params(G.net) / 1e6:.2f}M params), "
-          f"{dc.steps} iterations of {dc.batch_size} clips, G every {dc.gen_every}, "
-          f"discriminator on block {block}, on {device}"
-          + (f", G layer-dropped ({cfg.layerdrop.method} schedule)" if gen_fn else "")
-          + (f", G inputs {dc.gen_inputs}" if dc.gen_inputs != "real" else "")
-          + (f", EMA {dc.ema}" if G_ema is not None else "")
-          + (f", val FAD every {dc.val_every}" if dc.val_every > 0 else ""))
+        f"{distill.steps} iterations of {distill.batch_size} clips, G every {distill.gen_every}, "
+        f"discriminator on block {block}, on {device}"
+        + (f", G layer-dropped ({cfg.layerdrop.method} schedule)" if gen_fn else "")
+        + (f", G inputs {distill.gen_inputs}" if distill.gen_inputs != "real" else "")
+        + (f", EMA {distill.ema}" if G_ema is not None else "")
+        + (f", val FAD every {distill.val_every}" if distill.val_every > 0 else ""))
 
     def checkpoint(step, file=path):
-        save_checkpoint(file, {"stage": stage, "step": step, "done": step >= dc.steps,
-                               "config": dataclasses.asdict(cfg), "model": sampler.net.state_dict(),
-                               "G": G.net.state_dict(), "fake": fake.net.state_dict(),
-                               "head": head.state_dict(), "opt_G": opts["G"].state_dict(),
-                               "opt_fake": opts["fake"].state_dict(), "vocab": tok.state_dict(),
-                               "latent_stats": rep.state_dict(), "best_val": best,
-                               **({"G_ema": G_ema.net.state_dict()} if G_ema is not None else {})})
-        return step
+        write_checkpoint(file, {"stage": stage, "step": step, "done": step >= distill.steps,
+                    "config": dataclasses.asdict(cfg), "model": sampler.net.state_dict(),
+                    "G": G.net.state_dict(), "mu_fake": mu_fake.net.state_dict(),
+                    "head": head.state_dict(), "opt_G": opts["G"].state_dict(),
+                    "opt_mu_fake": opts["mu_fake"].state_dict(), "vocab": tok.state_dict(),
+                    "latent_stats": rep.state_dict(), "best_val": best,
+                    **({"G_ema": G_ema.net.state_dict()} if G_ema is not None else {})})
 
-    guard = NaNGuard(path, "distill.lr_gen / distill.lr_fake", start if resume else None)
-    for k in ("G", "fake", "real"):
-        compiled(nets[k], t.compile)
+    if train_cfg.compile:
+        for net in (G, mu_fake, mu_real):
+            config.compile_network(net)
+    loop = StageLoop(stage, path, start, distill.steps, resume, "distill.lr_gen / distill.lr_fake",
+                     train_cfg.ckpt_every)
     sums, counts, g_by_sigma = {}, {}, []
-    bar = tqdm(range(start, dc.steps), initial=start, total=dc.steps, desc=stage,
-               dynamic_ncols=True, disable=not DIST.main)
-    for step in bar:
-        batches = [(x, ids, torch.zeros_like(ids), rng) for x, ids, _, rng, _ in
-                   micro_batches(train_ds, rep, tok, cfg, step, device, dc.batch_size)]
-        out_ = presto_s_iteration(step, nets, opts, batches, dc, cfg.edm, block, t.grad_clip,
-                                  autocast, gen_fn=gen_fn)
-        if "g_abs" in out_:                                 # a generator turn
-            g_by_sigma.append((out_.pop("sigma_dmd"), out_.pop("g_abs")))
+    for step in loop:
+        batches = [(x, ids, torch.zeros_like(ids), make_rng) for x, ids, _, make_rng, _ in
+                   micro_batches(train_ds, rep, tok, cfg, step, device, distill.batch_size)]
+        losses = presto_s_iteration(step, nets, opts, batches, distill, cfg.edm, block,
+                                    train_cfg.grad_clip, autocast, gen_fn=gen_fn)
+        if "g_abs" in losses:                               # a generator turn
+            g_by_sigma.append((losses.pop("sigma_dmd"), losses.pop("g_abs")))
             if G_ema is not None:     # ramped like the base stage's EMA, counting generator steps
-                k = step // dc.gen_every
-                ema_update(G_ema, G, min(dc.ema, (1 + k) / (10 + k)))
-        guard.update(step, **out_)
-        for k, v in out_.items():                          # running sums: no host sync per step
+                k = step // distill.gen_every
+                ema_update(G_ema, G, min(distill.ema, (1 + k) / (10 + k)))
+        loop.guard.update(step, **losses)
+        for k, v in losses.items():                         # running sums: no host sync per step
             sums[k], counts[k] = sums.get(k, 0) + v, counts.get(k, 0) + 1
         done = step + 1
-        if done % t.log_every == 0 or done == dc.steps:
-            guard.check(done)
-            row = {k: v / counts[k] for k, v in global_mean(sums).items()}   # means since last log
+        row = loop.logged(done, train_cfg.log_every, **sums)
+        if row is not None:
+            row = {k: v / counts[k] for k, v in row.items()}          # means since the last log
             sums, counts = {}, {}
             if g_by_sigma:         # this process's clips only (the buckets differ between ranks)
                 row["g_abs_by_sigma"] = bucket_means(*map(torch.cat, zip(*g_by_sigma)))
             g_by_sigma = []
-            log.write(step=done, **row)
-            bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k in ("L_fake", "L_D", "D_real", "D_fake")})
-        if dc.val_every > 0 and (done % dc.val_every == 0 or done == dc.steps):
-            guard.check(done)                  # every rank (a collective); then rank 0 validates
-        if validator and (done % dc.val_every == 0 or done == dc.steps):
-            val = validator(sampler, stage)
-            if best is None or val["val_fad"] < best["val_fad"]:
-                best = {"step": done, **val}
-                checkpoint(done, best_path)
-            log.write(step=done, **val, best_step=best["step"])
-            say(f"step {done}: val FAD {val['val_fad']:.3f}, CLAP {val['val_clap']:.3f} "
-                f"({dc.grid_steps} steps, {len(validator.captions)} val clips); best: step {best['step']}")
-        if done % t.ckpt_every == 0 or done == dc.steps:
-            guard.check(done)
-            guard.saved(checkpoint(done))
-    bar.close()
+            loop.log.write(step=done, **row)
+            loop.bar.set_postfix({k: f"{v:.3g}" for k, v in row.items()
+                                  if k in ("L_fake", "L_D", "D_real", "D_fake")})
+        if loop.due(done, distill.val_every):
+            loop.guard.check(done)                 # every rank (a collective); then rank 0 validates
+            if validator:
+                val = validator(sampler, stage)
+                if best is None or val["val_fad"] < best["val_fad"]:
+                    best = {"step": done, **val}
+                    checkpoint(done, best_path)
+                loop.log.write(step=done, **val, best_step=best["step"])
+                say(f"step {done}: val FAD {val['val_fad']:.3f}, CLAP {val['val_clap']:.3f} "
+                    f"({distill.grid_steps} steps, {len(validator.captions)} val clips); "
+                    f"best: step {best['step']}")
+        loop.checkpoint(done, checkpoint)
     return path
 
 
 # ----------------------------------------------------------------------------------------------
-# Layer dropping (PAPER.md section 3): ASE, the baseline, and Presto-L. Losses in layerdrop.py.
+# Layer dropping (paper Section 3.3): ASE, the baseline, and Presto-L. Losses in layerdrop.py.
 
 def train_ase(cfg, out, resume=False):
     """ASE: fine-tune OUT/base.pt to exit after the first b(sigma) blocks with the ordinary
@@ -1102,77 +837,67 @@ def train_layerdrop(cfg, out, resume=False):
     """The loop both layer-drop stages share (cfg.layerdrop.method picks one): the student and its
     EMA start from the base EMA weights; layerdrop.training_loss is DSM for ASE and L_st against
     the frozen base model for Presto-L."""
-    ld, t = cfg.layerdrop, cfg.train
-    layerdrop.check_method(ld.method)
-    if ld.method == "presto-l":
-        layerdrop.check_loss_weights(ld.st_weight, ld.dsm_weight)
-    name = ld.method.replace("-", "_")
+    drop, train_cfg = cfg.layerdrop, cfg.train
+    layerdrop.check_method(drop.method)
+    if drop.method == "presto-l":
+        layerdrop.check_loss_weights(drop.st_weight, drop.dsm_weight)
+    name = drop.method.replace("-", "_")
     device, path, ckpt = stage_setup(cfg, out, f"{name}.pt", resume)
     rep, tok, teacher = load_teacher(cfg, out, device)
     student = copy.deepcopy(teacher).train().requires_grad_(True)
     ema = copy.deepcopy(teacher)                      # eval mode, no grad, like the teacher
     # only L_st needs the frozen teacher (ASE's DSM, and Presto-L with st_weight=0, do not)
-    teacher = teacher if ld.method == "presto-l" and ld.st_weight else None
-    opt = torch.optim.AdamW(student.parameters(), lr=ld.lr, betas=(0.9, t.beta2),
-                            weight_decay=t.weight_decay, fused=device.type == "cuda")
+    teacher = teacher if drop.method == "presto-l" and drop.st_weight else None
+    opt = adamw(student.parameters(), drop.lr, train_cfg, device)
     start = restore(ckpt, path, student, ema, opt)
     autocast = autocast_for(device)
-    log = LossLog(os.path.join(out, f"{name}_log.jsonl"), start if resume else None)
     train_ds, val_ds = data.make_dataset(cfg.data, "train"), data.make_dataset(cfg.data, "val")
     depth = len(student.net.blocks)
-    budgets = layerdrop.schedule_budgets(depth, ld).tolist()
+    budgets = layerdrop.schedule_budgets(depth, drop).tolist()
 
-    def val_loss(den, x, cond, sigma, g):          # DSM of the model at the schedule's budgets
-        b = layerdrop.budget_for_sigma(sigma, depth, ld, cfg.edm)
-        return layerdrop.dsm_loss(den, x, cond, sigma, b, ld.method, g, ld.budget_cond)
-    say(f"{ld.method}: fine-tuning DiT-{cfg.model.size} ({depth} blocks) at budgets {budgets} "
-          f"(low -> high noise, jitter {ld.jitter}), {ld.steps} steps of {ld.batch_size} clips "
-          f"on {device}")
-
-    def checkpoint(step, val=None):
-        save_checkpoint(path, model_checkpoint(ld.method, step, ld.steps, cfg, student, ema, opt,
-                                               tok, rep, val_loss=val))
-        return step
-
-    guard = NaNGuard(path, "layerdrop.lr", start if resume else None)
-    compiled(student, t.compile)
-    bar = tqdm(range(start, ld.steps), initial=start, total=ld.steps, desc=ld.method,
-               dynamic_ncols=True, disable=not DIST.main)
+    def val_loss(den, x, cond, sigma, rng):          # DSM of the model at the schedule's budgets
+        b = layerdrop.budget_for_sigma(sigma, depth, drop, cfg.edm)
+        return layerdrop.dsm_loss(den, x, cond, sigma, b, drop.method, rng, drop.budget_cond)
+    say(f"{drop.method}: fine-tuning DiT-{cfg.model.size} ({depth} blocks) at budgets {budgets} "
+        f"(low -> high noise, jitter {drop.jitter}), {drop.steps} steps of {drop.batch_size} clips "
+        f"on {device}")
+    if train_cfg.compile:
+        config.compile_network(student)
+    loop = StageLoop(drop.method, path, start, drop.steps, resume, "layerdrop.lr",
+                     train_cfg.ckpt_every)
     speed = Speed(cfg, rep, device)
-    for step in bar:
+    for step in loop:
         loss, blocks = torch.zeros((), device=device), torch.zeros((), device=device)
-        for x, ids, _, rng, weight in micro_batches(train_ds, rep, tok, cfg, step, device, ld.batch_size):
-            g = rng()
-            ids = drop_captions(ids, t.p_uncond, g)          # so the layer-dropped model takes CFG
-            sigma = edm.sample_p_train(ids.shape[0], cfg.edm, g, device)
+        for x, ids, _, make_rng, weight in micro_batches(train_ds, rep, tok, cfg, step, device,
+                                                         drop.batch_size):
+            rng = make_rng()
+            ids = drop_captions(ids, train_cfg.p_uncond, rng)   # so the layer-dropped model takes CFG
+            sigma = edm.sample_p_train(ids.shape[0], cfg.edm, rng, device)
             with autocast:
                 cond_teacher = teacher.encode(ids) if teacher is not None else None
                 micro, b = layerdrop.training_loss(student, teacher, x, student.encode(ids),
-                                                   cond_teacher, sigma, ld, cfg.edm, g)
+                                                   cond_teacher, sigma, drop, cfg.edm, rng)
                 micro = micro.mean() * weight
             micro.backward()
             loss += micro.detach()
             blocks += b.double().mean().float() / depth * weight
-        grad_norm = optimizer_step(opt, t.grad_clip)
-        guard.update(step, loss=loss, grad_norm=grad_norm)
-        ema_update(ema, student, min(t.ema, (1 + step) / (10 + step)))
-        speed.count(ld.batch_size)
+        grad_norm = optimizer_step(opt, train_cfg.grad_clip)
+        loop.guard.update(step, loss=loss, grad_norm=grad_norm)
+        ema_update(ema, student, min(train_cfg.ema, (1 + step) / (10 + step)))
+        speed.count(drop.batch_size)
         done = step + 1
-        if done % t.log_every == 0 or done == ld.steps:
-            guard.check(done)
-            row = global_mean({"loss": loss, "grad_norm": grad_norm, "blocks": blocks})
-            bar.set_postfix(loss=f"{row['loss']:.4f}")
-            log.write(step=done, **row, **speed.report())
+        row = loop.logged(done, train_cfg.log_every, loss=loss, grad_norm=grad_norm, blocks=blocks)
+        if row is not None:
+            loop.bar.set_postfix(loss=f"{row['loss']:.4f}")
+            loop.log.write(step=done, **row, **speed.report())
         val = None
-        if DIST.main and (done % t.eval_every == 0 or done == ld.steps):   # EMA at the schedule's budgets
+        if DIST.main and loop.due(done, train_cfg.eval_every):   # EMA at the schedule's budgets
             val, by_sigma = validate(ema, val_ds, rep, tok, cfg, device, autocast, val_loss)
-            log.write(step=done, val_loss=val, val_loss_by_sigma=by_sigma)
+            loop.log.write(step=done, val_loss=val, val_loss_by_sigma=by_sigma)
             say(f"step {done}: train loss {loss.item():.4f}, val DSM loss (EMA, layer-dropped) "
                 f"{val:.4f}")
-        if done % t.ckpt_every == 0 or done == ld.steps:
-            guard.check(done)
-            guard.saved(checkpoint(done, val))
-    bar.close()
+        loop.checkpoint(done, lambda done: write_checkpoint(path, model_checkpoint(
+            drop.method, done, drop.steps, cfg, student, ema, opt, tok, rep, val_loss=val)))
     return path
 
 
@@ -1195,13 +920,13 @@ def run_stage(stage, out, preset, sets, resume=False, force=False):
     if resume:
         if not os.path.exists(path):
             raise FileNotFoundError(f"--resume: no checkpoint at {path}")
-        cfg = config_from_dict(torch.load(path, map_location="cpu", weights_only=False)["config"])
-        cfg = apply_overrides(cfg, sets)
+        cfg = config.apply_overrides(config.config_from_dict(config.read_checkpoint(path)["config"]),
+                                     sets)
     else:
         if os.path.exists(path) and not force:
             raise FileExistsError(f"{path} exists: pass --resume to continue it or --force "
                                   "to start over")
-        cfg = make_config(preset, sets)
+        cfg = config.make_config(preset, sets)
     stage_fn(cfg, out, resume=resume)
     barrier()                         # every process sees the checkpoint before the next stage
     say(f"wrote {path}")
@@ -1213,8 +938,7 @@ def run_all(out, preset, sets, force=False):
     incomplete one is resumed, a missing one is trained."""
     for stage, (ckpt_name, _) in STAGES.items():
         path = os.path.join(out, ckpt_name)
-        ckpt = (torch.load(path, map_location="cpu", weights_only=False)
-                if os.path.exists(path) and not force else None)
+        ckpt = config.read_checkpoint(path) if os.path.exists(path) and not force else None
         if ckpt is not None and ckpt.get("done"):
             say(f"{stage}: {path} is complete, skipped (--force retrains it)")
             continue
@@ -1236,8 +960,7 @@ def main(argv=None):
                         "Presto-S with the generator from presto_l.pt -> presto_ls.pt; all: those "
                         "six in that order, skipping a stage whose checkpoint is complete "
                         "(unless --force) and resuming an incomplete one")
-    p.add_argument("--preset", choices=list(PRESETS), default="cpu",
-                   help="named config: tiny (tests, seconds), cpu (~20 min teacher), gpu (one GPU)")
+    p.add_argument("--preset", choices=list(config.PRESETS), default="cpu", help=config.PRESET_HELP)
     p.add_argument("--out", required=True, help="run folder; checkpoints and logs go here")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="override config fields, e.g. --set train.steps=500 model.size=XS "
@@ -1253,7 +976,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         init_distributed()
-        sets = parse_sets(args.set)
+        sets = config.parse_sets(args.set)
         if args.compile:
             sets["train.compile"] = "true"
         if args.stage == "all":

@@ -10,7 +10,13 @@ import soundfile as sf
 import torch
 
 import data
-from data import DataConfig, Representation, Tokenizer, batch_indices, get_batch, make_dataset, synth_clip
+from data import DataConfig, Representation, Tokenizer, batch_indices, get_batch, make_dataset
+import synth
+
+
+def synth_clip(cfg, split, i):
+    """Clip i of a split of the synthetic set."""
+    return make_dataset(cfg, split).clip(i)
 
 # -----------------------------------------------------------------------------
 # Synthetic data set
@@ -54,18 +60,18 @@ def test_captions_state_every_label():
         assert re.search(rf"\b{re.escape(L['tonic'])} {L['mode']}\b", c.caption), c.caption
         assert str(L["bpm"]) in words or f"{L['bpm']}," in words, c.caption
         assert 60 <= L["bpm"] <= 180
-        assert any(p in c.caption for p in data.DRUM_PHRASES[L["drums"]]), c.caption
-        assert not any(p in c.caption for p in data.DRUM_PHRASES[not L["drums"]]), c.caption
+        assert any(p in c.caption for p in synth.DRUM_PHRASES[L["drums"]]), c.caption
+        assert not any(p in c.caption for p in synth.DRUM_PHRASES[not L["drums"]]), c.caption
         for k in seen:
             seen[k].add(L[k])
     # every attribute value is actually drawn
-    assert seen["instrument"] == set(data.INSTRUMENTS) and seen["texture"] == set(data.TEXTURES)
-    assert seen["mode"] == set(data.MODES) and seen["drums"] == {True, False}
+    assert seen["instrument"] == set(synth.INSTRUMENTS) and seen["texture"] == set(synth.TEXTURES)
+    assert seen["mode"] == set(synth.MODES) and seen["drums"] == {True, False}
 
 
 def test_tempo_bucket_edges():
-    assert [data.tempo_bucket(b) for b in (60, 89, 90, 119, 120, 150, 180)] == [0, 0, 1, 1, 2, 3, 3]
-    assert len(data.TONICS) == 12 and len(data.TEMPO_WORDS) == len(data.TEMPO_BUCKETS) + 1
+    assert [synth.tempo_bucket(b) for b in (60, 89, 90, 119, 120, 150, 180)] == [0, 0, 1, 1, 2, 3, 3]
+    assert len(synth.TONICS) == 12 and len(synth.TEMPO_WORDS) == len(synth.TEMPO_BUCKETS) + 1
 
 
 def _chroma(wave, sr):
@@ -86,8 +92,8 @@ def test_synth_audio_is_in_the_key_it_claims():
     for i in range(80):
         c = synth_clip(cfg, "val", i)
         chroma = _chroma(c.wave, cfg.sample_rate)
-        tonic = data.TONICS.index(c.labels["tonic"])
-        scale = [(tonic + s) % 12 for s in data.SCALES[c.labels["mode"]]]
+        tonic = synth.TONICS.index(c.labels["tonic"])
+        scale = [(tonic + s) % 12 for s in synth.SCALES[c.labels["mode"]]]
         assert chroma[scale].sum() / chroma.sum() > 0.75, c.caption
         top3.append((chroma > chroma[tonic]).sum() < 3)
     assert np.mean(top3) > 0.85, np.mean(top3)

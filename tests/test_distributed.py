@@ -57,9 +57,9 @@ def _assert_close_weights(a, b, keys, atol=1e-4):
             assert diff <= atol, (key, name, diff)
 
 
-WEIGHTS = {"base.pt": ("model", "ema"), "clap.pt": ("model",), "presto_s.pt": ("G", "fake", "head"),
+WEIGHTS = {"base.pt": ("model", "ema"), "clap.pt": ("model",), "presto_s.pt": ("G", "mu_fake", "head"),
            "ase.pt": ("model", "ema"), "presto_l.pt": ("model", "ema"),
-           "presto_ls.pt": ("G", "fake", "head")}
+           "presto_ls.pt": ("G", "mu_fake", "head")}
 
 
 @pytest.fixture(scope="module")

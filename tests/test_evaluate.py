@@ -1,5 +1,6 @@
 """Worked examples for evaluate.py: FAD and MMD against closed forms and plain reference code, the
 embedder learns on a tiny run, and the evaluate command writes its reports for a tiny run folder."""
+import dataclasses
 import json
 import math
 import os
@@ -11,6 +12,8 @@ import torch
 import evaluate
 import train
 from evaluate import frechet_distance, mmd
+import config
+import clap
 
 # -----------------------------------------------------------------------------
 # FAD
@@ -144,9 +147,9 @@ FAST = {"train.steps": "4", "train.ckpt_every": "4", "train.eval_every": "4", "t
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("eval"))
-    cfg = train.make_config("tiny", FAST)
+    cfg = config.make_config("tiny", FAST)
     train.train_base(cfg, out)
-    train.train_clap(train.make_config("tiny", FAST), out)
+    train.train_clap(config.make_config("tiny", FAST), out)
     return out
 
 
@@ -155,18 +158,18 @@ def test_embedder_loss_falls_on_a_tiny_run(tiny_run):
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) == 30
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
-    cfg, model = evaluate.load_clap(os.path.join(tiny_run, "clap.pt"))
+    cfg, model = evaluate.load_embedder(os.path.join(tiny_run, "clap.pt"))
     waves = torch.randn(3, 1, int(cfg.data.seconds * cfg.data.sample_rate)) * 0.1
     a, t = model.embed_audio(waves), model.embed_text(["slow organ chords", "piano", "bell"])
     assert a.shape == t.shape == (3, cfg.clap.dim)
     assert torch.allclose(a.norm(dim=1), torch.ones(3), atol=1e-5)
-    assert set(model.predict_attributes(a)) == set(evaluate.ATTRIBUTES)
+    assert set(model.predict_attributes(a)) == set(clap.ATTRIBUTES)
 
 
 def test_old_checkpoints_without_a_clap_section_still_load():
-    d = train.dataclasses.asdict(train.make_config("tiny"))
+    d = dataclasses.asdict(config.make_config("tiny"))
     del d["clap"]
-    assert train.config_from_dict(d).clap == evaluate.ClapConfig()
+    assert config.config_from_dict(d).clap == clap.ClapConfig()
 
 
 def test_evaluate_writes_results_for_every_row(tiny_run):

@@ -15,12 +15,14 @@ import soundfile as sf
 import torch
 import torch.nn as nn
 
+import data
 import dmd
 import edm
 import evaluate
 import gan
 import sample
 import train
+import config
 from conftest import crash_after_first_checkpoint
 
 FAST = {"train.steps": "6", "train.ckpt_every": "3", "train.eval_every": "3", "train.log_every": "1",
@@ -41,7 +43,7 @@ def one_thread():
 def base_run(tmp_path_factory):
     """A tiny teacher (base.pt) that every test here distils; 6 optimiser steps, a few seconds."""
     out = str(tmp_path_factory.mktemp("base"))
-    train.train_base(train.make_config("tiny", FAST), out)
+    train.train_base(config.make_config("tiny", FAST), out)
     return out
 
 
@@ -50,7 +52,7 @@ def presto_run(base_run, tmp_path_factory):
     """base.pt -> presto_s.pt: 6 iterations, the generator stepped at iterations 0 and 5."""
     out = str(tmp_path_factory.mktemp("presto"))
     shutil.copy(os.path.join(base_run, "base.pt"), out)
-    train.train_presto_s(train.make_config("tiny", FAST), out)
+    train.train_presto_s(config.make_config("tiny", FAST), out)
     return out
 
 
@@ -59,19 +61,19 @@ def presto_run(base_run, tmp_path_factory):
 
 def _tiny_nets(base_run, teacher_trainable=False):
     """The networks of train_presto_s, built the same way from base.pt, plus one real batch."""
-    cfg, _, rep, tok, real = train.load_checkpoint(os.path.join(base_run, "base.pt"))
-    cfg.distill = train.make_config("tiny", FAST).distill
+    cfg, _, rep, tok, mu_real = config.load_checkpoint(os.path.join(base_run, "base.pt"))
+    cfg.distill = config.make_config("tiny", FAST).distill
     if teacher_trainable:            # a trap: a leak into the teacher would now leave a .grad
-        real.requires_grad_(True)
-    G = copy.deepcopy(real).train().requires_grad_(True)
-    fake = copy.deepcopy(real).train().requires_grad_(True)
+        mu_real.requires_grad_(True)
+    G = copy.deepcopy(mu_real).train().requires_grad_(True)
+    mu_fake = copy.deepcopy(mu_real).train().requires_grad_(True)
     head = gan.Head(cfg.model.width, cfg.distill.disc_width)
     opts = {"G": torch.optim.AdamW(G.parameters(), lr=1e-3, weight_decay=0.0),
-            "fake": torch.optim.AdamW([*fake.parameters(), *head.parameters()], lr=1e-3,
+            "mu_fake": torch.optim.AdamW([*mu_fake.parameters(), *head.parameters()], lr=1e-3,
                                      weight_decay=0.0)}
-    x, ids, _ = train.make_batch(train.data.make_dataset(cfg.data, "train"), rep, tok, cfg, 0, "cpu", 2)
-    nets = {"G": G, "fake": fake, "real": real, "head": head}
-    block, dc = len(fake.net.blocks) // 2, cfg.distill
+    x, ids, _ = train.make_batch(data.make_dataset(cfg.data, "train"), rep, tok, cfg, 0, "cpu", 2)
+    nets = {"G": G, "mu_fake": mu_fake, "mu_real": mu_real, "head": head}
+    block, dc = len(mu_fake.net.blocks) // 2, cfg.distill
     batch = lambda step: [(x, ids, torch.zeros_like(ids), lambda: torch.Generator().manual_seed(step))]
     run = lambda step: train.presto_s_iteration(step, nets, opts, batch(step), dc, cfg.edm, block)
     return nets, opts, dc, run
@@ -91,53 +93,53 @@ def _same(snapshot, *modules):
 
 def test_who_is_stepped_and_where_gradients_go(base_run, monkeypatch):
     nets, opts, _, run = _tiny_nets(base_run, teacher_trainable=True)
-    G, fake, real, head = nets["G"], nets["fake"], nets["real"], nets["head"]
-    teacher0 = _snapshot(real)
+    G, mu_fake, mu_real, head = nets["G"], nets["mu_fake"], nets["mu_real"], nets["head"]
+    teacher0 = _snapshot(mu_real)
     seen = []
     real_step = train.optimizer_step
 
     def spy(opt, grad_clip):
         # right after backward (before the step clears them) look at which parameters got grads
-        who = "G" if opt is opts["G"] else "fake"
+        who = "G" if opt is opts["G"] else "mu_fake"
         has = {k: any(p.grad is not None for p in m.parameters()) for k, m in nets.items()}
         seen.append((who, has, {k: m.training and all(p.requires_grad for p in m.parameters())
-                                for k, m in (("fake", fake), ("head", head))}))
+                                for k, m in (("mu_fake", mu_fake), ("head", head))}))
         return real_step(opt, grad_clip)
     monkeypatch.setattr(train, "optimizer_step", spy)
 
     # iteration 1 is a fake-score-only turn (gen_every = 5): G is not touched at all
-    G0, F0 = _snapshot(G), _snapshot(fake, head)
+    G0, F0 = _snapshot(G), _snapshot(mu_fake, head)
     out = run(1)
-    assert [w for w, _, _ in seen] == ["fake"] and set(out) == {"L_fake", "L_D", "D_real", "D_fake"}
-    assert seen[0][1] == {"G": False, "fake": True, "head": True, "real": False}
-    assert _same(G0, G) and not _same(F0, fake, head)
+    assert [w for w, _, _ in seen] == ["mu_fake"] and set(out) == {"L_fake", "L_D", "D_real", "D_fake"}
+    assert seen[0][1] == {"G": False, "mu_fake": True, "head": True, "mu_real": False}
+    assert _same(G0, G) and not _same(F0, mu_fake, head)
 
-    # iteration 0 is a generator turn: the fake score + head step first, then G on DMD + GAN;
-    # the generator's loss leaves no gradient on the fake network, the head or the teacher
+    # iteration 0 is a generator turn: mu_fake + head step first, then G on DMD + GAN;
+    # the generator's loss leaves no gradient on the mu_fake network, the head or the teacher
     seen.clear()
     G0 = _snapshot(G)
     out = run(0)
-    assert [w for w, _, _ in seen] == ["fake", "G"]
-    assert seen[0][1] == {"G": False, "fake": True, "head": True, "real": False}
-    assert seen[1][1] == {"G": True, "fake": False, "head": False, "real": False}
-    assert seen[1][2] == {"fake": False, "head": False}      # frozen during the generator's turn
+    assert [w for w, _, _ in seen] == ["mu_fake", "G"]
+    assert seen[0][1] == {"G": False, "mu_fake": True, "head": True, "mu_real": False}
+    assert seen[1][1] == {"G": True, "mu_fake": False, "head": False, "mu_real": False}
+    assert seen[1][2] == {"mu_fake": False, "head": False}      # frozen during the generator's turn
     assert not _same(G0, G) and {"L_DMD", "L_G", "g_abs", "sigma_dmd"} <= out.keys()
-    assert all(p.requires_grad for p in _params(fake, head))   # unfrozen again afterwards
+    assert all(p.requires_grad for p in _params(mu_fake, head))   # unfrozen again afterwards
     # the teacher: never a gradient, never a change (its params even had requires_grad here)
-    assert all(p.grad is None for p in real.parameters()) and _same(teacher0, real)
+    assert all(p.grad is None for p in mu_real.parameters()) and _same(teacher0, mu_real)
 
 
 def test_generator_gan_loss_reaches_G_through_the_fake_network(base_run, monkeypatch):
     """With the DMD gradient zeroed, the generator moves only if the LSGAN loss, which sees x_hat
-    only through the fake network and the head, carries a gradient back into G; and the generator's
-    step must leave the fake network and the head exactly as the fake step left them."""
+    only through the mu_fake network and the head, carries a gradient back into G; and the generator's
+    step must leave the mu_fake network and the head exactly as the fake-score step left them."""
     monkeypatch.setattr(dmd, "dmd_gradient", lambda x_hat, *a: torch.zeros_like(x_hat))
     real_step, norms, after_fake = train.optimizer_step, [], []
 
     def spy(opt, grad_clip):
         norm = real_step(opt, grad_clip)
-        if opt is opts["fake"]:
-            after_fake.append(_snapshot(nets["fake"], nets["head"]))
+        if opt is opts["mu_fake"]:
+            after_fake.append(_snapshot(nets["mu_fake"], nets["head"]))
         else:
             norms.append(norm.item())
         return norm
@@ -147,8 +149,8 @@ def test_generator_gan_loss_reaches_G_through_the_fake_network(base_run, monkeyp
         dc.nu1 = nu1
         G0 = _snapshot(nets["G"])
         run(0)                                          # a generator turn
-        assert _same(after_fake[-1], nets["fake"], nets["head"])
-        assert all(p.grad is None for p in _params(nets["fake"], nets["head"], nets["G"]))
+        assert _same(after_fake[-1], nets["mu_fake"], nets["head"])
+        assert all(p.grad is None for p in _params(nets["mu_fake"], nets["head"], nets["G"]))
         if nu1 == 0:
             assert norms[-1] == 0 and _same(G0, nets["G"])
         else:
@@ -162,11 +164,11 @@ def test_stage_writes_a_generator_checkpoint_and_a_log(presto_run, base_run):
     path = os.path.join(presto_run, "presto_s.pt")
     ckpt = torch.load(path, weights_only=False)
     assert ckpt["stage"] == "presto-s" and ckpt["step"] == 6 and ckpt["done"]
-    assert {"G", "fake", "head", "opt_G", "opt_fake", "model", "vocab", "latent_stats"} <= ckpt.keys()
+    assert {"G", "mu_fake", "head", "opt_G", "opt_mu_fake", "model", "vocab", "latent_stats"} <= ckpt.keys()
     base = torch.load(os.path.join(base_run, "base.pt"), weights_only=False)
     assert any(not torch.equal(ckpt["G"][k], base["ema"][k]) for k in ckpt["G"])   # G was trained
     # load_checkpoint (what sample.py uses) returns the generator
-    _, _, _, _, G = train.load_checkpoint(path)
+    _, _, _, _, G = config.load_checkpoint(path)
     assert all(torch.equal(v, ckpt["G"][k]) for k, v in G.net.state_dict().items())
     rows = [json.loads(l) for l in open(os.path.join(presto_run, "presto_s_log.jsonl"))]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]          # train.log_every = 1
@@ -190,7 +192,7 @@ def test_sample_cli_uses_the_few_step_sampler(presto_run, tmp_path, monkeypatch)
     sample.main(["--ckpt", os.path.join(presto_run, "presto_s.pt"), "--prompt",
                  "a piano melody in d minor", "--steps", "2", "--out", out, "--gl-iters", "2"])
     wave, sr = sf.read(out)
-    cfg = train.load_checkpoint(os.path.join(presto_run, "presto_s.pt"))[0]
+    cfg = config.load_checkpoint(os.path.join(presto_run, "presto_s.pt"))[0]
     assert calls == [2] and sr == cfg.data.sample_rate and abs(len(wave) - 0.5 * sr) <= cfg.data.hop
     assert 0 < abs(wave).max() <= 1
 
@@ -199,18 +201,18 @@ def test_presto_s_resume_continues_exactly(base_run, presto_run, tmp_path, monke
     broken = str(tmp_path / "broken")
     os.makedirs(broken)
     shutil.copy(os.path.join(base_run, "base.pt"), broken)
-    crash_after_first_checkpoint(monkeypatch, train.train_presto_s, train.make_config("tiny", FAST),
+    crash_after_first_checkpoint(monkeypatch, train.train_presto_s, config.make_config("tiny", FAST),
                                  broken)
     assert torch.load(os.path.join(broken, "presto_s.pt"), weights_only=False)["step"] == 3
     train.main(["--stage", "presto-s", "--out", broken, "--resume"])
     a = torch.load(os.path.join(presto_run, "presto_s.pt"), weights_only=False)   # straight run
     b = torch.load(os.path.join(broken, "presto_s.pt"), weights_only=False)
     assert b["step"] == 6 and b["done"]
-    for key in ("G", "fake", "head"):
+    for key in ("G", "mu_fake", "head"):
         assert a[key].keys() == b[key].keys()
         for name in a[key]:
             assert torch.equal(a[key][name], b[key][name]), (key, name)
-    for key in ("opt_G", "opt_fake"):
+    for key in ("opt_G", "opt_mu_fake"):
         for i, st in a[key]["state"].items():
             assert all(torch.equal(v, b[key]["state"][i][n]) for n, v in st.items()), (key, i)
     logs = [[json.loads(l) for l in open(os.path.join(r, "presto_s_log.jsonl"))]
@@ -226,7 +228,7 @@ def test_generator_inputs_real_and_backward():
     then noised to sigma_gen; the backward noise is drawn last, so "real" keeps its draws."""
     x = torch.randn(3, 2, 5)
     dc = dmd.DistillConfig()
-    d = train.fake_turn_draws(torch.Generator().manual_seed(0), x, dc, TOY_EDM)
+    d = dmd.iteration_draws(torch.Generator().manual_seed(0), x, dc, TOY_EDM)
     assert "eps_back" not in d
     s = d["sigma_gen"].view(-1, 1, 1)
     w = torch.ones((), requires_grad=True)
@@ -235,18 +237,18 @@ def test_generator_inputs_real_and_backward():
     def gen(x_in, sigma, cond):
         calls.append((x_in, sigma, torch.is_grad_enabled()))
         return 0.5 * x_in * w
-    assert torch.equal(train.generator_input(gen, x, d, None, dc, TOY_EDM), x + s * d["eps_gen"])
+    assert torch.equal(dmd.generator_input(gen, x, d, None, dc, TOY_EDM), x + s * d["eps_gen"])
     assert not calls                                            # "real" never calls G
     back = dataclasses.replace(dc, gen_inputs="backward")
-    d2 = train.fake_turn_draws(torch.Generator().manual_seed(0), x, back, TOY_EDM)
+    d2 = dmd.iteration_draws(torch.Generator().manual_seed(0), x, back, TOY_EDM)
     assert all(torch.equal(d[k], d2[k]) for k in d)              # same draws, plus eps_back
-    x_in = train.generator_input(gen, x, d2, None, back, TOY_EDM)
+    x_in = dmd.generator_input(gen, x, d2, None, back, TOY_EDM)
     (noise, sigma, grad_on), = calls
     assert torch.equal(noise, 80.0 * d2["eps_back"]) and torch.all(sigma == 80.0) and not grad_on
     assert torch.allclose(x_in, 0.5 * 80.0 * d2["eps_back"] + s * d2["eps_gen"])
     assert not x_in.requires_grad
     with pytest.raises(ValueError, match="gen_inputs"):
-        train.generator_input(gen, x, d, None, dataclasses.replace(dc, gen_inputs="noise"), TOY_EDM)
+        dmd.generator_input(gen, x, d, None, dataclasses.replace(dc, gen_inputs="noise"), TOY_EDM)
 
 
 VAL = {**FAST, "distill.val_every": "2", "distill.val_clips": "4", "distill.ema": "0.9",
@@ -259,8 +261,8 @@ def val_run(base_run, tmp_path_factory):
     inputs and a validation FAD every 2 iterations (the best kept as presto_s_best.pt)."""
     out = str(tmp_path_factory.mktemp("val"))
     shutil.copy(os.path.join(base_run, "base.pt"), out)
-    train.train_clap(train.make_config("tiny", {**FAST, "clap.steps": "4"}), out)
-    train.train_presto_s(train.make_config("tiny", VAL), out)
+    train.train_clap(config.make_config("tiny", {**FAST, "clap.steps": "4"}), out)
+    train.train_presto_s(config.make_config("tiny", VAL), out)
     return out
 
 
@@ -276,13 +278,13 @@ def test_ema_generator_is_what_samples(base_run, val_run, monkeypatch, tmp_path)
     out = str(tmp_path)
     for f in ("base.pt", "clap.pt"):
         shutil.copy(os.path.join(val_run, f), out)
-    train.train_presto_s(train.make_config("tiny", VAL), out)
+    train.train_presto_s(config.make_config("tiny", VAL), out)
     assert [round(d, 6) for d, _ in seen] == [round(1 / 10, 6), round(2 / 11, 6)]  # turns 0 and 5
-    expect = [p.detach().clone() for p in train.load_checkpoint(os.path.join(base_run, "base.pt"))[4].net.parameters()]
+    expect = [p.detach().clone() for p in config.load_checkpoint(os.path.join(base_run, "base.pt"))[4].net.parameters()]
     for decay, G in seen:
         expect = [decay * e + (1 - decay) * g for e, g in zip(expect, G)]
     ckpt = torch.load(os.path.join(out, "presto_s.pt"), weights_only=False)
-    names = [n for n, _ in train.load_checkpoint(os.path.join(base_run, "base.pt"))[4].net.named_parameters()]
+    names = [n for n, _ in config.load_checkpoint(os.path.join(base_run, "base.pt"))[4].net.named_parameters()]
     for n, e in zip(names, expect):
         assert torch.allclose(ckpt["model"][n], e, atol=1e-6), n
         assert torch.equal(ckpt["model"][n], ckpt["G_ema"][n])
@@ -301,8 +303,8 @@ def test_validation_keeps_the_best_checkpoint(val_run):
     assert best["step"] == best_step and best["best_val"]["val_fad"] == min(fads)
     assert last["best_val"] == best["best_val"]
     # the file holds the weights that scored that FAD: re-validating it gives the same number
-    cfg, _, rep, tok, G = train.load_checkpoint(os.path.join(val_run, "presto_s_best.pt"))
-    again = train.FewStepValidator(cfg, val_run, rep, tok, torch.device("cpu"))(G, "presto-s")
+    cfg, _, rep, tok, G = config.load_checkpoint(os.path.join(val_run, "presto_s_best.pt"))
+    again = evaluate.FewStepValidator(cfg, val_run, rep, tok, torch.device("cpu"))(G, "presto-s")
     assert again["val_fad"] == pytest.approx(min(fads), rel=1e-5)
     # evaluate.py --best picks it, and only where it exists
     assert evaluate.checkpoint_file(val_run, "presto_s.pt", best=True).endswith("presto_s_best.pt")
@@ -313,21 +315,21 @@ def test_validation_keeps_the_best_checkpoint(val_run):
 def test_validation_needs_the_embedder(base_run, tmp_path):
     shutil.copy(os.path.join(base_run, "base.pt"), tmp_path)
     with pytest.raises(FileNotFoundError, match="clap.pt"):
-        train.train_presto_s(train.make_config("tiny", VAL), str(tmp_path))
+        train.train_presto_s(config.make_config("tiny", VAL), str(tmp_path))
 
 
 def test_resume_with_ema_and_validation_is_exact(val_run, tmp_path, monkeypatch):
     broken = str(tmp_path)
     for f in ("base.pt", "clap.pt"):
         shutil.copy(os.path.join(val_run, f), broken)
-    crash_after_first_checkpoint(monkeypatch, train.train_presto_s, train.make_config("tiny", VAL),
+    crash_after_first_checkpoint(monkeypatch, train.train_presto_s, config.make_config("tiny", VAL),
                                  broken, only="presto_s.pt")       # after presto_s_best.pt at 2
     assert torch.load(os.path.join(broken, "presto_s.pt"), weights_only=False)["step"] == 3
     train.main(["--stage", "presto-s", "--out", broken, "--resume"])
     for name in ("presto_s.pt", "presto_s_best.pt"):
         a, b = (torch.load(os.path.join(r, name), weights_only=False) for r in (val_run, broken))
         assert a["step"] == b["step"] and a["best_val"] == b["best_val"], name
-        for key in ("G", "G_ema", "fake"):
+        for key in ("G", "G_ema", "mu_fake"):
             assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), (name, key)
     logs = [[json.loads(l) for l in open(os.path.join(r, "presto_s_log.jsonl"))]
             for r in (val_run, broken)]
@@ -402,12 +404,12 @@ def distil(teacher, dc, g, iters):
     """train_presto_s in miniature: G and mu_fake start as copies of the teacher, the head reads
     the middle block of mu_fake; every iteration is train.presto_s_iteration on a fresh batch."""
     G = copy.deepcopy(teacher).train().requires_grad_(True)
-    fake = copy.deepcopy(teacher).train().requires_grad_(True)
+    mu_fake = copy.deepcopy(teacher).train().requires_grad_(True)
     head = gan.Head(128, width=32)
     opts = {"G": torch.optim.Adam(G.parameters(), lr=dc.lr_gen, betas=(0.9, 0.99)),
-            "fake": torch.optim.Adam([*fake.parameters(), *head.parameters()], lr=dc.lr_fake,
+            "mu_fake": torch.optim.Adam([*mu_fake.parameters(), *head.parameters()], lr=dc.lr_fake,
                                      betas=(0.9, 0.99))}
-    nets = {"G": G, "fake": fake, "real": teacher, "head": head}
+    nets = {"G": G, "mu_fake": mu_fake, "mu_real": teacher, "head": head}
     for step in range(iters):
         x, state = mixture(dc.batch_size, g), g.get_state()
         replay = lambda: g.set_state(state) or g       # the iteration's draws, from where they start

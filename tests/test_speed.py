@@ -14,6 +14,7 @@ import edm
 import evaluate
 import sample
 import train
+import config
 
 # -----------------------------------------------------------------------------
 # dit.flops_per_sample
@@ -56,8 +57,8 @@ def test_flops_per_sample_matches_the_flop_counter(frames, blocks, text_encoder)
     # little differently. Each projection, the MLP and each of the DiT's attention products is
     # more than 2% of the total here, so leaving one out fails the test.
     torch.manual_seed(0)
-    cfg = train.make_config("tiny")
-    cfg.model.in_channels, cfg.model.vocab_size = 129, 300      # what train.build fills in
+    cfg = config.make_config("tiny")
+    cfg.model.in_channels, cfg.model.vocab_size = 129, 300      # what config.build fills in
     cfg.model.max_text_len = L = cfg.data.max_text_len
     net = dit.DiT(cfg.model).eval()
     x = torch.randn(1, 129, frames)
@@ -144,7 +145,7 @@ def test_paper_preset_builds_a_dit_l():
     # constructors run without allocating, so the test checks shapes and sizes in a second.
     counts = {}
     for ch in (1, 2):
-        cfg = train.make_config("paper", {"data.channels": ch})
+        cfg = config.make_config("paper", {"data.channels": ch})
         with torch.device("meta"):
             _, _, den = evaluate.random_model(cfg, "meta")
         counts[ch] = dit.n_params(den.net)
@@ -168,7 +169,7 @@ CXX = os.environ.get("CXX", "g++")                                  # what induc
 def test_compiled_few_step_sampling_matches_eager(monkeypatch):
     # ~30 s with a cold inductor cache (C++ kernels built), ~5 s warm; one graph (batch 1, all blocks).
     monkeypatch.setattr(torch._dynamo.config, "recompile_limit", torch._dynamo.config.recompile_limit)
-    cfg = train.make_config("tiny")
+    cfg = config.make_config("tiny")
     _, tok, den = evaluate.random_model(cfg, "cpu")
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():                    # move the zero-initialised layers: a non-trivial output
@@ -176,7 +177,7 @@ def test_compiled_few_step_sampling_matches_eager(monkeypatch):
             p.add_(0.05 * torch.randn(p.shape, generator=g))
     gen, _ = sample.sampling_fn(den, tok, cfg, "presto-s", 4)
     eager = gen(["slow organ chords in C major"], [0], cfg.data.seconds)
-    sample.compile_network(den, "cpu")
+    config.compile_network(den, "cpu")
     compiled = gen(["slow organ chords in C major"], [0], cfg.data.seconds)
     torch._dynamo.reset()
     # Tolerance 1e-4 on outputs of size ~1: inductor fuses kernels and reorders float32 sums, so

@@ -2,6 +2,7 @@
 Presto-S, ASE, Presto-L, Presto-LS) and skips them the second time; the layer-drop stages resume
 exactly; sample.py honours each checkpoint's budget and `--budget`; evaluate.py reports every row
 and writes the variance diagnostics."""
+import dataclasses
 import json
 import math
 import os
@@ -14,6 +15,7 @@ import evaluate
 import layerdrop
 import sample
 import train
+import config
 from conftest import crash_after_first_checkpoint
 
 FAST = {"train.steps": "4", "train.ckpt_every": "2", "train.eval_every": "4", "train.log_every": "1",
@@ -69,13 +71,13 @@ def test_presto_l_resume_is_exact_and_stage_all_resumes_it(run, tmp_path, monkey
     straight, broken = str(tmp_path / "straight"), str(tmp_path / "broken")
     os.makedirs(straight)
     shutil.copy(os.path.join(run, "base.pt"), straight)
-    train.train_presto_l(train.make_config("tiny", FAST), straight)
+    train.train_presto_l(config.make_config("tiny", FAST), straight)
     # the same stage killed right after its first checkpoint (step 2), in a run folder that holds
     # every earlier checkpoint; --stage all must resume it (and then train presto-ls)
     os.makedirs(broken)
     for name in ("base.pt", "clap.pt", "presto_s.pt", "ase.pt"):
         shutil.copy(os.path.join(run, name), broken)
-    crash_after_first_checkpoint(monkeypatch, train.train_presto_l, train.make_config("tiny", FAST),
+    crash_after_first_checkpoint(monkeypatch, train.train_presto_l, config.make_config("tiny", FAST),
                                  broken)
     assert _load(broken, "presto_l.pt")["step"] == 2
     train.main([*ALL, "--out", broken])
@@ -94,13 +96,13 @@ def test_presto_l_on_dsm_alone_needs_no_teacher_and_bad_weights_fail_first(run, 
     out = str(tmp_path)
     shutil.copy(os.path.join(run, "base.pt"), out)
     with pytest.raises(ValueError, match="at least one > 0"):    # before any work or file
-        train.train_presto_l(train.make_config("tiny", {**FAST, "layerdrop.st_weight": "0"}), out)
+        train.train_presto_l(config.make_config("tiny", {**FAST, "layerdrop.st_weight": "0"}), out)
     assert not os.path.exists(os.path.join(out, "presto_l.pt"))
     calls = []                                          # the frozen teacher is never called
     real = layerdrop.self_teacher_loss
     monkeypatch.setattr(layerdrop, "self_teacher_loss",
                         lambda s, t, *a, **k: calls.append(t) or real(s, t, *a, **k))
-    cfg = train.make_config("tiny", {**FAST, "layerdrop.st_weight": "0", "layerdrop.dsm_weight": "1"})
+    cfg = config.make_config("tiny", {**FAST, "layerdrop.st_weight": "0", "layerdrop.dsm_weight": "1"})
     train.train_presto_l(cfg, out)
     assert len(calls) == 4 and all(t is None for t in calls)
     assert _load(out, "presto_l.pt")["config"]["layerdrop"]["st_weight"] == 0
@@ -119,8 +121,8 @@ def test_presto_ls_starts_from_presto_l_and_drops_layers_in_the_generator(run, t
     out = str(tmp_path)
     for name in ("base.pt", "presto_l.pt"):
         shutil.copy(os.path.join(run, name), out)
-    train.train_presto_ls(train.make_config("tiny", {**FAST, "distill.steps": "1"}), out)
-    train.train_presto_s(train.make_config("tiny", {**FAST, "distill.steps": "1"}), out)
+    train.train_presto_ls(config.make_config("tiny", {**FAST, "distill.steps": "1"}), out)
+    train.train_presto_s(config.make_config("tiny", {**FAST, "distill.steps": "1"}), out)
     (gen_fn, nets, ls), (no_fn, _, s) = seen
     assert no_fn is None                                # Presto-S calls G itself
     base, presto_l = _load(run, "base.pt")["ema"], _load(run, "presto_l.pt")["ema"]
@@ -145,11 +147,11 @@ def test_presto_ls_validates_the_layer_dropped_generator(run, tmp_path):
         shutil.copy(os.path.join(run, name), out)
     sets = {**FAST, "distill.steps": "4", "distill.val_every": "2", "distill.val_clips": "4",
             "distill.ema": "0.9", "distill.gen_inputs": "backward"}
-    train.train_presto_ls(train.make_config("tiny", sets), out)
+    train.train_presto_ls(config.make_config("tiny", sets), out)
     best = _load(out, "presto_ls_best.pt")
     assert best["stage"] == "presto-ls" and best["step"] == best["best_val"]["step"]
-    cfg, _, rep, tok, G = train.load_checkpoint(os.path.join(out, "presto_ls_best.pt"))
-    validate = train.FewStepValidator(cfg, out, rep, tok, torch.device("cpu"))
+    cfg, _, rep, tok, G = config.load_checkpoint(os.path.join(out, "presto_ls_best.pt"))
+    validate = evaluate.FewStepValidator(cfg, out, rep, tok, torch.device("cpu"))
     dropped = validate(G, "presto-ls")["val_fad"]                 # at the budget schedule
     assert dropped == pytest.approx(best["best_val"]["val_fad"], rel=1e-5)
     assert validate(G, "presto-s")["val_fad"] != pytest.approx(dropped, rel=1e-5)   # full depth
@@ -172,7 +174,7 @@ def _block_fraction(den, fn):
 
 @pytest.mark.parametrize("name", ["base.pt", "presto_s.pt", *LAYER_DROPPED])
 def test_sampling_runs_the_blocks_it_reports(run, name):
-    cfg, ckpt, _, tok, den = train.load_checkpoint(os.path.join(run, name))
+    cfg, ckpt, _, tok, den = config.load_checkpoint(os.path.join(run, name))
     for budget in (None, 3) if name in LAYER_DROPPED else (None,):
         gen, blocks = sample.sampling_fn(den, tok, cfg, ckpt["stage"], steps=3, sampler="heun",
                                          cfg_w=4.0, budget=budget)
@@ -244,12 +246,12 @@ def test_variance_writes_numbers_and_tables(run):
 
 
 def test_list_fields_take_comma_separated_values():
-    cfg = train.make_config("tiny", {"layerdrop.schedule": "1, 1,0.8,0.5"})
+    cfg = config.make_config("tiny", {"layerdrop.schedule": "1, 1,0.8,0.5"})
     assert cfg.layerdrop.schedule == [1.0, 1.0, 0.8, 0.5]
     assert layerdrop.schedule_budgets(8, cfg.layerdrop).tolist() == [8, 8, 6, 4]
     for bad in ("1,,0.8", "1,half"):
         with pytest.raises(ValueError, match="bad value for layerdrop.schedule"):
-            train.make_config("tiny", {"layerdrop.schedule": bad})
-    d = train.dataclasses.asdict(train.make_config("tiny"))
+            config.make_config("tiny", {"layerdrop.schedule": bad})
+    d = dataclasses.asdict(config.make_config("tiny"))
     del d["layerdrop"]                                 # checkpoints from before the section
-    assert train.config_from_dict(d).layerdrop == layerdrop.LayerDropConfig()
+    assert config.config_from_dict(d).layerdrop == layerdrop.LayerDropConfig()

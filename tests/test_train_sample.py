@@ -12,6 +12,7 @@ import torch
 import edm
 import sample
 import train
+import config
 from conftest import crash_after_first_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,12 +23,12 @@ FAST = {"train.steps": "6", "train.ckpt_every": "3", "train.eval_every": "3", "t
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("tiny"))
-    train.train_base(train.make_config("tiny", FAST), out)
+    train.train_base(config.make_config("tiny", FAST), out)
     return out
 
 
 def test_checkpoint_carries_everything(tiny_run):
-    cfg, ckpt, rep, tok, den = train.load_checkpoint(os.path.join(tiny_run, "base.pt"))
+    cfg, ckpt, rep, tok, den = config.load_checkpoint(os.path.join(tiny_run, "base.pt"))
     assert ckpt["step"] == 6 and ckpt["done"] and ckpt["stage"] == "base"
     assert cfg.data.seconds == 0.5 and cfg.model.size == "XS"
     assert {"model", "ema", "opt", "vocab", "latent_stats", "config"} <= ckpt.keys()
@@ -41,7 +42,7 @@ def test_sample_writes_a_valid_wav(tiny_run, tmp_path):
     sample.main(["--ckpt", os.path.join(tiny_run, "base.pt"), "--prompt", "slow organ chords in c major",
                  "--steps", "2", "--seconds", "0.5", "--out", out, "--gl-iters", "4"])
     wave, sr = sf.read(out)
-    cfg = train.load_checkpoint(os.path.join(tiny_run, "base.pt"))[0]
+    cfg = config.load_checkpoint(os.path.join(tiny_run, "base.pt"))[0]
     assert sr == cfg.data.sample_rate and abs(len(wave) - 0.5 * sr) <= cfg.data.hop
     assert abs(wave).max() > 0 and abs(wave).max() <= 1
 
@@ -55,7 +56,7 @@ def test_sample_batch_from_file(tiny_run, tmp_path):
 
 
 def test_seeds_are_per_sample(tiny_run):
-    cfg, _, _, tok, den = train.load_checkpoint(os.path.join(tiny_run, "base.pt"))
+    cfg, _, _, tok, den = config.load_checkpoint(os.path.join(tiny_run, "base.pt"))
     a = ["an organ melody in c major", "a fast plucked arpeggio in f minor"]
     both = sample.generate(den, tok, cfg, a, [7, 8], 0.5, steps=3, sampler="dpmpp_2m")
     again = sample.generate(den, tok, cfg, a, [7, 8], 0.5, steps=3, sampler="dpmpp_2m")
@@ -67,10 +68,10 @@ def test_seeds_are_per_sample(tiny_run):
 
 def test_resume_continues_exactly(tmp_path, monkeypatch):
     straight = str(tmp_path / "straight")
-    train.train_base(train.make_config("tiny", FAST), straight)
+    train.train_base(config.make_config("tiny", FAST), straight)
     # the same run, killed right after its first checkpoint (step 3), then resumed
     broken = str(tmp_path / "broken")
-    crash_after_first_checkpoint(monkeypatch, train.train_base, train.make_config("tiny", FAST), broken)
+    crash_after_first_checkpoint(monkeypatch, train.train_base, config.make_config("tiny", FAST), broken)
     assert torch.load(os.path.join(broken, "base.pt"), weights_only=False)["step"] == 3
     train.main(["--stage", "base", "--out", broken, "--resume"])
     a = torch.load(os.path.join(straight, "base.pt"), weights_only=False)
@@ -98,7 +99,7 @@ def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
         return loss * float("nan") if len(calls) == 5 else loss   # 5th call: step 4 (after val)
     monkeypatch.setattr(edm, "edm_loss", poisoned)
     with pytest.raises(FloatingPointError, match=r"base\.pt \(step 3\)"):
-        train.train_base(train.make_config("tiny", FAST), out)
+        train.train_base(config.make_config("tiny", FAST), out)
     ckpt = torch.load(os.path.join(out, "base.pt"), weights_only=False)
     assert ckpt["step"] == 3 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
@@ -135,9 +136,9 @@ def test_existing_checkpoint_needs_resume_or_force(tiny_run):
 
 
 def test_overrides_are_typed_and_checked():
-    cfg = train.make_config("tiny", {"train.lr": "1e-3", "data.channels": "2", "train.device": "cpu"})
+    cfg = config.make_config("tiny", {"train.lr": "1e-3", "data.channels": "2", "train.device": "cpu"})
     assert cfg.train.lr == 1e-3 and cfg.data.channels == 2
     with pytest.raises(ValueError, match="unknown config key"):
-        train.make_config("tiny", {"train.nope": "1"})
+        config.make_config("tiny", {"train.nope": "1"})
     with pytest.raises(ValueError, match="bad value"):
-        train.make_config("tiny", {"train.steps": "many"})
+        config.make_config("tiny", {"train.steps": "many"})

@@ -1,0 +1,122 @@
+"""clap.py: the evaluation embedder, a miniature CLAP trained by this project.
+
+The paper scores its models with FAD, MMD and CLAP score on the embeddings of a pretrained
+audio-text model (CLAP). Pretrained CLAP cannot be downloaded here, so `--stage clap` trains a
+small contrastive audio-text model on the training split and freezes it; every metric in
+evaluate.py only sees its embeddings, so a user with real CLAP passes their own `embed_fn` there.
+
+Read first: `ClapModel.embed_audio` and `embed_text` (what the metrics see), then
+`contrastive_loss` (symmetric InfoNCE, as CLIP/CLAP train) and the attribute heads, which turn
+the synthetic captions' ground truth into a prompt-adherence score.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import dit
+import synth
+
+@dataclass
+class ClapConfig:
+    dim: int = 128             # joint embedding size d (what FAD / MMD / CLAP score see)
+    width: int = 128           # audio tower channels and text tower width
+    audio_depth: int = 4       # dilated residual conv blocks (dilation 1, 2, 4, ...) in the audio tower
+    text_depth: int = 1        # transformer layers in the text tower
+    heads: int = 4             # text tower attention heads
+    attr_weight: float = 1.0   # weight of the attribute cross-entropy (synthetic data only)
+    gain_db: float = 6.0       # augmentation: random gain in [-gain_db, 0] dB per training clip
+    steps: int = 1000          # optimiser steps
+    batch_size: int = 32       # clips per step (also the InfoNCE negatives)
+    lr: float = 1e-3           # AdamW peak learning rate (train.lr_at schedule)
+    warmup: int = 50
+    lr_decay: str = "cosine"
+    min_lr_frac: float = 0.1
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    log_every: int = 10
+    eval_every: int = 250      # steps between held-out (val split) retrieval / attribute numbers
+    ckpt_every: int = 250
+    val_clips: int = 64        # val clips for those numbers (R@1 among this many candidates)
+    seed: int = 0              # model init and augmentation draws
+
+
+
+# attribute -> its classes (the label spaces of the synthetic set), and how a clip's labels map to one
+ATTRIBUTES = {"instrument": synth.INSTRUMENTS, "tonic": synth.TONICS, "mode": synth.MODES,
+              "tempo": synth.TEMPO_WORDS, "texture": synth.TEXTURES, "drums": (False, True)}
+
+
+def attribute_targets(labels):
+    """List of synthetic label dicts -> {attribute: LongTensor (B,)} of class indices."""
+    value = lambda l, k: synth.tempo_bucket(l["bpm"]) if k == "tempo" else ATTRIBUTES[k].index(l[k])
+    return {k: torch.tensor([value(l, k) for l in labels]) for k in ATTRIBUTES}
+
+
+class ClapModel(nn.Module):
+    """Audio tower (conv over normalised log|STFT| frames, mean-pooled) and text tower
+    (dit.TextEncoder, pooled), both projected to d and L2-normalised; optional attribute heads."""
+
+    def __init__(self, c, rep, tok, max_len, attributes):
+        super().__init__()
+        self.rep, self.tok, self.max_len = rep, tok, max_len  # features and words, not parameters
+        W = c.width
+        self.stem = nn.Sequential(  # two stride-2 convs: ~16 tokens per second at 8 kHz / hop 128
+            nn.Conv1d(rep.latent_channels, W, 5, stride=2, padding=2), nn.GELU(),
+            nn.Conv1d(W, W, 5, stride=2, padding=2))
+        self.blocks = nn.ModuleList(  # dilated residual blocks: a receptive field of a few beats
+            nn.Sequential(nn.GroupNorm(1, W), nn.GELU(), nn.Conv1d(W, W, 3, padding=2**i, dilation=2**i),
+                          nn.GELU(), nn.Conv1d(W, W, 1)) for i in range(c.audio_depth))
+        # tempo is a period, which mean-pooled local features hardly see: add the autocorrelation
+        # of the onset envelope (positive spectral flux) over lags up to 1.2 s (below 50 bpm)
+        self.lags = max(2, int(1.2 * rep.frames_per_second))
+        self.rhythm = nn.Linear(self.lags, W)
+        self.audio_proj = nn.Sequential(nn.LayerNorm(W), nn.Linear(W, c.dim))
+        self.text = dit.TextEncoder(tok.vocab_size, W, c.text_depth, c.heads, max_len)
+        self.text_proj = nn.Linear(W, c.dim)
+        self.log_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature
+        self.heads = nn.ModuleDict({k: nn.Linear(c.dim, len(v)) for k, v in ATTRIBUTES.items()}
+                                   if attributes else {})
+
+    def embed_audio(self, waves):
+        """waves (B, ch, N) at cfg.data.sample_rate -> unit embeddings (B, d)."""
+        x = self.rep.encode(waves.to(self.log_scale.device))              # (B, C, T)
+        h = self.stem(x)                                                   # (B, W, T/4)
+        for block in self.blocks:
+            h = h + block(h)
+        return F.normalize(self.audio_proj(h.mean(-1) + self.rhythm(self.onset_autocorr(x))), dim=-1)
+
+    def onset_autocorr(self, x):
+        """x (B, C, T) -> normalised autocorrelation of the onset envelope at lags 1..L (B, L)."""
+        flux = F.relu(x.diff(dim=-1)).mean(1)                              # (B, T-1)
+        flux = flux - flux.mean(-1, keepdim=True)
+        n = max(flux.shape[-1], self.lags + 1)
+        spec = torch.fft.rfft(flux, 2 * n)                                 # zero-padded: no wrap-around
+        ac = torch.fft.irfft(spec.abs() ** 2, 2 * n)[:, :self.lags + 1]    # (B, L+1)
+        return ac[:, 1:] / ac[:, :1].clamp_min(1e-6)
+
+    def embed_text(self, captions):
+        """captions (B strings) -> unit embeddings (B, d)."""
+        ids = self.tok.encode(captions, self.max_len).to(self.log_scale.device)
+        return F.normalize(self.text_proj(self.text(ids)[2]), dim=-1)
+
+    def attribute_logits(self, emb):
+        return {k: head(emb) for k, head in self.heads.items()}
+
+    def predict_attributes(self, emb):
+        """emb (B, d) -> {attribute: predicted class index (B,)}."""
+        return {k: v.argmax(-1) for k, v in self.attribute_logits(emb).items()}
+
+
+def contrastive_loss(audio, text, log_scale):
+    """Symmetric InfoNCE over a batch of matching (audio, text) unit embeddings, learned temperature."""
+    logits = log_scale.clamp(max=math.log(100)).exp() * text @ audio.T  # (B captions, B clips)
+    target = torch.arange(len(logits), device=logits.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+
+def attribute_loss(logits, targets):
+    """Mean cross-entropy over the attribute heads."""
+    return sum(F.cross_entropy(logits[k], targets[k].to(logits[k].device)) for k in logits) / len(logits)

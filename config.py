@@ -1,0 +1,280 @@
+"""config.py: configuration, presets, building models and checkpoint I/O: the glue every script shares.
+
+Not a paper idea. The concept files (edm.py, dit.py, dmd.py, gan.py, layerdrop.py, data.py, clap.py)
+each define the config dataclass of their idea; this file composes them into one `Config`, holds the
+named presets, parses `--set section.field=value`, and turns a config (or a checkpoint) into the
+objects a stage, sample.py or evaluate.py works with.
+
+Read first: `Config` and `PRESETS` (every knob of the project, with the values of each preset),
+then `build` (what a checkpoint becomes in memory) and `load_checkpoint` (the one loader, for every
+kind of checkpoint train.py writes).
+
+Imports point one way: concept files <- config.py <- sample.py <- evaluate.py <- train.py.
+"""
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+import clap
+import data
+import dit
+import edm
+from clap import ClapConfig
+from data import DataConfig
+from dit import DiTConfig
+from dmd import DistillConfig
+from edm import EDMConfig
+from layerdrop import LayerDropConfig
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 2000          # optimiser steps
+    batch_size: int = 16       # clips per step (global batch)
+    lr: float = 3e-4           # AdamW peak learning rate
+    warmup: int = 100          # linear lr warm-up steps
+    lr_decay: str = "cosine"   # "cosine" (to min_lr_frac * lr at the last step) or "constant"
+    min_lr_frac: float = 0.1
+    weight_decay: float = 0.0  # DiT and EDM train without weight decay
+    beta2: float = 0.99        # AdamW beta2 (beta1 = 0.9)
+    grad_clip: float = 1.0     # clip the global gradient norm to this
+    ema: float = 0.999         # EMA decay, ramped up as min(ema, (1+k)/(10+k)) so early EMAs track
+    p_uncond: float = 0.1      # caption dropped (null condition) with this probability, for CFG
+    log_every: int = 10        # steps between loss-log lines
+    eval_every: int = 250      # steps between validation losses (on the EMA model)
+    ckpt_every: int = 250      # steps between checkpoints (always one at the end)
+    val_batches: int = 4       # validation batches (fixed clips, fixed noise)
+    seed: int = 0              # seed of the model init and of every noise draw
+    device: str = "auto"       # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
+    threads: int = 0           # torch CPU threads (0 = torch's default)
+    micro_batch: int = 0       # clips per forward pass on each process (0: its whole share of the
+                               # global batch); smaller -> gradient accumulation, same optimisation
+    compile: bool = False      # torch.compile the DiT (the first steps are slow while it compiles)
+    peak_tflops: float = 0.0   # the accelerator's peak bf16 TFLOP/s for MFU (0: known GPUs only)
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: DiTConfig = field(default_factory=DiTConfig)
+    edm: EDMConfig = field(default_factory=EDMConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    clap: ClapConfig = field(default_factory=ClapConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    layerdrop: LayerDropConfig = field(default_factory=LayerDropConfig)
+
+
+# Presets: small named overrides of the defaults above.
+PRESETS = {
+    # tests: a few seconds on 2 cores
+    "tiny": {"data.seconds": 1.0, "data.stats_clips": 32, "model.size": "XS", "model.text_depth": 1,
+             "train.steps": 30, "train.batch_size": 4, "train.warmup": 5, "train.eval_every": 15,
+             "train.ckpt_every": 15, "train.val_batches": 1, "train.log_every": 5,
+             "clap.width": 32, "clap.dim": 32, "clap.audio_depth": 2, "clap.steps": 20,
+             "clap.batch_size": 8, "clap.warmup": 5, "clap.eval_every": 10, "clap.ckpt_every": 10,
+             "clap.val_clips": 8, "clap.log_every": 5,
+             "distill.steps": 10, "distill.batch_size": 4, "distill.disc_width": 16,
+             "layerdrop.steps": 10, "layerdrop.batch_size": 4},
+    # the default: a teacher in ~20 minutes on 2 CPU cores
+    "cpu": {"model.size": "S", "train.steps": 1250, "train.batch_size": 16, "train.lr": 5e-4,
+            "distill.steps": 300, "distill.batch_size": 8, "distill.lr_gen": 2e-4,
+            "distill.lr_fake": 2e-4,                                 # ~13 min on one core
+            "layerdrop.steps": 300, "layerdrop.batch_size": 16},   # ~7 min each on one core
+    # one GPU: 16 kHz, 8 s clips, a bigger model
+    "gpu": {"data.sample_rate": 16000, "data.n_fft": 512, "data.hop": 256, "data.seconds": 8.0,
+            "data.stats_clips": 1024, "model.size": "B", "train.steps": 100_000,
+            "train.batch_size": 64, "train.lr": 1e-4, "train.warmup": 1000, "train.ema": 0.9999,
+            "train.eval_every": 2000, "train.ckpt_every": 2000, "train.log_every": 50,
+            "clap.width": 256, "clap.dim": 256, "clap.steps": 10_000, "clap.batch_size": 128,
+            "clap.eval_every": 1000, "clap.ckpt_every": 1000, "clap.val_clips": 256,
+            "distill.steps": 20_000, "distill.batch_size": 32,
+            "layerdrop.steps": 10_000, "layerdrop.batch_size": 64},
+    # the paper's output size (32 s of 44.1 kHz; mono, or stereo with --set data.channels=2) and a
+    # DiT-L (~0.5B parameters, 24 blocks): for latency on random weights (evaluate.py
+    # --latency-only) and for multi-GPU runs. 43 frames/s x 1025 bins per channel, one frame per
+    # token: 1378 tokens for 32 s.
+    "paper": {"data.sample_rate": 44100, "data.seconds": 32.0, "data.n_fft": 2048,
+              "data.hop": 1024, "data.stats_clips": 256, "model.size": "L", "model.patch": 1,
+              "model.text_width": 512, "model.text_depth": 4, "model.text_heads": 8,
+              "train.steps": 200_000, "train.batch_size": 128, "train.lr": 1e-4,
+              "train.warmup": 2000, "train.ema": 0.9999, "train.eval_every": 5000,
+              "train.ckpt_every": 2000, "train.log_every": 50,
+              "clap.width": 256, "clap.dim": 256, "clap.steps": 20_000, "clap.batch_size": 128,
+              "clap.eval_every": 1000, "clap.ckpt_every": 1000, "clap.val_clips": 256,
+              "distill.steps": 20_000, "distill.batch_size": 64,
+              "layerdrop.steps": 20_000, "layerdrop.batch_size": 128},
+}
+PRESET_HELP = ("tiny: tests and a first look, seconds per stage; cpu (the default): 2 CPU cores, a "
+               "teacher in ~20 min; gpu: one GPU, 16 kHz 8 s clips, DiT-B; paper: the paper's output "
+               "size (32 s of 44.1 kHz) and a DiT-L, for latency on random weights and multi-GPU runs")
+
+
+# ----------------------------------------------------------------------------------------------
+# Presets, --set key=value, (de)serialisation
+
+def _parse_value(text, current):
+    if isinstance(current, (list, tuple)):       # comma-separated, e.g. layerdrop.schedule=1,0.8,0.6
+        items = [t.strip() for t in text.split(",")]
+        if not all(items):
+            raise ValueError(f"expected a comma-separated list, got {text!r}")
+        return type(current)(_parse_value(t, current[0] if current else "") for t in items)
+    if isinstance(current, bool):
+        if text.lower() in ("1", "true", "yes", "on"): return True
+        if text.lower() in ("0", "false", "no", "off"): return False
+        raise ValueError(f"expected a boolean, got {text!r}")
+    return type(current)(text) if current is not None else text
+
+
+def apply_overrides(cfg, overrides):
+    """Set fields from {"section.field": value} (values may be strings from the command line)."""
+    for key, value in overrides.items():
+        section, _, name = key.partition(".")
+        sub = getattr(cfg, section, None)
+        if sub is None or not dataclasses.is_dataclass(sub) or not hasattr(sub, name):
+            known = [f"{s.name}.{f.name}" for s in dataclasses.fields(cfg)
+                     for f in dataclasses.fields(getattr(cfg, s.name))]
+            raise ValueError(f"unknown config key {key!r}; known keys: {', '.join(known)}")
+        current = getattr(sub, name)
+        try:
+            setattr(sub, name, _parse_value(value, current) if isinstance(value, str) else value)
+        except ValueError as e:
+            raise ValueError(f"bad value for {key}: {e}") from None
+    return cfg
+
+
+def make_config(preset="cpu", overrides=None):
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {list(PRESETS)}")
+    cfg = apply_overrides(Config(), PRESETS[preset])
+    return apply_overrides(cfg, overrides or {})
+
+
+def config_from_dict(d):
+    return Config(data=DataConfig(**d["data"]), model=DiTConfig(**d["model"]),
+                  edm=EDMConfig(**d["edm"]), train=TrainConfig(**d["train"]),
+                  clap=ClapConfig(**d.get("clap", {})),     # sections newer than some checkpoints
+                  distill=DistillConfig(**d.get("distill", {})),
+                  layerdrop=LayerDropConfig(**d.get("layerdrop", {})))
+
+
+def parse_sets(items):
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def pick_device(name):
+    """torch.device for a name; "auto": this process's GPU (LOCAL_RANK under torchrun), else cpu."""
+    if name == "auto":
+        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+                            if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name} was asked for but CUDA is not available")
+    return torch.device(name)
+
+
+# ----------------------------------------------------------------------------------------------
+# Building models, checkpoints
+
+def build(cfg, kind="denoiser", stats=None, vocab=None):
+    """(representation, tokenizer, untrained model) for a config.
+
+    kind "denoiser": an edm.Denoiser around the DiT of cfg.model (every stage but clap); kind
+    "clap": the evaluation embedder clap.ClapModel. Without stats/vocab (a fresh run) the
+    normalisation statistics are fitted on training clips and the vocabulary is built from the
+    data; with them (from a checkpoint) they are restored.
+    """
+    if kind not in ("denoiser", "clap"):
+        raise ValueError(f"unknown model kind {kind!r}")
+    # the embedder's features keep the scale 0.5 whatever edm.sigma_data is
+    rep = data.Representation(cfg.data, cfg.edm.sigma_data if kind == "denoiser" else 0.5)
+    if stats is not None:
+        rep.load_state_dict(stats)
+    else:
+        ds = data.make_dataset(cfg.data, "train")
+        n = min(cfg.data.stats_clips, len(ds))
+        rep.fit(torch.stack([torch.from_numpy(ds.clip(i).wave) for i in range(n)]))
+    if vocab is not None:
+        tok = data.Tokenizer.from_state_dict(vocab)
+    elif cfg.data.dataset == "synth":
+        tok = data.Tokenizer.for_synth()
+    else:
+        tok = data.Tokenizer.from_captions(data.make_dataset(cfg.data, "train").captions)
+    if kind == "clap":
+        torch.manual_seed(cfg.clap.seed)
+        return rep, tok, clap.ClapModel(cfg.clap, rep, tok, cfg.data.max_text_len,
+                                        attributes=cfg.data.dataset == "synth")
+    cfg.model.in_channels = rep.latent_channels
+    cfg.model.vocab_size = tok.vocab_size
+    cfg.model.max_text_len = cfg.data.max_text_len
+    torch.manual_seed(cfg.train.seed)
+    return rep, tok, edm.Denoiser(dit.DiT(cfg.model), cfg.edm.sigma_data)
+
+
+def save_checkpoint(path, ckpt):
+    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        torch.save(ckpt, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_checkpoint(path):
+    """The raw dict of a checkpoint file (for resuming); one-line errors for a missing or unreadable
+    file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+    if not isinstance(ckpt, dict) or not {"config", "model", "vocab"} <= ckpt.keys():
+        raise ValueError(f"{path} is not a checkpoint written by this project's train.py")
+    return ckpt
+
+
+def load_checkpoint(path, device="cpu", stages=None):
+    """(cfg, ckpt dict, rep, tok, model) from any checkpoint train.py writes, the model frozen in
+    eval mode on `device`: the denoiser (EMA weights where there are) of a model stage, or the
+    ClapModel of clap.pt. stages: the stages this use accepts (None: any); another is a ValueError.
+
+    Raises FileNotFoundError / ValueError with a one-line message for a missing or foreign file.
+    """
+    ckpt = read_checkpoint(path)
+    stage = ckpt.get("stage", "base")
+    if stages is not None and stage not in stages:
+        raise ValueError(f"{path} holds a {stage} checkpoint; this needs {' or '.join(stages)}")
+    cfg = config_from_dict(ckpt["config"])
+    if stage == "clap":
+        rep, tok, model = build(cfg, "clap", ckpt["feature_stats"], ckpt["vocab"])
+        model.load_state_dict(ckpt["model"])
+    else:
+        rep, tok, model = build(cfg, "denoiser", ckpt["latent_stats"], ckpt["vocab"])
+        model.net.load_state_dict(ckpt.get("ema", ckpt["model"]))
+    return cfg, ckpt, rep, tok, model.to(device).eval().requires_grad_(False)
+
+
+def compile_network(denoiser, mode=None):
+    """torch.compile the DiT inside `denoiser`, in place (nn.Module.compile: the state_dict keys stay
+    the same); returns the denoiser.
+
+    Only the network's forward is compiled (what every training and sampler step calls); the text
+    encoder stays eager. It compiles on the first call and again for every new batch size or list
+    of blocks (a layer-dropped model compiles once per budget), so the recompile limit is raised to
+    cover every budget of the depth. mode: torch.compile's mode; sample.py passes
+    "reduce-overhead" on CUDA (CUDA graphs, for batch-1 few-step sampling, which is bound by kernel
+    launches). Needs a C++ compiler on CPU (and Triton on CUDA).
+    """
+    depth = len(denoiser.net.blocks)
+    limit = torch._dynamo.config.recompile_limit
+    torch._dynamo.config.recompile_limit = max(limit, 2 * depth + 4)   # budgets x batch sizes
+    denoiser.net.compile(mode=mode)
+    return denoiser
