@@ -11,6 +11,7 @@ kind of checkpoint train.py writes).
 
 Imports point one way: concept files <- config.py <- sample.py <- evaluate.py <- train.py.
 """
+import contextlib
 import dataclasses
 import os
 from dataclasses import dataclass, field
@@ -217,6 +218,22 @@ def build(cfg, kind="denoiser", stats=None, vocab=None):
     return rep, tok, edm.Denoiser(dit.DiT(cfg.model), cfg.edm.sigma_data)
 
 
+def random_model(cfg, device):
+    """(rep, tok, denoiser in eval mode) for a config, untrained and without touching any data.
+
+    build would fit the latent statistics on synthesised clips (minutes of 44.1 kHz audio
+    at the paper's size); speed does not depend on them, so they are set to mean 0 / std 1. The
+    vocabulary is the synthetic set's. The weights are dit.py's initialisation: adaLN-Zero and the
+    output layer start at zero, but their matrix products are computed all the same, so the
+    timing is that of a trained model of the same shape.
+    """
+    C = data.Representation(cfg.data, cfg.edm.sigma_data).latent_channels
+    stats = {"mean": torch.zeros(C, device="cpu"), "std": torch.ones(C, device="cpu"),
+             "sigma_data": cfg.edm.sigma_data, **{k: getattr(cfg.data, k) for k in data.Representation.KEYS}}
+    rep, tok, den = build(cfg, "denoiser", stats, data.Tokenizer.for_synth().state_dict())
+    return rep, tok, den.to(device).eval().requires_grad_(False)
+
+
 def save_checkpoint(path, ckpt):
     """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
     tmp = f"{path}.tmp"
@@ -260,6 +277,31 @@ def load_checkpoint(path, device="cpu", stages=None):
         rep, tok, model = build(cfg, "denoiser", ckpt["latent_stats"], ckpt["vocab"])
         model.net.load_state_dict(ckpt.get("ema", ckpt["model"]))
     return cfg, ckpt, rep, tok, model.to(device).eval().requires_grad_(False)
+
+
+def model_checkpoint(stage, step, total, cfg, denoiser, ema, opt, tok, rep, **extra):
+    """The checkpoint of a stage that trains one denoiser with an EMA (what load_checkpoint reads)."""
+    return {"stage": stage, "step": step, "done": step >= total, "config": dataclasses.asdict(cfg),
+            "model": denoiser.net.state_dict(), "ema": ema.net.state_dict(),
+            "opt": opt.state_dict(), "vocab": tok.state_dict(), "latent_stats": rep.state_dict(),
+            **extra}
+
+
+def restore(ckpt, denoiser, ema, opt):
+    """Load model_checkpoint's weights and optimizer state for --resume; returns the next step
+    (0 without a checkpoint)."""
+    if ckpt is None:
+        return 0
+    denoiser.net.load_state_dict(ckpt["model"])
+    ema.net.load_state_dict(ckpt["ema"])
+    opt.load_state_dict(ckpt["opt"])
+    return ckpt["step"]
+
+
+def autocast_for(device):
+    """bf16 autocast on CUDA, nothing on CPU."""
+    return (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+            else contextlib.nullcontext())
 
 
 def compile_network(denoiser, mode=None):

@@ -1,7 +1,7 @@
 """data.py: audio clips with captions, and the audio representation the diffusion model sees.
 
 The paper's base model is a latent diffusion model: it diffuses the latents of a learned audio
-autoencoder (paper, Section 4.1). Our choice where the paper's autoencoder is not available: a
+autoencoder (its experimental setup, Section 4.1). Our choice where the paper's autoencoder is not available: a
 fixed, training-free stand-in, a log-magnitude STFT normalised per channel with data-set statistics
 so its std is about sigma_data, decoded with fast Griffin-Lim. `Representation.encode` / `.decode`
 are the only interface, so a learned autoencoder can replace it.
@@ -275,8 +275,8 @@ class Representation:
         mag = torch.cat([mag, mag[..., -1:]], dim=-1)                         # (B*ch, F, T+1)
         length = T * cfg.hop
         # a fixed seeded random phase: deterministic, and it converges better than zero phase
-        g = torch.Generator().manual_seed(0)
-        phase = torch.rand(mag.shape, generator=g).to(mag.device) * 2 * math.pi
+        rng = torch.Generator().manual_seed(0)
+        phase = torch.rand(mag.shape, generator=rng).to(mag.device) * 2 * math.pi
         c = torch.polar(mag, phase)
         t_prev = torch.zeros_like(c)
         for _ in range(iters):

@@ -1,6 +1,7 @@
-"""DiT: the diffusion transformer over spectrogram frames, with a small text encoder.
+"""dit.py: the diffusion transformer over spectrogram frames, with a small text encoder.
 
-Implements the network F of PAPER.md section 1 (the raw net inside edm.Denoiser). Read
+The paper's base model is a latent diffusion transformer (DiT), text-conditioned with CFG (its
+experimental setup, Section 4.1). This file is the network F inside edm.Denoiser. Read
 `DiT.forward` first. The design follows Peebles & Xie, "Scalable Diffusion Models with
 Transformers" (DiT, 2023) for the blocks (pre-norm, adaLN-Zero modulation), with text
 cross-attention added in every block as in text-to-audio DiTs:

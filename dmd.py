@@ -1,7 +1,8 @@
 """dmd.py: Presto-S, score-based distribution matching distillation for EDM models (steps).
 
-Implements the paper's Presto-S (Section 3.2 and its algorithm in Appendix A.3, building on DMD,
-Yin et al. CVPR 2024, and DMD2, Yin et al. NeurIPS 2024). Read `dmd_gradient` first, then the
+Implements the paper's Presto-S (Section 3.1-3.2: the DMD gradient with CFG on the real score is
+its Eq. 5, one iteration its Algorithm 1), building on DMD (Yin et al., CVPR 2024) and DMD2 (Yin
+et al., NeurIPS 2024). Read `dmd_gradient` first, then the
 two updates of one iteration, `fake_score_loss` (L_fake + nu2 L_D) and `generator_loss`
 (L_DMD + nu1 L_G), then `few_step_sample`. train.presto_s_iteration only draws, calls these two
 and steps the optimisers.

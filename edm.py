@@ -1,6 +1,7 @@
-"""EDM: preconditioning, noise distributions, loss weighting and samplers.
+"""edm.py: EDM preconditioning, noise distributions, loss weighting and samplers.
 
-Implements PAPER.md section 1 (the base model's diffusion formulation), following Karras et al.,
+The paper's base model is an EDM-family diffusion model (its background section on EDM; the
+experimental setup in Section 4.1). This file implements that formulation, following Karras et al.,
 "Elucidating the Design Space of Diffusion-Based Generative Models" (EDM, NeurIPS 2022), Table 1
 and Algorithm 2. Read `precond` first: every other file only ever talks to the network through
 the denoiser D(x; sigma, c) that it defines, and through sigma values.
@@ -105,6 +106,11 @@ class BatchRNG:
         return fn(*args, (self.batch, *shape[1:]), generator=self.generator, device=device)[self.rows]
 
 
+def step_generator(seed, step, device):
+    """The RNG of one training step: a pure function of (seed, step), hence exact resumes."""
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
+
+
 def randn(shape, generator=None, device="cpu"):
     """Standard normal draws of `shape` (torch.randn, or this process's rows of a BatchRNG)."""
     return _draw(torch.randn, shape, generator, device)
@@ -166,6 +172,19 @@ def db_snr_to_sigma(db, sigma_data=0.5):
     return sigma_data * 10 ** (-torch.as_tensor(db) / 20)
 
 
+SIGMA_BUCKETS = [0.002, 0.02, 0.1, 0.3, 1.0, 3.0, 10.0, 80.0]   # edges of the per-sigma logs
+
+
+def bucket_means(sigmas, values):
+    """{"lo-hi": mean of values whose sigma falls in [lo, hi)} over SIGMA_BUCKETS: a loss (or any
+    per-sample number) by noise level, to see which noise levels a model gets wrong."""
+    edges = torch.tensor(SIGMA_BUCKETS)
+    sigmas, values = sigmas.float().cpu(), values.float().cpu()
+    bucket = torch.bucketize(sigmas, edges).clamp(1, len(edges) - 1)
+    return {f"{edges[b-1]:g}-{edges[b]:g}": values[bucket == b].mean().item()
+            for b in bucket.unique().tolist()}
+
+
 def weighted_error(D, target, sigma, sigma_data=0.5):
     """lambda(sigma) |D - target|^2, mean over elements: per-sample (B,). With target = the clean
     data this is DSM; layerdrop.py also regresses onto a teacher's D with it."""
@@ -195,6 +214,13 @@ def cat_cond(a, b):
     if isinstance(a, dict):
         return {k: torch.cat([a[k], b[k]]) for k in a}
     return torch.cat([a, b])
+
+
+def drop_captions(ids, p_uncond, rng, null_id=0):
+    """CFG training: replace each caption (ids (B, L)) by the null caption (all null_id, the
+    tokenizer's PAD) with probability p_uncond, so the model also learns D(x; sigma, null)."""
+    drop = rand(ids.shape[0], rng, ids.device) < p_uncond
+    return ids.masked_fill(drop[:, None], null_id)
 
 
 def guided(denoiser, cond, null_cond, w, cat=cat_cond):

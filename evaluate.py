@@ -20,13 +20,12 @@ speed of the paper's setting can be measured without training it.
 import argparse
 import functools
 import json
-import math
 import os
 import platform
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 
 import numpy as np
 import torch
@@ -185,14 +184,6 @@ def embed_chunks(embed_fn, waves, batch, device):
     return torch.cat([embed_fn(w.to(device)).float().cpu() for w in waves.split(batch)])
 
 
-def generate_waves(gen, rep, captions, seconds, batch):
-    """Decoded waveforms (on the CPU) of gen(captions, seeds, seconds) -> latents, clip i with seed i,
-    generated `batch` clips at a time."""
-    n = len(captions)
-    return torch.cat([rep.decode(gen(captions[b:b + batch], list(range(b, min(n, b + batch))),
-                                     seconds)).cpu() for b in range(0, n, batch)])
-
-
 def checkpoint_file(run, name, best=False):
     """RUN/name, or with best=True RUN/name_best.pt where the distillation kept one (the checkpoint
     with the lowest validation FAD, distill.val_every; chosen on the val split, scored on test)."""
@@ -207,14 +198,6 @@ def checkpoint_file(run, name, best=False):
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def listenable(waves):
-    """What a listener gets from a WAV writer (sample.write_wav): non-finite samples -> 0, peaks
-    limited to 0.99. An untrained or diverged model can decode to inf / NaN; this keeps it scorable."""
-    waves = torch.nan_to_num(waves.float(), nan=0.0, posinf=0.0, neginf=0.0)
-    peak = waves.abs().amax(dim=(1, 2), keepdim=True)
-    return waves * (0.99 / peak.clamp_min(0.99))
 
 
 def median_time(fn, device, repeats, warmup=1):
@@ -286,15 +269,15 @@ def evaluate_run(run, opts, embed_fn, embed_text=None, predict_fn=None, device="
     for (row_cfg, rep, _), (name, settings, gen) in ((l, r) for l in loaded for r in l[2]):
         seconds = row_cfg.data.seconds
         bar.set_description(f"evaluate: {name}")
-        waves = generate_waves(gen, rep, captions, seconds, opts.batch)
+        waves = sample.generate_waves(gen, rep, captions, seconds, opts.batch)
         bad = int((~torch.isfinite(waves)).flatten(1).any(1).sum())
-        row = dict(name=name, **settings, **quality(embed(listenable(waves)), captions, labels),
+        row = dict(name=name, **settings, **quality(embed(sample.listenable(waves)), captions, labels),
                    nonfinite_clips=bad)
         bar.update()
         P, S = min(opts.prompts, n), opts.seeds  # diversity: P prompts x S seeds each
         div_waves = rep.decode(gen([c for c in captions[:P] for _ in range(S)], list(range(P * S)), seconds))
         if S > 1:
-            by_prompt = diversity(embed(listenable(div_waves.cpu())).reshape(P, S, -1), per_prompt=True)
+            by_prompt = diversity(embed(sample.listenable(div_waves.cpu())).reshape(P, S, -1), per_prompt=True)
             row["diversity"], row["diversity_se"] = mean_and_se(by_prompt)
             row["diversity_by_prompt"] = by_prompt.tolist()
         else:
@@ -432,6 +415,20 @@ def load_embedder(path, device="cpu"):
     return cfg, model
 
 
+@torch.no_grad()
+def embedder_scores(model, val):
+    """Held-out (val split) text -> audio R@1 among the val clips, and attribute accuracies."""
+    waves, captions, labels = val
+    model.eval()
+    audio = model.embed_audio(waves)
+    out = {"val_r1": retrieval_r1(audio, model.embed_text(captions))}
+    if model.heads:
+        out["val_attributes"] = attribute_accuracy(model.predict_attributes(audio),
+                                                            clap.attribute_targets(labels))
+    model.train()
+    return out
+
+
 class FewStepValidator:
     """FAD and CLAP score of the grid_steps-step sampler on the first distill.val_clips clips of
     the *val* split, embedded by the evaluation embedder OUT/clap.pt: the numbers behind
@@ -457,9 +454,9 @@ class FewStepValidator:
     def __call__(self, G, stage):
         """G sampled the way a checkpoint of `stage` samples (presto-ls: at its budget schedule)."""
         gen, _ = sample.sampling_fn(G, self.tok, self.cfg, stage, self.cfg.distill.grid_steps)
-        waves = generate_waves(gen, self.rep, self.captions, self.cfg.data.seconds,
+        waves = sample.generate_waves(gen, self.rep, self.captions, self.cfg.data.seconds,
                                self.cfg.distill.batch_size)
-        emb = self.embed(listenable(waves))
+        emb = self.embed(sample.listenable(waves))
         return {"val_fad": frechet_distance(emb, self.real), "val_clap": clap_score(emb, self.text)}
 
 
@@ -488,18 +485,18 @@ def variance_report(run, device, n=16, budget=None, sigmas=VARIANCE_SIGMAS):
     for method, file in (("ase", "ase.pt"), ("presto-l", "presto_l.pt")):
         name = {"ase": "ASE", "presto-l": "Presto-L"}[method]
         models = {f"{name}, base weights": base}
-        ld_cfg = replace(cfg.layerdrop, method=method)
+        drop_cfg = replace(cfg.layerdrop, method=method)
         if os.path.isfile(os.path.join(run, file)):
-            mcfg, _, _, _, models[f"{name} ({file})"] = config.load_checkpoint(
+            model_cfg, _, _, _, models[f"{name} ({file})"] = config.load_checkpoint(
                 os.path.join(run, file), device, (method,))
-            ld_cfg = mcfg.layerdrop
+            drop_cfg = model_cfg.layerdrop
         b = ([budget] * len(sigmas) if budget is not None else layerdrop.budget_for_sigma(
-            torch.tensor(sigmas), depth, ld_cfg, cfg.edm).tolist())
+            torch.tensor(sigmas), depth, drop_cfg, cfg.edm).tolist())
         budgets[name] = b
         for label, den in models.items():
             cond = den.encode(ids)
             head[label] = [layerdrop.head_input_variance(den, x, cond, [s], b_s, method,
-                                                         budget_cond=ld_cfg.budget_cond)[method].item()
+                                                         budget_cond=drop_cfg.budget_cond)[method].item()
                            for s, b_s in zip(sigmas, b)]
     return dict(run=run, clips=len(x), sigmas=list(sigmas), depth=depth,
                 budget="schedule" if budget is None else budget, budgets=budgets,
@@ -569,22 +566,6 @@ LATENCY_ROWS = ("base", "presto-s", "presto-ls")
 LATENCY_PROMPT = "an upbeat plucked arpeggio in D minor at 140 bpm with drums"
 
 
-def random_model(cfg, device):
-    """(rep, tok, denoiser in eval mode) for a config, untrained and without touching any data.
-
-    config.build would fit the latent statistics on synthesised clips (minutes of 44.1 kHz audio
-    at the paper's size); speed does not depend on them, so they are set to mean 0 / std 1. The
-    vocabulary is the synthetic set's. The weights are dit.py's initialisation: adaLN-Zero and the
-    output layer start at zero, but their matrix products are computed all the same, so the
-    timing is that of a trained model of the same shape.
-    """
-    C = data.Representation(cfg.data, cfg.edm.sigma_data).latent_channels
-    stats = {"mean": torch.zeros(C, device="cpu"), "std": torch.ones(C, device="cpu"),
-             "sigma_data": cfg.edm.sigma_data, **{k: getattr(cfg.data, k) for k in data.Representation.KEYS}}
-    rep, tok, den = config.build(cfg, "denoiser", stats, data.Tokenizer.for_synth().state_dict())
-    return rep, tok, den.to(device).eval().requires_grad_(False)
-
-
 def count_calls(net, fn):
     """Run fn() once with hooks on the DiT and return (its result, the batch size of each network
     call, the number of blocks each call ran, the batch size of each text encoding). A CFG call is
@@ -613,7 +594,7 @@ def latency_section(cfg, rows, opts, device):
     after a warm-up (the counting pass; with --compile two more calls, which compile and, on
     CUDA, record the graphs), CUDA synchronised.
     """
-    rep, tok, den = random_model(cfg, device)
+    rep, tok, den = config.random_model(cfg, device)
     net, seconds, depth = den.net, cfg.data.seconds, cfg.model.depth
     print(f"  DiT-{cfg.model.size}: {dit.n_params(net) / 1e6:.1f}M parameters on {device}", flush=True)
     T = sample.latent_frames(cfg, seconds)
@@ -756,8 +737,9 @@ def main(argv=None):
     p.add_argument("--latency-only", action="store_true",
                    help="instead of the results table: batch-1 latency of random-weight models at a "
                         "preset's output size (no run folder, no trained weights) -> OUT/latency.{md,json}")
-    p.add_argument("--preset", default=None, choices=list(config.PRESETS),
-                   help="--latency-only: the preset whose output size and model are timed (e.g. paper)")
+    p.add_argument("--preset", default=None,
+                   help=f"--latency-only: the preset whose output size and model are timed, one of "
+                        f"{', '.join(config.PRESETS)}")
     p.add_argument("--set", dest="sets", nargs="+", default=[], metavar="KEY=VALUE",
                    help="--latency-only: config overrides as train.py's, e.g. model.size=S")
     p.add_argument("--channels", type=int, nargs="+", default=[1, 2],

@@ -1,6 +1,6 @@
 """gan.py: a least-squares discriminator on the fake score's hidden features (Presto-S).
 
-Implements the adversarial half of the paper's Presto-S (Section 3.2; DMD2's "GAN on the
+Implements the adversarial half of the paper's Presto-S (the discriminator of Section 3.2.3; DMD2's "GAN on the
 fake-score backbone", Yin et al. 2024; least-squares GAN, Mao et al. 2017). Read `features` first;
 dmd.fake_score_loss and dmd.generator_loss use these pieces.
 
@@ -15,7 +15,6 @@ like with like at every noise level.
   generator turn:     L_G = mean((Dh(h(x_hat_s)) - 1)^2); its gradient flows *through* the frozen
                       (not stepped) fake network into x_hat and on into the generator
 """
-import torch
 import torch.nn as nn
 
 import edm

@@ -1,6 +1,6 @@
-"""Layer dropping: ASE (the baseline) and Presto-L (variance-preserving, budget-conditioned).
+"""layerdrop.py: ASE (the baseline) and Presto-L (variance-preserving, budget-conditioned layer dropping).
 
-Implements PAPER.md section 3, i.e. Presto! (Novack et al., ICLR 2025) section 3.3, and its
+Implements the paper's Presto-L (Novack et al., ICLR 2025, Section 3.3) and its
 baseline ASE (Moon et al., ICML 2024, "A Simple Early Exiting Framework for Accelerated Sampling in
 Diffusion Models"). Both make each sampling step cheaper by running only b of the DiT's L blocks,
 with b chosen by the noise level: full depth at low noise, fewer blocks at high noise.
@@ -9,7 +9,8 @@ Read `block_list` first: it is the whole difference between the two methods.
     ASE:      blocks 0 .. b-1, then the head (an early exit);
     Presto-L: blocks 0 .. b-2, then the final block L-1, then the head. The last block changes the
               hidden-state variance most, so keeping it hands the head the statistics it expects
-              (`hidden_variance` / `head_input_variance` measure this: the Figure 4 analogue).
+              (`hidden_variance` / `head_input_variance` measure this: the analogue of the paper's
+              hidden-state variance figure).
 Then `budget_for_sigma` (the schedule), `forward` (one layer-dropped denoiser call) and the
 losses: ASE fine-tunes with the ordinary DSM loss (`dsm_loss`); Presto-L adds budget conditioning
 (dit.py's zero-initialised `budget_emb`) and regresses onto the frozen full-depth teacher
@@ -204,7 +205,7 @@ def training_loss(student, teacher, x, cond_student, cond_teacher, sigma, cfg, e
 
 
 # ----------------------------------------------------------------------------------------------
-# Variance diagnostics (PAPER.md section 3's figure analogue): pure functions, no plotting
+# Variance diagnostics (the paper's hidden-state variance figure): pure functions, no plotting
 
 def _noised(x, s, seed):
     """x noised at the scalar sigma s with the eps of `seed` (the same for every s), sigma (B,)."""

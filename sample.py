@@ -5,6 +5,9 @@
     python sample.py --ckpt runs/cpu/base.pt --prompts prompts.txt --out samples/   # one per line
     python sample.py --ckpt runs/cpu/presto_ls.pt --prompt "..." [--steps 4] [--budget 6]
 
+The paper's inference: the base model samples with a solver and CFG; Presto-S generators sample
+in a few stochastic steps without CFG (Section 3.1-3.2); Presto-L skips blocks (Section 3.3).
+
 Read `generate` first: noise (one generator per sample, so a sample depends only on its own
 seed, not on what else is in the batch) -> a sampler of edm.py on the Karras grid with CFG ->
 latent -> Griffin-Lim decode (data.Representation). Then `sampling_fn`: how each kind of
@@ -33,7 +36,7 @@ def per_sample_noise(seeds, shape, device):
     """noise_fn(i) -> (B, *shape) fresh standard noise; sample k draws from its own generator
     seeded seeds[k], so a sample depends on its seed only, never on the rest of the batch."""
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    return lambda i=0: torch.cat([torch.randn(1, *shape, generator=g) for g in gens]).to(device)
+    return lambda i=0: torch.cat([torch.randn(1, *shape, generator=rng) for rng in gens]).to(device)
 
 
 def latent_frames(cfg, seconds):
@@ -145,6 +148,22 @@ def check_request(cfg, prompts, seconds, steps):
                          f"({cfg.data.seconds:g} s)")
     if steps < 1:
         raise ValueError(f"--steps must be >= 1, got {steps}")
+
+
+def generate_waves(gen, rep, captions, seconds, batch):
+    """Decoded waveforms (on the CPU) of gen(captions, seeds, seconds) -> latents, clip i with seed i,
+    generated `batch` clips at a time."""
+    n = len(captions)
+    return torch.cat([rep.decode(gen(captions[b:b + batch], list(range(b, min(n, b + batch))),
+                                     seconds)).cpu() for b in range(0, n, batch)])
+
+
+def listenable(waves):
+    """What a listener gets from a WAV writer (write_wav): non-finite samples -> 0, peaks
+    limited to 0.99. An untrained or diverged model can decode to inf / NaN; this keeps it scorable."""
+    waves = torch.nan_to_num(waves.float(), nan=0.0, posinf=0.0, neginf=0.0)
+    peak = waves.abs().amax(dim=(1, 2), keepdim=True)
+    return waves * (0.99 / peak.clamp_min(0.99))
 
 
 def write_wav(path, wave, sample_rate):

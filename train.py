@@ -3,12 +3,12 @@
     python train.py --stage base --preset cpu --out runs/cpu [--set train.steps=3000 ...] [--resume]
 
 Stages, each writing one checkpoint in OUT (later stages read earlier ones):
-    base       the EDM + DiT teacher (paper Section 2.1; edm.py, dit.py)                -> base.pt
-    clap       the evaluation embedder (clap.py; the paper scores with pretrained CLAP)  -> clap.pt
-    presto-s   step distillation of base.pt (Section 3.2; dmd.py, gan.py)               -> presto_s.pt
-    ase        the layer-drop baseline: base.pt fine-tuned to exit after b blocks       -> ase.pt
-    presto-l   layer distillation of base.pt (Section 3.3; layerdrop.py)                -> presto_l.pt
-    presto-ls  Presto-S with the generator initialised from presto_l.pt (Section 3.4)   -> presto_ls.pt
+    base       the EDM + DiT teacher (the paper's base model; edm.py, dit.py)          -> base.pt
+    clap       the evaluation embedder (clap.py; the paper scores with pretrained CLAP) -> clap.pt
+    presto-s   step distillation of base.pt (Sec. 3.1-3.2, Algorithm 1; dmd.py, gan.py) -> presto_s.pt
+    ase        the layer-drop baseline: base.pt fine-tuned to exit after b blocks      -> ase.pt
+    presto-l   layer distillation of base.pt (Sec. 3.3; layerdrop.py)                  -> presto_l.pt
+    presto-ls  Presto-S with the generator from presto_l.pt (the paper's Presto-LS)    -> presto_ls.pt
     all        the six in this order, skipping those whose checkpoint is complete
 
 How to read this file: `train_base` first, a flat nanoGPT-style loop; then `presto_s_iteration`
@@ -43,457 +43,10 @@ import edm
 import evaluate
 import gan
 import layerdrop
-from config import pick_device
 
 
 # ----------------------------------------------------------------------------------------------
-# Data parallelism under torchrun, nanoGPT-style: a few `if DIST.world > 1` lines, no framework.
-#
-#   torchrun --nproc_per_node=N train.py --stage S ...   (CPU: gloo; CUDA: nccl, one GPU per process)
-#
-# `*.batch_size` is always the *global* batch. It is cut into chunks of `train.micro_batch` clips
-# (0: one chunk per process); process r takes chunks r, r+N, r+2N, ... and accumulates their
-# gradients, so changing N or the micro-batch keeps the optimisation the same. Each chunk draws
-# its noise with edm.BatchRNG, so a clip gets the same noise wherever it runs. Gradients are
-# averaged with one all-reduce per optimiser step (`average_gradients`), which is what
-# DistributedDataParallel does in buckets during backward. We do it by hand, after backward: Presto-S
-# calls the fake network several times per step and freezes it on generator turns, and an explicit
-# all-reduce of exactly the parameters an optimiser owns cannot hit DDP's unused-parameter errors
-# or hang. Only rank 0 writes logs and checkpoints; every rank reads a checkpoint to resume.
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    device: str = "cpu"        # where collectives run: this process's GPU under NCCL, else cpu
-
-    @property
-    def main(self):
-        return self.rank == 0
-
-
-DIST = Dist()          # this process's place in the job; a plain `python train.py` is a world of one
-
-
-def init_distributed():
-    """Join the process group that torchrun describes in the environment (no-op without torchrun)."""
-    global DIST
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not torch.distributed.is_initialized():
-        cuda = torch.cuda.is_available()
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        DIST = Dist(int(os.environ["RANK"]), world, local, f"cuda:{local}" if cuda else "cpu")
-        if cuda:
-            torch.cuda.set_device(DIST.local_rank)
-        torch.distributed.init_process_group("nccl" if cuda else "gloo")
-    return DIST
-
-
-def say(msg):
-    """print, on rank 0 only (and through tqdm, so progress bars are not broken)."""
-    if DIST.main:
-        tqdm.write(msg)
-
-
-def micro_split(batch_size, micro_batch):
-    """(clips per chunk, number of chunks) of a global batch; a clear error if it does not divide."""
-    per_rank, rest = divmod(batch_size, DIST.world)
-    m = micro_batch or per_rank
-    if rest or m <= 0 or per_rank % m:
-        raise ValueError(f"global batch {batch_size} does not split into {DIST.world} processes x "
-                         f"micro-batches of {m} clips: set a batch size divisible by both "
-                         f"(or train.micro_batch)")
-    return m, batch_size // m
-
-
-def shards(ds, step, batch_size, seed, micro_batch=0):
-    """This process's micro-batches of global step `step`: yields (waves, captions, labels, rows,
-    weight).
-
-    rows is the chunk's slice of the global batch (its rows in edm.BatchRNG draws). Chunk c holds
-    positions [c*m, (c+1)*m) of the step's global batch, so no two processes share a clip and the
-    chunks together are exactly the single-process batch (data.batch_indices). weight is the
-    chunk's share of this process's clips: the loss multiplier that makes accumulated gradients a
-    mean (average_gradients then averages over processes).
-    """
-    m, chunks = micro_split(batch_size, micro_batch)
-    for c in range(DIST.rank, chunks, DIST.world):
-        waves, captions, labels = data.get_batch(ds, step, m, seed, rank=c, world=chunks)
-        yield waves, captions, labels, slice(c * m, (c + 1) * m), DIST.world / chunks
-
-
-def micro_batches(ds, rep, tok, cfg, step, device, batch_size):
-    """shards() as latents: yields (x, ids, labels, make_rng, weight). make_rng() returns a fresh
-    edm.BatchRNG of the step (call it again to replay the same draws)."""
-    for waves, captions, labels, rows, weight in shards(ds, step, batch_size, cfg.data.seed,
-                                                        cfg.train.micro_batch):
-        x, ids = encode_batch(rep, tok, cfg, waves, captions, device)
-        make_rng = lambda rows=rows: edm.BatchRNG(step_generator(cfg.train.seed, step, device), rows,
-                                                  batch_size)
-        yield x, ids, labels, make_rng, weight
-
-
-def average_gradients(params):
-    """All-reduce the mean gradient over processes, in one flat buffer.
-
-    A parameter without a gradient on some process (a block no clip of its micro-batch ran)
-    counts as a zero there; one without a gradient anywhere stays without (as it would in a
-    single process), so AdamW skips it on every rank alike.
-    """
-    params = [p for p in params if p.requires_grad]
-    if DIST.world == 1 or not params:
-        return
-    dev = params[0].device
-    flat = torch.cat([*(p.grad.flatten() if p.grad is not None else torch.zeros(p.numel(), device=dev)
-                        for p in params),
-                      torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=dev)])
-    torch.distributed.all_reduce(flat)
-    used, offset = flat[-len(params):], 0
-    for i, p in enumerate(params):
-        g = flat[offset:offset + p.numel()].view_as(p) / DIST.world
-        if p.grad is not None:
-            p.grad.copy_(g)
-        elif used[i] > 0:       # a host sync, only for a parameter this process did not use
-            p.grad = g.to(p.dtype)
-        offset += p.numel()
-
-
-def global_mean(values):
-    """{name: tensor} -> {name: float}: each value averaged over processes (one host sync: call
-    it at log steps only)."""
-    if not values:
-        return {}
-    keys = sorted(values)
-    dev = DIST.device if DIST.world > 1 else "cpu"      # NCCL reduces CUDA tensors only
-    t = torch.stack([values[k].detach().float().reshape(()).to(dev) for k in keys])
-    if DIST.world > 1:
-        torch.distributed.all_reduce(t)
-        t = t / DIST.world
-    return dict(zip(keys, t.tolist()))
-
-
-class _GatherRows(torch.autograd.Function):
-    """Concatenate every process's rows (forward); give each process the summed gradient of its
-    own rows (backward), so a loss over the gathered batch trains every process's encoder."""
-
-    @staticmethod
-    def forward(ctx, x):
-        parts = [torch.empty_like(x) for _ in range(DIST.world)]
-        torch.distributed.all_gather(parts, x.contiguous())
-        ctx.n = x.shape[0]
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous()
-        torch.distributed.all_reduce(grad)
-        return grad[DIST.rank * ctx.n:(DIST.rank + 1) * ctx.n]
-
-
-def gather_rows(x):
-    """The global batch of embeddings for a loss that needs all of it (the contrastive loss)."""
-    return x if DIST.world == 1 else _GatherRows.apply(x)
-
-
-def barrier():
-    if DIST.world > 1:
-        torch.distributed.barrier()
-
-
-# ----------------------------------------------------------------------------------------------
-# What the stage loops share
-
-def lr_at(step, sched):
-    """Learning rate at `step` of a config with lr, warmup, lr_decay, min_lr_frac and steps (the
-    train and clap sections): linear warm-up, then cosine decay to min_lr_frac * lr, or constant."""
-    if step < sched.warmup:
-        return sched.lr * (step + 1) / sched.warmup
-    if sched.lr_decay == "constant":
-        return sched.lr
-    frac = (step - sched.warmup) / max(1, sched.steps - sched.warmup)
-    return sched.lr * (sched.min_lr_frac + (1 - sched.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * frac)))
-
-
-class NaNGuard:
-    """The NaN guard, without a host sync per step.
-
-    update() folds "is any value non-finite" into a flag on the device; check() (at log and
-    checkpoint steps) reads it and stops the run with a clear message naming the last good
-    checkpoint. A bad step may have reached the weights by then, but never a checkpoint: every
-    checkpoint write is preceded by a check.
-    """
-
-    def __init__(self, path, knob, last_saved):
-        self.path, self.knob, self.last_saved = path, knob, last_saved
-        self.bad, self.since, self.names = None, None, []
-
-    def update(self, step, **values):
-        if self.since is None:
-            self.since = step
-        bad = torch.stack([~torch.isfinite(v.detach()).all() for v in values.values()]).any()
-        self.bad = bad if self.bad is None else self.bad | bad
-        self.names = list(values)
-
-    def check(self, step):
-        bad = self.bad if self.bad is not None else torch.zeros((), dtype=torch.bool)
-        if global_mean({"bad": bad})["bad"] > 0:
-            where = (f"the last good checkpoint is {self.path} (step {self.last_saved})"
-                     if self.last_saved is not None else "no checkpoint was written yet")
-            raise FloatingPointError(
-                f"non-finite {' / '.join(self.names)} between step {self.since} and step {step}; "
-                f"stopped, {where}. Try a lower {self.knob}.")
-        self.bad, self.since = None, None
-
-    def saved(self, step):
-        self.last_saved = step
-
-
-@torch.no_grad()
-def ema_update(ema, model, decay):
-    """ema <- decay * ema + (1 - decay) * model, every tensor in one fused call."""
-    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
-
-
-def optimizer_step(opt, grad_clip):
-    """Average the gradients that backward left on the parameters one optimizer owns over the
-    processes, clip them, step and clear them; returns the gradient norm (a tensor: no sync)."""
-    params = [p for group in opt.param_groups for p in group["params"]]
-    average_gradients(params)
-    norm = torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], grad_clip)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return norm
-
-
-def describe_batch(batch_size, micro_batch):
-    m, chunks = micro_split(batch_size, micro_batch)
-    return (f"global; {DIST.world} process(es) x {chunks // DIST.world} micro-batch(es) of {m}"
-            if chunks > 1 else "global")
-
-
-# Dense bf16 peak of known accelerators, FLOP/s (vendor data sheets, SXM parts)
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-
-
-class Speed:
-    """Clips per second since the last report and, on CUDA, the model FLOPs utilisation: the
-    DiT's analytic training FLOPs per clip (3x the forward pass of dit.flops_per_sample: backward
-    costs twice the forward) times clips per second, over the peak of the processes' GPUs."""
-
-    def __init__(self, cfg, rep, device):
-        self.flops = 3 * dit.flops_per_sample(cfg.model, rep.n_frames(cfg.data.seconds),
-                                              cfg.data.max_text_len)
-        peak = cfg.train.peak_tflops * 1e12
-        if not peak and device.type == "cuda":
-            name = torch.cuda.get_device_name(device)
-            peak = next((v for k, v in PEAK_BF16.items() if k in name), 0.0)
-        self.peak = peak * DIST.world if device.type == "cuda" else 0.0
-        self.t0, self.n = time.time(), 0
-
-    def count(self, clips):
-        self.n += clips
-
-    def report(self):
-        rate = self.n / max(time.time() - self.t0, 1e-9)
-        self.t0, self.n = time.time(), 0
-        return {"clips_per_s": rate, **({"mfu": rate * self.flops / self.peak} if self.peak else {})}
-
-
-def autocast_for(device):
-    """bf16 autocast on CUDA, nothing on CPU."""
-    return (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-            else contextlib.nullcontext())
-
-
-def drop_captions(ids, p_uncond, rng):
-    """Replace each caption by the null caption with probability p_uncond, so that the model also
-    learns D(x; sigma, null) and can be sampled with classifier-free guidance."""
-    drop = edm.rand(ids.shape[0], rng, ids.device) < p_uncond
-    return ids.masked_fill(drop[:, None], data.Tokenizer.PAD)
-
-
-def step_generator(seed, step, device):
-    """The RNG of one training step: a pure function of (seed, step), hence exact resumes."""
-    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
-
-
-def make_batch(ds, rep, tok, cfg, step, device, batch_size=None):
-    """(x latents (B, C, T), ids (B, L), labels) for one step of a split."""
-    waves, captions, labels = data.get_batch(ds, step, batch_size or cfg.train.batch_size,
-                                             cfg.data.seed)
-    return (*encode_batch(rep, tok, cfg, waves, captions, device), labels)
-
-
-def encode_batch(rep, tok, cfg, waves, captions, device):
-    """(latents (B, C, T), caption ids (B, L)) on device."""
-    return rep.encode(waves.to(device)), tok.encode(captions, cfg.data.max_text_len).to(device)
-
-
-SIGMA_BUCKETS = [0.002, 0.02, 0.1, 0.3, 1.0, 3.0, 10.0, 80.0]   # edges for per-sigma loss logs
-
-
-@torch.no_grad()
-def validate(denoiser, ds, rep, tok, cfg, device, autocast, loss_fn=None):
-    """Mean EDM loss on fixed val clips with fixed sigmas and noise; also per sigma bucket.
-
-    loss_fn(denoiser, x, cond, sigma, rng) -> (B,): the loss scored (default edm.edm_loss; the
-    layer-drop stages score the layer-dropped model's DSM loss at the schedule's budgets).
-    """
-    losses, sigmas = [], []
-    for i in range(cfg.train.val_batches):
-        x, ids, _ = make_batch(ds, rep, tok, cfg, i, device)
-        rng = step_generator(12345, i, device)
-        sigma = edm.sample_p_train(x.shape[0], cfg.edm, rng, device)
-        with autocast:
-            losses.append((loss_fn or edm.edm_loss)(denoiser, x, denoiser.net.encode_text(ids),
-                                                    sigma, rng).float())
-        sigmas.append(sigma)
-    losses = torch.cat(losses)
-    return losses.mean().item(), bucket_means(torch.cat(sigmas), losses)
-
-
-def bucket_means(sigmas, values):
-    """{"lo-hi": mean of values whose sigma falls in [lo, hi)} over SIGMA_BUCKETS (for the logs)."""
-    edges = torch.tensor(SIGMA_BUCKETS)
-    sigmas, values = sigmas.float().cpu(), values.float().cpu()
-    bucket = torch.bucketize(sigmas, edges).clamp(1, len(edges) - 1)
-    return {f"{edges[b-1]:g}-{edges[b]:g}": values[bucket == b].mean().item()
-            for b in bucket.unique().tolist()}
-
-
-class LossLog:
-    """Append-only jsonl loss log, written by rank 0; on resume, lines past the resumed step are
-    dropped."""
-
-    def __init__(self, path, resume_step=None):
-        self.path = path if DIST.main else None
-        if not DIST.main:
-            return
-        if resume_step is not None and os.path.exists(path):
-            with open(path) as f:
-                keep = [l for l in f if json.loads(l).get("step", 0) <= resume_step]
-            with open(path, "w") as f:
-                f.writelines(keep)
-        elif os.path.exists(path):
-            os.remove(path)
-
-    def write(self, **row):
-        if self.path is None:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-
-
-class StageLoop:
-    """What every stage loop shares around its optimisation step: the progress bar over the steps,
-    the loss log (OUT/<stage>_log.jsonl), the NaN guard and the cadence: log, validate and
-    checkpoint every `every` steps and always at the last step. Used as
-
-        loop = StageLoop("base", path, start, total, resume, "train.lr", log_every, ckpt_every)
-        for step in loop:
-            ...one optimiser step; loop.guard.update(step, loss=loss)...
-            if loop.due(done, log_every): loop.guard.check(done); loop.log.write(...)
-            loop.checkpoint(done, save)
-    """
-
-    def __init__(self, desc, path, start, total, resume, knob, ckpt_every):
-        self.total, self.ckpt_every = total, ckpt_every
-        self.guard = NaNGuard(path, knob, start if resume else None)
-        self.log = LossLog(path.replace(".pt", "_log.jsonl"), start if resume else None)
-        self.bar = tqdm(range(start, total), initial=start, total=total, desc=desc,
-                        dynamic_ncols=True, disable=not DIST.main)
-
-    def __iter__(self):
-        yield from self.bar
-        self.bar.close()
-
-    def due(self, done, every):
-        """Is step `done` (1-based) one of the every-N steps, or the last one?"""
-        return every > 0 and (done % every == 0 or done == self.total)
-
-    def logged(self, done, every, **values):
-        """At a log step: the NaN check (every rank), then {name: mean over processes}; else None."""
-        if not self.due(done, every):
-            return None
-        self.guard.check(done)
-        return global_mean(values)
-
-    def checkpoint(self, done, save):
-        """At a checkpoint step: the NaN check (every rank), then save(done) (rank 0 writes)."""
-        if self.due(done, self.ckpt_every):
-            self.guard.check(done)
-            save(done)
-            self.guard.saved(done)
-
-
-def write_checkpoint(path, ckpt):
-    """config.save_checkpoint on rank 0 only (every rank holds the same weights)."""
-    if DIST.main:
-        config.save_checkpoint(path, ckpt)
-
-
-def stage_setup(cfg, out, filename, resume):
-    """Device, thread count, run folder; returns (device, checkpoint path, checkpoint or None)."""
-    device = pick_device(cfg.train.device)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    if device.type == "cuda":   # TF32 for the float32 matmuls left outside bf16 autocast
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    os.makedirs(out, exist_ok=True)
-    path = os.path.join(out, filename)
-    if not resume:
-        return device, path, None
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"--resume: no checkpoint at {path}")
-    return device, path, config.read_checkpoint(path)
-
-
-def model_checkpoint(stage, step, total, cfg, denoiser, ema, opt, tok, rep, **extra):
-    """The checkpoint of a stage that trains one denoiser with an EMA (what load_checkpoint reads)."""
-    return {"stage": stage, "step": step, "done": step >= total, "config": dataclasses.asdict(cfg),
-            "model": denoiser.net.state_dict(), "ema": ema.net.state_dict(),
-            "opt": opt.state_dict(), "vocab": tok.state_dict(), "latent_stats": rep.state_dict(),
-            **extra}
-
-
-def restore(ckpt, path, denoiser, ema, opt):
-    """Load model_checkpoint's weights and optimizer state for --resume; returns the next step."""
-    if ckpt is None:
-        return 0
-    denoiser.net.load_state_dict(ckpt["model"])
-    ema.net.load_state_dict(ckpt["ema"])
-    opt.load_state_dict(ckpt["opt"])
-    say(f"resuming {path} from step {ckpt['step']}")
-    return ckpt["step"]
-
-
-def adamw(params, lr, train_cfg, device):
-    """The project's AdamW (beta1 0.9, train.beta2, train.weight_decay; fused on CUDA)."""
-    return torch.optim.AdamW(params, lr=lr, betas=(0.9, train_cfg.beta2),
-                             weight_decay=train_cfg.weight_decay, fused=device.type == "cuda")
-
-
-def earlier(out, name):
-    """Path of a checkpoint that an earlier stage wrote in out; a clear error when it is missing."""
-    path = os.path.join(out, name)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: train the stage that writes it first "
-                                "(or use --stage all)")
-    return path
-
-
-def load_teacher(cfg, out, device):
-    """The frozen teacher OUT/base.pt (EMA weights, eval mode, no grad) of a stage that starts
-    from the base model; its data, model and EDM settings are the ones the student must keep, so
-    they replace cfg's. Returns (rep, tok, teacher)."""
-    teacher_cfg, _, rep, tok, teacher = config.load_checkpoint(earlier(out, "base.pt"), device)
-    cfg.data, cfg.model, cfg.edm = teacher_cfg.data, teacher_cfg.model, teacher_cfg.edm
-    return rep, tok, teacher
-
-
-# ----------------------------------------------------------------------------------------------
-# The base stage: EDM denoising score matching on the DiT (paper Section 2.1)
+# The base stage: EDM denoising score matching on the DiT (the paper's base model)
 
 def train_base(cfg, out, resume=False):
     """Train the teacher; returns the path of base.pt."""
@@ -504,13 +57,14 @@ def train_base(cfg, out, resume=False):
     denoiser.to(device)
     ema = copy.deepcopy(denoiser).eval().requires_grad_(False)
     opt = adamw(denoiser.parameters(), train_cfg.lr, train_cfg, device)
-    start = restore(ckpt, path, denoiser, ema, opt)
-    autocast = autocast_for(device)
+    start = config.restore(ckpt, denoiser, ema, opt)
+    autocast = config.autocast_for(device)
     train_ds, val_ds = data.make_dataset(cfg.data, "train"), data.make_dataset(cfg.data, "val")
+    micro, chunks = micro_split(train_cfg.batch_size, train_cfg.micro_batch)
     say(f"base: DiT-{cfg.model.size} {dit.n_params(denoiser.net) / 1e6:.2f}M params, latents "
         f"{rep.latent_channels}x{rep.n_frames(cfg.data.seconds)}, {train_cfg.steps} steps of "
-        f"{train_cfg.batch_size} clips ({describe_batch(train_cfg.batch_size, train_cfg.micro_batch)}) "
-        f"on {device}")
+        f"{train_cfg.batch_size} clips (global; {DIST.world} process(es) x {chunks // DIST.world} "
+        f"micro-batch(es) of {micro}) on {device}")
     if train_cfg.compile:
         config.compile_network(denoiser)
     loop = StageLoop("base", path, start, train_cfg.steps, resume, "train.lr", train_cfg.ckpt_every)
@@ -522,14 +76,14 @@ def train_base(cfg, out, resume=False):
         for x, ids, _, make_rng, weight in micro_batches(train_ds, rep, tok, cfg, step, device,
                                                          train_cfg.batch_size):
             rng = make_rng()
-            ids = drop_captions(ids, train_cfg.p_uncond, rng)
+            ids = edm.drop_captions(ids, train_cfg.p_uncond, rng, data.Tokenizer.PAD)
             sigma = edm.sample_p_train(ids.shape[0], cfg.edm, rng, device)
             with autocast:
                 micro = edm.edm_loss(denoiser, x, denoiser.encode(ids), sigma, rng).mean() * weight
             micro.backward()
             loss += micro.detach()
         grad_norm = optimizer_step(opt, train_cfg.grad_clip)
-        loop.guard.update(step, loss=loss, grad_norm=grad_norm)
+        loop.watch(step, loss=loss, grad_norm=grad_norm)
         ema_update(ema, denoiser, min(train_cfg.ema, (1 + step) / (10 + step)))
         speed.count(train_cfg.batch_size)
         done = step + 1
@@ -537,34 +91,20 @@ def train_base(cfg, out, resume=False):
         if row is not None:
             rates = speed.report()
             loop.bar.set_postfix(loss=f"{row['loss']:.4f}", **{k: f"{v:.3g}" for k, v in rates.items()})
-            loop.log.write(step=done, loss=row["loss"], lr=lr_at(step, train_cfg),
+            loop.write(step=done, loss=row["loss"], lr=lr_at(step, train_cfg),
                            grad_norm=row["grad_norm"], **rates)
         val = None
         if DIST.main and loop.due(done, train_cfg.eval_every):
             val, by_sigma = validate(ema, val_ds, rep, tok, cfg, device, autocast)
-            loop.log.write(step=done, val_loss=val, val_loss_by_sigma=by_sigma)
+            loop.write(step=done, val_loss=val, val_loss_by_sigma=by_sigma)
             say(f"step {done}: train loss {loss.item():.4f}, val loss (EMA) {val:.4f}")
-        loop.checkpoint(done, lambda done: write_checkpoint(path, model_checkpoint(
+        loop.checkpoint(done, lambda done: write_checkpoint(path, config.model_checkpoint(
             "base", done, train_cfg.steps, cfg, denoiser, ema, opt, tok, rep, val_loss=val)))
     return path
 
 
 # ----------------------------------------------------------------------------------------------
 # The clap stage: the evaluation embedder (model and losses in clap.py)
-
-@torch.no_grad()
-def validate_clap(model, val):
-    """Held-out (val split) text -> audio R@1 among the val clips, and attribute accuracies."""
-    waves, captions, labels = val
-    model.eval()
-    audio = model.embed_audio(waves)
-    out = {"val_r1": evaluate.retrieval_r1(audio, model.embed_text(captions))}
-    if model.heads:
-        out["val_attributes"] = evaluate.attribute_accuracy(model.predict_attributes(audio),
-                                                            clap.attribute_targets(labels))
-    model.train()
-    return out
-
 
 def train_clap(cfg, out, resume=False):
     """Train the miniature CLAP (contrastive + attribute heads); returns the path of clap.pt."""
@@ -579,7 +119,6 @@ def train_clap(cfg, out, resume=False):
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["opt"])
         start = ckpt["step"]
-        say(f"resuming {path} from step {start}")
     train_ds, val_ds = data.make_dataset(cfg.data, "train"), data.make_dataset(cfg.data, "val")
     val = data.get_batch(val_ds, 0, min(clap_cfg.val_clips, len(val_ds)), cfg.data.seed)  # fixed clips
     say(f"clap: {dit.n_params(model) / 1e6:.2f}M params, d={clap_cfg.dim}, {clap_cfg.steps} steps of "
@@ -593,7 +132,7 @@ def train_clap(cfg, out, resume=False):
         # (gather_rows); with gradient accumulation, only those of one micro-step.
         for waves, captions, labels, rows, weight in shards(train_ds, step, clap_cfg.batch_size,
                                                             cfg.data.seed, cfg.train.micro_batch):
-            rng = edm.BatchRNG(step_generator(clap_cfg.seed, step, "cpu"), rows, clap_cfg.batch_size)
+            rng = edm.BatchRNG(edm.step_generator(clap_cfg.seed, step, "cpu"), rows, clap_cfg.batch_size)
             gain_db = -clap_cfg.gain_db * edm.rand(len(waves), rng)                     # (B,)
             waves = waves * (10 ** (gain_db / 20))[:, None, None]                       # level invariance
             audio, text = model.embed_audio(waves.to(device)), model.embed_text(captions)
@@ -605,17 +144,17 @@ def train_clap(cfg, out, resume=False):
             for k, v in (("loss", loss), ("loss_nce", loss_nce), ("loss_attr", loss_attr)):
                 sums[k] = sums.get(k, 0) + v.detach() * weight
         grad_norm = optimizer_step(opt, clap_cfg.grad_clip)
-        loop.guard.update(step, loss=sums["loss"], grad_norm=grad_norm)
+        loop.watch(step, loss=sums["loss"], grad_norm=grad_norm)
         done = step + 1
         row = loop.logged(done, clap_cfg.log_every, **sums, grad_norm=grad_norm)
         if row is not None:
             loop.bar.set_postfix(nce=f"{row['loss_nce']:.3f}", attr=f"{row['loss_attr']:.3f}")
-            loop.log.write(step=done, **row, lr=lr_at(step, clap_cfg),
+            loop.write(step=done, **row, lr=lr_at(step, clap_cfg),
                            temperature=1 / model.log_scale.exp().item())
         metrics = None
         if DIST.main and loop.due(done, clap_cfg.eval_every):
-            metrics = validate_clap(model, val)
-            loop.log.write(step=done, **metrics)
+            metrics = evaluate.embedder_scores(model, val)
+            loop.write(step=done, **metrics)
             attrs = metrics.get("val_attributes", {})
             say(f"step {done}: val R@1 {metrics['val_r1']:.3f} among {len(val[0])}"
                 + "".join(f", {k} {v:.2f}" for k, v in attrs.items()))
@@ -627,7 +166,7 @@ def train_clap(cfg, out, resume=False):
 
 
 # ----------------------------------------------------------------------------------------------
-# Presto-S (paper Section 3.2) and Presto-LS (Section 3.4). One iteration is a function, so the
+# Presto-S (Sec. 3.1-3.2, Algorithm 1) and Presto-LS. One iteration is a function, so the
 # 2-D toy test runs exactly this code path with tiny MLP denoisers.
 
 def presto_s_iteration(step, nets, opts, batches, distill, edm_cfg, block, grad_clip=1.0,
@@ -746,11 +285,10 @@ def train_distill(cfg, out, resume, stage):
         if G_ema is not None:
             G_ema.net.load_state_dict(ckpt.get("G_ema", ckpt["G"]))
         start, best = ckpt["step"], ckpt.get("best_val")
-        say(f"resuming {path} from step {start}")
     best_path = os.path.join(out, f"{name}_best.pt")
     validator = (evaluate.FewStepValidator(cfg, out, rep, tok, device)
                  if distill.val_every > 0 and DIST.main else None)
-    autocast = autocast_for(device)
+    autocast = config.autocast_for(device)
     train_ds = data.make_dataset(cfg.data, "train")
     say(f"{stage}: distilling DiT-{cfg.model.size} ({dit.n_params(G.net) / 1e6:.2f}M params), "
         f"{distill.steps} iterations of {distill.batch_size} clips, G every {distill.gen_every}, "
@@ -785,7 +323,7 @@ def train_distill(cfg, out, resume, stage):
             if G_ema is not None:     # ramped like the base stage's EMA, counting generator steps
                 k = step // distill.gen_every
                 ema_update(G_ema, G, min(distill.ema, (1 + k) / (10 + k)))
-        loop.guard.update(step, **losses)
+        loop.watch(step, **losses)
         for k, v in losses.items():                         # running sums: no host sync per step
             sums[k], counts[k] = sums.get(k, 0) + v, counts.get(k, 0) + 1
         done = step + 1
@@ -794,19 +332,19 @@ def train_distill(cfg, out, resume, stage):
             row = {k: v / counts[k] for k, v in row.items()}          # means since the last log
             sums, counts = {}, {}
             if g_by_sigma:         # this process's clips only (the buckets differ between ranks)
-                row["g_abs_by_sigma"] = bucket_means(*map(torch.cat, zip(*g_by_sigma)))
+                row["g_abs_by_sigma"] = edm.bucket_means(*map(torch.cat, zip(*g_by_sigma)))
             g_by_sigma = []
-            loop.log.write(step=done, **row)
+            loop.write(step=done, **row)
             loop.bar.set_postfix({k: f"{v:.3g}" for k, v in row.items()
                                   if k in ("L_fake", "L_D", "D_real", "D_fake")})
         if loop.due(done, distill.val_every):
-            loop.guard.check(done)                 # every rank (a collective); then rank 0 validates
+            loop.check(done)                 # every rank (a collective); then rank 0 validates
             if validator:
                 val = validator(sampler, stage)
                 if best is None or val["val_fad"] < best["val_fad"]:
                     best = {"step": done, **val}
                     checkpoint(done, best_path)
-                loop.log.write(step=done, **val, best_step=best["step"])
+                loop.write(step=done, **val, best_step=best["step"])
                 say(f"step {done}: val FAD {val['val_fad']:.3f}, CLAP {val['val_clap']:.3f} "
                     f"({distill.grid_steps} steps, {len(validator.captions)} val clips); "
                     f"best: step {best['step']}")
@@ -815,7 +353,7 @@ def train_distill(cfg, out, resume, stage):
 
 
 # ----------------------------------------------------------------------------------------------
-# Layer dropping (paper Section 3.3): ASE, the baseline, and Presto-L. Losses in layerdrop.py.
+# Layer dropping (Sec. 3.3): ASE, the baseline, and Presto-L. Losses in layerdrop.py.
 
 def train_ase(cfg, out, resume=False):
     """ASE: fine-tune OUT/base.pt to exit after the first b(sigma) blocks with the ordinary
@@ -849,8 +387,8 @@ def train_layerdrop(cfg, out, resume=False):
     # only L_st needs the frozen teacher (ASE's DSM, and Presto-L with st_weight=0, do not)
     teacher = teacher if drop.method == "presto-l" and drop.st_weight else None
     opt = adamw(student.parameters(), drop.lr, train_cfg, device)
-    start = restore(ckpt, path, student, ema, opt)
-    autocast = autocast_for(device)
+    start = config.restore(ckpt, student, ema, opt)
+    autocast = config.autocast_for(device)
     train_ds, val_ds = data.make_dataset(cfg.data, "train"), data.make_dataset(cfg.data, "val")
     depth = len(student.net.blocks)
     budgets = layerdrop.schedule_budgets(depth, drop).tolist()
@@ -871,7 +409,7 @@ def train_layerdrop(cfg, out, resume=False):
         for x, ids, _, make_rng, weight in micro_batches(train_ds, rep, tok, cfg, step, device,
                                                          drop.batch_size):
             rng = make_rng()
-            ids = drop_captions(ids, train_cfg.p_uncond, rng)   # so the layer-dropped model takes CFG
+            ids = edm.drop_captions(ids, train_cfg.p_uncond, rng, data.Tokenizer.PAD)  # CFG works
             sigma = edm.sample_p_train(ids.shape[0], cfg.edm, rng, device)
             with autocast:
                 cond_teacher = teacher.encode(ids) if teacher is not None else None
@@ -882,23 +420,380 @@ def train_layerdrop(cfg, out, resume=False):
             loss += micro.detach()
             blocks += b.double().mean().float() / depth * weight
         grad_norm = optimizer_step(opt, train_cfg.grad_clip)
-        loop.guard.update(step, loss=loss, grad_norm=grad_norm)
+        loop.watch(step, loss=loss, grad_norm=grad_norm)
         ema_update(ema, student, min(train_cfg.ema, (1 + step) / (10 + step)))
         speed.count(drop.batch_size)
         done = step + 1
         row = loop.logged(done, train_cfg.log_every, loss=loss, grad_norm=grad_norm, blocks=blocks)
         if row is not None:
             loop.bar.set_postfix(loss=f"{row['loss']:.4f}")
-            loop.log.write(step=done, **row, **speed.report())
+            loop.write(step=done, **row, **speed.report())
         val = None
         if DIST.main and loop.due(done, train_cfg.eval_every):   # EMA at the schedule's budgets
             val, by_sigma = validate(ema, val_ds, rep, tok, cfg, device, autocast, val_loss)
-            loop.log.write(step=done, val_loss=val, val_loss_by_sigma=by_sigma)
+            loop.write(step=done, val_loss=val, val_loss_by_sigma=by_sigma)
             say(f"step {done}: train loss {loss.item():.4f}, val DSM loss (EMA, layer-dropped) "
                 f"{val:.4f}")
-        loop.checkpoint(done, lambda done: write_checkpoint(path, model_checkpoint(
+        loop.checkpoint(done, lambda done: write_checkpoint(path, config.model_checkpoint(
             drop.method, done, drop.steps, cfg, student, ema, opt, tok, rep, val_loss=val)))
     return path
+
+
+# ----------------------------------------------------------------------------------------------
+# What the stage loops share
+
+def lr_at(step, sched):
+    """Learning rate at `step` of a config with lr, warmup, lr_decay, min_lr_frac and steps (the
+    train and clap sections): linear warm-up, then cosine decay to min_lr_frac * lr, or constant."""
+    if step < sched.warmup:
+        return sched.lr * (step + 1) / sched.warmup
+    if sched.lr_decay == "constant":
+        return sched.lr
+    frac = (step - sched.warmup) / max(1, sched.steps - sched.warmup)
+    return sched.lr * (sched.min_lr_frac + (1 - sched.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+@torch.no_grad()
+def ema_update(ema, model, decay):
+    """ema <- decay * ema + (1 - decay) * model, every tensor in one fused call."""
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+
+
+def optimizer_step(opt, grad_clip):
+    """Average the gradients that backward left on the parameters one optimizer owns over the
+    processes, clip them, step and clear them; returns the gradient norm (a tensor: no sync)."""
+    params = [p for group in opt.param_groups for p in group["params"]]
+    average_gradients(params)
+    norm = torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return norm
+
+
+# Dense bf16 peak of known accelerators, FLOP/s (vendor data sheets, SXM parts)
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+class Speed:
+    """Clips per second since the last report and, on CUDA, the model FLOPs utilisation: the
+    DiT's analytic training FLOPs per clip (3x the forward pass of dit.flops_per_sample: backward
+    costs twice the forward) times clips per second, over the peak of the processes' GPUs."""
+
+    def __init__(self, cfg, rep, device):
+        self.flops = 3 * dit.flops_per_sample(cfg.model, rep.n_frames(cfg.data.seconds),
+                                              cfg.data.max_text_len)
+        peak = cfg.train.peak_tflops * 1e12
+        if not peak and device.type == "cuda":
+            name = torch.cuda.get_device_name(device)
+            peak = next((v for k, v in PEAK_BF16.items() if k in name), 0.0)
+        self.peak = peak * DIST.world if device.type == "cuda" else 0.0
+        self.t0, self.n = time.time(), 0
+
+    def count(self, clips):
+        self.n += clips
+
+    def report(self):
+        rate = self.n / max(time.time() - self.t0, 1e-9)
+        self.t0, self.n = time.time(), 0
+        return {"clips_per_s": rate, **({"mfu": rate * self.flops / self.peak} if self.peak else {})}
+
+
+def encode_batch(rep, tok, cfg, waves, captions, device):
+    """(latents (B, C, T), caption ids (B, L)) on device."""
+    return rep.encode(waves.to(device)), tok.encode(captions, cfg.data.max_text_len).to(device)
+
+
+@torch.no_grad()
+def validate(denoiser, ds, rep, tok, cfg, device, autocast, loss_fn=None):
+    """Mean EDM loss on fixed val clips with fixed sigmas and noise; also per sigma bucket.
+
+    loss_fn(denoiser, x, cond, sigma, rng) -> (B,): the loss scored (default edm.edm_loss; the
+    layer-drop stages score the layer-dropped model's DSM loss at the schedule's budgets).
+    """
+    losses, sigmas = [], []
+    for i in range(cfg.train.val_batches):
+        waves, captions, _ = data.get_batch(ds, i, cfg.train.batch_size, cfg.data.seed)
+        x, ids = encode_batch(rep, tok, cfg, waves, captions, device)
+        rng = edm.step_generator(12345, i, device)
+        sigma = edm.sample_p_train(x.shape[0], cfg.edm, rng, device)
+        with autocast:
+            losses.append((loss_fn or edm.edm_loss)(denoiser, x, denoiser.net.encode_text(ids),
+                                                    sigma, rng).float())
+        sigmas.append(sigma)
+    losses = torch.cat(losses)
+    return losses.mean().item(), edm.bucket_means(torch.cat(sigmas), losses)
+
+
+class StageLoop:
+    """What every stage loop shares around its optimisation step: the progress bar, the loss log
+    OUT/<stage>_log.jsonl (rank 0; on resume the lines past the resumed step are dropped), the
+    NaN guard, and the cadence: log, validate and checkpoint every N steps and at the last one.
+
+    The guard needs no host sync per step: watch() folds "is any value non-finite" into a flag on
+    the device, check() (at log and checkpoint steps, every rank) reads it and stops the run with a
+    message naming the last good checkpoint. A bad step may reach the weights, never a checkpoint.
+    """
+
+    def __init__(self, desc, path, start, total, resume, knob, ckpt_every):
+        self.path, self.knob, self.total, self.ckpt_every = path, knob, total, ckpt_every
+        self.last_saved = start if resume else None
+        self.bad, self.since, self.names = None, None, []
+        self.log_path = path.replace(".pt", "_log.jsonl")
+        if DIST.main and os.path.exists(self.log_path):
+            with open(self.log_path) as f:
+                keep = [l for l in f if resume and json.loads(l).get("step", 0) <= start]
+            with open(self.log_path, "w") as f:
+                f.writelines(keep)
+        self.bar = tqdm(range(start, total), initial=start, total=total, desc=desc,
+                        dynamic_ncols=True, disable=not DIST.main)
+        if resume:
+            say(f"resuming {path} from step {start}")
+
+    def __iter__(self):
+        yield from self.bar
+        self.bar.close()
+
+    def write(self, **row):
+        """One line of the loss log."""
+        if DIST.main:
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def watch(self, step, **values):
+        if self.since is None:
+            self.since = step
+        bad = torch.stack([~torch.isfinite(v.detach()).all() for v in values.values()]).any()
+        self.bad = bad if self.bad is None else self.bad | bad
+        self.names = list(values)
+
+    def check(self, step):
+        bad = self.bad if self.bad is not None else torch.zeros((), dtype=torch.bool)
+        if global_mean({"bad": bad})["bad"] > 0:
+            where = (f"the last good checkpoint is {self.path} (step {self.last_saved})"
+                     if self.last_saved is not None else "no checkpoint was written yet")
+            raise FloatingPointError(
+                f"non-finite {' / '.join(self.names)} between step {self.since} and step {step}; "
+                f"stopped, {where}. Try a lower {self.knob}.")
+        self.bad, self.since = None, None
+
+    def due(self, done, every):
+        """Is step `done` (1-based) one of the every-N steps, or the last one?"""
+        return every > 0 and (done % every == 0 or done == self.total)
+
+    def logged(self, done, every, **values):
+        """At a log step: the NaN check, then {name: mean over processes}; else None."""
+        if not self.due(done, every):
+            return None
+        self.check(done)
+        return global_mean(values)
+
+    def checkpoint(self, done, save):
+        """At a checkpoint step: the NaN check, then save(done) (rank 0 writes)."""
+        if self.due(done, self.ckpt_every):
+            self.check(done)
+            save(done)
+            self.last_saved = done
+
+
+def write_checkpoint(path, ckpt):
+    """config.save_checkpoint on rank 0 only (every rank holds the same weights)."""
+    if DIST.main:
+        config.save_checkpoint(path, ckpt)
+
+
+def stage_setup(cfg, out, filename, resume):
+    """Device, thread count, run folder; returns (device, checkpoint path, checkpoint or None)."""
+    device = config.pick_device(cfg.train.device)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    if device.type == "cuda":   # TF32 for the float32 matmuls left outside bf16 autocast
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, filename)
+    if not resume:
+        return device, path, None
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--resume: no checkpoint at {path}")
+    return device, path, config.read_checkpoint(path)
+
+
+def adamw(params, lr, train_cfg, device):
+    """The project's AdamW (beta1 0.9, train.beta2, train.weight_decay; fused on CUDA)."""
+    return torch.optim.AdamW(params, lr=lr, betas=(0.9, train_cfg.beta2),
+                             weight_decay=train_cfg.weight_decay, fused=device.type == "cuda")
+
+
+def earlier(out, name):
+    """Path of a checkpoint that an earlier stage wrote in out; a clear error when it is missing."""
+    path = os.path.join(out, name)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: train the stage that writes it first "
+                                "(or use --stage all)")
+    return path
+
+
+def load_teacher(cfg, out, device):
+    """The frozen teacher OUT/base.pt (EMA weights, eval mode, no grad) of a stage that starts
+    from the base model; its data, model and EDM settings are the ones the student must keep, so
+    they replace cfg's. Returns (rep, tok, teacher)."""
+    teacher_cfg, _, rep, tok, teacher = config.load_checkpoint(earlier(out, "base.pt"), device)
+    cfg.data, cfg.model, cfg.edm = teacher_cfg.data, teacher_cfg.model, teacher_cfg.edm
+    return rep, tok, teacher
+
+
+# ----------------------------------------------------------------------------------------------
+# Data parallelism under torchrun, nanoGPT-style: a few `if DIST.world > 1` lines, no framework.
+#
+#   torchrun --nproc_per_node=N train.py --stage S ...   (CPU: gloo; CUDA: nccl, one GPU per process)
+#
+# `*.batch_size` is always the *global* batch. It is cut into chunks of `train.micro_batch` clips
+# (0: one chunk per process); process r takes chunks r, r+N, r+2N, ... and accumulates their
+# gradients, so changing N or the micro-batch keeps the optimisation the same. Each chunk draws
+# its noise with edm.BatchRNG, so a clip gets the same noise wherever it runs. Gradients are
+# averaged with one all-reduce per optimiser step (`average_gradients`), which is what
+# DistributedDataParallel does in buckets during backward. We do it by hand, after backward: Presto-S
+# calls the fake network several times per step and freezes it on generator turns, and an explicit
+# all-reduce of exactly the parameters an optimiser owns cannot hit DDP's unused-parameter errors
+# or hang. Only rank 0 writes logs and checkpoints; every rank reads a checkpoint to resume.
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: str = "cpu"        # where collectives run: this process's GPU under NCCL, else cpu
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+
+DIST = Dist()          # this process's place in the job; a plain `python train.py` is a world of one
+
+
+def init_distributed():
+    """Join the process group that torchrun describes in the environment (no-op without torchrun)."""
+    global DIST
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        cuda = torch.cuda.is_available()
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        DIST = Dist(int(os.environ["RANK"]), world, local, f"cuda:{local}" if cuda else "cpu")
+        if cuda:
+            torch.cuda.set_device(DIST.local_rank)
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    return DIST
+
+
+def say(msg):
+    """print, on rank 0 only (and through tqdm, so progress bars are not broken)."""
+    if DIST.main:
+        tqdm.write(msg)
+
+
+def micro_split(batch_size, micro_batch):
+    """(clips per chunk, number of chunks) of a global batch; a clear error if it does not divide."""
+    per_rank, rest = divmod(batch_size, DIST.world)
+    m = micro_batch or per_rank
+    if rest or m <= 0 or per_rank % m:
+        raise ValueError(f"global batch {batch_size} does not split into {DIST.world} processes x "
+                         f"micro-batches of {m} clips: set a batch size divisible by both "
+                         f"(or train.micro_batch)")
+    return m, batch_size // m
+
+
+def shards(ds, step, batch_size, seed, micro_batch=0):
+    """This process's micro-batches of global step `step`: yields (waves, captions, labels, rows,
+    weight).
+
+    rows is the chunk's slice of the global batch (its rows in edm.BatchRNG draws). Chunk c holds
+    positions [c*m, (c+1)*m) of the step's global batch, so no two processes share a clip and the
+    chunks together are exactly the single-process batch (data.batch_indices). weight is the
+    chunk's share of this process's clips: the loss multiplier that makes accumulated gradients a
+    mean (average_gradients then averages over processes).
+    """
+    m, chunks = micro_split(batch_size, micro_batch)
+    for c in range(DIST.rank, chunks, DIST.world):
+        waves, captions, labels = data.get_batch(ds, step, m, seed, rank=c, world=chunks)
+        yield waves, captions, labels, slice(c * m, (c + 1) * m), DIST.world / chunks
+
+
+def micro_batches(ds, rep, tok, cfg, step, device, batch_size):
+    """shards() as latents: yields (x, ids, labels, make_rng, weight). make_rng() returns a fresh
+    edm.BatchRNG of the step (call it again to replay the same draws)."""
+    for waves, captions, labels, rows, weight in shards(ds, step, batch_size, cfg.data.seed,
+                                                        cfg.train.micro_batch):
+        x, ids = encode_batch(rep, tok, cfg, waves, captions, device)
+        make_rng = lambda rows=rows: edm.BatchRNG(edm.step_generator(cfg.train.seed, step, device),
+                                                  rows, batch_size)
+        yield x, ids, labels, make_rng, weight
+
+
+def average_gradients(params):
+    """All-reduce the mean gradient over processes, in one flat buffer.
+
+    A parameter without a gradient on some process (a block no clip of its micro-batch ran)
+    counts as a zero there; one without a gradient anywhere stays without (as it would in a
+    single process), so AdamW skips it on every rank alike.
+    """
+    params = [p for p in params if p.requires_grad]
+    if DIST.world == 1 or not params:
+        return
+    dev = params[0].device
+    flat = torch.cat([*(p.grad.flatten() if p.grad is not None else torch.zeros(p.numel(), device=dev)
+                        for p in params),
+                      torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=dev)])
+    torch.distributed.all_reduce(flat)
+    used, offset = flat[-len(params):], 0
+    for i, p in enumerate(params):
+        grad = flat[offset:offset + p.numel()].view_as(p) / DIST.world
+        if p.grad is not None:
+            p.grad.copy_(grad)
+        elif used[i] > 0:       # a host sync, only for a parameter this process did not use
+            p.grad = grad.to(p.dtype)
+        offset += p.numel()
+
+
+def global_mean(values):
+    """{name: tensor} -> {name: float}: each value averaged over processes (one host sync: call
+    it at log steps only)."""
+    if not values:
+        return {}
+    keys = sorted(values)
+    dev = DIST.device if DIST.world > 1 else "cpu"      # NCCL reduces CUDA tensors only
+    stacked = torch.stack([values[k].detach().float().reshape(()).to(dev) for k in keys])
+    if DIST.world > 1:
+        torch.distributed.all_reduce(stacked)
+        stacked = stacked / DIST.world
+    return dict(zip(keys, stacked.tolist()))
+
+
+class _GatherRows(torch.autograd.Function):
+    """Concatenate every process's rows (forward); give each process the summed gradient of its
+    own rows (backward), so a loss over the gathered batch trains every process's encoder."""
+
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(DIST.world)]
+        torch.distributed.all_gather(parts, x.contiguous())
+        ctx.n = x.shape[0]
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        torch.distributed.all_reduce(grad)
+        return grad[DIST.rank * ctx.n:(DIST.rank + 1) * ctx.n]
+
+
+def gather_rows(x):
+    """The global batch of embeddings for a loss that needs all of it (the contrastive loss)."""
+    return x if DIST.world == 1 else _GatherRows.apply(x)
+
+
+def barrier():
+    if DIST.world > 1:
+        torch.distributed.barrier()
 
 
 # ----------------------------------------------------------------------------------------------

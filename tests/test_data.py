@@ -10,8 +10,8 @@ import soundfile as sf
 import torch
 
 import data
-from data import DataConfig, Representation, Tokenizer, batch_indices, get_batch, make_dataset
 import synth
+from data import DataConfig, Representation, Tokenizer, batch_indices, get_batch, make_dataset
 
 
 def synth_clip(cfg, split, i):

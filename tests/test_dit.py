@@ -15,18 +15,18 @@ def make(seed=0, **kw):
 
 def randomize(model, seed=1):
     """Give every parameter random values, so outputs depend on x, sigma and the text."""
-    g = torch.Generator().manual_seed(seed)
+    rng = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
-            p.copy_(0.2 * torch.randn(p.shape, generator=g))
+            p.copy_(0.2 * torch.randn(p.shape, generator=rng))
     return model
 
 
 def inputs(B=3, T=10):
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(2, 40, (B, 8), generator=g)
+    rng = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, 40, (B, 8), generator=rng)
     ids[0, 3:] = 0                                              # padding
-    return torch.randn(B, 6, T, generator=g), torch.tensor([0.01, 1.0, 50.0])[:B], ids
+    return torch.randn(B, 6, T, generator=rng), torch.tensor([0.01, 1.0, 50.0])[:B], ids
 
 
 def test_untrained_model_is_c_skip_times_x():

@@ -75,7 +75,7 @@ def test_few_step_sampler_with_a_perfect_generator():
     # step's input is x_hat + sigma eps, so the last step's output has the right closed-form std
     s = 0.5
     gens = [torch.Generator().manual_seed(i) for i in range(4000)]
-    noise_fn = lambda i: torch.cat([torch.randn(1, 1, 1, generator=g) for g in gens])
+    noise_fn = lambda i: torch.cat([torch.randn(1, 1, 1, generator=rng) for rng in gens])
     sigmas = dmd.few_step_sigmas(3, CFG)
     out = dmd.few_step_sample(gaussian_D(0.0, s), sigmas, noise_fn)
     # x_hat = c x with x of variance (prev var + sigma^2); prev var is that of the previous x_hat

@@ -46,15 +46,15 @@ def test_karras_schedule_endpoints_and_monotone():
 
 
 def test_p_train_moments():
-    g = torch.Generator().manual_seed(0)
-    ln = edm.sample_p_train(200_000, CFG, g).log()
+    rng = torch.Generator().manual_seed(0)
+    ln = edm.sample_p_train(200_000, CFG, rng).log()
     assert abs(ln.mean().item() - CFG.P_mean) < 0.01
     assert abs(ln.std().item() - CFG.P_std) < 0.01
 
 
 def test_p_inf_is_the_schedule_drawn_continuously():
-    g = torch.Generator().manual_seed(0)
-    s = edm.sample_p_inf(200_000, CFG, g)
+    rng = torch.Generator().manual_seed(0)
+    s = edm.sample_p_inf(200_000, CFG, rng)
     assert s.min() >= CFG.sigma_min and s.max() <= CFG.sigma_max
     # u ~ U(0,1) and sigma(u) is decreasing, so the median of sigma is sigma(0.5)
     assert abs(s.median().item() / edm.karras_sigma(torch.tensor(0.5), CFG).item() - 1) < 0.02

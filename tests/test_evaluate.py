@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+import clap
+import config
 import evaluate
 import train
 from evaluate import frechet_distance, mmd
-import config
-import clap
 
 # -----------------------------------------------------------------------------
 # FAD

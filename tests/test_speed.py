@@ -9,12 +9,11 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+import config
 import dit
 import edm
 import evaluate
 import sample
-import train
-import config
 
 # -----------------------------------------------------------------------------
 # dit.flops_per_sample
@@ -147,7 +146,7 @@ def test_paper_preset_builds_a_dit_l():
     for ch in (1, 2):
         cfg = config.make_config("paper", {"data.channels": ch})
         with torch.device("meta"):
-            _, _, den = evaluate.random_model(cfg, "meta")
+            _, _, den = config.random_model(cfg, "meta")
         counts[ch] = dit.n_params(den.net)
         m = cfg.model
         assert (m.width, m.depth, m.heads, m.patch) == (1024, 24, 16, 1) and m.in_channels == ch * 1025
@@ -170,14 +169,14 @@ def test_compiled_few_step_sampling_matches_eager(monkeypatch):
     # ~30 s with a cold inductor cache (C++ kernels built), ~5 s warm; one graph (batch 1, all blocks).
     monkeypatch.setattr(torch._dynamo.config, "recompile_limit", torch._dynamo.config.recompile_limit)
     cfg = config.make_config("tiny")
-    _, tok, den = evaluate.random_model(cfg, "cpu")
-    g = torch.Generator().manual_seed(1)
+    _, tok, den = config.random_model(cfg, "cpu")
+    rng = torch.Generator().manual_seed(1)
     with torch.no_grad():                    # move the zero-initialised layers: a non-trivial output
         for p in den.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
+            p.add_(0.05 * torch.randn(p.shape, generator=rng))
     gen, _ = sample.sampling_fn(den, tok, cfg, "presto-s", 4)
     eager = gen(["slow organ chords in C major"], [0], cfg.data.seconds)
-    config.compile_network(den, "cpu")
+    config.compile_network(den)
     compiled = gen(["slow organ chords in C major"], [0], cfg.data.seconds)
     torch._dynamo.reset()
     # Tolerance 1e-4 on outputs of size ~1: inductor fuses kernels and reorders float32 sums, so

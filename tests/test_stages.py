@@ -11,11 +11,11 @@ import shutil
 import pytest
 import torch
 
+import config
 import evaluate
 import layerdrop
 import sample
 import train
-import config
 from conftest import crash_after_first_checkpoint
 
 FAST = {"train.steps": "4", "train.ckpt_every": "2", "train.eval_every": "4", "train.log_every": "1",
@@ -115,7 +115,7 @@ def test_presto_ls_starts_from_presto_l_and_drops_layers_in_the_generator(run, t
     def spy(step, nets, *args, **kw):
         if step == 0:
             seen.append((kw["gen_fn"], nets, {k: {n: p.clone() for n, p in nets[k].net.state_dict().items()}
-                                              for k in ("G", "fake", "real")}))
+                                              for k in ("G", "mu_fake", "mu_real")}))
         return real_iteration(step, nets, *args, **kw)
     monkeypatch.setattr(train, "presto_s_iteration", spy)
     out = str(tmp_path)
@@ -128,8 +128,8 @@ def test_presto_ls_starts_from_presto_l_and_drops_layers_in_the_generator(run, t
     base, presto_l = _load(run, "base.pt")["ema"], _load(run, "presto_l.pt")["ema"]
     for name in base:
         assert torch.equal(ls["G"][name], presto_l[name]) and torch.equal(s["G"][name], base[name])
-        for w in (ls, s):                               # real and fake scores: the full teacher
-            assert torch.equal(w["real"][name], base[name]) and torch.equal(w["fake"][name], base[name])
+        for w in (ls, s):                               # mu_real and mu_fake: the full teacher
+            assert torch.equal(w["mu_real"][name], base[name]) and torch.equal(w["mu_fake"][name], base[name])
     # Presto-LS's generator runs the budget of its sigma: 2 of 4 blocks at sigma_max
     G = nets["G"]
     x, ids = torch.randn(2, G.net.cfg.in_channels, 16), torch.ones(2, 4, dtype=torch.long)

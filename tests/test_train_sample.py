@@ -9,10 +9,10 @@ import pytest
 import soundfile as sf
 import torch
 
+import config
 import edm
 import sample
 import train
-import config
 from conftest import crash_after_first_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
