@@ -11,6 +11,7 @@ kind of checkpoint train.py writes).
 
 Imports point one way: concept files <- config.py <- sample.py <- evaluate.py <- train.py.
 """
+import argparse
 import contextlib
 import dataclasses
 import os
@@ -108,7 +109,7 @@ PRESETS = {
               "layerdrop.steps": 20_000, "layerdrop.batch_size": 128},
 }
 PRESET_HELP = ("tiny: tests and a first look, seconds per stage; cpu (the default): 2 CPU cores, a "
-               "teacher in ~20 min; gpu: one GPU, 16 kHz 8 s clips, DiT-B; paper: the paper's output "
+               "teacher in ~17 min; gpu: one GPU, 16 kHz 8 s clips, DiT-B; paper: the paper's output "
                "size (32 s of 44.1 kHz) and a DiT-L, for latency on random weights and multi-GPU runs")
 
 
@@ -168,6 +169,17 @@ def parse_sets(items):
         k, v = item.split("=", 1)
         out[k.strip()] = v.strip()
     return out
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help that shows each option's default, except where there is none to show (None, off, an
+    empty list) or where the help text already says it."""
+
+    def _get_help_string(self, action):
+        empty = action.default is None or action.default is False or action.default == []
+        if empty or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def pick_device(name):

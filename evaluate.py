@@ -705,7 +705,7 @@ def write_latency(opts, device):
 def main(argv=None):
     p = argparse.ArgumentParser(description="Evaluate every checkpoint of a run folder: FAD, MMD, "
                                 "CLAP score, adherence, diversity and latency (see README).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=config.HelpFormatter)
     p.add_argument("--run", default=None, help="run folder written by train.py (required unless --latency-only)")
     p.add_argument("--n", type=int, default=64, help="clips per row (test-split captions and references)")
     p.add_argument("--seeds", type=int, default=4, help="seeds per prompt for diversity")

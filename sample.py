@@ -179,7 +179,7 @@ def write_wav(path, wave, sample_rate):
 def main(argv=None):
     p = argparse.ArgumentParser(description="Generate music from a text prompt with a trained "
                                 "checkpoint (base, presto_s, ase, presto_l or presto_ls .pt).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=config.HelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
     p.add_argument("--prompt", help="one text prompt")
     p.add_argument("--prompts", help="a text file with one prompt per line (a batch)")
@@ -196,7 +196,8 @@ def main(argv=None):
                    help="layer-dropped checkpoints (ase, presto-l, presto-ls): run this many blocks "
                         "at every step instead of the checkpoint's schedule")
     p.add_argument("--seed", type=int, default=0, help="seed of the first prompt; prompt i uses seed+i")
-    p.add_argument("--gl-iters", type=int, default=None, help="Griffin-Lim iterations for decoding")
+    p.add_argument("--gl-iters", type=int, default=None, help="Griffin-Lim iterations for decoding (default: the checkpoint's "
+                        "data.griffin_lim_iters)")
     p.add_argument("--batch", type=int, default=8, help="prompts generated together")
     p.add_argument("--device", default="auto",
                    help="auto (CUDA if available, else CPU), cpu, cuda or cuda:N")

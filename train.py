@@ -846,7 +846,7 @@ def main(argv=None):
                     "python train.py --stage all --preset tiny --out runs/tiny. On several "
                     "processes (GPUs, or CPU with gloo): torchrun --nproc_per_node=N train.py ...; "
                     "batch sizes stay global (train.micro_batch sets gradient accumulation).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=config.HelpFormatter)
     p.add_argument("--stage", choices=[*STAGES, "all"], default="base",
                    help="base: the EDM + DiT teacher -> OUT/base.pt; clap: the evaluation "
                         "embedder -> clap.pt; presto-s: step distillation of base.pt -> "

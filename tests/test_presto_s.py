@@ -198,13 +198,21 @@ def test_sample_cli_uses_the_few_step_sampler(presto_run, tmp_path, monkeypatch)
     assert 0 < abs(wave).max() <= 1
 
 
-def test_presto_s_resume_continues_exactly(base_run, presto_run, tmp_path, monkeypatch):
+@pytest.mark.parametrize("old_keys", [False, True])
+def test_presto_s_resume_continues_exactly(base_run, presto_run, tmp_path, monkeypatch, old_keys):
+    """Killed after its first checkpoint and resumed, the run ends where a straight run ends; also
+    from a checkpoint that names the fake score "fake" (as checkpoints did before "mu_fake")."""
     broken = str(tmp_path / "broken")
     os.makedirs(broken)
     shutil.copy(os.path.join(base_run, "base.pt"), broken)
     crash_after_first_checkpoint(monkeypatch, train.train_presto_s, config.make_config("tiny", FAST),
                                  broken)
-    assert torch.load(os.path.join(broken, "presto_s.pt"), weights_only=False)["step"] == 3
+    path = os.path.join(broken, "presto_s.pt")
+    assert torch.load(path, weights_only=False)["step"] == 3
+    if old_keys:
+        ckpt = torch.load(path, weights_only=False)
+        ckpt["fake"], ckpt["opt_fake"] = ckpt.pop("mu_fake"), ckpt.pop("opt_mu_fake")
+        torch.save(ckpt, path)
     train.main(["--stage", "presto-s", "--out", broken, "--resume"])
     a = torch.load(os.path.join(presto_run, "presto_s.pt"), weights_only=False)   # straight run
     b = torch.load(os.path.join(broken, "presto_s.pt"), weights_only=False)
