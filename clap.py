@@ -120,3 +120,34 @@ def contrastive_loss(audio, text, log_scale):
 def attribute_loss(logits, targets):
     """Mean cross-entropy over the attribute heads."""
     return sum(F.cross_entropy(logits[k], targets[k].to(logits[k].device)) for k in logits) / len(logits)
+
+
+# ----------------------------------------------------------------------------------------------
+# The embedder's own quality: does it find a clip from its caption, does it hear the attributes?
+
+def retrieval_r1(audio, text):
+    """Text -> audio recall@1: share of captions whose own clip is the nearest of all n clips."""
+    audio, text = torch.as_tensor(audio).double(), torch.as_tensor(text).double()
+    sim = F.normalize(text, dim=-1) @ F.normalize(audio, dim=-1).T          # (n captions, n clips)
+    return float((sim.argmax(1) == torch.arange(len(sim))).double().mean())
+
+
+def attribute_accuracy(pred, target):
+    """{attribute: accuracy} of predicted vs target class indices, plus their mean."""
+    acc = {k: float((torch.as_tensor(pred[k]).cpu() == torch.as_tensor(target[k]).cpu()).double().mean())
+           for k in target}
+    return {**acc, "mean": sum(acc.values()) / len(acc)}
+
+
+@torch.no_grad()
+def embedder_scores(model, val):
+    """Held-out (val split) text -> audio R@1 among the val clips, and attribute accuracies."""
+    waves, captions, labels = val
+    model.eval()
+    audio = model.embed_audio(waves)
+    out = {"val_r1": retrieval_r1(audio, model.embed_text(captions))}
+    if model.heads:
+        out["val_attributes"] = attribute_accuracy(model.predict_attributes(audio),
+                                                   attribute_targets(labels))
+    model.train()
+    return out

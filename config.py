@@ -109,7 +109,7 @@ PRESETS = {
               "layerdrop.steps": 20_000, "layerdrop.batch_size": 128},
 }
 PRESET_HELP = ("tiny: tests and a first look, seconds per stage; cpu (the default): 2 CPU cores, a "
-               "teacher in ~17 min; gpu: one GPU, 16 kHz 8 s clips, DiT-B; paper: the paper's output "
+               "teacher in 17-50 min depending on the CPU; gpu: one GPU, 16 kHz 8 s clips, DiT-B; paper: the paper's output "
                "size (32 s of 44.1 kHz) and a DiT-L, for latency on random weights and multi-GPU runs")
 
 

@@ -2,16 +2,17 @@
 
     python train.py --stage clap --preset cpu --out runs/cpu      # the evaluation embedder, once
     python evaluate.py --run runs/cpu [--n 64] [--seeds 4]         # -> runs/cpu/results.{md,json}
+    python evaluate.py --run runs/cpu --embedder both              # our embedder and the aisfx judge
     python evaluate.py --run runs/cpu --variance                   # -> runs/cpu/variance.{md,json}
     python evaluate.py --latency-only --preset paper [--rows presto-s presto-ls] [--compile]
                                                    # random weights -> runs/latency_paper/latency.{md,json}
 
 Pretrained CLAP / VGGish weights cannot be downloaded here, so the project trains its own embedder
-(clap.py, `--stage clap`). Every metric below only sees embeddings, so a user with real CLAP passes
-their own `embed_fn`.
+(clap.py, `--stage clap`) and can ask a pretrained one nobody here trained (judge.py) for FAD and
+MMD. Every metric (metrics.py) only sees embeddings, so a user with real CLAP passes their own
+`embed_fn`.
 
-Read first: the metric functions (`frechet_distance`, `mmd`, ...; pure functions on arrays), then
-`evaluate_run` (what is compared with what). `FewStepValidator` scores a generator on the val split
+Read first: `evaluate_run` (what is compared with what). `FewStepValidator` scores a generator on the val split
 while Presto-S trains (checkpoint selection). `variance_report` is the analogue of the paper's
 hidden-state variance figure: why Presto-L keeps the final block.
 `latency_section` times the samplers at a preset's full output size with random weights, so the
@@ -36,147 +37,44 @@ import config
 import data
 import dit
 import edm
+import judge
 import layerdrop
+import metrics
 import sample
-
-
-# ----------------------------------------------------------------------------------------------
-# Metrics: pure functions of embeddings (numpy or torch arrays, rows are clips)
-
-def _f64(x):
-    return np.asarray(x.detach().cpu() if torch.is_tensor(x) else x, dtype=np.float64)
-
-
-def _sqrt_psd(S):
-    """Symmetric PSD square root from an eigendecomposition; tiny negative eigenvalues -> 0."""
-    w, V = np.linalg.eigh(S)
-    return (V * np.sqrt(np.clip(w, 0, None))) @ V.T
-
-
-def frechet_distance(x, y):
-    """FAD / FID between Gaussian fits of x (n, d) and y (m, d), in float64.
-
-    FD = |mu_x - mu_y|^2 + tr(S_x) + tr(S_y) - 2 tr((S_x^1/2 S_y S_x^1/2)^1/2).
-    The last trace equals tr((S_x S_y)^1/2), but S_x S_y is not symmetric and a general sqrtm can
-    return complex values; S_x^1/2 S_y S_x^1/2 is symmetric PSD, so both square roots come from
-    `eigh` with negative round-off eigenvalues clipped to 0. That stays finite and real when the
-    covariances are rank deficient (fewer clips than dimensions), which is the usual case here.
-    Only same-n comparisons are fair: the estimate is biased upward for small n.
-    """
-    x, y = _f64(x), _f64(y)
-    mu_x, mu_y = x.mean(0), y.mean(0)
-    S_x, S_y = np.atleast_2d(np.cov(x, rowvar=False)), np.atleast_2d(np.cov(y, rowvar=False))
-    r = _sqrt_psd(S_x)
-    M = r @ S_y @ r
-    tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((M + M.T) / 2), 0, None)).sum()
-    fd = ((mu_x - mu_y) ** 2).sum() + np.trace(S_x) + np.trace(S_y) - 2 * tr_sqrt
-    return max(float(fd), 0.0)  # FD >= 0; a negative value is only round-off
-
-
-def _unit(x):
-    return x / np.linalg.norm(x, axis=-1, keepdims=True).clip(1e-12)
-
-
-def mmd(x, y, sigma=10.0):
-    """CMMD-style MMD^2 x 1000: biased (V-statistic, diagonals kept) with the RBF kernel
-    k(a, b) = exp(-|a - b|^2 / (2 sigma^2)) on L2-normalised rows of x (n, d) and y (m, d)."""
-    x, y = _unit(_f64(x)), _unit(_f64(y))
-
-    def k(a, b):  # (n, m) kernel matrix via |a|^2 + |b|^2 - 2 a.b
-        d2 = (a * a).sum(1)[:, None] + (b * b).sum(1)[None] - 2 * a @ b.T
-        return np.exp(-np.clip(d2, 0, None) / (2 * sigma ** 2))
-    return float(1000 * (k(x, x).mean() + k(y, y).mean() - 2 * k(x, y).mean()))
-
-
-def clap_score(audio, text, per_clip=False):
-    """Mean cosine similarity between matching rows of audio (n, d) and text (n, d) embeddings
-    (per_clip: the (n,) array of each clip's own similarity)."""
-    by_clip = (_unit(_f64(audio)) * _unit(_f64(text))).sum(1)
-    return by_clip if per_clip else float(by_clip.mean())
-
-
-def retrieval_r1(audio, text):
-    """Text -> audio recall@1: share of captions whose own clip is the nearest of all n clips."""
-    sim = _unit(_f64(text)) @ _unit(_f64(audio)).T  # (n captions, n clips)
-    return float((sim.argmax(1) == np.arange(len(sim))).mean())
-
-
-def attribute_accuracy(pred, target):
-    """{attribute: accuracy} of predicted vs target class indices, plus their mean."""
-    acc = {k: float((_f64(pred[k]) == _f64(target[k])).mean()) for k in target}
-    return {**acc, "mean": float(np.mean(list(acc.values())))}
-
-
-def diversity(emb, per_prompt=False):
-    """emb (P prompts, S seeds, d) -> mean pairwise L2 distance between seeds of one prompt,
-    averaged over prompts (per_prompt: the (P,) array of each prompt's own mean)."""
-    e = _unit(_f64(emb))
-    d = np.linalg.norm(e[:, :, None] - e[:, None, :], axis=-1)  # (P, S, S)
-    S = e.shape[1]
-    by_prompt = d.sum((1, 2)) / (S * (S - 1))
-    return by_prompt if per_prompt else float(by_prompt.mean())
-
-
-def mean_and_se(values):
-    """Mean and standard error of the mean (None with fewer than 2 values) of a 1-D sample."""
-    v = _f64(values)
-    return float(v.mean()), (float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else None)
-
-
-def paired_difference(rows, a, b, key):
-    """Row a's metric minus row b's, paired item by item: rows hold per-item values under key
-    (e.g. "diversity_by_prompt", "clap_score_by_clip"), computed on the same prompts and seeds.
-    Returns (mean difference, its standard error, items), or None if either row lacks them."""
-    by_name = {r["name"]: r.get(key) for r in rows}
-    if not by_name.get(a) or not by_name.get(b):
-        return None
-    diff = _f64(by_name[a]) - _f64(by_name[b])
-    return (*mean_and_se(diff), len(diff))
 
 
 # ----------------------------------------------------------------------------------------------
 # Rows: checkpoint file in the run folder -> the rows it contributes (later stages add entries)
 
-def _rows(path, device, ways):
-    """Load a checkpoint and make one row per (name, sampler or None for few-step, steps, cfg_w)."""
+ROWS = ("base.pt", "presto_s.pt", "ase.pt", "presto_l.pt", "presto_ls.pt")   # in table order
+SPEEDUP_REFERENCE = "base Heun"
+
+
+def row_ways(stage, opts):
+    """(name, sampler or None for few-step, steps, CFG weight) of each row a checkpoint adds: the
+    teacher with Heun and DPM-Solver++(2M) (CFG doubles each call's batch); ASE / Presto-L with the
+    base Heun settings, each call running its sigma's budget; the distilled generators at
+    opts.few_steps steps and Presto-LS at opts.ls_steps, without CFG (it is distilled in)."""
+    if stage == "base":
+        return [("base Heun", "heun", opts.steps, opts.cfg),
+                ("base DPM-Solver++(2M)", "dpmpp_2m", opts.dpm_steps, opts.cfg)]
+    if stage in ("ase", "presto-l"):
+        return [({"ase": "ASE", "presto-l": "Presto-L"}[stage], "heun", opts.steps, opts.cfg)]
+    if stage == "presto-ls":
+        return [(f"Presto-LS {opts.ls_steps}-step", None, opts.ls_steps, None)]
+    return [(f"Presto-S {steps}-step", None, steps, None) for steps in opts.few_steps]
+
+
+def load_rows(path, device, opts):
+    """(cfg, rep, [(name, settings, gen)]) of one checkpoint: its rows and how each generates."""
     cfg, ckpt, rep, tok, den = config.load_checkpoint(path, device, sample.SAMPLING_STAGES)
     rows = []
-    for name, sampler, steps, cfg_w in ways(ckpt["stage"]):
+    for name, sampler, steps, cfg_w in row_ways(ckpt["stage"], opts):
         gen, blocks = sample.sampling_fn(den, tok, cfg, ckpt["stage"], steps, sampler, cfg_w)
         calls = steps if sampler is None else edm.network_calls(sampler, steps)
         rows.append((name, dict(checkpoint=os.path.basename(path), sampler=sampler or "few-step",
                                 steps=steps, cfg=cfg_w, network_calls=calls, blocks=blocks), gen))
     return cfg, rep, rows
-
-
-def base_rows(path, device, opts):
-    """base.pt: the teacher with EDM Heun and with DPM-Solver++(2M), both with CFG (which
-    doubles each network call's batch)."""
-    return _rows(path, device, lambda stage: [("base Heun", "heun", opts.steps, opts.cfg),
-                                              ("base DPM-Solver++(2M)", "dpmpp_2m", opts.dpm_steps, opts.cfg)])
-
-
-def layerdrop_rows(path, device, opts):
-    """ase.pt / presto_l.pt: the layer-dropped model with the base Heun settings (CFG as usual),
-    each network call running the blocks its sigma's budget allows."""
-    name = lambda stage: {"ase": "ASE", "presto-l": "Presto-L"}[stage]
-    return _rows(path, device, lambda stage: [(name(stage), "heun", opts.steps, opts.cfg)])
-
-
-def presto_s_rows(path, device, opts):
-    """presto_s.pt: the distilled generator at 1, 2, 4 and 8 steps; presto_ls.pt: the layer-
-    dropped one at 4 (no CFG: it is distilled in)."""
-    def ways(stage):
-        if stage == "presto-ls":
-            return [(f"Presto-LS {opts.ls_steps}-step", None, opts.ls_steps, None)]
-        return [(f"Presto-S {steps}-step", None, steps, None) for steps in opts.few_steps]
-    return _rows(path, device, ways)
-
-
-# checkpoint file -> the rows it contributes
-ROWS = {"base.pt": base_rows, "presto_s.pt": presto_s_rows, "ase.pt": layerdrop_rows,
-        "presto_l.pt": layerdrop_rows, "presto_ls.pt": presto_s_rows}
-SPEEDUP_REFERENCE = "base Heun"
 
 
 def embed_chunks(embed_fn, waves, batch, device):
@@ -221,14 +119,17 @@ def machine(device):
 
 
 @torch.no_grad()
-def evaluate_run(run, opts, embed_fn, embed_text=None, predict_fn=None, device="cpu", embedder="custom"):
+def evaluate_run(run, opts, embed_fn, embed_text=None, predict_fn=None, device="cpu", embedder="custom",
+                 judges=None):
     """Every row of a run folder. embed_fn(waves (B, ch, N)) -> (B, d); embed_text(captions) -> (B, d)
-    and predict_fn(emb) -> {attribute: (B,) class index} are optional (their metrics become None)."""
+    and predict_fn(emb) -> {attribute: (B,) class index} are optional (their metrics become None).
+    judges: {name: embed_fn} of further embedders that score every row with FAD, FAD_inf and MMD
+    too, as name_fad, name_fad_inf, name_mmd (e.g. {"aisfx": judge.Judge(...)})."""
     device = torch.device(device)
     present = [f for f in ROWS if os.path.isfile(os.path.join(run, f))]
     if not present:
         raise FileNotFoundError(f"no checkpoints in {run} (looked for {', '.join(ROWS)})")
-    loaded = [ROWS[f](checkpoint_file(run, f, getattr(opts, "best", False)), device, opts)
+    loaded = [load_rows(checkpoint_file(run, f, getattr(opts, "best", False)), device, opts)
               for f in present]
     cfg = loaded[0][0]
     test, train_ds = data.make_dataset(cfg.data, "test"), data.make_dataset(cfg.data, "train")
@@ -236,32 +137,50 @@ def evaluate_run(run, opts, embed_fn, embed_text=None, predict_fn=None, device="
     rows = [r for _, _, rs in loaded for r in rs]
     bar = tqdm(total=2 + 3 * len(rows), desc="evaluate", dynamic_ncols=True)
 
-    def embed(waves):
-        return embed_chunks(embed_fn, waves, opts.batch, device)
+    judge_fns = {"": embed_fn, **(judges or {})}      # "" is the main embedder (no column prefix)
+    seconds_per_clip = {}
 
-    def quality(audio, captions, labels):  # metrics of n clips against the real test clips
+    def embed(waves, name=""):
+        t0 = time.perf_counter()
+        emb = embed_chunks(judge_fns[name], waves, opts.batch, device)
+        seconds_per_clip.setdefault(name or "main", (time.perf_counter() - t0) / len(waves))
+        return emb
+
+    def distances(emb, ref, prefix=""):           # FAD, FAD_inf, MMD of emb against ref
+        inf, slope, r2 = metrics.fad_inf(emb, ref)
+        return {f"{prefix}fad": metrics.frechet_distance(emb, ref), f"{prefix}fad_inf": inf,
+                f"{prefix}fad_inf_fit": dict(slope=slope, r2=r2),
+                f"{prefix}mmd": metrics.mmd(emb, ref, opts.mmd_sigma)}
+
+    def prompt_metrics(audio, captions, labels):   # CLAP score and adherence of embedded clips
         text = embed_text(captions).float().cpu() if embed_text else None
-        adh = (attribute_accuracy(predict_fn(audio.to(device)), clap.attribute_targets(labels))
+        adh = (clap.attribute_accuracy(predict_fn(audio.to(device)), clap.attribute_targets(labels))
                if predict_fn and labels[0] else None)
-        by_clip = clap_score(audio, text, per_clip=True) if text is not None else None
-        score, score_se = mean_and_se(by_clip) if by_clip is not None else (None, None)
-        return dict(fad=frechet_distance(audio, real), mmd=mmd(audio, real, opts.mmd_sigma),
-                    clap_score=score, clap_score_se=score_se,
+        by_clip = metrics.clap_score(audio, text, per_clip=True) if text is not None else None
+        score, score_se = metrics.mean_and_se(by_clip) if by_clip is not None else (None, None)
+        return dict(clap_score=score, clap_score_se=score_se, adherence=adh and adh["mean"],
                     clap_score_by_clip=None if by_clip is None else by_clip.tolist(),
-                    adherence=adh and adh["mean"], adherence_by_attribute=adh)
+                    adherence_by_attribute=adh)
+
+    def judged(waves, audio):                      # every judge's distances to the real test clips
+        out = {}
+        for name in judge_fns:
+            emb = audio if name == "" else embed(waves, name)
+            out.update(distances(emb, real[name], f"{name}_" if name else ""))
+        return out
 
     # real test clips: the reference set, the prompts, and the embedder's own quality
     clips = [test.clip(i) for i in range(n)]
     captions, labels = [c.caption for c in clips], [c.labels for c in clips]
-    real = embed(torch.from_numpy(np.stack([c.wave for c in clips])))
+    test_waves = torch.from_numpy(np.stack([c.wave for c in clips]))
+    real = {name: embed(test_waves, name) for name in judge_fns}
     bar.update()
     train_waves = torch.from_numpy(np.stack([train_ds.clip(i).wave for i in range(n)]))
-    train_emb = embed(train_waves)
-    # CLAP score and adherence of the real test clips are the ceiling; FAD / MMD: test vs train
-    real_row = dict(name="real data (test vs train)", **quality(real, captions, labels))
-    real_row.update(fad=frechet_distance(train_emb, real), mmd=mmd(train_emb, real, opts.mmd_sigma))
+    # CLAP score and adherence of the real test clips are the ceiling; FAD / MMD: train vs test
+    real_row = dict(name="real data (test vs train)", **prompt_metrics(real[""], captions, labels),
+                    **judged(train_waves, embed(train_waves)))
     embedder_quality = dict(
-        retrieval_r1=retrieval_r1(real, embed_text(captions).cpu()) if embed_text else None,
+        retrieval_r1=clap.retrieval_r1(real[""], embed_text(captions).cpu()) if embed_text else None,
         candidates=n, attributes=real_row["adherence_by_attribute"])
     bar.update()
 
@@ -271,14 +190,16 @@ def evaluate_run(run, opts, embed_fn, embed_text=None, predict_fn=None, device="
         bar.set_description(f"evaluate: {name}")
         waves = sample.generate_waves(gen, rep, captions, seconds, opts.batch)
         bad = int((~torch.isfinite(waves)).flatten(1).any(1).sum())
-        row = dict(name=name, **settings, **quality(embed(sample.listenable(waves)), captions, labels),
-                   nonfinite_clips=bad)
+        waves = sample.listenable(waves)
+        audio = embed(waves)
+        row = dict(name=name, **settings, **prompt_metrics(audio, captions, labels),
+                   **judged(waves, audio), nonfinite_clips=bad)
         bar.update()
         P, S = min(opts.prompts, n), opts.seeds  # diversity: P prompts x S seeds each
         div_waves = rep.decode(gen([c for c in captions[:P] for _ in range(S)], list(range(P * S)), seconds))
         if S > 1:
-            by_prompt = diversity(embed(sample.listenable(div_waves.cpu())).reshape(P, S, -1), per_prompt=True)
-            row["diversity"], row["diversity_se"] = mean_and_se(by_prompt)
+            by_prompt = metrics.diversity(embed(sample.listenable(div_waves.cpu())).reshape(P, S, -1), per_prompt=True)
+            row["diversity"], row["diversity_se"] = metrics.mean_and_se(by_prompt)
             row["diversity_by_prompt"] = by_prompt.tolist()
         else:
             row["diversity"] = None
@@ -296,9 +217,12 @@ def evaluate_run(run, opts, embed_fn, embed_text=None, predict_fn=None, device="
     for r in results[1:]:
         r["speedup"] = ref["end_to_end_ms"] / r["end_to_end_ms"] if ref else None
         r["gen_speedup"] = ref["generation_ms"] / r["generation_ms"] if ref else None
-    settings = dict(run=run, checkpoints=sorted({r["checkpoint"] for r in results[1:]}), embedder=embedder, n=n, seeds=opts.seeds, diversity_prompts=min(opts.prompts, n),
+    settings = dict(run=run, checkpoints=sorted({r["checkpoint"] for r in results[1:]}),
+                    embedder=embedder, judges=list(judges or {}), n=n, seeds=opts.seeds,
+                    diversity_prompts=min(opts.prompts, n), embed_seconds_per_clip=seconds_per_clip,
                     mmd="biased MMD^2 x1000, RBF on L2-normalised embeddings", mmd_sigma=opts.mmd_sigma,
                     fad="Gaussian fit of one embedding per clip, float64 eigen square roots",
+                    fad_inf="FAD(N) = FAD_inf + slope/N fitted on bootstrap resamples, N = n/4..n",
                     steps=opts.steps, dpm_steps=opts.dpm_steps, few_steps=opts.few_steps, ls_steps=opts.ls_steps, cfg=opts.cfg, latency_repeats=opts.repeats,
                     latency_batch=1, sample_rate=cfg.data.sample_rate, seconds=cfg.data.seconds,
                     prompts="captions of the first n test-split clips; sample i uses seed i",
@@ -328,7 +252,7 @@ def _paired_lines(rows):
     """Report lines for every PAIRED comparison whose rows both carry per-item values."""
     lines = []
     for a, b, key in PAIRED:
-        p = paired_difference(rows, a, b, key)
+        p = metrics.paired_difference(rows, a, b, key)
         if p is None:
             continue
         d, se, n = p
@@ -339,21 +263,39 @@ def _paired_lines(rows):
     return ["", "## Paired differences (same prompts and seeds)", "", *lines] if lines else []
 
 
+def _judge_lines(res):
+    """The judges' agreement section of the report (empty with one judge)."""
+    lines = []
+    for j in res["settings"].get("judges", []):
+        for key in ("fad", "fad_inf"):
+            rho, flips = metrics.rank_agreement(res["rows"][1:], key, f"{j}_{key}")
+            lines += [f"- {key} of the main embedder vs {j}: Spearman rank correlation "
+                      f"{_fmt(rho, '.2f')} over {len(res['rows']) - 1} rows; ordered differently: "
+                      + ("; ".join(f"{a} / {b}" for a, b in flips) or "none")]
+    return ["", "## Do the judges agree?", "", *lines] if lines else []
+
+
 def to_markdown(res):
     s, q = res["settings"], res["embedder_quality"]
-    lines = ["# Results", "", "| row | steps | network calls | FAD | MMD | CLAP score | adherence | diversity "
-             "| blocks | generation ms | decode ms | end-to-end ms | RTF | speed-up (generation) "
-             "| speed-up (end-to-end) |", "|" + "---|" * 15]
+    judges = s.get("judges", [])
+    extra = "".join(f" | {j} FAD | {j} FAD∞ | {j} MMD" for j in judges)
+    lines = ["# Results", "", "| row | steps | network calls | FAD | FAD∞ | MMD" + extra + " | CLAP score "
+             "| adherence | diversity | blocks | generation ms | decode ms | end-to-end ms | RTF "
+             "| speed-up (generation) | speed-up (end-to-end) |", "|" + "---|" * (16 + 3 * len(judges))]
     for r in res["rows"]:
+        cols = "".join(f" | {_fmt(r.get(f'{j}_fad'))} | {_fmt(r.get(f'{j}_fad_inf'))} | "
+                       f"{_fmt(r.get(f'{j}_mmd'))}" for j in judges)
         lines.append(f"| {r['name']} | {r.get('steps', '-')} | {r.get('network_calls', '-')} | {_fmt(r['fad'])} "
-                     f"| {_fmt(r['mmd'])} | {_fmt(r['clap_score'])}{_pm(r.get('clap_score_se'))} | {_fmt(r['adherence'])} "
+                     f"| {_fmt(r.get('fad_inf'))} | {_fmt(r['mmd'])}{cols} "
+                     f"| {_fmt(r['clap_score'])}{_pm(r.get('clap_score_se'))} | {_fmt(r['adherence'])} "
                      f"| {_fmt(r.get('diversity'))}{_pm(r.get('diversity_se'))} | {_fmt(r.get('blocks'), '.2f')} "
                      f"| {_fmt(r.get('generation_ms'), '.0f')} "
                      f"| {_fmt(r.get('decode_ms'), '.0f')} | {_fmt(r.get('end_to_end_ms'), '.0f')} "
                      f"| {_fmt(r.get('rtf'), '.2f')} | {_fmt(r.get('gen_speedup'), '.1f')} "
                      f"| {_fmt(r.get('speedup'), '.1f')} |")
     lines += ["", "FAD and MMD: each row's clips vs the real test clips (real data row: real test vs real "
-              "train). CLAP score and adherence of the real data row are those of the real test clips "
+              f"train), on {s['n']} clips; FAD∞: FAD extrapolated to infinitely many clips (fit in "
+              "results.json). CLAP score and adherence of the real data row are those of the real test clips "
               "(the ceiling). Network calls count denoiser evaluations; CFG doubles each call's batch. "
               "Blocks: the mean fraction of the DiT's blocks a clip runs over its network calls "
               "(below 1 for the layer-dropped rows, from the sigmas the sampler used). "
@@ -369,7 +311,7 @@ def to_markdown(res):
               f"(chance {1 / q['candidates']:.3f})"]
     if q["attributes"]:
         lines.append("- attribute accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in q["attributes"].items()))
-    lines += _paired_lines(res["rows"])
+    lines += _paired_lines(res["rows"]) + _judge_lines(res)
     lines += ["", "## Settings", "", "```", json.dumps(s, indent=2), "```", ""]
     return "\n".join(lines)
 
@@ -406,6 +348,21 @@ def plot(res, path):
 # ----------------------------------------------------------------------------------------------
 # The embedder, and the validation FAD that selects Presto-S checkpoints
 
+def embedders(opts, device):
+    """evaluate_run's embedder arguments for --embedder (a clap.pt, aisfx or both)."""
+    run_rate = lambda: config.config_from_dict(config.read_checkpoint(next(
+        os.path.join(opts.run, f) for f in ROWS if os.path.isfile(os.path.join(opts.run, f))))
+        ["config"]).data.sample_rate
+    if opts.embedder == "aisfx":
+        return dict(embed_fn=judge.Judge(run_rate(), device), embedder=judge.DESCRIPTION)
+    path = os.path.join(opts.run, "clap.pt") if opts.embedder in (None, "both") else opts.embedder
+    clap_cfg, model = load_embedder(path, device)
+    judges = {"aisfx": judge.Judge(run_rate(), device)} if opts.embedder == "both" else None
+    return dict(embed_fn=model.embed_audio, embed_text=model.embed_text, judges=judges,
+                predict_fn=model.predict_attributes if model.heads else None,
+                embedder=f"{path} (miniature CLAP, d={clap_cfg.clap.dim}, {clap_cfg.clap.steps} steps)")
+
+
 def load_embedder(path, device="cpu"):
     """(cfg, frozen clap.ClapModel) from clap.pt; a one-line error saying how to train a missing one."""
     if not os.path.isfile(path):
@@ -413,20 +370,6 @@ def load_embedder(path, device="cpu"):
                                 f"--stage clap --preset P --out {os.path.dirname(path) or '.'})")
     cfg, _, _, _, model = config.load_checkpoint(path, device, stages=("clap",))
     return cfg, model
-
-
-@torch.no_grad()
-def embedder_scores(model, val):
-    """Held-out (val split) text -> audio R@1 among the val clips, and attribute accuracies."""
-    waves, captions, labels = val
-    model.eval()
-    audio = model.embed_audio(waves)
-    out = {"val_r1": retrieval_r1(audio, model.embed_text(captions))}
-    if model.heads:
-        out["val_attributes"] = attribute_accuracy(model.predict_attributes(audio),
-                                                            clap.attribute_targets(labels))
-    model.train()
-    return out
 
 
 class FewStepValidator:
@@ -457,7 +400,7 @@ class FewStepValidator:
         waves = sample.generate_waves(gen, self.rep, self.captions, self.cfg.data.seconds,
                                self.cfg.distill.batch_size)
         emb = self.embed(sample.listenable(waves))
-        return {"val_fad": frechet_distance(emb, self.real), "val_clap": clap_score(emb, self.text)}
+        return {"val_fad": metrics.frechet_distance(emb, self.real), "val_clap": metrics.clap_score(emb, self.text)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -546,17 +489,22 @@ def plot_variance(res, folder):
     return f"wrote variance_by_depth.png and head_input_variance.png in {folder}"
 
 
+def write_report(folder, name, res, markdown, *notes):
+    """FOLDER/name.json and FOLDER/name.md (also printed), and the notes (e.g. from a plot)."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"{name}.json"), "w") as f:
+        json.dump(res, f, indent=2)
+    with open(os.path.join(folder, f"{name}.md"), "w") as f:
+        f.write(markdown)
+    print(markdown, *notes, f"wrote {os.path.join(folder, name + '.md')} and {name}.json", sep="\n")
+    return res
+
+
 def write_variance(opts, device):
     if not os.path.isfile(os.path.join(opts.run, "base.pt")):
         raise FileNotFoundError(f"--variance needs {os.path.join(opts.run, 'base.pt')}")
     res = variance_report(opts.run, device, opts.variance_clips, opts.variance_budget)
-    with open(os.path.join(opts.run, "variance.json"), "w") as f:
-        json.dump(res, f, indent=2)
-    with open(os.path.join(opts.run, "variance.md"), "w") as f:
-        f.write(variance_markdown(res))
-    print(variance_markdown(res))
-    print(plot_variance(res, opts.run))
-    print(f"wrote {os.path.join(opts.run, 'variance.md')} and variance.json")
+    return write_report(opts.run, "variance", res, variance_markdown(res), plot_variance(res, opts.run))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -690,16 +638,9 @@ def latency_markdown(res):
 
 
 def write_latency(opts, device):
-    out = opts.out or os.path.join("runs", f"latency_{opts.preset}")
     res = latency_report(opts, device)
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "latency.json"), "w") as f:
-        json.dump(res, f, indent=2)
-    with open(os.path.join(out, "latency.md"), "w") as f:
-        f.write(latency_markdown(res))
-    print(latency_markdown(res))
-    print(f"wrote {os.path.join(out, 'latency.md')} and latency.json")
-    return res
+    return write_report(opts.out or os.path.join("runs", f"latency_{opts.preset}"), "latency", res,
+                        latency_markdown(res))
 
 
 def main(argv=None):
@@ -721,7 +662,10 @@ def main(argv=None):
     p.add_argument("--best", action="store_true",
                    help="score presto_s_best.pt / presto_ls_best.pt (lowest validation FAD during "
                         "distillation, distill.val_every) instead of the last checkpoints, where present")
-    p.add_argument("--embedder", default=None, help="clap.pt (default: RUN/clap.pt)")
+    p.add_argument("--embedder", default=None,
+                   help="who scores the clips: a clap.pt (default: RUN/clap.pt, our miniature CLAP); "
+                        "aisfx (the pretrained judge of judge.py: FAD and MMD only); or both (CLAP "
+                        "score and adherence from RUN/clap.pt, FAD and MMD from both)")
     p.add_argument("--mmd-sigma", type=float, default=10.0, help="RBF bandwidth of MMD (CMMD's 10)")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per latency (median)")
     p.add_argument("--batch", type=int, default=16, help="clips generated / embedded together")
@@ -781,21 +725,11 @@ def main(argv=None):
         device = config.pick_device(opts.device)
         if opts.variance:
             return write_variance(opts, device)
-        path = opts.embedder or os.path.join(opts.run, "clap.pt")
-        embedder_cfg, embedder = load_embedder(path, device)
-        res = evaluate_run(opts.run, opts, embedder.embed_audio, embedder.embed_text,
-                           embedder.predict_attributes if embedder.heads else None, device,
-                           embedder=f"{path} (miniature CLAP, d={embedder_cfg.clap.dim}, "
-                                    f"{embedder_cfg.clap.steps} steps)")
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        res = evaluate_run(opts.run, opts, device=device, **embedders(opts, device))
+    except (ValueError, FileNotFoundError, RuntimeError, ModuleNotFoundError) as e:
         sys.exit(f"error: {e}")
-    with open(os.path.join(opts.run, "results.json"), "w") as f:
-        json.dump(res, f, indent=2)
-    with open(os.path.join(opts.run, "results.md"), "w") as f:
-        f.write(to_markdown(res))
-    print(to_markdown(res))
-    print(plot(res, os.path.join(opts.run, "speed_vs_quality.png")))
-    print(f"wrote {os.path.join(opts.run, 'results.md')} and results.json")
+    write_report(opts.run, "results", res, to_markdown(res),
+                 plot(res, os.path.join(opts.run, "speed_vs_quality.png")))
 
 
 if __name__ == "__main__":

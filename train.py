@@ -153,7 +153,7 @@ def train_clap(cfg, out, resume=False):
                            temperature=1 / model.log_scale.exp().item())
         metrics = None
         if DIST.main and loop.due(done, clap_cfg.eval_every):
-            metrics = evaluate.embedder_scores(model, val)
+            metrics = clap.embedder_scores(model, val)
             loop.write(step=done, **metrics)
             attrs = metrics.get("val_attributes", {})
             say(f"step {done}: val R@1 {metrics['val_r1']:.3f} among {len(val[0])}"

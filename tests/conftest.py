@@ -3,7 +3,24 @@ import os
 
 import pytest
 
+import config
 import train
+
+# a base model and an embedder trained for a few steps on half-second clips: enough to run
+# evaluate.py end to end in seconds (test_evaluate.py, test_judge.py)
+EVAL_FAST = {"train.steps": "4", "train.ckpt_every": "4", "train.eval_every": "4",
+             "train.log_every": "1", "data.seconds": "0.5", "data.stats_clips": "8",
+             "model.text_width": "32", "clap.steps": "30", "clap.log_every": "1",
+             "clap.eval_every": "15", "clap.ckpt_every": "15", "clap.lr": "3e-3"}
+
+
+@pytest.fixture(scope="session")
+def eval_run(tmp_path_factory):
+    """A run folder with base.pt and clap.pt from EVAL_FAST (shared by every test module)."""
+    out = str(tmp_path_factory.mktemp("eval"))
+    train.train_base(config.make_config("tiny", EVAL_FAST), out)
+    train.train_clap(config.make_config("tiny", EVAL_FAST), out)
+    return out
 
 
 def crash_after_first_checkpoint(monkeypatch, stage_fn, *args, only=None):

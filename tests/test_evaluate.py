@@ -12,8 +12,8 @@ import torch
 import clap
 import config
 import evaluate
-import train
-from evaluate import frechet_distance, mmd
+import metrics
+from metrics import frechet_distance, mmd
 
 # -----------------------------------------------------------------------------
 # FAD
@@ -95,34 +95,34 @@ def test_mmd_is_zero_on_itself_and_grows_with_a_mean_shift():
 
 def test_clap_score_retrieval_and_diversity_on_known_embeddings():
     e = np.eye(4)
-    assert evaluate.clap_score(e, e) == pytest.approx(1.0)
-    assert evaluate.clap_score(e, -e) == pytest.approx(-1.0)
-    assert evaluate.retrieval_r1(e, e) == 1.0 and evaluate.retrieval_r1(e, e[[1, 0, 2, 3]]) == 0.5
+    assert metrics.clap_score(e, e) == pytest.approx(1.0)
+    assert metrics.clap_score(e, -e) == pytest.approx(-1.0)
+    assert clap.retrieval_r1(e, e) == 1.0 and clap.retrieval_r1(e, e[[1, 0, 2, 3]]) == 0.5
     same = np.ones((2, 3, 4))                       # every seed gives the same clip: no diversity
-    assert evaluate.diversity(same) == 0.0
+    assert metrics.diversity(same) == 0.0
     orth = np.stack([np.eye(3, 4), np.eye(3, 4)])   # orthogonal unit vectors: distance sqrt(2)
-    assert evaluate.diversity(orth) == pytest.approx(math.sqrt(2))
-    assert evaluate.clap_score(e, e[[1, 0, 2, 3]], per_clip=True).tolist() == [0, 0, 1, 1]
+    assert metrics.diversity(orth) == pytest.approx(math.sqrt(2))
+    assert metrics.clap_score(e, e[[1, 0, 2, 3]], per_clip=True).tolist() == [0, 0, 1, 1]
     mixed = np.concatenate([same[:1], orth[:1]])      # prompt 0: no diversity, prompt 1: sqrt(2)
-    assert evaluate.diversity(mixed, per_prompt=True) == pytest.approx([0.0, math.sqrt(2)])
-    acc = evaluate.attribute_accuracy({"a": np.array([0, 1]), "b": np.array([1, 1])},
-                                      {"a": np.array([0, 0]), "b": np.array([1, 1])})
+    assert metrics.diversity(mixed, per_prompt=True) == pytest.approx([0.0, math.sqrt(2)])
+    acc = clap.attribute_accuracy({"a": np.array([0, 1]), "b": np.array([1, 1])},
+                                  {"a": np.array([0, 0]), "b": np.array([1, 1])})
     assert acc == {"a": 0.5, "b": 1.0, "mean": 0.75}
 
 def test_diversity_standard_error_and_paired_difference():
     # mean and SE of [1, 2, 3, 6]: mean 3, sample std sqrt(14/3), SE sqrt(14/3)/2
-    mean, se = evaluate.mean_and_se([1.0, 2.0, 3.0, 6.0])
+    mean, se = metrics.mean_and_se([1.0, 2.0, 3.0, 6.0])
     assert mean == pytest.approx(3.0) and se == pytest.approx(math.sqrt(14 / 3) / 2)
-    assert evaluate.mean_and_se([0.5])[1] is None
+    assert metrics.mean_and_se([0.5])[1] is None
     # pairing removes the prompt-to-prompt spread: LS is S + 0.01 on every prompt, so the paired
     # difference is exactly 0.01 with no spread, though each row's own SE is large
     s_div = [0.1, 0.5, 0.2, 0.9]
     rows = [dict(name="Presto-S 4-step", diversity_by_prompt=s_div),
             dict(name="Presto-LS 4-step", diversity_by_prompt=[v + 0.01 for v in s_div])]
     key = "diversity_by_prompt"
-    d, se, n = evaluate.paired_difference(rows, "Presto-LS 4-step", "Presto-S 4-step", key)
+    d, se, n = metrics.paired_difference(rows, "Presto-LS 4-step", "Presto-S 4-step", key)
     assert d == pytest.approx(0.01) and se == pytest.approx(0.0, abs=1e-12) and n == 4
-    assert evaluate.paired_difference(rows, "Presto-LS 4-step", "Presto-S 8-step", key) is None
+    assert metrics.paired_difference(rows, "Presto-LS 4-step", "Presto-S 8-step", key) is None
     # the report pairs LS with S at the same steps and Presto-L with ASE on per-clip CLAP scores
     rows += [dict(name="base Heun", diversity_by_prompt=s_div),
              dict(name="ASE", clap_score_by_clip=[0.2, 0.3, 0.1]),
@@ -130,7 +130,7 @@ def test_diversity_standard_error_and_paired_difference():
     lines = evaluate._paired_lines(rows)
     assert len(lines) == 5
     assert "diversity, Presto-LS 4-step minus Presto-S 4-step: +0.010" in lines[3]
-    d, se, n = evaluate.paired_difference(rows, "Presto-L", "ASE", "clap_score_by_clip")
+    d, se, n = metrics.paired_difference(rows, "Presto-L", "ASE", "clap_score_by_clip")
     assert n == 3 and d == pytest.approx(-0.2 / 3) and se == pytest.approx(np.std([-0.1, -0.2, 0.1], ddof=1) / math.sqrt(3))
     assert f"clap_score, Presto-L minus ASE: {d:+.3f} ± {se:.3f} over 3 clips" in lines[4]
 
@@ -138,27 +138,12 @@ def test_diversity_standard_error_and_paired_difference():
 # -----------------------------------------------------------------------------
 # The embedder and the evaluate command, at toy scale
 
-FAST = {"train.steps": "4", "train.ckpt_every": "4", "train.eval_every": "4", "train.log_every": "1",
-        "data.seconds": "0.5", "data.stats_clips": "8", "model.text_width": "32",
-        "clap.steps": "30", "clap.log_every": "1", "clap.eval_every": "15", "clap.ckpt_every": "15",
-        "clap.lr": "3e-3"}
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("eval"))
-    cfg = config.make_config("tiny", FAST)
-    train.train_base(cfg, out)
-    train.train_clap(config.make_config("tiny", FAST), out)
-    return out
-
-
-def test_embedder_loss_falls_on_a_tiny_run(tiny_run):
-    rows = [json.loads(l) for l in open(os.path.join(tiny_run, "clap_log.jsonl"))]
+def test_embedder_loss_falls_on_a_tiny_run(eval_run):
+    rows = [json.loads(l) for l in open(os.path.join(eval_run, "clap_log.jsonl"))]
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) == 30
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
-    cfg, model = evaluate.load_embedder(os.path.join(tiny_run, "clap.pt"))
+    cfg, model = evaluate.load_embedder(os.path.join(eval_run, "clap.pt"))
     waves = torch.randn(3, 1, int(cfg.data.seconds * cfg.data.sample_rate)) * 0.1
     a, t = model.embed_audio(waves), model.embed_text(["slow organ chords", "piano", "bell"])
     assert a.shape == t.shape == (3, cfg.clap.dim)
@@ -172,10 +157,10 @@ def test_old_checkpoints_without_a_clap_section_still_load():
     assert config.config_from_dict(d).clap == clap.ClapConfig()
 
 
-def test_evaluate_writes_results_for_every_row(tiny_run):
-    evaluate.main(["--run", tiny_run, "--n", "4", "--seeds", "2", "--prompts", "2", "--steps", "2",
+def test_evaluate_writes_results_for_every_row(eval_run):
+    evaluate.main(["--run", eval_run, "--n", "4", "--seeds", "2", "--prompts", "2", "--steps", "2",
                    "--dpm-steps", "2", "--repeats", "1", "--device", "cpu"])
-    res = json.load(open(os.path.join(tiny_run, "results.json")))
+    res = json.load(open(os.path.join(eval_run, "results.json")))
     names = [r["name"] for r in res["rows"]]
     assert names == ["real data (test vs train)", "base Heun", "base DPM-Solver++(2M)"]
     for r in res["rows"]:
@@ -191,7 +176,7 @@ def test_evaluate_writes_results_for_every_row(tiny_run):
         assert len(r["diversity_by_prompt"]) == 2
         assert r["diversity"] == pytest.approx(np.mean(r["diversity_by_prompt"]))
         assert r["diversity_se"] == pytest.approx(abs(np.subtract(*r["diversity_by_prompt"])) / 2)
-    md = open(os.path.join(tiny_run, "results.md")).read()
+    md = open(os.path.join(eval_run, "results.md")).read()
     assert "| base Heun | 2 | 3 |" in md and "R@1 among 4 candidates" in md
     assert f"{res['rows'][1]['diversity']:.3f} ± {res['rows'][1]['diversity_se']:.3f}" in md
     clap = res["rows"][1]["clap_score_by_clip"]         # per-clip CLAP scores, and their mean and SE
@@ -204,8 +189,8 @@ def test_evaluate_writes_results_for_every_row(tiny_run):
     (lambda run, tmp: ["--run", str(tmp)], "no checkpoints"),
     (lambda run, tmp: ["--run", run, "--embedder", str(tmp / "missing.pt")], "--stage clap"),
 ])
-def test_evaluate_errors_are_one_line(tiny_run, tmp_path, make_args, msg):
+def test_evaluate_errors_are_one_line(eval_run, tmp_path, make_args, msg):
     with pytest.raises(SystemExit) as e:
-        evaluate.main(make_args(tiny_run, tmp_path))
+        evaluate.main(make_args(eval_run, tmp_path))
     assert str(e.value.code).startswith("error:") and msg in str(e.value.code)
     assert "\n" not in str(e.value.code)
