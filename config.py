@@ -15,6 +15,8 @@ import argparse
 import contextlib
 import dataclasses
 import os
+import pickle
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -258,11 +260,17 @@ def save_checkpoint(path, ckpt):
 
 def read_checkpoint(path):
     """The raw dict of a checkpoint file (for resuming); one-line errors for a missing or unreadable
-    file."""
+    file. Read with weights_only=True: a checkpoint holds tensors and plain Python values only, so
+    a file that would need to run code to load (a pickle with a payload) is refused, never run."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        what = re.search(r"GLOBAL ([\w.]+)", str(e))
+        raise ValueError(f"refused to load {path}: it holds more than tensors and plain values "
+                         f"({what.group(1) if what else 'an object'}), and loading it could run code"
+                         ) from None
     except Exception as e:
         raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
     if not isinstance(ckpt, dict) or not {"config", "model", "vocab"} <= ckpt.keys():

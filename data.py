@@ -269,15 +269,20 @@ class Representation:
         iters = cfg.griffin_lim_iters if iters is None else iters
         mean, std = self._stats(latent.device)
         B, C, T = latent.shape
-        mag = (latent.float() / self.sigma_data * std + mean).exp()           # (B, C, T)
+        log_mag = latent.float() / self.sigma_data * std + mean                # (B, C, T)
+        # clamp to the range real audio can have (the floor of `encode`, and a Hann-windowed STFT
+        # of samples in [-1, 1] is at most n_fft / 2), so an untrained or few-step model's latent
+        # that strays far outside decodes to loud but finite audio instead of inf / NaN
+        mag = log_mag.clamp(math.log(cfg.log_floor), math.log(cfg.n_fft / 2)).exp()
         mag = mag.reshape(B * cfg.channels, C // cfg.channels, T)             # (B*ch, F, T)
         # encode dropped the STFT's last frame (T+1 frames for T*hop samples); repeat frame T-1 for it
         mag = torch.cat([mag, mag[..., -1:]], dim=-1)                         # (B*ch, F, T+1)
         length = T * cfg.hop
-        # a fixed seeded random phase: deterministic, and it converges better than zero phase
+        # a fixed seeded random phase, the same for every clip, so a clip decodes to the same audio
+        # whatever else is in the batch; it converges better than zero phase
         rng = torch.Generator().manual_seed(0)
-        phase = torch.rand(mag.shape, generator=rng).to(mag.device) * 2 * math.pi
-        c = torch.polar(mag, phase)
+        phase = torch.rand(mag.shape[1:], generator=rng).to(mag.device) * 2 * math.pi
+        c = torch.polar(mag, phase.expand_as(mag))
         t_prev = torch.zeros_like(c)
         for _ in range(iters):
             rebuilt = self._stft(self._istft(c, length))                      # nearest consistent STFT

@@ -138,6 +138,24 @@ def test_griffin_lim_round_trip_recovers_the_magnitude(fitted):
     assert torch.equal(y, rep.decode(rep.encode(x)))           # fixed initial phase: deterministic
 
 
+def test_a_clip_decodes_to_the_same_audio_alone_or_in_a_batch(fitted):
+    cfg, rep = fitted
+    x, _, _ = get_batch(make_dataset(cfg, "test"), 2, 3, seed=0)
+    z = rep.encode(x)
+    batch, alone = rep.decode(z, iters=8), rep.decode(z[1:2], iters=8)
+    torch.testing.assert_close(batch[1:2], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_latents_far_outside_the_data_decode_to_finite_audio(fitted):
+    """An early or few-step model can emit latents far beyond the data's range; exp of the
+    de-normalised log-magnitude would overflow to inf and Griffin-Lim to NaN without the clamp."""
+    cfg, rep = fitted
+    z = torch.full((2, rep.latent_channels, 20), 40.0)        # ~80 standard deviations
+    z[1] = -40.0
+    waves = rep.decode(z, iters=4)
+    assert torch.isfinite(waves).all() and waves[0].abs().max() > 0
+
+
 def test_fast_griffin_lim_beats_plain_griffin_lim(fitted):
     cfg, rep = fitted
     x, _, _ = get_batch(make_dataset(cfg, "test"), 1, 2, seed=0)

@@ -129,6 +129,27 @@ def test_cli_errors_have_no_traceback(tiny_run, tmp_path):
         assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error:"), r.stderr
 
 
+class _Payload:
+    """Unpickling this runs os.makedirs(path): what a hostile checkpoint could do instead."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.makedirs, (self.path,)
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(tiny_run, tmp_path):
+    ckpt = torch.load(os.path.join(tiny_run, "base.pt"), weights_only=True)
+    ckpt["vocab"] = _Payload(str(tmp_path / "payload_ran"))
+    torch.save(ckpt, tmp_path / "evil.pt")
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--ckpt", str(tmp_path / "evil.pt"), "--prompt", "piano"])
+    msg = str(e.value.code)
+    assert msg.startswith("error: refused to load") and "could run code" in msg and "\n" not in msg
+    assert not os.path.exists(tmp_path / "payload_ran")
+
+
 def test_existing_checkpoint_needs_resume_or_force(tiny_run):
     with pytest.raises(SystemExit) as e:
         train.main(["--out", tiny_run, "--preset", "tiny"])
