@@ -270,9 +270,8 @@ class Representation:
         mean, std = self._stats(latent.device)
         B, C, T = latent.shape
         log_mag = latent.float() / self.sigma_data * std + mean                # (B, C, T)
-        # clamp to the range real audio can have (the floor of `encode`, and a Hann-windowed STFT
-        # of samples in [-1, 1] is at most n_fft / 2), so an untrained or few-step model's latent
-        # that strays far outside decodes to loud but finite audio instead of inf / NaN
+        # clamp to what audio can have (encode's floor; |STFT| <= n_fft / 2 for samples in [-1, 1]),
+        # so a stray latent of an untrained or few-step model decodes to finite audio, not inf / NaN
         mag = log_mag.clamp(math.log(cfg.log_floor), math.log(cfg.n_fft / 2)).exp()
         mag = mag.reshape(B * cfg.channels, C // cfg.channels, T)             # (B*ch, F, T)
         # encode dropped the STFT's last frame (T+1 frames for T*hop samples); repeat frame T-1 for it
