@@ -72,7 +72,6 @@ class SynthDataset:
 # -----------------------------------------------------------------------------
 # Folder of real music
 
-
 AUDIO_EXTS = (".wav", ".flac", ".ogg")
 
 
@@ -166,7 +165,6 @@ class FolderDataset:
 # -----------------------------------------------------------------------------
 # Data set factory and stateless batching
 
-
 def make_dataset(cfg, split):
     """The `split` ("train" | "val" | "test") of the data set named by cfg.dataset."""
     if split not in SPLITS:
@@ -202,7 +200,6 @@ def get_batch(ds, step, batch_size, seed, rank=0, world=1):
 
 # -----------------------------------------------------------------------------
 # The representation: normalised log-magnitude STFT <-> waveform
-
 
 class Representation:
     """Waveform <-> latent (B, C, T): per-channel normalised log|STFT|, decoded with fast Griffin-Lim."""
@@ -306,7 +303,6 @@ class Representation:
 
 # -----------------------------------------------------------------------------
 # Tokenizer: captions -> word ids (a word-level vocabulary is enough for template-like captions)
-
 
 class Tokenizer:
     """Word-level tokenizer; ids 0 and 1 are PAD and UNK, words start at 2."""
