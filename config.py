@@ -81,7 +81,7 @@ PRESETS = {
              "clap.val_clips": 8, "clap.log_every": 5,
              "distill.steps": 10, "distill.batch_size": 4, "distill.disc_width": 16,
              "layerdrop.steps": 10, "layerdrop.batch_size": 4},
-    # the default: a teacher in ~20 minutes on 2 CPU cores
+    # the default: a teacher in 17-50 minutes on 2 CPU cores, depending on the CPU
     "cpu": {"model.size": "S", "train.steps": 1250, "train.batch_size": 16, "train.lr": 5e-4,
             "distill.steps": 300, "distill.batch_size": 8, "distill.lr_gen": 2e-4,
             "distill.lr_fake": 2e-4,                                 # ~13 min on one core
@@ -289,6 +289,9 @@ def load_checkpoint(path, device="cpu", stages=None):
     stage = ckpt.get("stage", "base")
     if stages is not None and stage not in stages:
         raise ValueError(f"{path} holds a {stage} checkpoint; this needs {' or '.join(stages)}")
+    stats = "feature_stats" if stage == "clap" else "latent_stats"
+    if stats not in ckpt:
+        raise ValueError(f"{path} is not a complete {stage} checkpoint (it has no {stats})")
     cfg = config_from_dict(ckpt["config"])
     if stage == "clap":
         rep, tok, model = build(cfg, "clap", ckpt["feature_stats"], ckpt["vocab"])
@@ -336,7 +339,8 @@ def compile_network(denoiser, mode=None):
     launches). Needs a C++ compiler on CPU (and Triton on CUDA).
     """
     depth = len(denoiser.net.blocks)
-    limit = torch._dynamo.config.recompile_limit
-    torch._dynamo.config.recompile_limit = max(limit, 2 * depth + 4)   # budgets x batch sizes
+    dynamo = torch._dynamo.config          # the limit's name before torch 2.7: cache_size_limit
+    name = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
+    setattr(dynamo, name, max(getattr(dynamo, name), 2 * depth + 4))   # budgets x batch sizes
     denoiser.net.compile(mode=mode)
     return denoiser

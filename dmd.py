@@ -11,7 +11,7 @@ Three networks, all EDM denoisers of the same shape (edm.Denoiser):
   mu_real  the frozen teacher; its score, with CFG, is the target distribution's score
   mu_fake  a copy of the teacher trained online (denoising score matching on generator samples),
            so its score tracks the generator's current output distribution
-  G        the generator, also initialised from the teacher: x_hat = G(x + sigma * eps, sigma, c)
+  G        the rng, also initialised from the teacher: x_hat = G(x + sigma * eps, sigma, c)
 
 Since score = (D(x; s) - x) / s^2, the KL gradient (score_fake - score_real) at a noised generator
 sample is proportional to D_fake - D_real: moving x_hat along -(D_fake - D_real) moves the
@@ -61,12 +61,12 @@ class DistillConfig:
 # ----------------------------------------------------------------------------------------------
 # Noise levels
 
-def sample_sigma(kind, n, edm_cfg, generator=None, device="cpu"):
+def sample_sigma(kind, n, edm_cfg, rng=None, device="cpu"):
     """sigma ~ p_train ("train") or p_inf ("inf"), shape (n,)."""
     if kind == "train":
-        return edm.sample_p_train(n, edm_cfg, generator, device)
+        return edm.sample_p_train(n, edm_cfg, rng, device)
     if kind == "inf":
-        return edm.sample_p_inf(n, edm_cfg, generator, device)
+        return edm.sample_p_inf(n, edm_cfg, rng, device)
     raise ValueError(f"unknown noise distribution {kind!r}; use 'train' or 'inf'")
 
 
@@ -76,13 +76,13 @@ def few_step_sigmas(steps, edm_cfg, device="cpu"):
     return edm.karras_schedule(steps + 1, edm_cfg, device)[:steps].float()
 
 
-def generator_sigmas(n, cfg, edm_cfg, generator=None, device="cpu"):
+def generator_sigmas(n, cfg, edm_cfg, rng=None, device="cpu"):
     """Generator input levels: continuous draws from p_gen, or uniform picks of the discrete grid."""
     if cfg.gen_sigmas == "continuous":
-        return sample_sigma(cfg.p_gen, n, edm_cfg, generator, device)
+        return sample_sigma(cfg.p_gen, n, edm_cfg, rng, device)
     if cfg.gen_sigmas == "discrete":
         grid = few_step_sigmas(cfg.grid_steps, edm_cfg, device)
-        return grid[edm.randint(0, len(grid), n, generator, device)]
+        return grid[edm.randint(0, len(grid), n, rng, device)]
     raise ValueError(f"unknown gen_sigmas {cfg.gen_sigmas!r}; use 'continuous' or 'discrete'")
 
 
@@ -175,10 +175,11 @@ def fake_score_loss(x_real, x_hat, ids, mu_fake, head, draws, nu2, block):
     x_real_s, x_fake_s = gan.noised_pair(x_real, x_hat, sigma, draws["eps_gan"])
     h = gan.features(mu_fake, torch.cat([x_real_s, x_fake_s]), torch.cat([sigma, sigma]),
                      edm.cat_cond(cond, cond), block)
-    D_real, D_fake = head(h).chunk(2)
-    L_D = gan.d_loss(D_real, D_fake)
-    return L_fake + nu2 * L_D, {"L_fake": L_fake, "L_D": L_D, "D_real": D_real.mean(),
-                                "D_fake": D_fake.mean()}
+    logits_real, logits_fake = head(h).chunk(2)
+    L_D = gan.d_loss(logits_real, logits_fake)
+    # logged as D_real / D_fake: the discriminator's mean output on real and generated latents
+    return L_fake + nu2 * L_D, {"L_fake": L_fake, "L_D": L_D, "D_real": logits_real.mean(),
+                                "D_fake": logits_fake.mean()}
 
 
 def generator_loss(x_hat, ids, null_ids, mu_real, mu_fake, head, draws, cfg_w, nu1, block):

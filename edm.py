@@ -89,21 +89,21 @@ class Denoiser(nn.Module):
 class BatchRNG:
     """The random numbers of one training step, split over processes the way its clips are.
 
-    Every process seeds `generator` alike, draws each tensor for the whole global batch of
+    Every process seeds its torch.Generator `rng` alike, draws each tensor for the whole global batch of
     `batch` rows, and keeps only `rows` (its micro-batch). So sample j of a step gets the same
     sigma and noise whether the step runs on one process or on eight with gradient accumulation;
     that is what lets a multi-process run reproduce a single-process one (tests/test_distributed.py).
     The price is drawing batch/len(rows) times more numbers than used: small next to the network.
     """
 
-    def __init__(self, generator, rows, batch):
-        self.generator, self.rows, self.batch = generator, rows, batch
+    def __init__(self, rng, rows, batch):
+        self.rng, self.rows, self.batch = rng, rows, batch
 
     def draw(self, fn, shape, device, *args):
-        """fn(*args, (batch, *shape[1:])) from the shared generator, cut to this process's rows."""
+        """fn(*args, (batch, *shape[1:])) from the shared rng, cut to this process's rows."""
         if shape[0] != self.rows.stop - self.rows.start:
             raise ValueError(f"a draw of {shape[0]} rows from a BatchRNG holding rows {self.rows}")
-        return fn(*args, (self.batch, *shape[1:]), generator=self.generator, device=device)[self.rows]
+        return fn(*args, (self.batch, *shape[1:]), generator=self.rng, device=device)[self.rows]
 
 
 def step_generator(seed, step, device):
@@ -111,34 +111,34 @@ def step_generator(seed, step, device):
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
 
 
-def randn(shape, generator=None, device="cpu"):
+def randn(shape, rng=None, device="cpu"):
     """Standard normal draws of `shape` (torch.randn, or this process's rows of a BatchRNG)."""
-    return _draw(torch.randn, shape, generator, device)
+    return _draw(torch.randn, shape, rng, device)
 
 
-def rand(shape, generator=None, device="cpu"):
+def rand(shape, rng=None, device="cpu"):
     """Uniform [0, 1) draws of `shape` (torch.rand, or this process's rows of a BatchRNG)."""
-    return _draw(torch.rand, shape, generator, device)
+    return _draw(torch.rand, shape, rng, device)
 
 
-def randint(low, high, shape, generator=None, device="cpu"):
+def randint(low, high, shape, rng=None, device="cpu"):
     """Integers in [low, high) of `shape` (torch.randint, or this process's rows of a BatchRNG)."""
-    return _draw(torch.randint, shape, generator, device, low, high)
+    return _draw(torch.randint, shape, rng, device, low, high)
 
 
-def _draw(fn, shape, generator, device, *args):
+def _draw(fn, shape, rng, device, *args):
     shape = (shape,) if isinstance(shape, int) else tuple(shape)
-    if isinstance(generator, BatchRNG):
-        return generator.draw(fn, shape, device, *args)
-    return fn(*args, shape, generator=generator, device=device)
+    if isinstance(rng, BatchRNG):
+        return rng.draw(fn, shape, device, *args)
+    return fn(*args, shape, generator=rng, device=device)
 
 
 # ----------------------------------------------------------------------------------------------
 # Noise distributions: p_train (log-normal) and p_inf (the Karras schedule, drawn continuously)
 
-def sample_p_train(n, cfg, generator=None, device="cpu"):
+def sample_p_train(n, cfg, rng=None, device="cpu"):
     """sigma ~ p_train: ln(sigma) ~ N(P_mean, P_std^2). Shape (n,)."""
-    z = randn(n, generator, device)
+    z = randn(n, rng, device)
     return (cfg.P_mean + cfg.P_std * z).exp()
 
 
@@ -148,9 +148,9 @@ def karras_sigma(u, cfg):
     return (a + u * (b - a)) ** cfg.rho
 
 
-def sample_p_inf(n, cfg, generator=None, device="cpu"):
+def sample_p_inf(n, cfg, rng=None, device="cpu"):
     """sigma ~ p_inf: the inference schedule drawn continuously, u ~ U(0, 1). Shape (n,)."""
-    return karras_sigma(rand(n, generator, device), cfg)
+    return karras_sigma(rand(n, rng, device), cfg)
 
 
 def karras_schedule(steps, cfg, device="cpu"):
@@ -191,10 +191,10 @@ def weighted_error(D, target, sigma, sigma_data=0.5):
     return (bcast(loss_weight(sigma, sigma_data), D) * (D - target) ** 2).flatten(1).mean(1)
 
 
-def edm_loss(denoiser, x, cond, sigma, generator=None, eps=None):
+def edm_loss(denoiser, x, cond, sigma, rng=None, eps=None):
     """Denoising score matching, EDM-weighted, mean over elements. Returns per-sample losses (B,).
-    eps: the noise, if the caller drew it already (default: drawn here from `generator`)."""
-    eps = randn(x.shape, generator, x.device) if eps is None else eps
+    eps: the noise, if the caller drew it already (default: drawn here from `rng`)."""
+    eps = randn(x.shape, rng, x.device) if eps is None else eps
     D = denoiser(x + bcast(sigma, x) * eps, sigma, cond)
     return weighted_error(D, x, sigma, denoiser.sigma_data)
 

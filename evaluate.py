@@ -222,7 +222,7 @@ def evaluate_run(run, opts, embed_fn, embed_text=None, predict_fn=None, device="
                     diversity_prompts=min(opts.prompts, n), embed_seconds_per_clip=seconds_per_clip,
                     mmd="biased MMD^2 x1000, RBF on L2-normalised embeddings", mmd_sigma=opts.mmd_sigma,
                     fad="Gaussian fit of one embedding per clip, float64 eigen square roots",
-                    fad_inf="FAD(N) = FAD_inf + slope/N fitted on bootstrap resamples, N = n/4..n",
+                    fad_inf="FAD(N) = FAD_inf + slope/N fitted on random subsets of N = n/4..n clips",
                     steps=opts.steps, dpm_steps=opts.dpm_steps, few_steps=opts.few_steps, ls_steps=opts.ls_steps, cfg=opts.cfg, latency_repeats=opts.repeats,
                     latency_batch=1, sample_rate=cfg.data.sample_rate, seconds=cfg.data.seconds,
                     prompts="captions of the first n test-split clips; sample i uses seed i",

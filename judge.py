@@ -13,7 +13,7 @@ offline; we read only the weight file and write the network and its front-end he
 Read first: `features` (what the network hears: 44.1 kHz mono, 96 HTK mel bands, 2048-sample
 window, hop 1024, log10(1e4 * power + 1) scaled by the package's constant, blocks of 100 frames),
 then `EmbeddingNet` (four double-conv blocks, mean over frequency, max over time -> 512-d), then
-`embed` (one embedding per clip: the mean over its blocks).
+`Judge` (called on waves: one embedding per clip, the mean over its blocks).
 """
 import importlib.util
 import os
@@ -135,7 +135,7 @@ def load(device="cpu"):
 
 
 class Judge:
-    """embed(waves (B, ch, N)) -> (B, 512): the aisfx embedding of each clip, the mean over its blocks."""
+    """judge(waves (B, ch, N)) -> (B, 512): the aisfx embedding of each clip, the mean over its blocks."""
 
     def __init__(self, sample_rate, device="cpu"):
         self.sample_rate, self.device = sample_rate, torch.device(device)

@@ -89,11 +89,11 @@ def budget_for_sigma(sigma, depth, cfg, edm_cfg):
     return table[noise_bin(sigma, len(cfg.schedule), edm_cfg)]
 
 
-def train_budgets(sigma, depth, cfg, edm_cfg, generator=None):
+def train_budgets(sigma, depth, cfg, edm_cfg, rng=None):
     """Training budgets: the schedule plus uniform integer jitter in [-jitter, jitter], clamped."""
     b = budget_for_sigma(sigma, depth, cfg, edm_cfg)
     if cfg.jitter > 0:
-        b = b + edm.randint(-cfg.jitter, cfg.jitter + 1, b.shape, generator, b.device)
+        b = b + edm.randint(-cfg.jitter, cfg.jitter + 1, b.shape, rng, b.device)
     return b.clamp(min_budget(cfg.method), depth)
 
 
@@ -161,16 +161,16 @@ def scheduled(denoiser, cfg, edm_cfg, budget=None, masked=False):
 # ----------------------------------------------------------------------------------------------
 # Losses: per-sample (B,), EDM-weighted, mean over elements (as edm.edm_loss)
 
-def dsm_loss(student, x, cond, sigma, budgets, method, generator=None, budget_cond=True):
+def dsm_loss(student, x, cond, sigma, budgets, method, rng=None, budget_cond=True):
     """ASE's training loss: ordinary denoising score matching on the layer-dropped network."""
-    eps = edm.randn(x.shape, generator, x.device)
+    eps = edm.randn(x.shape, rng, x.device)
     D = forward(student, x + edm.bcast(sigma, x) * eps, sigma, cond, budgets, method, budget_cond,
                 masked=True)
     return edm.weighted_error(D, x, sigma, student.sigma_data)
 
 
 def self_teacher_loss(student, teacher, x, cond_student, cond_teacher, sigma, budgets, method,
-                      generator=None, dsm_weight=0.0, budget_cond=True, st_weight=1.0):
+                      rng=None, dsm_weight=0.0, budget_cond=True, st_weight=1.0):
     """Presto-L's L_st [ours: form]: the layer-dropped student's D regresses onto the frozen
     full-depth teacher's D at the same noisy input (one eps), weighted by lambda(sigma).
 
@@ -179,7 +179,7 @@ def self_teacher_loss(student, teacher, x, cond_student, cond_teacher, sigma, bu
     student's forward pass; st_weight scales L_st (at 0 the teacher is not called at all).
     """
     check_loss_weights(st_weight, dsm_weight)
-    eps = edm.randn(x.shape, generator, x.device)
+    eps = edm.randn(x.shape, rng, x.device)
     x_noisy = x + edm.bcast(sigma, x) * eps
     D = forward(student, x_noisy, sigma, cond_student, budgets, method, budget_cond, masked=True)
     loss = torch.zeros_like(sigma)
@@ -193,14 +193,14 @@ def self_teacher_loss(student, teacher, x, cond_student, cond_teacher, sigma, bu
 
 
 def training_loss(student, teacher, x, cond_student, cond_teacher, sigma, cfg, edm_cfg,
-                  generator=None):
+                  rng=None):
     """The configured method's loss at jittered budgets: returns (loss (B,), budgets (B,))."""
     check_method(cfg.method)
-    budgets = train_budgets(sigma, len(student.net.blocks), cfg, edm_cfg, generator)
+    budgets = train_budgets(sigma, len(student.net.blocks), cfg, edm_cfg, rng)
     if cfg.method == "ase":
-        return dsm_loss(student, x, cond_student, sigma, budgets, "ase", generator), budgets
+        return dsm_loss(student, x, cond_student, sigma, budgets, "ase", rng), budgets
     return self_teacher_loss(student, teacher, x, cond_student, cond_teacher, sigma, budgets,
-                             "presto-l", generator, cfg.dsm_weight, cfg.budget_cond,
+                             "presto-l", rng, cfg.dsm_weight, cfg.budget_cond,
                              cfg.st_weight), budgets
 
 

@@ -56,6 +56,8 @@ def fad_inf(x, y, draws=4, seed=0):
     n = min(len(x), len(y))
     rng = np.random.default_rng(seed)
     sizes = sorted({max(2, round(n * f)) for f in np.linspace(0.25, 1.0, 6)})
+    if len(sizes) < 3:                     # too few clips for a fit that means anything
+        return None, None, None
     pick = lambda a, N: a[rng.choice(len(a), N, replace=False)]
     inv = np.repeat([1.0 / N for N in sizes], draws)
     fad = np.array([frechet_distance(pick(x, N), pick(y, N)) for N in sizes for _ in range(draws)])
@@ -117,6 +119,7 @@ def paired_difference(rows, a, b, key):
 def rank_agreement(rows, a, b):
     """How two metrics (e.g. two judges' FAD) order the rows: Spearman's rank correlation and every
     pair of rows they order differently. rows: dicts with both keys (the generated rows)."""
+    rows = [r for r in rows if r.get(a) is not None and r.get(b) is not None]
     names, x, y = [r["name"] for r in rows], [r[a] for r in rows], [r[b] for r in rows]
     ranks = lambda v: np.argsort(np.argsort(v)).astype(float)
     rho = float(np.corrcoef(ranks(x), ranks(y))[0, 1]) if len(rows) > 2 else None

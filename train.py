@@ -60,11 +60,11 @@ def train_base(cfg, out, resume=False):
     start = config.restore(ckpt, denoiser, ema, opt)
     autocast = config.autocast_for(device)
     train_ds, val_ds = data.make_dataset(cfg.data, "train"), data.make_dataset(cfg.data, "val")
-    micro, chunks = micro_split(train_cfg.batch_size, train_cfg.micro_batch)
+    micro_size, chunks = micro_split(train_cfg.batch_size, train_cfg.micro_batch)
     say(f"base: DiT-{cfg.model.size} {dit.n_params(denoiser.net) / 1e6:.2f}M params, latents "
         f"{rep.latent_channels}x{rep.n_frames(cfg.data.seconds)}, {train_cfg.steps} steps of "
         f"{train_cfg.batch_size} clips (global; {DIST.world} process(es) x {chunks // DIST.world} "
-        f"micro-batch(es) of {micro}) on {device}")
+        f"micro-batch(es) of {micro_size}) on {device}")
     if train_cfg.compile:
         config.compile_network(denoiser)
     loop = StageLoop("base", path, start, train_cfg.steps, resume, "train.lr", train_cfg.ckpt_every)
@@ -337,7 +337,7 @@ def train_distill(cfg, out, resume, stage):
             loop.write(step=done, **row)
             loop.bar.set_postfix({k: f"{v:.3g}" for k, v in row.items()
                                   if k in ("L_fake", "L_D", "D_real", "D_fake")})
-        if loop.due(done, distill.val_every):
+        if distill.val_every > 0 and loop.due(done, distill.val_every):
             loop.check(done)                 # every rank (a collective); then rank 0 validates
             if validator:
                 val = validator(sampler, stage)
@@ -538,7 +538,7 @@ class StageLoop:
         self.path, self.knob, self.total, self.ckpt_every = path, knob, total, ckpt_every
         self.last_saved = start if resume else None
         self.bad, self.since, self.names = None, None, []
-        self.log_path = path.replace(".pt", "_log.jsonl")
+        self.log_path = os.path.splitext(path)[0] + "_log.jsonl"
         if DIST.main and os.path.exists(self.log_path):
             with open(self.log_path) as f:
                 keep = [l for l in f if resume and json.loads(l).get("step", 0) <= start]
@@ -577,8 +577,8 @@ class StageLoop:
         self.bad, self.since = None, None
 
     def due(self, done, every):
-        """Is step `done` (1-based) one of the every-N steps, or the last one?"""
-        return every > 0 and (done % every == 0 or done == self.total)
+        """Is step `done` (1-based) one of the every-N steps (none for every <= 0), or the last one?"""
+        return done == self.total or (every > 0 and done % every == 0)
 
     def logged(self, done, every, **values):
         """At a log step: the NaN check, then {name: mean over processes}; else None."""
@@ -636,7 +636,8 @@ def load_teacher(cfg, out, device):
     """The frozen teacher OUT/base.pt (EMA weights, eval mode, no grad) of a stage that starts
     from the base model; its data, model and EDM settings are the ones the student must keep, so
     they replace cfg's. Returns (rep, tok, teacher)."""
-    teacher_cfg, _, rep, tok, teacher = config.load_checkpoint(earlier(out, "base.pt"), device)
+    teacher_cfg, _, rep, tok, teacher = config.load_checkpoint(earlier(out, "base.pt"), device,
+                                                               stages=("base",))
     cfg.data, cfg.model, cfg.edm = teacher_cfg.data, teacher_cfg.model, teacher_cfg.edm
     return rep, tok, teacher
 

@@ -37,7 +37,7 @@ def digest(run):
     """{"file:part": short hash} for the weights of every checkpoint and every loss log of a run."""
     out = {}
     for path in sorted(glob.glob(os.path.join(run, "*.pt"))):
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
         ckpt = {RENAME.get(k, k): v for k, v in ckpt.items()}
         for key in WEIGHTS:
             if key in ckpt:

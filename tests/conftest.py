@@ -14,7 +14,7 @@ EVAL_FAST = {"train.steps": "4", "train.ckpt_every": "4", "train.eval_every": "4
              "clap.eval_every": "15", "clap.ckpt_every": "15", "clap.lr": "3e-3"}
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def eval_run(tmp_path_factory):
     """A run folder with base.pt and clap.pt from EVAL_FAST (shared by every test module)."""
     out = str(tmp_path_factory.mktemp("eval"))

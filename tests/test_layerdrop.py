@@ -191,11 +191,11 @@ def test_schedule_is_ases_and_monotone():
 def test_training_jitter_stays_within_bounds():
     e = edm.EDMConfig()
     rng = torch.Generator().manual_seed(0)
-    sigma = edm.sample_p_train(4000, e, generator=rng)
+    sigma = edm.sample_p_train(4000, e, rng=rng)
     for method in METHODS:
         cfg = layerdrop.LayerDropConfig(method=method, jitter=2)
         base = layerdrop.budget_for_sigma(sigma, 8, cfg, e)
-        b = layerdrop.train_budgets(sigma, 8, cfg, e, generator=rng)
+        b = layerdrop.train_budgets(sigma, 8, cfg, e, rng=rng)
         assert (b - base).abs().max() <= 2 and (b != base).any()
         assert b.min() >= layerdrop.min_budget(method) and b.max() <= 8
     cfg0 = layerdrop.LayerDropConfig(jitter=0)

@@ -148,12 +148,13 @@ def test_paper_preset_builds_a_dit_l():
         with torch.device("meta"):
             _, _, den = config.random_model(cfg, "meta")
         counts[ch] = dit.n_params(den.net)
-        m = cfg.model
-        assert (m.width, m.depth, m.heads, m.patch) == (1024, 24, 16, 1) and m.in_channels == ch * 1025
+        model_cfg = cfg.model
+        assert (model_cfg.width, model_cfg.depth, model_cfg.heads, model_cfg.patch) == (1024, 24, 16, 1)
+        assert model_cfg.in_channels == ch * 1025
         frames = int(round(cfg.data.seconds * cfg.data.sample_rate / cfg.data.hop))
         assert frames == 1378
         print(f"paper preset, {ch} channel(s): DiT-L with {counts[ch]:,} parameters, "
-              f"{dit.flops_per_sample(m, frames, cfg.data.max_text_len) / 1e12:.2f} TFLOP per forward")
+              f"{dit.flops_per_sample(model_cfg, frames, cfg.data.max_text_len) / 1e12:.2f} TFLOP per forward")
     assert 0.5e9 < counts[1] < counts[2] < 0.6e9
 
 
