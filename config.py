@@ -1,15 +1,11 @@
 """config.py: configuration, presets, building models and checkpoint I/O: the glue every script shares.
 
-Not a paper idea. The concept files (edm.py, dit.py, dmd.py, gan.py, layerdrop.py, data.py, clap.py)
-each define the config dataclass of their idea; this file composes them into one `Config`, holds the
-named presets, parses `--set section.field=value`, and turns a config (or a checkpoint) into the
-objects a stage, sample.py or evaluate.py works with.
-
-Read first: `Config` and `PRESETS` (every knob of the project, with the values of each preset),
-then `build` (what a checkpoint becomes in memory) and `load_checkpoint` (the one loader, for every
-kind of checkpoint train.py writes).
-
-Imports point one way: concept files <- config.py <- sample.py <- evaluate.py <- train.py.
+Not a paper idea. Each concept file defines the config dataclass of its idea; this file composes
+them into one `Config`, holds the presets, parses `--set section.field=value`, and turns a config
+(or a checkpoint) into the objects a stage, sample.py or evaluate.py works with. Read first:
+`Config` and `PRESETS`, then `build` (what a checkpoint becomes in memory) and `load_checkpoint`
+(the one loader, for every kind of checkpoint). Imports point one way: concept files <- config.py
+<- sample.py <- evaluate.py <- train.py.
 """
 import argparse
 import contextlib
@@ -95,10 +91,8 @@ PRESETS = {
             "clap.eval_every": 1000, "clap.ckpt_every": 1000, "clap.val_clips": 256,
             "distill.steps": 20_000, "distill.batch_size": 32,
             "layerdrop.steps": 10_000, "layerdrop.batch_size": 64},
-    # the paper's output size (32 s of 44.1 kHz; mono, or stereo with --set data.channels=2) and a
-    # DiT-L (~0.5B parameters, 24 blocks): for latency on random weights (evaluate.py
-    # --latency-only) and for multi-GPU runs. 43 frames/s x 1025 bins per channel, one frame per
-    # token: 1378 tokens for 32 s.
+    # the paper's 32 s of 44.1 kHz (stereo: data.channels=2) and a DiT-L (~0.5B parameters), for
+    # latency on random weights and multi-GPU runs; 43 frames/s x 1025 bins, 1378 tokens for 32 s
     "paper": {"data.sample_rate": 44100, "data.seconds": 32.0, "data.n_fft": 2048,
               "data.hop": 1024, "data.stats_clips": 256, "model.size": "L", "model.patch": 1,
               "model.text_width": 512, "model.text_depth": 4, "model.text_heads": 8,
@@ -153,6 +147,25 @@ def make_config(preset="cpu", overrides=None):
         raise ValueError(f"unknown preset {preset!r}; choose one of {list(PRESETS)}")
     cfg = apply_overrides(Config(), PRESETS[preset])
     return apply_overrides(cfg, overrides or {})
+
+
+def check(cfg):
+    """Raise ValueError naming the field for a value no run can use, before any work starts."""
+    d, m = cfg.data, cfg.model
+    rules = [("data.seconds", d.seconds, 0 < d.seconds <= 600, "in (0, 600]"),
+             ("data.sample_rate", d.sample_rate, d.sample_rate > 0, "> 0 (Hz)"),
+             ("data.channels", d.channels, d.channels in (1, 2), "1 (mono) or 2 (stereo)"),
+             ("data.n_fft", d.n_fft, d.n_fft >= 2, ">= 2"),
+             ("data.hop", d.hop, 0 < d.hop <= d.n_fft, f"in 1..data.n_fft ({d.n_fft})"),
+             *((f"model.{k}", getattr(m, k), getattr(m, k) >= 0, ">= 1 (0: from model.size)")
+               for k in ("width", "depth", "heads")),
+             ("model.patch", m.patch, m.patch >= 1, ">= 1"),
+             *((f"{s}.{k}", getattr(getattr(cfg, s), k), getattr(getattr(cfg, s), k) >= 1, ">= 1")
+               for s in ("train", "clap", "distill", "layerdrop") for k in ("steps", "batch_size"))]
+    for name, value, ok, want in rules:
+        if not ok:
+            raise ValueError(f"{name} must be {want}, got {value}")
+    return cfg
 
 
 def config_from_dict(d):
@@ -233,14 +246,9 @@ def build(cfg, kind="denoiser", stats=None, vocab=None):
 
 
 def random_model(cfg, device):
-    """(rep, tok, denoiser in eval mode) for a config, untrained and without touching any data.
-
-    build would fit the latent statistics on synthesised clips (minutes of 44.1 kHz audio
-    at the paper's size); speed does not depend on them, so they are set to mean 0 / std 1. The
-    vocabulary is the synthetic set's. The weights are dit.py's initialisation: adaLN-Zero and the
-    output layer start at zero, but their matrix products are computed all the same, so the
-    timing is that of a trained model of the same shape.
-    """
+    """(rep, tok, denoiser in eval mode) for a config, untrained and without touching any data (for
+    timing: speed depends on neither the latent statistics, set to mean 0 / std 1, nor the weights,
+    dit.py's initialisation, whose zero layers are multiplied all the same)."""
     C = data.Representation(cfg.data, cfg.edm.sigma_data).latent_channels
     stats = {"mean": torch.zeros(C, device="cpu"), "std": torch.ones(C, device="cpu"),
              "sigma_data": cfg.edm.sigma_data, **{k: getattr(cfg.data, k) for k in data.Representation.KEYS}}
@@ -328,16 +336,12 @@ def autocast_for(device):
 
 
 def compile_network(denoiser, mode=None):
-    """torch.compile the DiT inside `denoiser`, in place (nn.Module.compile: the state_dict keys stay
-    the same); returns the denoiser.
-
-    Only the network's forward is compiled (what every training and sampler step calls); the text
-    encoder stays eager. It compiles on the first call and again for every new batch size or list
-    of blocks (a layer-dropped model compiles once per budget), so the recompile limit is raised to
-    cover every budget of the depth. mode: torch.compile's mode; sample.py passes
-    "reduce-overhead" on CUDA (CUDA graphs, for batch-1 few-step sampling, which is bound by kernel
-    launches). Needs a C++ compiler on CPU (and Triton on CUDA).
-    """
+    """torch.compile the DiT's forward inside `denoiser`, in place (the state_dict keys stay the
+    same; the text encoder stays eager); returns the denoiser. It recompiles for every new batch
+    size or list of blocks (once per budget of a layer-dropped model), so the recompile limit is
+    raised to cover every budget. mode: torch.compile's; sample.py passes "reduce-overhead" on CUDA
+    (CUDA graphs: batch-1 few-step sampling is bound by kernel launches). Needs a C++ compiler on
+    CPU (and Triton on CUDA)."""
     depth = len(denoiser.net.blocks)
     dynamo = torch._dynamo.config          # the limit's name before torch 2.7: cache_size_limit
     name = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"

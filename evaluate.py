@@ -46,7 +46,9 @@ import sample
 # ----------------------------------------------------------------------------------------------
 # Rows: checkpoint file in the run folder -> the rows it contributes (later stages add entries)
 
-ROWS = ("base.pt", "presto_s.pt", "ase.pt", "presto_l.pt", "presto_ls.pt")   # in table order
+# checkpoint file -> the stage that must have written it, in table order
+ROWS = {"base.pt": "base", "presto_s.pt": "presto-s", "ase.pt": "ase", "presto_l.pt": "presto-l",
+        "presto_ls.pt": "presto-ls"}
 SPEEDUP_REFERENCE = "base Heun"
 
 
@@ -65,9 +67,10 @@ def row_ways(stage, opts):
     return [(f"Presto-S {steps}-step", None, steps, None) for steps in opts.few_steps]
 
 
-def load_rows(path, device, opts):
-    """(cfg, rep, [(name, settings, gen)]) of one checkpoint: its rows and how each generates."""
-    cfg, ckpt, rep, tok, den = config.load_checkpoint(path, device, sample.SAMPLING_STAGES)
+def load_rows(path, stage, device, opts):
+    """(cfg, rep, [(name, settings, gen)]) of one checkpoint of `stage`: its rows and how each
+    generates (a checkpoint of another stage under this file name is a one-line error)."""
+    cfg, ckpt, rep, tok, den = config.load_checkpoint(path, device, (stage,))
     rows = []
     for name, sampler, steps, cfg_w in row_ways(ckpt["stage"], opts):
         gen, blocks = sample.sampling_fn(den, tok, cfg, ckpt["stage"], steps, sampler, cfg_w)
@@ -129,7 +132,7 @@ def evaluate_run(run, opts, embed_fn, embed_text=None, predict_fn=None, device="
     present = [f for f in ROWS if os.path.isfile(os.path.join(run, f))]
     if not present:
         raise FileNotFoundError(f"no checkpoints in {run} (looked for {', '.join(ROWS)})")
-    loaded = [load_rows(checkpoint_file(run, f, getattr(opts, "best", False)), device, opts)
+    loaded = [load_rows(checkpoint_file(run, f, getattr(opts, "best", False)), ROWS[f], device, opts)
               for f in present]
     cfg = loaded[0][0]
     test, train_ds = data.make_dataset(cfg.data, "test"), data.make_dataset(cfg.data, "train")
@@ -697,6 +700,14 @@ def main(argv=None):
     p.add_argument("--out", default=None,
                    help="--latency-only: output folder (None: runs/latency_PRESET)")
     opts = p.parse_args(argv)
+    small = [f"--{k.replace('_', '-')} {v}" for k, v, lo in (
+        ("threads", opts.threads, 0), ("batch", opts.batch, 1), ("repeats", opts.repeats, 1),
+        ("steps", opts.steps, 1), ("dpm_steps", opts.dpm_steps, 1), ("ls_steps", opts.ls_steps, 1),
+        ("seeds", opts.seeds, 1), ("prompts", opts.prompts, 1), ("n", opts.n, 2),
+        ("few_steps", min(opts.few_steps), 1)) if v < lo]
+    if small:                              # checked before any model is loaded or sample drawn
+        sys.exit(f"error: {', '.join(small)}: --n must be >= 2, --threads >= 0 (0 = torch's "
+                 "default), every other count >= 1")
     if opts.threads:
         torch.set_num_threads(opts.threads)
     latency_flags = [flag for flag, given in (      # options that only mean something with --latency-only
@@ -706,8 +717,6 @@ def main(argv=None):
         try:
             if opts.preset is None:
                 raise ValueError(f"--latency-only needs --preset (one of {', '.join(config.PRESETS)})")
-            if opts.repeats < 1 or opts.steps < 1 or opts.ls_steps < 1:
-                raise ValueError("--repeats, --steps and --ls-steps must be >= 1")
             return write_latency(opts, config.pick_device(opts.device))
         except (ValueError, FileNotFoundError, RuntimeError) as e:
             sys.exit(f"error: {e}")
@@ -720,8 +729,6 @@ def main(argv=None):
             raise FileNotFoundError(f"run folder not found: {opts.run}")
         if not any(os.path.isfile(os.path.join(opts.run, f)) for f in ROWS):
             raise FileNotFoundError(f"no checkpoints in {opts.run} (looked for {', '.join(ROWS)})")
-        if opts.n < 2 or opts.seeds < 1 or opts.repeats < 1:
-            raise ValueError("--n must be >= 2, --seeds and --repeats >= 1")
         device = config.pick_device(opts.device)
         if opts.variance:
             return write_variance(opts, device)

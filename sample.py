@@ -18,13 +18,17 @@ really cost nothing.
 """
 import argparse
 import functools
+import math
 import os
 import sys
+import tempfile
 import time
+import warnings
 
 import numpy as np
 import soundfile as sf
 import torch
+from tqdm import tqdm
 
 import config
 import dmd
@@ -134,6 +138,23 @@ def sampling_fn(denoiser, tok, cfg, stage, steps, sampler="heun", cfg_w=4.0, bud
                              cfg_w=cfg_w, denoise=denoise), blocks
 
 
+AUDIO_OUT = (".wav", ".flac")       # what write_wav writes (16-bit PCM)
+
+
+def check_options(args):
+    """Raise ValueError with a one-line reason for options that cannot work, before any loading."""
+    if args.batch < 1:
+        raise ValueError(f"--batch must be >= 1, got {args.batch}")
+    if not 0 <= args.seed < 2**63:
+        raise ValueError(f"--seed must be in 0..2^63-1 (a torch seed), got {args.seed}")
+    if not math.isfinite(args.cfg):
+        raise ValueError(f"--cfg must be a finite number, got {args.cfg}")
+    if args.gl_iters is not None and args.gl_iters < 1:
+        raise ValueError(f"--gl-iters must be >= 1, got {args.gl_iters}")
+    if args.cfg < 0:
+        warnings.warn(f"--cfg {args.cfg:g} < 0 steers away from the prompt (1 = no guidance)")
+
+
 def check_request(cfg, prompts, seconds, steps):
     """Raise ValueError with a one-line reason for a request the model cannot serve."""
     if not prompts:
@@ -141,13 +162,41 @@ def check_request(cfg, prompts, seconds, steps):
     for i, p in enumerate(prompts):
         if not p.strip():
             raise ValueError(f"prompt {i + 1} is empty (give some text; --cfg 0 ignores it)")
+    shortest = cfg.data.hop / cfg.data.sample_rate           # one latent frame
     if not seconds > 0:
         raise ValueError(f"--seconds must be > 0, got {seconds}")
+    if seconds < shortest:
+        raise ValueError(f"--seconds must be at least {shortest:g} (one frame of {cfg.data.hop} "
+                         f"samples at {cfg.data.sample_rate} Hz), got {seconds}")
     if seconds > cfg.data.seconds + 1e-9:
         raise ValueError(f"--seconds {seconds} is beyond what this model was trained on "
                          f"({cfg.data.seconds:g} s)")
     if steps < 1:
         raise ValueError(f"--steps must be >= 1, got {steps}")
+
+
+def output_paths(out, n, many):
+    """The WAV path of each of n clips (many: --prompts, a folder or a path prefix), checked to be
+    writable before any generation, so no work is lost to a bad --out."""
+    if not out:
+        raise ValueError("--out is empty")
+    if many:
+        folder = out.endswith(os.sep) or os.path.isdir(out)
+        paths = [os.path.join(out, f"{i:03d}.wav") if folder else f"{out}_{i:03d}.wav" for i in range(n)]
+    else:
+        if out.endswith(os.sep) or os.path.isdir(out):
+            raise ValueError(f"--out {out} is a folder; give a file name such as {os.path.join(out, 'out.wav')}")
+        if os.path.splitext(out)[1].lower() not in AUDIO_OUT:
+            raise ValueError(f"--out {out}: give a {' or '.join(AUDIO_OUT)} file name")
+        paths = [out]
+    for folder in {os.path.dirname(os.path.abspath(p)) for p in paths}:
+        try:
+            os.makedirs(folder, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as e:
+            raise ValueError(f"--out: cannot write in {folder} ({e.strerror})") from None
+    return paths
 
 
 def generate_waves(gen, rep, captions, seconds, batch):
@@ -210,6 +259,7 @@ def main(argv=None):
                    help="WAV path for --prompt; a folder (or path prefix) for --prompts")
     args = p.parse_args(argv)
     try:
+        check_options(args)
         if bool(args.prompt is not None) == bool(args.prompts):
             raise ValueError("give exactly one of --prompt or --prompts")
         if args.prompts:
@@ -226,6 +276,15 @@ def main(argv=None):
         few_step = ckpt.get("stage", "base") in FEW_STEP_STAGES
         steps = args.steps if args.steps is not None else (4 if few_step else 32)
         check_request(cfg, prompts, seconds, steps)
+        paths = output_paths(args.out, len(prompts), bool(args.prompts))
+        for i, prompt in enumerate(prompts):
+            words = tok.split(prompt)
+            if not words:
+                warnings.warn(f"prompt {i + 1} has no words the model reads (letters or digits): "
+                              "it is sampled as the empty caption")
+            elif len(words) > cfg.data.max_text_len:
+                warnings.warn(f"prompt {i + 1} has {len(words)} words; the model reads only the "
+                              f"first {cfg.data.max_text_len}")
         gen, blocks = sampling_fn(denoiser, tok, cfg, ckpt.get("stage", "base"), steps,
                                   args.sampler, args.cfg, args.budget)
         if args.compile:
@@ -233,24 +292,30 @@ def main(argv=None):
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         sys.exit(f"error: {e}")
 
+    if few_step and (args.cfg != 4.0 or args.sampler != "heun"):
+        warnings.warn(f"--cfg and --sampler do not apply to a {ckpt['stage']} generator "
+                      "(guidance is distilled in; it samples in its own few steps)")
     seeds = [args.seed + i for i in range(len(prompts))]
     t_gen = t_dec = 0.0
-    for b in range(0, len(prompts), args.batch):
+    batches = range(0, len(prompts), args.batch)
+    bar = tqdm(total=len(batches) * (1 if few_step else steps), desc="sampling", leave=False,
+               unit="batch" if few_step else "step")
+    for b in batches:
         t0 = time.perf_counter()
         batch = prompts[b:b + args.batch], seeds[b:b + args.batch], seconds
-        latent = gen(*batch)
+        latent = gen(*batch, **({} if few_step else {"progress": lambda i: bar.update()}))
+        bar.update(1 if few_step else 0)
         t1 = time.perf_counter()
         waves = rep.decode(latent, iters=args.gl_iters).cpu().numpy()
         t_gen, t_dec = t_gen + t1 - t0, t_dec + time.perf_counter() - t1
         for j, wave in enumerate(waves):
             i = b + j
-            if args.prompts:
-                path = (os.path.join(args.out, f"{i:03d}.wav") if args.out.endswith(os.sep)
-                        or os.path.isdir(args.out) else f"{args.out}_{i:03d}.wav")
-            else:
-                path = args.out
-            write_wav(path, wave, cfg.data.sample_rate)
-            print(f"{path}  seed {seeds[i]}  \"{prompts[i]}\"")
+            if not np.isfinite(wave).all():       # never write NaN / inf as audio
+                sys.exit(f"error: the model produced non-finite audio for prompt {i + 1} "
+                         f"(seed {seeds[i]}); nothing written for it (try a lower --cfg or more --steps)")
+            write_wav(paths[i], wave, cfg.data.sample_rate)
+            print(f"{paths[i]}  seed {seeds[i]}  \"{prompts[i]}\"")
+    bar.close()
     how = (f"{ckpt['stage']} generator, {steps} steps = {steps} network calls" if few_step else
            f"{args.sampler}, {steps} steps = {edm.network_calls(args.sampler, steps)} network "
            f"calls, cfg {args.cfg:g}")

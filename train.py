@@ -823,6 +823,7 @@ def run_stage(stage, out, preset, sets, resume=False, force=False):
             raise FileExistsError(f"{path} exists: pass --resume to continue it or --force "
                                   "to start over")
         cfg = config.make_config(preset, sets)
+    config.check(cfg)
     stage_fn(cfg, out, resume=resume)
     barrier()                         # every process sees the checkpoint before the next stage
     say(f"wrote {path}")

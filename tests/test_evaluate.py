@@ -194,3 +194,25 @@ def test_evaluate_errors_are_one_line(eval_run, tmp_path, make_args, msg):
         evaluate.main(make_args(eval_run, tmp_path))
     assert str(e.value.code).startswith("error:") and msg in str(e.value.code)
     assert "\n" not in str(e.value.code)
+
+
+@pytest.mark.parametrize("flag,value", [("--few-steps", "0"), ("--threads", "-1"), ("--batch", "0"),
+                                        ("--n", "1"), ("--repeats", "0")])
+def test_bad_counts_fail_before_any_work(eval_run, monkeypatch, flag, value):
+    """A count that cannot work is a one-line error before a checkpoint is even read."""
+    monkeypatch.setattr(evaluate.config, "load_checkpoint", lambda *a, **k: pytest.fail("loaded"))
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--run", eval_run, flag, value])
+    msg = str(e.value.code)
+    assert msg.startswith("error:") and f"{flag} {value}" in msg and "\n" not in msg
+
+
+def test_a_checkpoint_in_the_wrong_role_is_named(eval_run, tmp_path):
+    """A base model saved as presto_l.pt is not scored as Presto-L: the stored stage is checked."""
+    os.symlink(os.path.join(eval_run, "clap.pt"), tmp_path / "clap.pt")
+    os.symlink(os.path.join(eval_run, "base.pt"), tmp_path / "presto_l.pt")
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--run", str(tmp_path), "--n", "4", "--device", "cpu"])
+    msg = str(e.value.code)
+    assert msg.startswith("error:") and "holds a base checkpoint; this needs presto-l" in msg
+

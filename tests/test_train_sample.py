@@ -104,12 +104,34 @@ def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     assert ckpt["step"] == 3 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
+def test_a_cadence_of_zero_still_logs_and_checkpoints_the_last_step(tmp_path):
+    """log_every / eval_every / ckpt_every = 0 turn off the every-N steps, never the last one: a
+    run always ends with a complete checkpoint and a logged final loss."""
+    out = str(tmp_path)
+    cfg = config.make_config("tiny", {**FAST, "train.steps": "3", "train.log_every": "0",
+                                      "train.eval_every": "0", "train.ckpt_every": "0"})
+    train.train_base(cfg, out)
+    ckpt = torch.load(os.path.join(out, "base.pt"), weights_only=True)
+    assert ckpt["step"] == 3 and ckpt["done"]
+    rows = [json.loads(l) for l in open(os.path.join(out, "base_log.jsonl"))]
+    assert [r["step"] for r in rows if "loss" in r] == [3] and [r["step"] for r in rows if "val_loss" in r] == [3]
+
+
 @pytest.mark.parametrize("args,msg", [
     (["--prompt", "x", "--ckpt", "missing.pt"], "checkpoint not found"),
     (["--prompt", "  "], "empty"),
     (["--prompt", "piano", "--seconds", "0"], "--seconds must be > 0"),
     (["--prompt", "piano", "--seconds", "60"], "beyond what this model"),
     (["--prompt", "piano", "--steps", "0"], "--steps must be >= 1"),
+    (["--prompt", "piano", "--seconds", "0.01"], "--seconds must be at least 0.016"),
+    (["--prompt", "piano", "--batch", "0"], "--batch must be >= 1"),
+    (["--prompt", "piano", "--batch", "-1"], "--batch must be >= 1"),
+    (["--prompt", "piano", "--seed", str(2**64)], "--seed must be in"),
+    (["--prompt", "piano", "--cfg", "nan"], "--cfg must be a finite number"),
+    (["--prompt", "piano", "--cfg", "inf"], "--cfg must be a finite number"),
+    (["--prompt", "piano", "--gl-iters", "0"], "--gl-iters must be >= 1"),
+    (["--prompt", "piano", "--out", ""], "--out is empty"),
+    (["--prompt", "piano", "--out", "song.mp3"], "give a .wav or .flac file name"),
 ])
 def test_sample_bad_input_is_one_line_error(tiny_run, args, msg):
     if "--ckpt" not in args:
@@ -117,6 +139,34 @@ def test_sample_bad_input_is_one_line_error(tiny_run, args, msg):
     with pytest.raises(SystemExit) as e:
         sample.main(args)
     assert str(e.value.code).startswith("error:") and msg in str(e.value.code)
+
+
+def test_out_is_checked_before_any_generation(tiny_run, tmp_path, monkeypatch):
+    """A folder given as --out for one prompt, or a folder that cannot be written, fails before the
+    (possibly long) sampling starts."""
+    calls = []
+    monkeypatch.setattr(sample, "generate", lambda *a, **k: calls.append(1))
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    for out, msg in ((str(tmp_path), "is a folder"), (str(locked / "x.wav"), "cannot write in")):
+        if msg == "cannot write in" and os.access(locked, os.W_OK):   # root ignores permissions
+            continue
+        with pytest.raises(SystemExit) as e:
+            sample.main(["--ckpt", os.path.join(tiny_run, "base.pt"), "--prompt", "piano", "--out", out])
+        assert msg in str(e.value.code)
+    assert calls == []
+
+
+def test_non_finite_audio_is_never_written(tiny_run, tmp_path, monkeypatch):
+    """A model that diverges (here: latents of NaN) gets a clear error, not a WAV of silence."""
+    nan_latents = lambda den, tok, cfg, prompts, seeds, seconds, **k: torch.full(
+        (len(prompts), cfg.model.in_channels, 8), float("nan"))
+    monkeypatch.setattr(sample, "generate", nan_latents)
+    out = tmp_path / "x.wav"
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--ckpt", os.path.join(tiny_run, "base.pt"), "--prompt", "piano", "--out", str(out)])
+    assert "non-finite audio" in str(e.value.code) and not out.exists()
 
 
 def test_cli_errors_have_no_traceback(tiny_run, tmp_path):
@@ -163,3 +213,25 @@ def test_overrides_are_typed_and_checked():
         config.make_config("tiny", {"train.nope": "1"})
     with pytest.raises(ValueError, match="bad value"):
         config.make_config("tiny", {"train.steps": "many"})
+
+
+@pytest.mark.parametrize("setting", ["train.steps=-5", "train.steps=0", "data.seconds=0",
+                                     "data.seconds=1e6", "data.channels=3", "data.hop=0",
+                                     "data.sample_rate=-8000", "model.depth=-1",
+                                     "distill.batch_size=0"])
+def test_nonsense_settings_name_the_field_before_any_work(tmp_path, setting):
+    with pytest.raises(SystemExit) as e:
+        train.main(["--stage", "base", "--preset", "tiny", "--out", str(tmp_path), "--set", setting])
+    msg = str(e.value.code)
+    assert msg.startswith(f"error: {setting.split('=')[0]} must be") and "\n" not in msg
+    assert os.listdir(tmp_path) == []                  # nothing written, no untrained checkpoint
+
+
+@pytest.mark.parametrize("prompt,msg", [("🎹 !!! ...", "no words the model reads"),
+                                        ("piano " * 5000, "the model reads only the first")])
+def test_prompts_the_tokenizer_empties_or_cuts_are_warned_about(tiny_run, tmp_path, prompt, msg):
+    with pytest.warns(UserWarning, match=msg):
+        sample.main(["--ckpt", os.path.join(tiny_run, "base.pt"), "--prompt", prompt, "--steps", "1",
+                     "--gl-iters", "1", "--out", str(tmp_path / "x.wav")])
+    assert (tmp_path / "x.wav").exists()
+
