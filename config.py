@@ -10,6 +10,7 @@ them into one `Config`, holds the presets, parses `--set section.field=value`, a
 import argparse
 import contextlib
 import dataclasses
+import hashlib
 import os
 import pickle
 import re
@@ -104,9 +105,8 @@ PRESETS = {
               "distill.steps": 20_000, "distill.batch_size": 64,
               "layerdrop.steps": 20_000, "layerdrop.batch_size": 128},
 }
-PRESET_HELP = ("tiny: tests and a first look, seconds per stage; cpu (the default): 2 CPU cores, a "
-               "teacher in 17-50 min depending on the CPU; gpu: one GPU, 16 kHz 8 s clips, DiT-B; paper: the paper's output "
-               "size (32 s of 44.1 kHz) and a DiT-L, for latency on random weights and multi-GPU runs")
+PRESET_HELP = ("tiny: tests, seconds per stage; cpu (the default): 2 CPU cores, a teacher in 17-50 min; "
+               "gpu: one GPU, 16 kHz 8 s clips, DiT-B; paper: 32 s of 44.1 kHz and a DiT-L (latency, many GPUs)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -169,26 +169,21 @@ def check(cfg):
 
 
 def config_from_dict(d):
-    return Config(data=DataConfig(**d["data"]), model=DiTConfig(**d["model"]),
-                  edm=EDMConfig(**d["edm"]), train=TrainConfig(**d["train"]),
-                  clap=ClapConfig(**d.get("clap", {})),     # sections newer than some checkpoints
-                  distill=DistillConfig(**d.get("distill", {})),
-                  layerdrop=LayerDropConfig(**d.get("layerdrop", {})))
+    """The Config a checkpoint stored (sections it predates get their defaults)."""
+    return Config(**{f.name: f.default_factory(**d.get(f.name, {}))
+                     for f in dataclasses.fields(Config)})
 
 
 def parse_sets(items):
-    out = {}
-    for item in items or []:
-        if "=" not in item:
-            raise ValueError(f"--set expects key=value, got {item!r}")
-        k, v = item.split("=", 1)
-        out[k.strip()] = v.strip()
-    return out
+    """--set KEY=VALUE ... -> {KEY: VALUE} (strings; apply_overrides types them)."""
+    bad = [item for item in items or [] if "=" not in item]
+    if bad:
+        raise ValueError(f"--set expects key=value, got {bad[0]!r}")
+    return dict((k.strip(), v.strip()) for k, v in (item.split("=", 1) for item in items or []))
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help that shows each option's default, except where there is none to show (None, off, an
-    empty list) or where the help text already says it."""
+    """--help with each option's default, unless it is None / off / [] or the help already says it."""
 
     def _get_help_string(self, action):
         empty = action.default is None or action.default is False or action.default == []
@@ -245,22 +240,26 @@ def build(cfg, kind="denoiser", stats=None, vocab=None):
     return rep, tok, edm.Denoiser(dit.DiT(cfg.model), cfg.edm.sigma_data)
 
 
-def random_model(cfg, device):
-    """(rep, tok, denoiser in eval mode) for a config, untrained and without touching any data (for
-    timing: speed depends on neither the latent statistics, set to mean 0 / std 1, nor the weights,
-    dit.py's initialisation, whose zero layers are multiplied all the same)."""
-    C = data.Representation(cfg.data, cfg.edm.sigma_data).latent_channels
-    stats = {"mean": torch.zeros(C, device="cpu"), "std": torch.ones(C, device="cpu"),
-             "sigma_data": cfg.edm.sigma_data, **{k: getattr(cfg.data, k) for k in data.Representation.KEYS}}
-    rep, tok, den = build(cfg, "denoiser", stats, data.Tokenizer.for_synth().state_dict())
-    return rep, tok, den.to(device).eval().requires_grad_(False)
+def checksum(ckpt):
+    """sha256 over every tensor of a checkpoint (its name and bytes, in a fixed order)."""
+    h = hashlib.sha256()
+
+    def walk(obj, name):
+        if torch.is_tensor(obj):
+            h.update(name.encode() + obj.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(obj, (dict, list, tuple)):
+            items = sorted(obj.items(), key=lambda kv: str(kv[0])) if isinstance(obj, dict) else enumerate(obj)
+            for k, v in items:
+                walk(v, f"{name}/{k}")
+    walk({k: v for k, v in ckpt.items() if k != "checksum"}, "")
+    return h.hexdigest()
 
 
 def save_checkpoint(path, ckpt):
-    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
+    """Write atomically (a crash mid-write keeps the last one) with a checksum read_checkpoint checks."""
     tmp = f"{path}.tmp"
     with open(tmp, "wb") as f:
-        torch.save(ckpt, f)
+        torch.save({**ckpt, "checksum": checksum(ckpt)}, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -283,16 +282,17 @@ def read_checkpoint(path):
         raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
     if not isinstance(ckpt, dict) or not {"config", "model", "vocab"} <= ckpt.keys():
         raise ValueError(f"{path} is not a checkpoint written by this project's train.py")
+    if "checksum" in ckpt and checksum(ckpt) != ckpt["checksum"]:   # older checkpoints have none
+        raise ValueError(f"{path} is damaged or was modified: its weights do not match the checksum "
+                         "written with them")
     return ckpt
 
 
 def load_checkpoint(path, device="cpu", stages=None):
     """(cfg, ckpt dict, rep, tok, model) from any checkpoint train.py writes, the model frozen in
     eval mode on `device`: the denoiser (EMA weights where there are) of a model stage, or the
-    ClapModel of clap.pt. stages: the stages this use accepts (None: any); another is a ValueError.
-
-    Raises FileNotFoundError / ValueError with a one-line message for a missing or foreign file.
-    """
+    ClapModel of clap.pt. stages: the stages this use accepts (None: any). A missing, foreign,
+    damaged or wrong-stage file is a FileNotFoundError / ValueError with a one-line message."""
     ckpt = read_checkpoint(path)
     stage = ckpt.get("stage", "base")
     if stages is not None and stage not in stages:
@@ -319,8 +319,7 @@ def model_checkpoint(stage, step, total, cfg, denoiser, ema, opt, tok, rep, **ex
 
 
 def restore(ckpt, denoiser, ema, opt):
-    """Load model_checkpoint's weights and optimizer state for --resume; returns the next step
-    (0 without a checkpoint)."""
+    """Load model_checkpoint's weights and optimizer state for --resume; the next step (0: none)."""
     if ckpt is None:
         return 0
     denoiser.net.load_state_dict(ckpt["model"])

@@ -517,6 +517,17 @@ LATENCY_ROWS = ("base", "presto-s", "presto-ls")
 LATENCY_PROMPT = "an upbeat plucked arpeggio in D minor at 140 bpm with drums"
 
 
+def random_model(cfg, device):
+    """(rep, tok, denoiser in eval mode) for a config, untrained and without touching any data (for
+    timing: speed depends on neither the latent statistics, set to mean 0 / std 1, nor the weights,
+    dit.py's initialisation, whose zero layers are multiplied all the same)."""
+    C = data.Representation(cfg.data, cfg.edm.sigma_data).latent_channels
+    stats = {"mean": torch.zeros(C, device="cpu"), "std": torch.ones(C, device="cpu"),
+             "sigma_data": cfg.edm.sigma_data, **{k: getattr(cfg.data, k) for k in data.Representation.KEYS}}
+    rep, tok, den = config.build(cfg, "denoiser", stats, data.Tokenizer.for_synth().state_dict())
+    return rep, tok, den.to(device).eval().requires_grad_(False)
+
+
 def count_calls(net, fn):
     """Run fn() once with hooks on the DiT and return (its result, the batch size of each network
     call, the number of blocks each call ran, the batch size of each text encoding). A CFG call is
@@ -545,7 +556,7 @@ def latency_section(cfg, rows, opts, device):
     after a warm-up (the counting pass; with --compile two more calls, which compile and, on
     CUDA, record the graphs), CUDA synchronised.
     """
-    rep, tok, den = config.random_model(cfg, device)
+    rep, tok, den = random_model(cfg, device)
     net, seconds, depth = den.net, cfg.data.seconds, cfg.model.depth
     print(f"  DiT-{cfg.model.size}: {dit.n_params(net) / 1e6:.1f}M parameters on {device}", flush=True)
     T = sample.latent_frames(cfg, seconds)

@@ -16,21 +16,12 @@ import sys
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repo
+import config  # noqa: E402
+
 RENAME = {"fake": "mu_fake", "opt_fake": "opt_mu_fake"}     # checkpoint keys before the rename
 WEIGHTS = ("model", "ema", "G", "G_ema", "mu_fake", "head", "latent_stats", "feature_stats")
 TIMING = ("clips_per_s", "mfu")                                # differ from run to run
-
-
-def tensors(obj, prefix=""):
-    """(name, tensor) of every tensor in a nested dict / list, in a fixed order."""
-    if isinstance(obj, torch.Tensor):
-        yield prefix, obj
-    elif isinstance(obj, dict):
-        for k in sorted(obj, key=str):
-            yield from tensors(obj[k], f"{prefix}/{k}")
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            yield from tensors(v, f"{prefix}/{i}")
 
 
 def digest(run):
@@ -41,11 +32,7 @@ def digest(run):
         ckpt = {RENAME.get(k, k): v for k, v in ckpt.items()}
         for key in WEIGHTS:
             if key in ckpt:
-                h = hashlib.sha256()
-                for name, t in tensors(ckpt[key]):
-                    h.update(name.encode())
-                    h.update(t.detach().cpu().contiguous().numpy().tobytes())
-                out[f"{os.path.basename(path)}:{key}"] = h.hexdigest()[:16]
+                out[f"{os.path.basename(path)}:{key}"] = config.checksum({key: ckpt[key]})[:16]
     for path in sorted(glob.glob(os.path.join(run, "*_log.jsonl"))):
         rows = [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in open(path)]
         out[os.path.basename(path)] = hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()[:16]

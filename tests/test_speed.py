@@ -146,7 +146,7 @@ def test_paper_preset_builds_a_dit_l():
     for ch in (1, 2):
         cfg = config.make_config("paper", {"data.channels": ch})
         with torch.device("meta"):
-            _, _, den = config.random_model(cfg, "meta")
+            _, _, den = evaluate.random_model(cfg, "meta")
         counts[ch] = dit.n_params(den.net)
         model_cfg = cfg.model
         assert (model_cfg.width, model_cfg.depth, model_cfg.heads, model_cfg.patch) == (1024, 24, 16, 1)
@@ -170,7 +170,7 @@ def test_compiled_few_step_sampling_matches_eager(monkeypatch):
     # ~30 s with a cold inductor cache (C++ kernels built), ~5 s warm; one graph (batch 1, all blocks).
     monkeypatch.setattr(torch._dynamo.config, "recompile_limit", torch._dynamo.config.recompile_limit)
     cfg = config.make_config("tiny")
-    _, tok, den = config.random_model(cfg, "cpu")
+    _, tok, den = evaluate.random_model(cfg, "cpu")
     rng = torch.Generator().manual_seed(1)
     with torch.no_grad():                    # move the zero-initialised layers: a non-trivial output
         for p in den.parameters():

@@ -200,6 +200,23 @@ def test_a_checkpoint_that_would_run_code_is_refused(tiny_run, tmp_path):
     assert not os.path.exists(tmp_path / "payload_ran")
 
 
+def test_a_damaged_checkpoint_is_named_as_such(tiny_run, tmp_path):
+    """Every checkpoint carries a checksum of its tensors: one changed weight is caught on load,
+    while a checkpoint from before checksums (none stored) still loads."""
+    ckpt = torch.load(os.path.join(tiny_run, "base.pt"), weights_only=True)
+    assert len(ckpt["checksum"]) == 64
+    name = next(iter(ckpt["ema"]))
+    ckpt["ema"][name].view(-1)[0] += 1.0                  # one flipped weight
+    torch.save(ckpt, tmp_path / "bad.pt")
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--ckpt", str(tmp_path / "bad.pt"), "--prompt", "piano"])
+    assert "is damaged or was modified" in str(e.value.code)
+    ckpt["ema"][name].view(-1)[0] -= 1.0
+    del ckpt["checksum"]
+    torch.save(ckpt, tmp_path / "old.pt")
+    assert config.load_checkpoint(str(tmp_path / "old.pt"))[1]["step"] == 6
+
+
 def test_existing_checkpoint_needs_resume_or_force(tiny_run):
     with pytest.raises(SystemExit) as e:
         train.main(["--out", tiny_run, "--preset", "tiny"])
