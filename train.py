@@ -29,6 +29,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -114,11 +115,10 @@ def train_clap(cfg, out, resume=False):
     model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=clap_cfg.lr, weight_decay=clap_cfg.weight_decay,
                             fused=device.type == "cuda")
-    start = 0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["opt"])
-        start = ckpt["step"]
+    start = ckpt["step"] if ckpt is not None else 0
     train_ds, val_ds = data.make_dataset(cfg.data, "train"), data.make_dataset(cfg.data, "val")
     val = data.get_batch(val_ds, 0, min(clap_cfg.val_clips, len(val_ds)), cfg.data.seed)  # fixed clips
     say(f"clap: {dit.n_params(model) / 1e6:.2f}M params, d={clap_cfg.dim}, {clap_cfg.steps} steps of "
@@ -597,8 +597,7 @@ class StageLoop:
 
 def write_checkpoint(path, ckpt):
     """config.save_checkpoint on rank 0 only (every rank holds the same weights)."""
-    if DIST.main:
-        config.save_checkpoint(path, ckpt)
+    return config.save_checkpoint(path, ckpt) if DIST.main else None
 
 
 def stage_setup(cfg, out, filename, resume):
@@ -627,8 +626,7 @@ def earlier(out, name):
     """Path of a checkpoint that an earlier stage wrote in out; a clear error when it is missing."""
     path = os.path.join(out, name)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: train the stage that writes it first "
-                                "(or use --stage all)")
+        raise FileNotFoundError(f"{path} not found: train its stage first (or use --stage all)")
     return path
 
 
@@ -638,6 +636,13 @@ def load_teacher(cfg, out, device):
     they replace cfg's. Returns (rep, tok, teacher)."""
     teacher_cfg, _, rep, tok, teacher = config.load_checkpoint(earlier(out, "base.pt"), device,
                                                                stages=("base",))
+    flat = lambda c: {f"{s}.{k}": v for s in ("data", "model", "edm")
+                      for k, v in dataclasses.asdict(getattr(c, s)).items()}
+    theirs = flat(teacher_cfg)      # (0 / "": fields that build() fills in, not settings)
+    lost = [f"{k}={v}" for k, v in flat(cfg).items() if v not in (0, "") and theirs[k] != v]
+    if lost:
+        warnings.warn(f"base.pt's settings replace {', '.join(lost)}: a student keeps its teacher's "
+                      "data, model and EDM settings")
     cfg.data, cfg.model, cfg.edm = teacher_cfg.data, teacher_cfg.model, teacher_cfg.edm
     return rep, tok, teacher
 
@@ -809,20 +814,23 @@ STAGES = {"base": ("base.pt", train_base), "clap": ("clap.pt", train_clap),
 
 
 def run_stage(stage, out, preset, sets, resume=False, force=False):
-    """Train one stage from the preset plus --set values (or, with resume, from its checkpoint's
-    config plus --set values); returns the checkpoint path."""
+    """Train one stage from the preset (None: cpu) + --set values, or with resume from its
+    checkpoint's config + --set values; returns the checkpoint path."""
     ckpt_name, stage_fn = STAGES[stage]
     path = os.path.join(out, ckpt_name)
     if resume:
         if not os.path.exists(path):
             raise FileNotFoundError(f"--resume: no checkpoint at {path}")
+        if preset is not None:
+            warnings.warn(f"--preset {preset} is ignored by --resume: {path} continues with the "
+                          "config it was written with (plus --set)")
         cfg = config.apply_overrides(config.config_from_dict(config.read_checkpoint(path)["config"]),
                                      sets)
     else:
         if os.path.exists(path) and not force:
             raise FileExistsError(f"{path} exists: pass --resume to continue it or --force "
                                   "to start over")
-        cfg = config.make_config(preset, sets)
+        cfg = config.make_config(preset or "cpu", sets)
     config.check(cfg)
     stage_fn(cfg, out, resume=resume)
     barrier()                         # every process sees the checkpoint before the next stage
@@ -857,7 +865,8 @@ def main(argv=None):
                         "Presto-S with the generator from presto_l.pt -> presto_ls.pt; all: those "
                         "six in that order, skipping a stage whose checkpoint is complete "
                         "(unless --force) and resuming an incomplete one")
-    p.add_argument("--preset", choices=list(config.PRESETS), default="cpu", help=config.PRESET_HELP)
+    p.add_argument("--preset", choices=list(config.PRESETS), default=None,
+                   help=config.PRESET_HELP + " (default: cpu; with --resume, the checkpoint's)")
     p.add_argument("--out", required=True, help="run folder; checkpoints and logs go here")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="override config fields, e.g. --set train.steps=500 model.size=XS "

@@ -2,6 +2,7 @@
 the command-line errors a user sees."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -251,4 +252,17 @@ def test_prompts_the_tokenizer_empties_or_cuts_are_warned_about(tiny_run, tmp_pa
         sample.main(["--ckpt", os.path.join(tiny_run, "base.pt"), "--prompt", prompt, "--steps", "1",
                      "--gl-iters", "1", "--out", str(tmp_path / "x.wav")])
     assert (tmp_path / "x.wav").exists()
+
+
+def test_settings_that_do_not_win_are_warned_about(tiny_run, tmp_path):
+    """A student stage keeps its teacher's data / model / EDM settings, and --resume keeps the
+    checkpoint's config: a --set or --preset that loses says so instead of being ignored silently."""
+    shutil.copy(os.path.join(tiny_run, "base.pt"), tmp_path)
+    with pytest.warns(UserWarning, match=r"base\.pt's settings replace data\.seconds=0\.25"):
+        train.main(["--stage", "ase", "--preset", "tiny", "--out", str(tmp_path),
+                    "--set", "data.seconds=0.25", "layerdrop.steps=1"])
+    with pytest.warns(UserWarning, match="--preset tiny is ignored by --resume"):
+        train.main(["--stage", "ase", "--preset", "tiny", "--out", str(tmp_path), "--resume",
+                    "--set", "layerdrop.steps=2"])
+    assert torch.load(tmp_path / "ase.pt", weights_only=True)["step"] == 2
 
