@@ -828,8 +828,7 @@ def run_stage(stage, out, preset, sets, resume=False, force=False):
                                      sets)
     else:
         if os.path.exists(path) and not force:
-            raise FileExistsError(f"{path} exists: pass --resume to continue it or --force "
-                                  "to start over")
+            raise FileExistsError(f"{path} exists: pass --resume to continue it or --force to start over")
         cfg = config.make_config(preset or "cpu", sets)
     config.check(cfg)
     stage_fn(cfg, out, resume=resume)
@@ -839,15 +838,16 @@ def run_stage(stage, out, preset, sets, resume=False, force=False):
 
 
 def run_all(out, preset, sets, force=False):
-    """Every stage in STAGES order: a complete checkpoint is kept (force: retrained), an
-    incomplete one is resumed, a missing one is trained."""
+    """Every stage in order: a complete checkpoint is kept (force: retrained), an incomplete one
+    resumed, a missing one trained."""
     for stage, (ckpt_name, _) in STAGES.items():
         path = os.path.join(out, ckpt_name)
         ckpt = config.read_checkpoint(path) if os.path.exists(path) and not force else None
         if ckpt is not None and ckpt.get("done"):
             say(f"{stage}: {path} is complete, skipped (--force retrains it)")
             continue
-        run_stage(stage, out, preset, sets, resume=ckpt is not None, force=True)
+        fresh = ckpt is None                   # the preset is for the stages that start fresh
+        run_stage(stage, out, preset if fresh else None, sets, resume=not fresh, force=True)
 
 
 def main(argv=None):
