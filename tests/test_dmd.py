@@ -101,3 +101,135 @@ def test_head_shapes():
     head = gan.Head(32, width=16)
     assert head(torch.randn(2, 63, 32)).shape == (2, 16)
     assert head(torch.randn(2, 1, 32)).shape == (2, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# The two updates of one Presto-S iteration (dmd.fake_score_loss, dmd.generator_loss): which random
+# draw feeds which term, where guidance goes, which block the discriminator reads. Each test is
+# aimed at a mistake that is easy to make when wiring DMD2-style losses and hard to see in a loss curve.
+
+from test_dit import make, randomize  # noqa: E402  (the tiny random-weight DiT of test_dit.py)
+
+
+def _iteration(B=2, T=8, seed=0):
+    """mu_real and mu_fake (different random weights), a head, latents, captions and one iteration's
+    draws, all from fixed seeds."""
+    rng = torch.Generator().manual_seed(seed)
+    mu_real, mu_fake = randomize(make(0), 1).eval(), randomize(make(0), 2).eval()
+    head = gan.Head(64, 16).eval()
+    x_real, x_hat = torch.randn(B, 6, T, generator=rng), torch.randn(B, 6, T, generator=rng)
+    ids = torch.randint(2, 40, (B, 8), generator=rng)
+    distill = dmd.DistillConfig()
+    draws = dmd.iteration_draws(rng, x_real, distill, CFG)
+    turn = dmd.generator_turn_draws(rng, x_real, distill, CFG)
+    return mu_real, mu_fake, head, x_real, x_hat, ids, draws, turn
+
+
+def _redrawn(draws, key):
+    """draws with one entry replaced by different values of the same shape."""
+    other = dict(draws)
+    other[key] = draws[key] * 1.7 + 0.3 if key.startswith("sigma") else -draws[key].flip(0)
+    return other
+
+
+@torch.no_grad()
+def test_fake_score_update_uses_the_dsm_draws_for_L_fake_and_the_gan_draws_for_L_D():
+    mu_real, mu_fake, head, x_real, x_hat, ids, draws, _ = _iteration()
+    parts = lambda d: dmd.fake_score_loss(x_real, x_hat, ids, mu_fake, head, d, 0.01, 2)[1]
+    base = parts(draws)
+    for key, changes in (("sigma_dsm", "L_fake"), ("eps_dsm", "L_fake"), ("sigma_gan", "L_D"),
+                         ("eps_gan", "L_D"), ("sigma_gen", None), ("eps_gen", None)):
+        new = parts(_redrawn(draws, key))
+        for term in ("L_fake", "L_D"):
+            assert torch.equal(new[term], base[term]) == (term != changes), (key, term)
+
+
+@torch.no_grad()
+def test_generator_update_uses_the_dmd_draws_for_L_DMD_and_the_gan_draws_for_L_G():
+    mu_real, mu_fake, head, x_real, x_hat, ids, _, turn = _iteration()
+    null = torch.zeros_like(ids)
+    parts = lambda d: dmd.generator_loss(x_hat, ids, null, mu_real, mu_fake, head, d, 4.0, 0.01, 2)[1]
+    base = parts(turn)
+    for key, changes in (("sigma_dmd", "L_DMD"), ("eps_dmd", "L_DMD"), ("sigma_gan", "L_G"),
+                         ("eps_gan", "L_G")):
+        new = parts(_redrawn(turn, key))
+        for term in ("L_DMD", "L_G"):
+            assert torch.equal(new[term], base[term]) == (term != changes), (key, term)
+
+
+def _batch_sizes(module):
+    """A list that fills with the batch size of every call of the module's network."""
+    seen = []
+    module.net.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+    return seen
+
+
+@torch.no_grad()
+def test_guidance_goes_to_the_real_score_only():
+    """With cfg_w != 1 the real score runs caption and null caption together (one call of batch
+    2B) and its guidance changes the DMD gradient; the fake score always runs the B samples with
+    their captions only (guidance on it would double its batch too)."""
+    mu_real, mu_fake, head, x_real, x_hat, ids, _, turn = _iteration()
+    null = torch.zeros_like(ids)
+    real_calls, fake_calls = _batch_sizes(mu_real), _batch_sizes(mu_fake)
+    guided = dmd.generator_loss(x_hat, ids, null, mu_real, mu_fake, head, turn, 4.0, 0.01, 2)[1]
+    assert real_calls == [4] and fake_calls == [2, 2]           # DMD's real and fake; L_G's features
+    real_calls.clear(), fake_calls.clear()
+    plain = dmd.generator_loss(x_hat, ids, null, mu_real, mu_fake, head, turn, 1.0, 0.01, 2)[1]
+    assert real_calls == [2] and fake_calls == [2, 2]
+    assert not torch.equal(guided["g"], plain["g"])             # the weight is used, not ignored
+
+
+@torch.no_grad()
+def test_the_discriminator_reads_the_configured_block():
+    mu_real, mu_fake, head, x_real, x_hat, ids, draws, turn = _iteration()
+    blocks = []
+    mu_fake.net.register_forward_pre_hook(lambda m, args, kw: blocks.append(kw.get("return_hidden")),
+                                          with_kwargs=True)
+    L_D = {b: dmd.fake_score_loss(x_real, x_hat, ids, mu_fake, head, draws, 0.01, b)[1]["L_D"]
+           for b in (1, 2)}
+    dmd.generator_loss(x_hat, ids, torch.zeros_like(ids), mu_real, mu_fake, head, turn, 4.0, 0.01, 1)
+    assert [b for b in blocks if b is not None] == [1, 2, 1] and not torch.equal(L_D[1], L_D[2])
+
+
+@torch.no_grad()
+def test_real_and_generated_latents_are_noised_alike_for_the_discriminator():
+    """Same sigma and same eps for both sides: a generator that reproduced the real latent exactly
+    would look exactly real to the discriminator."""
+    mu_real, mu_fake, head, x_real, _, ids, draws, _ = _iteration()
+    parts = dmd.fake_score_loss(x_real, x_real.clone(), ids, mu_fake, head, draws, 0.01, 2)[1]
+    assert torch.equal(parts["D_real"], parts["D_fake"])
+
+
+def test_dmd_normaliser_is_taken_at_x_hat_not_at_the_noised_sample():
+    """real_fn = 0 and fake_fn = 1 everywhere: g = 1 / mean|x_hat| per sample, whatever the noise
+    (the noised sample x_hat + sigma eps has a far larger mean magnitude at sigma = 20)."""
+    x_hat = 0.1 * torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(0))
+    g = dmd.dmd_gradient(x_hat, lambda x, s: torch.zeros_like(x), lambda x, s: torch.ones_like(x),
+                         torch.full((3,), 20.0), torch.randn(3, 4, 5))
+    expected = 1 / x_hat.abs().flatten(1).mean(1)
+    torch.testing.assert_close(g, expected[:, None, None].expand_as(g))
+
+
+# (p_gen, p_dsm, p_gan, p_dmd): every pair of settings differs in some row, every setting takes both values
+NOISE_SETTINGS = [("inf", "inf", "train", "train"), ("inf", "train", "inf", "train"),
+                  ("train", "train", "inf", "inf"), ("train", "inf", "train", "inf")]
+
+
+@pytest.mark.parametrize("kinds", NOISE_SETTINGS)
+def test_each_noise_level_follows_its_own_setting(kinds):
+    """The paper's four noise distributions are four settings. Drawn from a large batch, each sigma's
+    median tells which distribution it came from (p_train: about 0.30; p_inf: about 2.5); across
+    the four assignments every pair of settings differs once, so a sigma that read another setting
+    (or a fixed one) shows up."""
+    distill = dmd.DistillConfig(**dict(zip(("p_gen", "p_dsm", "p_gan", "p_dmd"), kinds)))
+    x = torch.zeros(4000, 1, 1)
+    rng = torch.Generator().manual_seed(0)
+    draws = dmd.iteration_draws(rng, x, distill, CFG)
+    turn = dmd.generator_turn_draws(rng, x, distill, CFG)
+    sigmas = {"p_gen": draws["sigma_gen"], "p_dsm": draws["sigma_dsm"], "p_gan": draws["sigma_gan"],
+              "p_dmd": turn["sigma_dmd"], "p_gan (generator turn)": turn["sigma_gan"]}
+    for name, sigma in sigmas.items():
+        setting = getattr(distill, name.split()[0])
+        median = sigma.median().item()
+        assert (median > 1.0) == (setting == "inf"), (name, setting, median)
