@@ -233,3 +233,15 @@ def test_each_noise_level_follows_its_own_setting(kinds):
         setting = getattr(distill, name.split()[0])
         median = sigma.median().item()
         assert (median > 1.0) == (setting == "inf"), (name, setting, median)
+
+
+def test_each_update_weighs_its_gan_term_by_its_own_nu():
+    """fake score: L_fake + nu2 L_D; generator: L_DMD + nu1 L_G (each loss returned with its parts)."""
+    mu_real, mu_fake, head, x_real, x_hat, ids, draws, turn = _iteration()
+    with torch.no_grad():
+        loss, parts = dmd.fake_score_loss(x_real, x_hat, ids, mu_fake, head, draws, 0.5, 2)
+        torch.testing.assert_close(loss, parts["L_fake"] + 0.5 * parts["L_D"])
+        loss, parts = dmd.generator_loss(x_hat, ids, torch.zeros_like(ids), mu_real, mu_fake, head,
+                                         turn, 4.0, 0.25, 2)
+        torch.testing.assert_close(loss, parts["L_DMD"] + 0.25 * parts["L_G"])
+

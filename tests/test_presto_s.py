@@ -130,6 +130,21 @@ def test_who_is_stepped_and_where_gradients_go(base_run, monkeypatch):
     assert all(p.grad is None for p in mu_real.parameters()) and _same(teacher0, mu_real)
 
 
+def test_the_iteration_passes_nu2_to_the_fake_update_and_nu1_to_the_generator(base_run, monkeypatch):
+    seen = {}
+    for name in ("fake_score_loss", "generator_loss"):
+        real_fn = getattr(dmd, name)
+
+        def spy(*args, real_fn=real_fn, name=name):
+            seen[name] = args[-2]                         # (..., nu, block)
+            return real_fn(*args)
+        monkeypatch.setattr(dmd, name, spy)
+    nets, opts, distill, run = _tiny_nets(base_run)
+    distill.nu1, distill.nu2 = 0.123, 0.456
+    run(0)                                                # a generator turn: both updates
+    assert seen == {"fake_score_loss": 0.456, "generator_loss": 0.123}
+
+
 def test_generator_gan_loss_reaches_G_through_the_fake_network(base_run, monkeypatch):
     """With the DMD gradient zeroed, the generator moves only if the LSGAN loss, which sees x_hat
     only through the mu_fake network and the head, carries a gradient back into G; and the generator's
