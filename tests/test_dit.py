@@ -72,6 +72,24 @@ def test_zero_budget_embedding_changes_nothing():
                                den(x, sigma, cond), rtol=0, atol=0)
 
 
+@torch.no_grad()
+def test_budget_b_reads_row_b_of_the_budget_embedding():
+    """The embedding is indexed by the number of blocks run: a clip at budget b must depend on row b
+    and on no other row (an off-by-one budget would read row b - 1)."""
+    den = randomize(make())
+    x, sigma, ids = inputs()
+    cond = den.net.encode_text(ids)
+    budget = torch.tensor([3, 3, 3])
+    full = den(x, sigma, cond, budget=budget)
+    table = den.net.budget_emb.weight
+    keep = table[3].clone()
+    table.zero_()
+    table[3] = keep                                       # every row but 3 zeroed: same output
+    torch.testing.assert_close(den(x, sigma, cond, budget=budget), full, rtol=0, atol=0)
+    table[3] = 0                                          # row 3 zeroed: the output moves
+    assert not torch.allclose(den(x, sigma, cond, budget=budget), full)
+
+
 def test_empty_caption_is_finite():
     den = randomize(make())
     x, sigma, _ = inputs()

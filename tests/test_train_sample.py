@@ -11,6 +11,7 @@ import soundfile as sf
 import torch
 
 import config
+import data
 import edm
 import sample
 import train
@@ -36,6 +37,20 @@ def test_checkpoint_carries_everything(tiny_run):
     assert not os.path.exists(os.path.join(tiny_run, "base.pt.tmp"))
     log = open(os.path.join(tiny_run, "base_log.jsonl")).read().splitlines()
     assert sum('"val_loss"' in l for l in log) == 2 and sum('"loss"' in l for l in log) == 6
+
+
+@pytest.mark.parametrize("p_uncond,null_share", [(1.0, 1.0), (0.0, 0.0)])
+def test_base_stage_drops_captions_for_cfg(tmp_path, monkeypatch, p_uncond, null_share):
+    """train.p_uncond is the share of training captions replaced by the null (all-PAD) caption, so
+    the model also learns D(x; sigma, null) that CFG needs at sampling time."""
+    seen = []
+    encode = edm.Denoiser.encode
+    monkeypatch.setattr(edm.Denoiser, "encode", lambda self, ids: seen.append(ids.clone()) or encode(self, ids))
+    cfg = config.make_config("tiny", {**FAST, "train.steps": "2", "train.p_uncond": str(p_uncond)})
+    train.train_base(cfg, str(tmp_path))
+    ids = torch.cat(seen)
+    assert len(ids) == 2 * cfg.train.batch_size
+    assert (ids == data.Tokenizer.PAD).all(1).float().mean().item() == null_share
 
 
 def test_sample_writes_a_valid_wav(tiny_run, tmp_path):
