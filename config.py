@@ -161,7 +161,11 @@ def check(cfg):
                for k in ("width", "depth", "heads")),
              ("model.patch", m.patch, m.patch >= 1, ">= 1"),
              *((f"{s}.{k}", getattr(getattr(cfg, s), k), getattr(getattr(cfg, s), k) >= 1, ">= 1")
-               for s in ("train", "clap", "distill", "layerdrop") for k in ("steps", "batch_size"))]
+               for s in ("train", "clap", "distill", "layerdrop") for k in ("steps", "batch_size")),
+             *((f"distill.{k}", getattr(cfg.distill, k), getattr(cfg.distill, k) in ok, " or ".join(ok))
+               for k, ok in [(p, ("train", "inf")) for p in ("p_gen", "p_dmd", "p_dsm", "p_gan")] + [
+                   ("gen_sigmas", ("continuous", "discrete")), ("gen_inputs", ("real", "backward")),
+                   ("gan_real", ("independent", "shared"))])]
     for name, value, ok, want in rules:
         if not ok:
             raise ValueError(f"{name} must be {want}, got {value}")

@@ -173,28 +173,30 @@ def make_dataset(cfg, split):
 
 
 @lru_cache(maxsize=8)
-def _permutation(n, seed, epoch):
-    return np.random.default_rng([seed, epoch]).permutation(n)
+def _permutation(n, seed, epoch, stream=0):
+    return np.random.default_rng([seed, epoch] + ([stream] if stream else [])).permutation(n)
 
 
-def batch_indices(step, batch_size, n, seed, rank=0, world=1):
+def batch_indices(step, batch_size, n, seed, rank=0, world=1, stream=0):
     """Data set indices of `rank`'s share of training step `step`; a pure function (no iterator state).
 
     The global batch of step s is positions [s*B*world, (s+1)*B*world) of an endless stream; rank r
     takes its B consecutive positions, so ranks are disjoint (for a finite set, as long as
     B*world <= n). Finite sets map position p to permutation_{epoch}[p % n], a fresh seeded
     permutation per epoch; the endless synthetic set (n == ENDLESS) uses positions as indices.
+    stream=1 is a second stream independent of the first (the GAN's real clips in Presto-S): its
+    own permutations of a finite set, or the endless set read from its far end (ENDLESS - 1 - p).
     """
     start = (step * world + rank) * batch_size
     positions = range(start, start + batch_size)
     if n >= ENDLESS:
-        return [p % ENDLESS for p in positions]
-    return [int(_permutation(n, seed, p // n)[p % n]) for p in positions]
+        return [ENDLESS - 1 - p if stream else p % ENDLESS for p in positions]
+    return [int(_permutation(n, seed, p // n, stream)[p % n]) for p in positions]
 
 
-def get_batch(ds, step, batch_size, seed, rank=0, world=1):
+def get_batch(ds, step, batch_size, seed, rank=0, world=1, stream=0):
     """(waves (B, channels, n_samples) float32 tensor, captions, labels) for one training step."""
-    clips = [ds.clip(i) for i in batch_indices(step, batch_size, len(ds), seed, rank, world)]
+    clips = [ds.clip(i) for i in batch_indices(step, batch_size, len(ds), seed, rank, world, stream)]
     waves = torch.from_numpy(np.stack([c.wave for c in clips]))
     return waves, [c.caption for c in clips], [c.labels for c in clips]
 

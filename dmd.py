@@ -42,6 +42,8 @@ class DistillConfig:
     grid_steps: int = 4          # N of the discrete grid, and the default sampling steps
     gen_inputs: str = "real"     # what is noised to sigma_gen: "real" latents (the paper's Presto-S), or
                                  # "backward": G's own 1-step sample (DMD2's backward simulation, one jump)
+    gan_real: str = "independent"  # the discriminator's real clips: "independent" (a batch of their own,
+                                 # as DMD2 draws them) or "shared" (the clips noised into G's inputs)
     cfg_w: float = 4.0           # CFG weight on the real score only (x0-space convention, edm.py)
     nu1: float = 3e-3            # generator loss = L_DMD + nu1 * L_G (LSGAN)
     nu2: float = 1e-2            # fake-score loss = L_fake + nu2 * L_D (LSGAN)
@@ -160,21 +162,23 @@ def generator_input(G_fn, x_real, draws, cond, distill, edm_cfg):
     raise ValueError(f"unknown distill.gen_inputs {distill.gen_inputs!r}; use 'real' or 'backward'")
 
 
-def fake_score_loss(x_real, x_hat, ids, mu_fake, head, draws, nu2, block):
+def fake_score_loss(x_real, x_hat, ids, mu_fake, head, draws, nu2, block, real_ids=None):
     """The fake score's update: L_fake + nu2 * L_D, and its parts (L_fake, L_D, D_real, D_fake).
 
     L_fake: denoising score matching of mu_fake on the detached generator samples x_hat at sigma_dsm,
     so mu_fake tracks the generator's distribution. L_D: the least-squares discriminator (mu_fake's
-    hidden state after `block`, then `head`) on real and generated latents noised to sigma_gan with
-    the same eps_gan. ids: the caption ids; both terms step mu_fake and head.
+    hidden state after `block`, then `head`) on real latents x_real and generated latents noised to
+    sigma_gan with the same eps_gan. ids: the generated latents' caption ids; real_ids: x_real's
+    (default ids: x_real are the clips G's inputs were made from). Both terms step mu_fake and head.
     """
     x_hat = x_hat.detach()
     cond = mu_fake.encode(ids)
+    cond_real = cond if real_ids is None else mu_fake.encode(real_ids)
     L_fake = edm.edm_loss(mu_fake, x_hat, cond, draws["sigma_dsm"], eps=draws["eps_dsm"]).mean()
     sigma = draws["sigma_gan"]
     x_real_s, x_fake_s = gan.noised_pair(x_real, x_hat, sigma, draws["eps_gan"])
     h = gan.features(mu_fake, torch.cat([x_real_s, x_fake_s]), torch.cat([sigma, sigma]),
-                     edm.cat_cond(cond, cond), block)
+                     edm.cat_cond(cond_real, cond), block)
     logits_real, logits_fake = head(h).chunk(2)
     L_D = gan.d_loss(logits_real, logits_fake)
     # logged as D_real / D_fake: the discriminator's mean output on real and generated latents

@@ -175,8 +175,9 @@ def presto_s_iteration(step, nets, opts, batches, distill, edm_cfg, block, grad_
 
     nets: {"G", "mu_fake", "mu_real", "head"}, opts: {"G", "mu_fake"} (the mu_fake optimizer also
     owns the discriminator head). batches: this process's micro-batches, each (x_real, ids,
-    null_ids, make_rng): real latents, caption ids, the null caption's ids, and make_rng() -> a
-    fresh RNG of the step (called twice: the generator turn replays the first half's draws).
+    null_ids, make_rng, gan_real): real latents, caption ids, the null caption's ids, make_rng() -> a
+    fresh RNG of the step (called twice: the generator turn replays the first half's draws), and
+    the discriminator's real clips (x, ids) (distill.gan_real: a batch of their own, or x_real, ids).
     block: the mu_fake block the discriminator reads. gen_fn(x, sigma, cond): how the generator is
     called (default G itself; Presto-LS passes G layer-dropped at the budget b(sigma_gen)).
 
@@ -199,7 +200,7 @@ def presto_s_iteration(step, nets, opts, batches, distill, edm_cfg, block, grad_
         return G_fn(dmd.generator_input(G_fn, x_real, draws, cond, distill, edm_cfg),
                     draws["sigma_gen"], cond)
 
-    for x_real, ids, _, make_rng in batches:                # 1. fake score + discriminator
+    for x_real, ids, _, make_rng, (x_gan, ids_gan) in batches:    # 1. fake score + discriminator
         draws = dmd.iteration_draws(make_rng(), x_real, distill, edm_cfg)
         # with one micro-batch x_hat's graph is kept for the generator turn, else recomputed there
         keep = gen_turn and len(batches) == 1
@@ -207,8 +208,8 @@ def presto_s_iteration(step, nets, opts, batches, distill, edm_cfg, block, grad_
             x_hat = sample_G(x_real, ids, draws)
         kept = x_hat if keep else None
         with autocast:
-            loss, parts = dmd.fake_score_loss(x_real, x_hat, ids, mu_fake, head, draws,
-                                              distill.nu2, block)
+            loss, parts = dmd.fake_score_loss(x_gan, x_hat, ids, mu_fake, head, draws,
+                                              distill.nu2, block, real_ids=ids_gan)
         (loss * weight).backward()
         add(parts)
     optimizer_step(opts["mu_fake"], grad_clip)
@@ -218,7 +219,7 @@ def presto_s_iteration(step, nets, opts, batches, distill, edm_cfg, block, grad_
     mu_fake.requires_grad_(False)                           # 2. generator, through frozen mu_fake
     head.requires_grad_(False)
     sigmas, g_abs = [], []
-    for x_real, ids, null_ids, make_rng in batches:
+    for x_real, ids, null_ids, make_rng, _ in batches:
         rng = make_rng()
         draws = dmd.iteration_draws(rng, x_real, distill, edm_cfg)   # replay: same sigma_gen, eps_gen
         turn = dmd.generator_turn_draws(rng, x_real, distill, edm_cfg)
@@ -295,6 +296,7 @@ def train_distill(cfg, out, resume, stage):
         f"discriminator on block {block}, on {device}"
         + (f", G layer-dropped ({cfg.layerdrop.method} schedule)" if gen_fn else "")
         + (f", G inputs {distill.gen_inputs}" if distill.gen_inputs != "real" else "")
+        + f", GAN real clips {distill.gan_real}"
         + (f", EMA {distill.ema}" if G_ema is not None else "")
         + (f", val FAD every {distill.val_every}" if distill.val_every > 0 else ""))
 
@@ -314,8 +316,11 @@ def train_distill(cfg, out, resume, stage):
                      train_cfg.ckpt_every)
     sums, counts, g_by_sigma = {}, {}, []
     for step in loop:
-        batches = [(x, ids, torch.zeros_like(ids), make_rng) for x, ids, _, make_rng, _ in
+        batches = [(x, ids, torch.zeros_like(ids), make_rng, (x, ids)) for x, ids, _, make_rng, _ in
                    micro_batches(train_ds, rep, tok, cfg, step, device, distill.batch_size)]
+        if distill.gan_real == "independent":      # the discriminator's real clips: a second stream
+            gan_real = micro_batches(train_ds, rep, tok, cfg, step, device, distill.batch_size, stream=1)
+            batches = [b[:4] + ((x, ids),) for b, (x, ids, *_) in zip(batches, gan_real)]
         losses = presto_s_iteration(step, nets, opts, batches, distill, cfg.edm, block,
                                     train_cfg.grad_clip, autocast, gen_fn=gen_fn)
         if "g_abs" in losses:                               # a generator turn
@@ -708,7 +713,7 @@ def micro_split(batch_size, micro_batch):
     return m, batch_size // m
 
 
-def shards(ds, step, batch_size, seed, micro_batch=0):
+def shards(ds, step, batch_size, seed, micro_batch=0, stream=0):
     """This process's micro-batches of global step `step`: yields (waves, captions, labels, rows,
     weight).
 
@@ -716,19 +721,19 @@ def shards(ds, step, batch_size, seed, micro_batch=0):
     positions [c*m, (c+1)*m) of the step's global batch, so no two processes share a clip and the
     chunks together are exactly the single-process batch (data.batch_indices). weight is the
     chunk's share of this process's clips: the loss multiplier that makes accumulated gradients a
-    mean (average_gradients then averages over processes).
+    mean (average_gradients then averages over processes). stream: data.batch_indices' stream.
     """
     m, chunks = micro_split(batch_size, micro_batch)
     for c in range(DIST.rank, chunks, DIST.world):
-        waves, captions, labels = data.get_batch(ds, step, m, seed, rank=c, world=chunks)
+        waves, captions, labels = data.get_batch(ds, step, m, seed, rank=c, world=chunks, stream=stream)
         yield waves, captions, labels, slice(c * m, (c + 1) * m), DIST.world / chunks
 
 
-def micro_batches(ds, rep, tok, cfg, step, device, batch_size):
+def micro_batches(ds, rep, tok, cfg, step, device, batch_size, stream=0):
     """shards() as latents: yields (x, ids, labels, make_rng, weight). make_rng() returns a fresh
     edm.BatchRNG of the step (call it again to replay the same draws)."""
     for waves, captions, labels, rows, weight in shards(ds, step, batch_size, cfg.data.seed,
-                                                        cfg.train.micro_batch):
+                                                        cfg.train.micro_batch, stream):
         x, ids = encode_batch(rep, tok, cfg, waves, captions, device)
         make_rng = lambda rows=rows: edm.BatchRNG(edm.step_generator(cfg.train.seed, step, device),
                                                   rows, batch_size)

@@ -63,6 +63,13 @@ MUTANTS = [
        "edm.drop_captions(ids, train_cfg.p_uncond, rng, data.Tokenizer.PAD)\n"
        "            sigma = edm.sample_p_train(ids.shape[0], cfg.edm, rng, device)\n"
        "            with autocast:\n                micro = edm.edm_loss(")]),
+    ("caption dropout missing in a stage that trains with CFG (ASE / Presto-L)", "train.py",
+     [("ids = edm.drop_captions(ids, train_cfg.p_uncond, rng, data.Tokenizer.PAD)  # CFG works",
+       "edm.drop_captions(ids, train_cfg.p_uncond, rng, data.Tokenizer.PAD)  # CFG works")]),
+    ("the GAN's real clips are G's own clips whatever distill.gan_real says", "train.py",
+     [('if distill.gan_real == "independent":', "if False:")]),
+    ("the GAN's real clips conditioned on the generated clips' captions", "dmd.py",
+     [("cond_real = cond if real_ids is None else mu_fake.encode(real_ids)", "cond_real = cond")]),
 ]
 
 

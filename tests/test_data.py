@@ -296,3 +296,15 @@ def test_batch_indices_pure_disjoint_and_epoch_permutations():
     assert batch_indices(0, 4, n, seed=6) != batch_indices(0, 4, n, seed=5)
     # the endless synthetic set: consecutive indices, ranks interleaved by global position
     assert batch_indices(2, 3, data.ENDLESS, 0, rank=1, world=2) == [15, 16, 17]
+
+
+def test_the_second_stream_is_its_own_deterministic_batch():
+    """stream=1 (the GAN's real clips): other clips than stream 0 at the same step, the same clips
+    on every call, and for a finite set still a permutation per epoch."""
+    for n in (10, data.ENDLESS):
+        for step in range(3):
+            a, b = batch_indices(step, 4, n, 5), batch_indices(step, 4, n, 5, stream=1)
+            assert a != b and b == batch_indices(step, 4, n, 5, stream=1)
+    epoch = [i for step in range(5) for i in batch_indices(step, 2, 10, 5, stream=1)]
+    assert sorted(epoch) == list(range(10))
+    assert batch_indices(0, 3, data.ENDLESS, 0, stream=1) == [data.ENDLESS - 1 - p for p in range(3)]

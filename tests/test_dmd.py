@@ -201,6 +201,17 @@ def test_real_and_generated_latents_are_noised_alike_for_the_discriminator():
     assert torch.equal(parts["D_real"], parts["D_fake"])
 
 
+@torch.no_grad()
+def test_the_discriminators_real_clips_are_conditioned_on_their_own_captions():
+    """An independent real batch (distill.gan_real) comes with its own captions: real_ids changes
+    what the discriminator says of the real half and leaves the generated half alone."""
+    mu_real, mu_fake, head, x_real, x_hat, ids, draws, _ = _iteration()
+    parts = lambda **kw: dmd.fake_score_loss(x_real, x_hat, ids, mu_fake, head, draws, 0.01, 2, **kw)[1]
+    own, other = parts(), parts(real_ids=ids.flip(0))
+    assert torch.equal(parts(real_ids=ids)["D_real"], own["D_real"])
+    assert not torch.equal(own["D_real"], other["D_real"]) and torch.equal(own["D_fake"], other["D_fake"])
+
+
 def test_dmd_normaliser_is_taken_at_x_hat_not_at_the_noised_sample():
     """real_fn = 0 and fake_fn = 1 everywhere: g = 1 / mean|x_hat| per sample, whatever the noise
     (the noised sample x_hat + sigma eps has a far larger mean magnitude at sigma = 20)."""

@@ -75,7 +75,8 @@ def _tiny_nets(base_run, teacher_trainable=False):
     x, ids = train.encode_batch(rep, tok, cfg, waves, captions, "cpu")
     nets = {"G": G, "mu_fake": mu_fake, "mu_real": mu_real, "head": head}
     block, distill = len(mu_fake.net.blocks) // 2, cfg.distill
-    batch = lambda step: [(x, ids, torch.zeros_like(ids), lambda: torch.Generator().manual_seed(step))]
+    batch = lambda step: [(x, ids, torch.zeros_like(ids), lambda: torch.Generator().manual_seed(step),
+                           (x, ids))]
     run = lambda step: train.presto_s_iteration(step, nets, opts, batch(step), distill, cfg.edm, block)
     return nets, opts, distill, run
 
@@ -135,14 +136,35 @@ def test_the_iteration_passes_nu2_to_the_fake_update_and_nu1_to_the_generator(ba
     for name in ("fake_score_loss", "generator_loss"):
         real_fn = getattr(dmd, name)
 
-        def spy(*args, real_fn=real_fn, name=name):
+        def spy(*args, real_fn=real_fn, name=name, **kw):
             seen[name] = args[-2]                         # (..., nu, block)
-            return real_fn(*args)
+            return real_fn(*args, **kw)
         monkeypatch.setattr(dmd, name, spy)
     nets, opts, distill, run = _tiny_nets(base_run)
     distill.nu1, distill.nu2 = 0.123, 0.456
     run(0)                                                # a generator turn: both updates
     assert seen == {"fake_score_loss": 0.456, "generator_loss": 0.123}
+
+
+@pytest.mark.parametrize("gan_real", ["independent", "shared"])
+def test_the_gan_real_batch_is_independent_of_the_generator_inputs_by_default(base_run, tmp_path, monkeypatch,
+                                                                           gan_real):
+    """distill.gan_real: the discriminator's real latents and captions are another batch than the
+    clips G's inputs are made from ("independent", DMD2's way), or those very clips ("shared")."""
+    seen = {"gen": [], "gan": []}
+    gen_input, fake_loss = dmd.generator_input, dmd.fake_score_loss
+    monkeypatch.setattr(train.dmd, "generator_input",
+                        lambda G_fn, x, *a: seen["gen"].append(x) or gen_input(G_fn, x, *a))
+    monkeypatch.setattr(train.dmd, "fake_score_loss", lambda x, x_hat, ids, *a, real_ids=None:
+                        seen["gan"].append((x, ids, real_ids)) or fake_loss(x, x_hat, ids, *a, real_ids=real_ids))
+    shutil.copy(os.path.join(base_run, "base.pt"), tmp_path)
+    train.train_presto_s(config.make_config("tiny", {**FAST, "distill.steps": "2",
+                                                     "distill.gan_real": gan_real}), str(tmp_path))
+    assert len(seen["gan"]) == len(seen["gen"]) == 2     # 2 fake turns (the generator turn reuses x_hat)
+    for x_gen, (x_gan, ids, real_ids) in zip(seen["gen"], seen["gan"]):
+        independent = not torch.equal(x_gen, x_gan) and not torch.equal(ids, real_ids)
+        assert independent == (gan_real == "independent"), gan_real
+        assert x_gan.shape == x_gen.shape and real_ids.shape == ids.shape
 
 
 def test_generator_gan_loss_reaches_G_through_the_fake_network(base_run, monkeypatch):
@@ -436,9 +458,12 @@ def distil(teacher, distill, rng, iters):
                                      betas=(0.9, 0.99))}
     nets = {"G": G, "mu_fake": mu_fake, "mu_real": teacher, "head": head}
     for step in range(iters):
-        x, state = mixture(distill.batch_size, rng), rng.get_state()
+        x = mixture(distill.batch_size, rng)
+        x_gan = mixture(distill.batch_size, rng) if distill.gan_real == "independent" else x
+        state = rng.get_state()
         replay = lambda: rng.set_state(state) or rng     # the iteration's draws, from where they start
-        train.presto_s_iteration(step, nets, opts, [(x, None, None, replay)], distill, TOY_EDM, block=2)
+        train.presto_s_iteration(step, nets, opts, [(x, None, None, replay, (x_gan, None))], distill,
+                                 TOY_EDM, block=2)
     return G.eval()
 
 

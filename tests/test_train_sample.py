@@ -53,6 +53,24 @@ def test_base_stage_drops_captions_for_cfg(tmp_path, monkeypatch, p_uncond, null
     assert (ids == data.Tokenizer.PAD).all(1).float().mean().item() == null_share
 
 
+@pytest.mark.parametrize("stage,encoders", [("ase", 1), ("presto-l", 2)])
+@pytest.mark.parametrize("p_uncond", [1.0, 0.0])
+def test_layer_drop_stages_drop_captions_for_cfg(tiny_run, tmp_path, monkeypatch, stage, encoders, p_uncond):
+    """ASE and Presto-L fine-tune a model that is sampled with CFG, so they too replace a share
+    train.p_uncond of the captions by the null (all-PAD) one: every training caption at 1, none
+    at 0 (Presto-L's teacher sees the same captions as its student)."""
+    seen = []
+    encode = edm.Denoiser.encode
+    monkeypatch.setattr(edm.Denoiser, "encode",
+                        lambda self, ids: seen.append(ids.clone()) or encode(self, ids))
+    shutil.copy(os.path.join(tiny_run, "base.pt"), tmp_path)
+    cfg = config.make_config("tiny", {**FAST, "layerdrop.steps": "2", "layerdrop.batch_size": "4", "train.p_uncond": str(p_uncond)})
+    {"ase": train.train_ase, "presto-l": train.train_presto_l}[stage](cfg, str(tmp_path))
+    ids = torch.cat(seen)
+    nulls = (ids == data.Tokenizer.PAD).all(1).sum().item()
+    assert nulls == (2 * cfg.layerdrop.batch_size * encoders if p_uncond else 0), (nulls, len(ids))
+
+
 def test_sample_writes_a_valid_wav(tiny_run, tmp_path):
     out = str(tmp_path / "clip.wav")
     sample.main(["--ckpt", os.path.join(tiny_run, "base.pt"), "--prompt", "slow organ chords in c major",
