@@ -137,6 +137,9 @@ def evaluate_run(run, opts, embed_fn, embed_text=None, predict_fn=None, device="
     cfg = loaded[0][0]
     test, train_ds = data.make_dataset(cfg.data, "test"), data.make_dataset(cfg.data, "train")
     n = min(opts.n, len(test), len(train_ds))
+    if n < 2:                              # a Gaussian fit (FAD) and MMD need two clips a side
+        raise ValueError(f"the data set of {run} has {len(test)} test and {len(train_ds)} training "
+                         "clips; FAD and MMD need at least 2 of each")
     rows = [r for _, _, rs in loaded for r in rs]
     bar = tqdm(total=2 + 3 * len(rows), desc="evaluate", dynamic_ncols=True)
 

@@ -207,6 +207,31 @@ def test_bad_counts_fail_before_any_work(eval_run, monkeypatch, flag, value):
     assert msg.startswith("error:") and f"{flag} {value}" in msg and "\n" not in msg
 
 
+def test_too_few_test_clips_for_a_gaussian_fit_is_one_line(eval_run, monkeypatch):
+    """A data set with one test clip (a small folder split) is named, not an 'Eigenvalues did not
+    converge' from the covariance of a single embedding; checked before any sampling."""
+    make = evaluate.data.make_dataset
+
+    class OneClip:
+        def __init__(self, ds):
+            self.ds = ds
+
+        def __len__(self):
+            return 1
+
+        def clip(self, i):
+            return self.ds.clip(i)
+    monkeypatch.setattr(evaluate.data, "make_dataset",
+                        lambda cfg, split: OneClip(make(cfg, split)) if split == "test" else make(cfg, split))
+    monkeypatch.setattr(evaluate.sample, "generate_waves", lambda *a, **k: pytest.fail("sampled"))
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--run", eval_run, "--n", "4", "--device", "cpu"])
+    msg = str(e.value.code)
+    assert msg.startswith("error:") and "has 1 test" in msg and "at least 2" in msg and "\n" not in msg
+    with pytest.raises(ValueError, match="at least 2"):
+        frechet_distance(torch.zeros(1, 3), torch.zeros(5, 3))
+
+
 def test_a_checkpoint_in_the_wrong_role_is_named(eval_run, tmp_path):
     """A base model saved as presto_l.pt is not scored as Presto-L: the stored stage is checked."""
     os.symlink(os.path.join(eval_run, "clap.pt"), tmp_path / "clap.pt")
