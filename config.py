@@ -18,10 +18,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+import ae
 import clap
 import data
 import dit
 import edm
+from ae import AEConfig
 from clap import ClapConfig
 from data import DataConfig
 from dit import DiTConfig
@@ -59,6 +61,7 @@ class TrainConfig:
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
+    ae: AEConfig = field(default_factory=AEConfig)
     model: DiTConfig = field(default_factory=DiTConfig)
     edm: EDMConfig = field(default_factory=EDMConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -151,7 +154,7 @@ def make_config(preset="cpu", overrides=None):
 
 def check(cfg):
     """Raise ValueError naming the field for a value no run can use, before any work starts."""
-    d, m = cfg.data, cfg.model
+    d, m, a = cfg.data, cfg.model, cfg.ae
     rules = [("data.seconds", d.seconds, 0 < d.seconds <= 600, "in (0, 600]"),
              ("data.sample_rate", d.sample_rate, d.sample_rate > 0, "> 0 (Hz)"),
              ("data.channels", d.channels, d.channels in (1, 2), "1 (mono) or 2 (stereo)"),
@@ -161,7 +164,9 @@ def check(cfg):
                for k in ("width", "depth", "heads")),
              ("model.patch", m.patch, m.patch >= 1, ">= 1"),
              *((f"{s}.{k}", getattr(getattr(cfg, s), k), getattr(getattr(cfg, s), k) >= 1, ">= 1")
-               for s in ("train", "clap", "distill", "layerdrop") for k in ("steps", "batch_size")),
+               for s in ("train", "clap", "distill", "layerdrop", "ae") for k in ("steps", "batch_size")),
+             ("ae.latent_channels", a.latent_channels, a.latent_channels >= 0, ">= 0 (0: off)"),
+             ("ae.stride", a.stride, a.stride >= 1 and a.stride & (a.stride - 1) == 0, "a power of 2"),
              *((f"distill.{k}", getattr(cfg.distill, k), getattr(cfg.distill, k) in ok, " or ".join(ok))
                for k, ok in [(p, ("train", "inf")) for p in ("p_gen", "p_dmd", "p_dsm", "p_gan")] + [
                    ("gen_sigmas", ("continuous", "discrete")), ("gen_inputs", ("real", "backward")),
@@ -219,20 +224,7 @@ def build(cfg, kind="denoiser", stats=None, vocab=None):
     """
     if kind not in ("denoiser", "clap"):
         raise ValueError(f"unknown model kind {kind!r}")
-    # the embedder's features keep the scale 0.5 whatever edm.sigma_data is
-    rep = data.Representation(cfg.data, cfg.edm.sigma_data if kind == "denoiser" else 0.5)
-    if stats is not None:
-        rep.load_state_dict(stats)
-    else:
-        ds = data.make_dataset(cfg.data, "train")
-        n = min(cfg.data.stats_clips, len(ds))
-        rep.fit(torch.stack([torch.from_numpy(ds.clip(i).wave) for i in range(n)]))
-    if vocab is not None:
-        tok = data.Tokenizer.from_state_dict(vocab)
-    elif cfg.data.dataset == "synth":
-        tok = data.Tokenizer.for_synth()
-    else:
-        tok = data.Tokenizer.from_captions(data.make_dataset(cfg.data, "train").captions)
+    rep, tok = representation(cfg, kind, stats), tokenizer(cfg, vocab)
     if kind == "clap":
         torch.manual_seed(cfg.clap.seed)
         return rep, tok, clap.ClapModel(cfg.clap, rep, tok, cfg.data.max_text_len,
@@ -242,6 +234,30 @@ def build(cfg, kind="denoiser", stats=None, vocab=None):
     cfg.model.max_text_len = cfg.data.max_text_len
     torch.manual_seed(cfg.train.seed)
     return rep, tok, edm.Denoiser(dit.DiT(cfg.model), cfg.edm.sigma_data)
+
+
+def representation(cfg, kind="denoiser", stats=None):
+    """The audio representation of a model kind: the normalised STFT (data.Representation), or for
+    a denoiser with ae.latent_channels > 0 the autoencoder's latent behind it (ae.py); statistics
+    (and the autoencoder's weights) from a checkpoint's stats, else fitted on training clips."""
+    # the embedder's features keep the scale 0.5 whatever edm.sigma_data is
+    rep = data.Representation(cfg.data, cfg.edm.sigma_data if kind == "denoiser" else 0.5)
+    if kind == "denoiser" and cfg.ae.latent_channels > 0:
+        if stats is None:
+            raise ValueError("ae.latent_channels > 0: train the autoencoder first (--stage ae writes "
+                             "OUT/ae.pt, which the base stage reads)")
+        rep = ae.LatentRepresentation(rep, cfg.ae, cfg.edm.sigma_data)
+    return rep.load_state_dict(stats) if stats is not None else rep.fit(data.stats_clips(cfg.data))
+
+
+def tokenizer(cfg, vocab=None):
+    """A checkpoint's tokenizer (vocab), or a fresh one: every synthetic caption word, or the
+    training captions' words of a folder data set."""
+    if vocab is not None:
+        return data.Tokenizer.from_state_dict(vocab)
+    if cfg.data.dataset == "synth":
+        return data.Tokenizer.for_synth()
+    return data.Tokenizer.from_captions(data.make_dataset(cfg.data, "train").captions)
 
 
 def checksum(ckpt):
@@ -305,6 +321,9 @@ def load_checkpoint(path, device="cpu", stages=None):
     if stats not in ckpt:
         raise ValueError(f"{path} is not a complete {stage} checkpoint (it has no {stats})")
     cfg = config_from_dict(ckpt["config"])
+    if stage == "ae":                   # the autoencoder alone: model = its network
+        rep = representation(cfg, "denoiser", ckpt["latent_stats"])
+        return cfg, ckpt, rep, tokenizer(cfg, ckpt["vocab"]), rep.net.to(device)
     if stage == "clap":
         rep, tok, model = build(cfg, "clap", ckpt["feature_stats"], ckpt["vocab"])
         model.load_state_dict(ckpt["model"])
@@ -339,12 +358,10 @@ def autocast_for(device):
 
 
 def compile_network(denoiser, mode=None):
-    """torch.compile the DiT's forward inside `denoiser`, in place (the state_dict keys stay the
-    same; the text encoder stays eager); returns the denoiser. It recompiles for every new batch
-    size or list of blocks (once per budget of a layer-dropped model), so the recompile limit is
-    raised to cover every budget. mode: torch.compile's; sample.py passes "reduce-overhead" on CUDA
-    (CUDA graphs: batch-1 few-step sampling is bound by kernel launches). Needs a C++ compiler on
-    CPU (and Triton on CUDA)."""
+    """torch.compile the DiT's forward inside `denoiser`, in place (same state_dict keys; the text
+    encoder stays eager); returns it. Each batch size or list of blocks (a budget) recompiles, so
+    the recompile limit covers every budget. mode: torch.compile's ("reduce-overhead" for batch-1
+    sampling on CUDA). Needs a C++ compiler on CPU (and Triton on CUDA)."""
     depth = len(denoiser.net.blocks)
     dynamo = torch._dynamo.config          # the limit's name before torch 2.7: cache_size_limit
     name = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"

@@ -200,6 +200,11 @@ def get_batch(ds, step, batch_size, seed, rank=0, world=1, stream=0):
     waves = torch.from_numpy(np.stack([c.wave for c in clips]))
     return waves, [c.caption for c in clips], [c.labels for c in clips]
 
+def stats_clips(cfg):
+    """The training clips (B, channels, N) that normalisation statistics are fitted on."""
+    ds = make_dataset(cfg, "train")
+    return torch.stack([torch.from_numpy(ds.clip(i).wave) for i in range(min(cfg.stats_clips, len(ds)))])
+
 # -----------------------------------------------------------------------------
 # The representation: normalised log-magnitude STFT <-> waveform
 

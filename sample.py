@@ -43,9 +43,16 @@ def per_sample_noise(seeds, shape, device):
     return lambda i=0: torch.cat([torch.randn(1, *shape, generator=rng) for rng in gens]).to(device)
 
 
+def frame_hop(cfg):
+    """Audio samples per latent frame: the STFT hop, times the autoencoder's stride when there is one."""
+    return cfg.data.hop * (cfg.ae.stride if cfg.ae.latent_channels > 0 else 1)
+
+
 def latent_frames(cfg, seconds):
-    """Frames T of the latent the samplers generate for `seconds` of audio."""
-    return int(round(seconds * cfg.data.sample_rate / cfg.data.hop))
+    """Frames T of the latent the samplers generate for `seconds` of audio (STFT frames, or with
+    an autoencoder its latent frames: ceil(STFT frames / ae.stride), as ae.LatentRepresentation)."""
+    T = int(round(seconds * cfg.data.sample_rate / cfg.data.hop))
+    return -(-T // cfg.ae.stride) if cfg.ae.latent_channels > 0 else T
 
 
 def _setup(denoiser, tok, cfg, prompts, seeds, seconds):
@@ -162,11 +169,11 @@ def check_request(cfg, prompts, seconds, steps):
     for i, p in enumerate(prompts):
         if not p.strip():
             raise ValueError(f"prompt {i + 1} is empty (give some text; --cfg 0 ignores it)")
-    shortest = cfg.data.hop / cfg.data.sample_rate           # one latent frame
+    shortest = frame_hop(cfg) / cfg.data.sample_rate   # one latent frame
     if not seconds > 0:
         raise ValueError(f"--seconds must be > 0, got {seconds}")
     if seconds < shortest:
-        raise ValueError(f"--seconds must be at least {shortest:g} (one frame of {cfg.data.hop} "
+        raise ValueError(f"--seconds must be at least {shortest:g} (one frame of {frame_hop(cfg)} "
                          f"samples at {cfg.data.sample_rate} Hz), got {seconds}")
     if seconds > cfg.data.seconds + 1e-9:
         raise ValueError(f"--seconds {seconds} is beyond what this model was trained on "

@@ -3,13 +3,14 @@
     python train.py --stage base --preset cpu --out runs/cpu [--set train.steps=3000 ...] [--resume]
 
 Stages, each writing one checkpoint in OUT (later stages read earlier ones):
+    ae         optional: the latent autoencoder (ae.py), when ae.latent_channels > 0   -> ae.pt
     base       the EDM + DiT teacher (the paper's base model; edm.py, dit.py)          -> base.pt
     clap       the evaluation embedder (clap.py; the paper scores with pretrained CLAP) -> clap.pt
     presto-s   step distillation of base.pt (Sec. 3.1-3.2, Algorithm 1; dmd.py, gan.py) -> presto_s.pt
     ase        the layer-drop baseline: base.pt fine-tuned to exit after b blocks      -> ase.pt
     presto-l   layer distillation of base.pt (Sec. 3.3; layerdrop.py)                  -> presto_l.pt
     presto-ls  Presto-S with the generator from presto_l.pt (the paper's Presto-LS)    -> presto_ls.pt
-    all        the six in this order, skipping those whose checkpoint is complete
+    all        these in this order, skipping those whose checkpoint is complete
 
 How to read this file: `train_base` first, a flat nanoGPT-style loop; then `presto_s_iteration`
 (one Presto-S iteration: draws, the two losses of dmd.py, the optimiser steps) and the loops
@@ -30,11 +31,11 @@ import os
 import sys
 import time
 import warnings
-from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
+import ae
 import clap
 import config
 import data
@@ -44,6 +45,7 @@ import edm
 import evaluate
 import gan
 import layerdrop
+from dist import DIST, average_gradients, barrier, gather_rows, global_mean, init_distributed
 
 
 # ----------------------------------------------------------------------------------------------
@@ -53,8 +55,10 @@ def train_base(cfg, out, resume=False):
     """Train the teacher; returns the path of base.pt."""
     train_cfg = cfg.train
     device, path, ckpt = stage_setup(cfg, out, "base.pt", resume)
-    rep, tok, denoiser = config.build(cfg, "denoiser", ckpt and ckpt["latent_stats"],
-                                      ckpt and ckpt["vocab"])
+    stats = ckpt and ckpt["latent_stats"]
+    if stats is None and cfg.ae.latent_channels > 0:       # a latent model: OUT/ae.pt's autoencoder
+        stats = config.load_checkpoint(earlier(out, "ae.pt"), stages=("ae",))[2].state_dict()
+    rep, tok, denoiser = config.build(cfg, "denoiser", stats, ckpt and ckpt["vocab"])
     denoiser.to(device)
     ema = copy.deepcopy(denoiser).eval().requires_grad_(False)
     opt = adamw(denoiser.parameters(), train_cfg.lr, train_cfg, device)
@@ -101,6 +105,69 @@ def train_base(cfg, out, resume=False):
             say(f"step {done}: train loss {loss.item():.4f}, val loss (EMA) {val:.4f}")
         loop.checkpoint(done, lambda done: write_checkpoint(path, config.model_checkpoint(
             "base", done, train_cfg.steps, cfg, denoiser, ema, opt, tok, rep, val_loss=val)))
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# The ae stage: the latent autoencoder (ae.py), trained on normalised STFT frames
+
+def train_ae(cfg, out, resume=False):
+    """Train the autoencoder the base model diffuses in (ae.latent_channels > 0); returns ae.pt's
+    path. The checkpoint's latent_stats hold the STFT statistics, the autoencoder's weights and
+    its latent normalisation: what every later checkpoint carries on."""
+    ae_cfg, train_cfg = cfg.ae, cfg.train
+    if ae_cfg.latent_channels <= 0:
+        raise ValueError("--stage ae needs ae.latent_channels > 0 (e.g. --set ae.latent_channels=32)")
+    device, path, ckpt = stage_setup(cfg, out, "ae.pt", resume)
+    stft = data.Representation(cfg.data, cfg.edm.sigma_data)
+    stft.load_state_dict(ckpt["latent_stats"]) if ckpt else stft.fit(data.stats_clips(cfg.data))
+    rep = ae.LatentRepresentation(stft, ae_cfg, cfg.edm.sigma_data)
+    net = rep.net.to(device).train().requires_grad_(True)
+    opt = adamw(net.parameters(), ae_cfg.lr, train_cfg, device)
+    if ckpt is not None:
+        net.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["opt"])
+    train_ds, val_ds = data.make_dataset(cfg.data, "train"), data.make_dataset(cfg.data, "val")
+    frames = lambda waves: ae.pad_frames(stft.encode(waves.to(device)), ae_cfg.stride)
+    val = frames(data.get_batch(val_ds, 0, min(16, len(val_ds)), cfg.data.seed)[0])   # fixed clips
+    tok = config.tokenizer(cfg, ckpt and ckpt["vocab"])
+    say(f"ae: {dit.n_params(net) / 1e6:.2f}M params, {stft.latent_channels}x{stft.n_frames(cfg.data.seconds)} "
+        f"STFT frames -> {ae_cfg.latent_channels}x{rep.n_frames(cfg.data.seconds)} latents, "
+        f"{ae_cfg.steps} steps of {ae_cfg.batch_size} clips on {device}")
+    loop = StageLoop("ae", path, ckpt["step"] if ckpt else 0, ae_cfg.steps, resume, "ae.lr",
+                     train_cfg.ckpt_every)
+    for step in loop:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, ae_cfg)
+        loss = torch.zeros((), device=device)
+        for waves, _, _, _, weight in shards(train_ds, step, ae_cfg.batch_size, cfg.data.seed,
+                                             train_cfg.micro_batch):
+            gen = edm.step_generator(ae_cfg.seed, step, device)
+            micro = ae.reconstruction_loss(net, frames(waves), ae_cfg.latent_noise, gen)[0] * weight
+            micro.backward()
+            loss += micro.detach()
+        grad_norm = optimizer_step(opt, train_cfg.grad_clip)
+        loop.watch(step, loss=loss, grad_norm=grad_norm)
+        done = step + 1
+        row = loop.logged(done, train_cfg.log_every, loss=loss, grad_norm=grad_norm)
+        if row is not None:
+            loop.bar.set_postfix(loss=f"{row['loss']:.4f}")
+            loop.write(step=done, **row, lr=lr_at(step, ae_cfg))
+        if DIST.main and loop.due(done, train_cfg.eval_every):
+            with torch.no_grad():
+                net.eval()
+                val_loss = ae.reconstruction_loss(net, val, 0.0)[0].item()
+                net.train()
+            loop.write(step=done, val_loss=val_loss)
+            say(f"step {done}: train loss {loss.item():.4f}, val reconstruction MSE {val_loss:.4f}")
+
+        def checkpoint(done):
+            rep.fit(data.stats_clips(cfg.data))                # the latent normalisation, as of now
+            write_checkpoint(path, {"stage": "ae", "step": done, "done": done >= ae_cfg.steps,
+                                    "config": dataclasses.asdict(cfg), "model": net.state_dict(),
+                                    "opt": opt.state_dict(), "vocab": tok.state_dict(),
+                                    "latent_stats": rep.state_dict()})
+        loop.checkpoint(done, checkpoint)
     return path
 
 
@@ -637,64 +704,23 @@ def earlier(out, name):
 
 def load_teacher(cfg, out, device):
     """The frozen teacher OUT/base.pt (EMA weights, eval mode, no grad) of a stage that starts
-    from the base model; its data, model and EDM settings are the ones the student must keep, so
-    they replace cfg's. Returns (rep, tok, teacher)."""
+    from the base model; its data, autoencoder, model and EDM settings are the ones the student
+    must keep, so they replace cfg's. Returns (rep, tok, teacher)."""
     teacher_cfg, _, rep, tok, teacher = config.load_checkpoint(earlier(out, "base.pt"), device,
                                                                stages=("base",))
-    flat = lambda c: {f"{s}.{k}": v for s in ("data", "model", "edm")
+    flat = lambda c: {f"{s}.{k}": v for s in ("data", "ae", "model", "edm")
                       for k, v in dataclasses.asdict(getattr(c, s)).items()}
     theirs = flat(teacher_cfg)      # (0 / "": fields that build() fills in, not settings)
     lost = [f"{k}={v}" for k, v in flat(cfg).items() if v not in (0, "") and theirs[k] != v]
     if lost:
         warnings.warn(f"base.pt's settings replace {', '.join(lost)}: a student keeps its teacher's "
-                      "data, model and EDM settings")
-    cfg.data, cfg.model, cfg.edm = teacher_cfg.data, teacher_cfg.model, teacher_cfg.edm
+                      "data, autoencoder, model and EDM settings")
+    cfg.data, cfg.ae, cfg.model, cfg.edm = teacher_cfg.data, teacher_cfg.ae, teacher_cfg.model, teacher_cfg.edm
     return rep, tok, teacher
 
 
 # ----------------------------------------------------------------------------------------------
-# Data parallelism under torchrun, nanoGPT-style: a few `if DIST.world > 1` lines, no framework.
-#
-#   torchrun --nproc_per_node=N train.py --stage S ...   (CPU: gloo; CUDA: nccl, one GPU per process)
-#
-# `*.batch_size` is always the *global* batch. It is cut into chunks of `train.micro_batch` clips
-# (0: one chunk per process); process r takes chunks r, r+N, r+2N, ... and accumulates their
-# gradients, so changing N or the micro-batch keeps the optimisation the same. Each chunk draws
-# its noise with edm.BatchRNG, so a clip gets the same noise wherever it runs. Gradients are
-# averaged with one all-reduce per optimiser step (`average_gradients`), which is what
-# DistributedDataParallel does in buckets during backward. We do it by hand, after backward: Presto-S
-# calls the fake network several times per step and freezes it on generator turns, and an explicit
-# all-reduce of exactly the parameters an optimiser owns cannot hit DDP's unused-parameter errors
-# or hang. Only rank 0 writes logs and checkpoints; every rank reads a checkpoint to resume.
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    device: str = "cpu"        # where collectives run: this process's GPU under NCCL, else cpu
-
-    @property
-    def main(self):
-        return self.rank == 0
-
-
-DIST = Dist()          # this process's place in the job; a plain `python train.py` is a world of one
-
-
-def init_distributed():
-    """Join the process group that torchrun describes in the environment (no-op without torchrun)."""
-    global DIST
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not torch.distributed.is_initialized():
-        cuda = torch.cuda.is_available()
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        DIST = Dist(int(os.environ["RANK"]), world, local, f"cuda:{local}" if cuda else "cpu")
-        if cuda:
-            torch.cuda.set_device(DIST.local_rank)
-        torch.distributed.init_process_group("nccl" if cuda else "gloo")
-    return DIST
-
+# Batches of a step (data parallelism itself, under torchrun, is in dist.py)
 
 def say(msg):
     """print, on rank 0 only (and through tqdm, so progress bars are not broken)."""
@@ -740,79 +766,12 @@ def micro_batches(ds, rep, tok, cfg, step, device, batch_size, stream=0):
         yield x, ids, labels, make_rng, weight
 
 
-def average_gradients(params):
-    """All-reduce the mean gradient over processes, in one flat buffer.
-
-    A parameter without a gradient on some process (a block no clip of its micro-batch ran)
-    counts as a zero there; one without a gradient anywhere stays without (as it would in a
-    single process), so AdamW skips it on every rank alike.
-    """
-    params = [p for p in params if p.requires_grad]
-    if DIST.world == 1 or not params:
-        return
-    dev = params[0].device
-    flat = torch.cat([*(p.grad.flatten() if p.grad is not None else torch.zeros(p.numel(), device=dev)
-                        for p in params),
-                      torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=dev)])
-    torch.distributed.all_reduce(flat)
-    used, offset = flat[-len(params):], 0
-    for i, p in enumerate(params):
-        grad = flat[offset:offset + p.numel()].view_as(p) / DIST.world
-        if p.grad is not None:
-            p.grad.copy_(grad)
-        elif used[i] > 0:       # a host sync, only for a parameter this process did not use
-            p.grad = grad.to(p.dtype)
-        offset += p.numel()
-
-
-def global_mean(values):
-    """{name: tensor} -> {name: float}: each value averaged over processes (one host sync: call
-    it at log steps only)."""
-    if not values:
-        return {}
-    keys = sorted(values)
-    dev = DIST.device if DIST.world > 1 else "cpu"      # NCCL reduces CUDA tensors only
-    stacked = torch.stack([values[k].detach().float().reshape(()).to(dev) for k in keys])
-    if DIST.world > 1:
-        torch.distributed.all_reduce(stacked)
-        stacked = stacked / DIST.world
-    return dict(zip(keys, stacked.tolist()))
-
-
-class _GatherRows(torch.autograd.Function):
-    """Concatenate every process's rows (forward); give each process the summed gradient of its
-    own rows (backward), so a loss over the gathered batch trains every process's encoder."""
-
-    @staticmethod
-    def forward(ctx, x):
-        parts = [torch.empty_like(x) for _ in range(DIST.world)]
-        torch.distributed.all_gather(parts, x.contiguous())
-        ctx.n = x.shape[0]
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous()
-        torch.distributed.all_reduce(grad)
-        return grad[DIST.rank * ctx.n:(DIST.rank + 1) * ctx.n]
-
-
-def gather_rows(x):
-    """The global batch of embeddings for a loss that needs all of it (the contrastive loss)."""
-    return x if DIST.world == 1 else _GatherRows.apply(x)
-
-
-def barrier():
-    if DIST.world > 1:
-        torch.distributed.barrier()
-
-
 # ----------------------------------------------------------------------------------------------
 # The command line
 
 # stage name -> (checkpoint file it writes in --out, the function that trains it), in the order
 # --stage all runs them
-STAGES = {"base": ("base.pt", train_base), "clap": ("clap.pt", train_clap),
+STAGES = {"ae": ("ae.pt", train_ae), "base": ("base.pt", train_base), "clap": ("clap.pt", train_clap),
           "presto-s": ("presto_s.pt", train_presto_s), "ase": ("ase.pt", train_ase),
           "presto-l": ("presto_l.pt", train_presto_l),
           "presto-ls": ("presto_ls.pt", train_presto_ls)}
@@ -847,6 +806,9 @@ def run_all(out, preset, sets, force=False):
     resumed, a missing one trained."""
     for stage, (ckpt_name, _) in STAGES.items():
         path = os.path.join(out, ckpt_name)
+        if stage == "ae" and not os.path.exists(path) and not config.make_config(
+                preset or "cpu", sets).ae.latent_channels:
+            continue                           # no autoencoder: the DiT diffuses STFT frames
         ckpt = config.read_checkpoint(path) if os.path.exists(path) and not force else None
         if ckpt is not None and ckpt.get("done"):
             say(f"{stage}: {path} is complete, skipped (--force retrains it)")
@@ -863,12 +825,14 @@ def main(argv=None):
                     "batch sizes stay global (train.micro_batch sets gradient accumulation).",
         formatter_class=config.HelpFormatter)
     p.add_argument("--stage", choices=[*STAGES, "all"], default="base",
-                   help="base: the EDM + DiT teacher -> OUT/base.pt; clap: the evaluation "
+                   help="ae: optional latent autoencoder, when ae.latent_channels > 0 -> OUT/ae.pt "
+                        "(the base stage then diffuses its latents); "
+                        "base: the EDM + DiT teacher -> base.pt; clap: the evaluation "
                         "embedder -> clap.pt; presto-s: step distillation of base.pt -> "
                         "presto_s.pt; ase: the layer-drop baseline from base.pt -> ase.pt; "
                         "presto-l: layer distillation of base.pt -> presto_l.pt; presto-ls: "
-                        "Presto-S with the generator from presto_l.pt -> presto_ls.pt; all: those "
-                        "six in that order, skipping a stage whose checkpoint is complete "
+                        "Presto-S with the generator from presto_l.pt -> presto_ls.pt; all: these "
+                        "in that order, skipping a stage whose checkpoint is complete "
                         "(unless --force) and resuming an incomplete one")
     p.add_argument("--preset", choices=list(config.PRESETS), default=None,
                    help=config.PRESET_HELP + " (default: cpu; with --resume, the checkpoint's)")

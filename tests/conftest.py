@@ -2,6 +2,7 @@
 import os
 
 import pytest
+import torch
 
 import config
 import train
@@ -33,3 +34,13 @@ def crash_after_first_checkpoint(monkeypatch, stage_fn, *args, only=None):
     with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
         m.setattr(train, "write_checkpoint", save_then_die)
         stage_fn(*args)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Every op of a tiny model is small: one thread is fastest, and far faster on a busy machine
+    (use with pytestmark = pytest.mark.usefixtures("one_thread"))."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

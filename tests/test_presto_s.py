@@ -30,13 +30,7 @@ FAST = {"train.steps": "6", "train.ckpt_every": "3", "train.eval_every": "3", "t
         "distill.steps": "6", "distill.batch_size": "2"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Every op here is tiny: one thread is fastest, and far faster on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")    # conftest: tiny ops run fastest on one thread
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,173 @@
+"""ae.py: a small learned latent autoencoder, so the DiT diffuses a short, compact latent.
+
+Presto's base model is a *latent* diffusion model (the paper's Sec. 4.1: a DiT over the latents of
+an audio autoencoder). Our default representation (data.Representation) is the normalised
+log-magnitude STFT itself: 129 channels at 62.5 frames/s at the `cpu` preset, so a 4 s clip is 250
+frames that the DiT must model bin by bin. This file adds the missing piece at toy scale: a 1-D
+convolutional autoencoder over time that maps those STFT frames to `latent_channels` channels at
+1/`stride` of the frame rate, and back. The diffusion model then works on the short latent; the
+audio still comes from Griffin-Lim on the decoded STFT.
+
+Read first: `AutoEncoder` (the network), `reconstruction_loss` (what `--stage ae` minimises), then
+`LatentRepresentation`, which puts the autoencoder behind the same encode / decode interface the
+STFT representation has, so every stage, sample.py and evaluate.py use it unchanged.
+
+Two choices keep the latent easy to diffuse [ours]: it is normalised per channel to std
+sigma_data (EDM's preconditioning assumes that scale), and the decoder is trained on latents with
+noise added (`latent_noise`, relative to the latent's own spread), so the latent space is smooth
+and a slightly-off latent from a few-step generator still decodes to a plausible spectrogram.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class AEConfig:
+    latent_channels: int = 0     # latent channels (0: no autoencoder; the DiT diffuses the STFT frames)
+    stride: int = 4              # time down-sampling, a power of 2 (62.5 -> 15.6 frames/s at 4)
+    width: int = 256             # conv channels
+    latent_noise: float = 0.1    # training noise on the latent, in units of its per-channel std
+    steps: int = 2000            # optimiser steps of --stage ae
+    batch_size: int = 16         # clips per step
+    lr: float = 1e-3             # AdamW peak lr, linear warm-up then cosine decay
+    warmup: int = 100
+    lr_decay: str = "cosine"
+    min_lr_frac: float = 0.1
+    seed: int = 0                # init seed and the training noise
+
+
+class ResBlock(nn.Module):
+    def __init__(self, width, groups=8):
+        super().__init__()
+        self.net = nn.Sequential(nn.GroupNorm(groups, width), nn.SiLU(), nn.Conv1d(width, width, 3, padding=1),
+                                 nn.GroupNorm(groups, width), nn.SiLU(), nn.Conv1d(width, width, 3, padding=1))
+
+    def forward(self, x):
+        return x + self.net(x)
+
+
+class AutoEncoder(nn.Module):
+    """(B, C, T) STFT frames <-> (B, latent_channels, T / stride) latents; T a multiple of stride.
+
+    Encoder: a conv in, then per halving a residual block and a stride-2 conv; a residual block and
+    a conv out. The decoder mirrors it with nearest-neighbour up-sampling and a conv per doubling."""
+
+    def __init__(self, in_channels, cfg):
+        super().__init__()
+        levels = cfg.stride.bit_length() - 1
+        if cfg.stride < 1 or 2 ** levels != cfg.stride:
+            raise ValueError(f"ae.stride must be a power of 2, got {cfg.stride}")
+        W, Z = cfg.width, cfg.latent_channels
+        down = [m for _ in range(levels) for m in (ResBlock(W), nn.Conv1d(W, W, 4, stride=2, padding=1))]
+        self.encoder = nn.Sequential(nn.Conv1d(in_channels, W, 3, padding=1), *down, ResBlock(W),
+                                     nn.GroupNorm(8, W), nn.SiLU(), nn.Conv1d(W, Z, 3, padding=1))
+        up = [m for _ in range(levels) for m in (nn.Upsample(scale_factor=2), nn.Conv1d(W, W, 3, padding=1),
+                                                  ResBlock(W))]
+        self.decoder = nn.Sequential(nn.Conv1d(Z, W, 3, padding=1), ResBlock(W), *up,
+                                     nn.GroupNorm(8, W), nn.SiLU(), nn.Conv1d(W, in_channels, 3, padding=1))
+        self.stride = cfg.stride
+
+    def encode(self, x):
+        return self.encoder(x)
+
+    def decode(self, z):
+        return self.decoder(z)
+
+
+def pad_frames(x, stride):
+    """Pad (B, C, T) on the right (repeating the last frame) to a multiple of stride frames."""
+    extra = -x.shape[-1] % stride
+    return F.pad(x, (0, extra), mode="replicate") if extra else x
+
+
+def reconstruction_loss(net, x, latent_noise, generator=None):
+    """What --stage ae minimises: the mean squared error of decode(encode(x) + noise) against x, on
+    the normalised STFT frames x (B, C, T), T a multiple of the stride. The noise on the latent is
+    latent_noise times each latent channel's std over the batch (detached), so the encoder cannot
+    escape it by growing its output. Returns (loss, the latent)."""
+    z = net.encode(x)
+    scale = z.detach().std(dim=(0, 2), keepdim=True)
+    noise = torch.randn(z.shape, generator=generator, device=z.device) if generator is not None else torch.randn_like(z)
+    return F.mse_loss(net.decode(z + latent_noise * scale * noise), x), z
+
+
+class LatentRepresentation:
+    """The STFT representation with the autoencoder behind it, with the same interface: encode
+    (waves -> latent (B, latent_channels, T / stride) with per-channel std sigma_data), decode
+    (latent -> waves, via the STFT's Griffin-Lim), latent_channels, frames_per_second, n_frames,
+    state_dict / load_state_dict (which carry the autoencoder's weights, so every checkpoint
+    built on it samples without a second file)."""
+
+    def __init__(self, stft, cfg, sigma_data=0.5):
+        self.stft, self.cfg, self.sigma_data = stft, cfg, sigma_data
+        torch.manual_seed(cfg.seed)
+        self.net = AutoEncoder(stft.latent_channels, cfg).eval().requires_grad_(False)
+        self.mean = self.std = None       # (Z,) statistics of the raw latent, set by fit
+
+    @property
+    def latent_channels(self):
+        return self.cfg.latent_channels
+
+    @property
+    def frames_per_second(self):
+        return self.stft.frames_per_second / self.cfg.stride
+
+    def n_frames(self, seconds):
+        return -(-self.stft.n_frames(seconds) // self.cfg.stride)
+
+    def log_magnitude(self, waves):
+        return self.stft.log_magnitude(waves)
+
+    def _stats(self, device):
+        if self.mean is None:
+            raise RuntimeError("LatentRepresentation has no statistics: call fit(waves) first")
+        return self.mean.to(device)[:, None], self.std.to(device)[:, None]
+
+    @torch.no_grad()
+    def raw_latent(self, waves):
+        """waves -> the encoder's unnormalised output (B, Z, T / stride), on the waves' device."""
+        net = self.net.to(waves.device)
+        return net.encode(pad_frames(self.stft.encode(waves), self.cfg.stride))
+
+    @torch.no_grad()
+    def fit(self, waves):
+        """Per-channel mean and std of the raw latent over batch and time; returns self."""
+        dev = next(self.net.parameters()).device
+        z = torch.cat([self.raw_latent(chunk.to(dev)) for chunk in waves.split(32)]).double()
+        self.mean = z.mean(dim=(0, 2)).float().cpu()
+        self.std = z.std(dim=(0, 2)).clamp_min(1e-3).float().cpu()
+        return self
+
+    def encode(self, waves):
+        """waves (B, ch, N) -> latent (B, Z, ceil(T / stride)) with per-channel std about sigma_data."""
+        mean, std = self._stats(waves.device)
+        return (self.raw_latent(waves) - mean) / std * self.sigma_data
+
+    @torch.no_grad()
+    def decode_frames(self, latent):
+        """latent (B, Z, T') -> normalised STFT frames (B, C, T' * stride)."""
+        mean, std = self._stats(latent.device)
+        return self.net.to(latent.device).decode(latent.float() / self.sigma_data * std + mean)
+
+    def decode(self, latent, iters=None):
+        """latent -> waves (B, ch, T' * stride * hop) by the STFT's Griffin-Lim."""
+        return self.stft.decode(self.decode_frames(latent), iters)
+
+    def state_dict(self):
+        self._stats("cpu")
+        return {**self.stft.state_dict(), "ae": {k: v.detach().cpu().clone() for k, v in self.net.state_dict().items()},
+                "ae_mean": self.mean.clone(), "ae_std": self.std.clone(), "ae_sigma_data": self.sigma_data,
+                "ae_config": {k: getattr(self.cfg, k) for k in ("latent_channels", "stride", "width")}}
+
+    def load_state_dict(self, d):
+        self.stft.load_state_dict(d)
+        for k, v in d["ae_config"].items():
+            if v != getattr(self.cfg, k):
+                raise ValueError(f"the autoencoder was trained with ae.{k}={v}, config has {getattr(self.cfg, k)}")
+        self.net.load_state_dict(d["ae"])
+        self.mean, self.std = d["ae_mean"].float().cpu(), d["ae_std"].float().cpu()
+        self.sigma_data = d["ae_sigma_data"]
+        return self

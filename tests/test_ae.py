@@ -1,0 +1,115 @@
+"""The latent autoencoder (ae.py, `--stage ae`): it learns to reconstruct, its latent is normalised
+to sigma_data, every later checkpoint carries it (sampling needs one file), it resumes exactly,
+and a latent model without its autoencoder is a clear error."""
+import os
+
+import pytest
+import torch
+
+import ae
+import config
+import data
+import sample
+import train
+from conftest import crash_after_first_checkpoint
+
+AE = {"ae.latent_channels": "8", "ae.width": "32", "ae.steps": "120", "ae.batch_size": "8",
+      "ae.warmup": "5", "ae.lr": "3e-3", "train.ckpt_every": "60", "train.eval_every": "120",
+      "train.log_every": "5", "data.seconds": "0.5", "data.stats_clips": "16", "model.patch": "1",
+      "model.text_width": "32", "train.steps": "4", "distill.steps": "2"}
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")    # conftest: tiny ops run fastest on one thread
+
+
+@pytest.fixture(scope="module")
+def ae_run(tmp_path_factory):
+    """ae.pt (120 steps), then base.pt diffusing its latents (4 steps)."""
+    out = str(tmp_path_factory.mktemp("ae"))
+    train.train_ae(config.make_config("tiny", AE), out)
+    train.train_base(config.make_config("tiny", AE), out)
+    return out
+
+
+def test_shapes_follow_the_stride():
+    cfg = config.make_config("tiny", {**AE, "ae.stride": "4"})
+    stft = data.Representation(cfg.data).fit(data.stats_clips(cfg.data))
+    rep = ae.LatentRepresentation(stft, cfg.ae).fit(data.stats_clips(cfg.data))
+    waves = data.stats_clips(cfg.data)[:2]
+    z = rep.encode(waves)
+    T = stft.n_frames(cfg.data.seconds)                       # 31 STFT frames -> 8 latent frames
+    assert z.shape == (2, 8, -(-T // 4)) == (2, 8, rep.n_frames(cfg.data.seconds))
+    assert z.shape[-1] == sample.latent_frames(cfg, cfg.data.seconds)
+    assert rep.decode(z, iters=2).shape == (2, 1, z.shape[-1] * 4 * cfg.data.hop)
+    with pytest.raises(ValueError, match="power of 2"):
+        ae.AutoEncoder(129, ae.AEConfig(latent_channels=8, stride=3))
+
+
+def test_the_autoencoder_learns_to_reconstruct(ae_run):
+    """Validation reconstruction MSE (no latent noise) after 120 steps is far below what the
+    untrained network gives and well below the frames' own variance (predicting their mean)."""
+    log = [l for l in open(os.path.join(ae_run, "ae_log.jsonl")) if "val_loss" in l]
+    cfg, _, rep, _, net = config.load_checkpoint(os.path.join(ae_run, "ae.pt"), stages=("ae",))
+    x = ae.pad_frames(rep.stft.encode(data.stats_clips(cfg.data)), cfg.ae.stride)
+    untrained = ae.AutoEncoder(x.shape[1], cfg.ae)
+    with torch.no_grad():
+        before = ae.reconstruction_loss(untrained, x, 0.0)[0].item()
+        after = ae.reconstruction_loss(net, x, 0.0)[0].item()
+    variance = x.var(dim=(0, 2)).mean().item()                # ~ sigma_data^2 = 0.25
+    assert len(log) == 1 and after < 0.6 * variance and after < 0.5 * before, (after, variance, before)
+
+
+def test_the_latent_is_normalised_to_sigma_data(ae_run):
+    cfg, _, rep, _, _ = config.load_checkpoint(os.path.join(ae_run, "ae.pt"), stages=("ae",))
+    z = rep.encode(data.stats_clips(cfg.data))                   # the clips the statistics came from
+    torch.testing.assert_close(z.mean(dim=(0, 2)), torch.zeros(8), atol=1e-4, rtol=0)
+    torch.testing.assert_close(z.std(dim=(0, 2)), torch.full((8,), cfg.edm.sigma_data), atol=1e-3, rtol=0)
+
+
+def test_later_checkpoints_carry_the_autoencoder(ae_run, tmp_path):
+    """base.pt holds ae.pt's weights and statistics: copied alone into another folder it samples,
+    and its latents decode exactly as ae.pt's autoencoder decodes them."""
+    os.link(os.path.join(ae_run, "base.pt"), tmp_path / "base.pt")
+    cfg, _, rep, tok, den = config.load_checkpoint(str(tmp_path / "base.pt"))
+    _, _, rep_ae, _, _ = config.load_checkpoint(os.path.join(ae_run, "ae.pt"), stages=("ae",))
+    z = sample.generate(den, tok, cfg, ["slow organ chords in c major"], [0], 0.5, steps=2)
+    assert z.shape == (1, 8, 8)
+    torch.testing.assert_close(rep.decode_frames(z), rep_ae.decode_frames(z))
+    out = str(tmp_path / "clip.wav")
+    sample.main(["--ckpt", str(tmp_path / "base.pt"), "--prompt", "a bell", "--steps", "2",
+                 "--seconds", "0.5", "--out", out, "--gl-iters", "2"])
+    assert os.path.getsize(out) > 0
+
+
+def test_a_latent_model_without_its_autoencoder_is_named(tmp_path):
+    cfg = config.make_config("tiny", AE)
+    with pytest.raises(FileNotFoundError, match="ae.pt not found"):
+        train.train_base(cfg, str(tmp_path))
+    with pytest.raises(ValueError, match="--stage ae"):
+        config.build(cfg, "denoiser")
+    with pytest.raises(ValueError, match="ae.latent_channels > 0"):
+        train.train_ae(config.make_config("tiny", {**AE, "ae.latent_channels": "0"}), str(tmp_path))
+    with pytest.raises(ValueError, match="ae.stride must be a power of 2"):
+        config.check(config.make_config("tiny", {**AE, "ae.stride": "6"}))
+
+
+def test_the_ae_stage_resumes_exactly(ae_run, tmp_path, monkeypatch):
+    crash_after_first_checkpoint(monkeypatch, train.train_ae, config.make_config("tiny", AE), str(tmp_path))
+    assert config.read_checkpoint(str(tmp_path / "ae.pt"))["step"] == 60
+    train.train_ae(config.make_config("tiny", AE), str(tmp_path), resume=True)
+    a, b = (config.read_checkpoint(os.path.join(d, "ae.pt")) for d in (ae_run, str(tmp_path)))
+    assert b["done"] and b["step"] == 120
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    torch.testing.assert_close(a["latent_stats"]["ae_std"], b["latent_stats"]["ae_std"], atol=0, rtol=0)
+
+
+def test_stage_all_trains_the_autoencoder_first_only_when_asked(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train, "STAGES", {k: train.STAGES[k] for k in ("ae", "base")})
+    sets = [f"{k}={v}" for k, v in {**AE, "ae.steps": "2"}.items()]
+    train.main(["--stage", "all", "--preset", "tiny", "--out", str(tmp_path / "latent"), "--set", *sets])
+    train.main(["--stage", "all", "--preset", "tiny", "--out", str(tmp_path / "stft"), "--set",
+                *sets, "ae.latent_channels=0"])
+    assert sorted(f for f in os.listdir(tmp_path / "latent") if f.endswith(".pt")) == ["ae.pt", "base.pt"]
+    assert sorted(f for f in os.listdir(tmp_path / "stft") if f.endswith(".pt")) == ["base.pt"]
+    assert "latents 8x8" in capsys.readouterr().out
