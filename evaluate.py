@@ -25,6 +25,7 @@ import os
 import platform
 import statistics
 import sys
+import textwrap
 import time
 from dataclasses import asdict, replace
 
@@ -124,11 +125,12 @@ def machine(device):
 
 @torch.no_grad()
 def evaluate_run(run, opts, embed_fn, embed_text=None, predict_fn=None, device="cpu", embedder="custom",
-                 judges=None):
+                 judges=None, examples=None):
     """Every row of a run folder. embed_fn(waves (B, ch, N)) -> (B, d); embed_text(captions) -> (B, d)
     and predict_fn(emb) -> {attribute: (B,) class index} are optional (their metrics become None).
     judges: {name: embed_fn} of further embedders that score every row with FAD, FAD_inf and MMD
-    too, as name_fad, name_fad_inf, name_mmd (e.g. {"aisfx": judge.Judge(...)})."""
+    too, as name_fad, name_fad_inf, name_mmd (e.g. {"aisfx": judge.Judge(...)}). examples: a dict
+    that receives {row name: its first opts.spectrograms clips} (the real test clips first)."""
     device = torch.device(device)
     present = [f for f in ROWS if os.path.isfile(os.path.join(run, f))]
     if not present:
@@ -181,6 +183,8 @@ def evaluate_run(run, opts, embed_fn, embed_text=None, predict_fn=None, device="
     captions, labels = [c.caption for c in clips], [c.labels for c in clips]
     test_waves = torch.from_numpy(np.stack([c.wave for c in clips]))
     real = {name: embed(test_waves, name) for name in judge_fns}
+    keep = lambda name, waves: examples.__setitem__(name, waves[:opts.spectrograms]) if examples is not None else None
+    keep("real test clips", test_waves)
     bar.update()
     train_waves = torch.from_numpy(np.stack([train_ds.clip(i).wave for i in range(n)]))
     # CLAP score and adherence of the real test clips are the ceiling; FAD / MMD: train vs test
@@ -198,6 +202,7 @@ def evaluate_run(run, opts, embed_fn, embed_text=None, predict_fn=None, device="
         waves = sample.generate_waves(gen, rep, captions, seconds, opts.batch)
         bad = int((~torch.isfinite(waves)).flatten(1).any(1).sum())
         waves = sample.listenable(waves)
+        keep(name, waves)
         audio = embed(waves)
         row = dict(name=name, **settings, **prompt_metrics(audio, captions, labels),
                    **judged(waves, audio), nonfinite_clips=bad)
@@ -274,7 +279,7 @@ def _judge_lines(res):
     """The judges' agreement section of the report (empty with one judge)."""
     lines = []
     for j in res["settings"].get("judges", []):
-        for key in ("fad", "fad_inf"):
+        for key in ("fad", "fad_inf", "mmd"):
             rho, flips = metrics.rank_agreement(res["rows"][1:], key, f"{j}_{key}")
             lines += [f"- {key} of the main embedder vs {j}: Spearman rank correlation "
                       f"{_fmt(rho, '.2f')} over {len(res['rows']) - 1} rows; ordered differently: "
@@ -348,6 +353,28 @@ def plot(res, path):
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return f"wrote {path}"
+
+
+def spectrograms(examples, captions, rep, path):
+    """A grid of log-magnitude spectrograms: one row per evaluated row (real clips first), one column
+    per caption (same seed across rows); returns a note if matplotlib is missing."""
+    plt = _pyplot()
+    if plt is None:
+        return "matplotlib is not installed: no spectrogram picture"
+    k = len(captions)
+    fig, axes = plt.subplots(len(examples), k, figsize=(3.2 * k, 1.6 * len(examples)), squeeze=False)
+    for i, (name, waves) in enumerate(examples.items()):
+        for j in range(k):
+            ax = axes[i][j]
+            ax.imshow(rep.log_magnitude(waves[j:j + 1, :1])[0].numpy(), origin="lower", aspect="auto",
+                      vmin=-9, vmax=3, cmap="magma")
+            ax.set(xticks=[], yticks=[])
+            ax.set_title("\n".join(textwrap.wrap(captions[j], 48)) if i == 0 else None, fontsize=6)
+        axes[i][0].set_ylabel(name, fontsize=7, rotation=0, ha="right", va="center")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return f"wrote {path}"
 
@@ -697,6 +724,9 @@ def main(argv=None):
     p.add_argument("--variance", action="store_true",
                    help="instead of the results table: hidden-state variance by depth and noise level, "
                         "and the head-input variance of full depth / ASE / Presto-L -> RUN/variance.{md,json}")
+    p.add_argument("--spectrograms", type=int, default=3,
+                   help="also draw RUN/spectrograms.png: the first N test captions, the real clip and "
+                        "every row's clip for each (needs matplotlib; 0: none)")
     p.add_argument("--variance-clips", type=int, default=16, help="held-out clips for --variance")
     p.add_argument("--variance-budget", type=int, default=None,
                    help="blocks run by ASE / Presto-L for --variance (default: their schedule)")
@@ -722,7 +752,7 @@ def main(argv=None):
     small = [f"--{k.replace('_', '-')} {v}" for k, v, lo in (
         ("threads", opts.threads, 0), ("batch", opts.batch, 1), ("repeats", opts.repeats, 1),
         ("steps", opts.steps, 1), ("dpm_steps", opts.dpm_steps, 1), ("ls_steps", opts.ls_steps, 1),
-        ("seeds", opts.seeds, 1), ("prompts", opts.prompts, 1), ("n", opts.n, 2),
+        ("seeds", opts.seeds, 1), ("prompts", opts.prompts, 1), ("n", opts.n, 2), ("spectrograms", opts.spectrograms, 0),
         ("few_steps", min(opts.few_steps), 1)) if v < lo]
     if small:                              # checked before any model is loaded or sample drawn
         sys.exit(f"error: {', '.join(small)}: --n must be >= 2, --threads >= 0 (0 = torch's "
@@ -751,11 +781,18 @@ def main(argv=None):
         device = config.pick_device(opts.device)
         if opts.variance:
             return write_variance(opts, device)
-        res = evaluate_run(opts.run, opts, device=device, **embedders(opts, device))
+        examples = {}
+        res = evaluate_run(opts.run, opts, device=device, examples=examples, **embedders(opts, device))
     except (ValueError, FileNotFoundError, RuntimeError, ModuleNotFoundError) as e:
         sys.exit(f"error: {e}")
-    write_report(opts.run, "results", res, to_markdown(res),
-                 plot(res, os.path.join(opts.run, "speed_vs_quality.png")))
+    notes = [plot(res, os.path.join(opts.run, "speed_vs_quality.png"))]
+    if opts.spectrograms:
+        cfg = config.config_from_dict(config.read_checkpoint(checkpoint_file(opts.run, res["settings"]["checkpoints"][0]))["config"])
+        k = len(examples["real test clips"])               # opts.spectrograms, or n if fewer
+        captions = [data.make_dataset(cfg.data, "test").clip(i).caption for i in range(k)]
+        notes.append(spectrograms(examples, captions, data.Representation(cfg.data),
+                                  os.path.join(opts.run, "spectrograms.png")))
+    write_report(opts.run, "results", res, to_markdown(res), *notes)
 
 
 if __name__ == "__main__":
