@@ -532,19 +532,20 @@ def test_toy_mixture_distils_into_a_one_step_generator():
     assert after < 0.5 * mmd_before and after < 0.07, (after, mmd_before)
 
 
-def compare_generator_inputs(modes=("real", "backward"), seeds=(0, 1, 2), iters=1000):
-    """The toy with continuous generator inputs, per distill.gen_inputs mode and seed: points near a
-    mode, smallest mode share / true share and MMD at 1, 2 and 4 steps (EXPERIMENTS.md).
-    Run: PYTHONPATH=. python tests/test_presto_s.py   (~1 min per mode and seed on one core)."""
+def compare(field="gen_inputs", values=("real", "backward"), seeds=(0, 1, 2), iters=1000):
+    """The toy with continuous generator inputs, per value of one distill field and seed: points near
+    a mode, smallest mode share / true share and MMD at 1, 2 and 4 steps (EXPERIMENTS.md).
+    Run: PYTHONPATH=. python tests/test_presto_s.py [FIELD VALUE VALUE ...]
+    (default: gen_inputs real backward; ~1 min per value and seed on one core)."""
     torch.set_num_threads(1)
-    for mode in modes:
+    for value in values:
         for seed in seeds:
             rng = torch.Generator().manual_seed(seed)
             torch.manual_seed(seed)
             teacher = train_toy_teacher(rng)
             data = mixture(256, torch.Generator().manual_seed(99)).transpose(1, 2).reshape(-1, 2)
             distill = dmd.DistillConfig(cfg_w=1.0, nu1=0.1, nu2=1e-2, gen_every=5, lr_gen=1e-3,
-                                   lr_fake=1e-3, batch_size=32, gen_inputs=mode)
+                                   lr_fake=1e-3, batch_size=32, **{field: value})
             G = distil(teacher, distill, rng, iters)
             cols = []
             for steps in (1, 2, 4):
@@ -552,8 +553,9 @@ def compare_generator_inputs(modes=("real", "backward"), seeds=(0, 1, 2), iters=
                 near, shares = mode_stats(pts)
                 cols.append(f"{steps}-step near {near:.2f} min share {shares.min() * N_MODES:.2f} "
                             f"MMD {mmd(pts, data):.3f}")
-            print(f"{mode:8s} seed {seed}: " + " | ".join(cols), flush=True)
+            print(f"{field}={value:12s} seed {seed}: " + " | ".join(cols), flush=True)
 
 
 if __name__ == "__main__":
-    compare_generator_inputs()
+    import sys
+    compare(sys.argv[1], tuple(sys.argv[2:])) if len(sys.argv) > 2 else compare()
