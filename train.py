@@ -63,7 +63,7 @@ def train_base(cfg, out, resume=False):
     ema = copy.deepcopy(denoiser).eval().requires_grad_(False)
     opt = adamw(denoiser.parameters(), train_cfg.lr, train_cfg, device)
     start = config.restore(ckpt, denoiser, ema, opt)
-    autocast = config.autocast_for(device)
+    autocast = config.autocast_for(device, train_cfg.precision)
     train_ds, val_ds = data.make_dataset(cfg.data, "train"), data.make_dataset(cfg.data, "val")
     micro_size, chunks = micro_split(train_cfg.batch_size, train_cfg.micro_batch)
     say(f"base: DiT-{cfg.model.size} {dit.n_params(denoiser.net) / 1e6:.2f}M params, latents "
@@ -356,7 +356,7 @@ def train_distill(cfg, out, resume, stage):
     best_path = os.path.join(out, f"{name}_best.pt")
     validator = (evaluate.FewStepValidator(cfg, out, rep, tok, device)
                  if distill.val_every > 0 and DIST.main else None)
-    autocast = config.autocast_for(device)
+    autocast = config.autocast_for(device, train_cfg.precision)
     train_ds = data.make_dataset(cfg.data, "train")
     say(f"{stage}: distilling DiT-{cfg.model.size} ({dit.n_params(G.net) / 1e6:.2f}M params), "
         f"{distill.steps} iterations of {distill.batch_size} clips, G every {distill.gen_every}, "
@@ -460,7 +460,7 @@ def train_layerdrop(cfg, out, resume=False):
     teacher = teacher if drop.method == "presto-l" and drop.st_weight else None
     opt = adamw(student.parameters(), drop.lr, train_cfg, device)
     start = config.restore(ckpt, student, ema, opt)
-    autocast = config.autocast_for(device)
+    autocast = config.autocast_for(device, train_cfg.precision)
     train_ds, val_ds = data.make_dataset(cfg.data, "train"), data.make_dataset(cfg.data, "val")
     depth = len(student.net.blocks)
     budgets = layerdrop.schedule_budgets(depth, drop).tolist()

@@ -266,10 +266,19 @@ def test_overrides_are_typed_and_checked():
         config.make_config("tiny", {"train.steps": "many"})
 
 
+@pytest.mark.parametrize("precision,device,dtype", [("auto", "cpu", torch.float32),
+                                                    ("bf16", "cpu", torch.bfloat16),
+                                                    ("fp32", "cpu", torch.float32)])
+def test_train_precision_picks_the_matmul_dtype(precision, device, dtype):
+    a = torch.randn(4, 8)
+    with config.autocast_for(torch.device(device), precision):
+        assert (a @ a.T).dtype == dtype
+
+
 @pytest.mark.parametrize("setting", ["train.steps=-5", "train.steps=0", "data.seconds=0",
                                      "data.seconds=1e6", "data.channels=3", "data.hop=0",
                                      "data.sample_rate=-8000", "model.depth=-1",
-                                     "distill.batch_size=0"])
+                                     "distill.batch_size=0", "train.precision=fp16"])
 def test_nonsense_settings_name_the_field_before_any_work(tmp_path, setting):
     with pytest.raises(SystemExit) as e:
         train.main(["--stage", "base", "--preset", "tiny", "--out", str(tmp_path), "--set", setting])
