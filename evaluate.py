@@ -555,10 +555,11 @@ def random_model(cfg, device):
     C = data.Representation(cfg.data, cfg.edm.sigma_data).latent_channels
     stats = {"mean": torch.zeros(C, device="cpu"), "std": torch.ones(C, device="cpu"),
              "sigma_data": cfg.edm.sigma_data, **{k: getattr(cfg.data, k) for k in data.Representation.KEYS}}
-    if cfg.ae.latent_channels > 0:         # an untrained autoencoder of the configured size
-        latent = ae.LatentRepresentation(data.Representation(cfg.data).load_state_dict(stats), cfg.ae)
-        latent.mean, latent.std = torch.zeros(cfg.ae.latent_channels), torch.ones(cfg.ae.latent_channels)
-        stats = latent.state_dict()
+    if cfg.ae.latent_channels > 0:         # an untrained autoencoder of the configured size (its
+        with torch.device("cpu"):          # weights made on the CPU even under a meta device)
+            latent = ae.LatentRepresentation(data.Representation(cfg.data).load_state_dict(stats), cfg.ae)
+            latent.mean, latent.std = torch.zeros(cfg.ae.latent_channels), torch.ones(cfg.ae.latent_channels)
+            stats = latent.state_dict()
     rep, tok, den = config.build(cfg, "denoiser", stats, data.Tokenizer.for_synth().state_dict())
     return rep, tok, den.to(device).eval().requires_grad_(False)
 

@@ -801,13 +801,21 @@ def run_stage(stage, out, preset, sets, resume=False, force=False):
     return path
 
 
+def wants_autoencoder(out, preset, sets):
+    """Whether --stage all trains ae.pt: as OUT/base.pt was configured if it exists (a folder of an
+    STFT teacher stays one), else as the preset and --set say."""
+    base = os.path.join(out, "base.pt")
+    cfg = (config.config_from_dict(config.read_checkpoint(base)["config"]) if os.path.exists(base)
+           else config.make_config(preset or "cpu", sets))
+    return cfg.ae.latent_channels > 0
+
+
 def run_all(out, preset, sets, force=False):
     """Every stage in order: a complete checkpoint is kept (force: retrained), an incomplete one
     resumed, a missing one trained."""
     for stage, (ckpt_name, _) in STAGES.items():
         path = os.path.join(out, ckpt_name)
-        if stage == "ae" and not os.path.exists(path) and not config.make_config(
-                preset or "cpu", sets).ae.latent_channels:
+        if stage == "ae" and not os.path.exists(path) and not wants_autoencoder(out, preset, sets):
             continue                           # no autoencoder: the DiT diffuses STFT frames
         ckpt = config.read_checkpoint(path) if os.path.exists(path) and not force else None
         if ckpt is not None and ckpt.get("done"):

@@ -113,3 +113,9 @@ def test_stage_all_trains_the_autoencoder_first_only_when_asked(tmp_path, monkey
     assert sorted(f for f in os.listdir(tmp_path / "latent") if f.endswith(".pt")) == ["ae.pt", "base.pt"]
     assert sorted(f for f in os.listdir(tmp_path / "stft") if f.endswith(".pt")) == ["base.pt"]
     assert "latents 8x8" in capsys.readouterr().out
+    # continued without a preset (the cpu preset has an autoencoder), an STFT teacher's folder stays one
+    def refuse(*args, **kwargs):
+        raise AssertionError("trained an autoencoder for a folder whose teacher diffuses STFT frames")
+    monkeypatch.setitem(train.STAGES, "ae", ("ae.pt", refuse))
+    train.main(["--stage", "all", "--out", str(tmp_path / "stft")])
+    assert sorted(f for f in os.listdir(tmp_path / "stft") if f.endswith(".pt")) == ["base.pt"]
