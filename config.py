@@ -85,9 +85,10 @@ PRESETS = {
              "layerdrop.steps": 10, "layerdrop.batch_size": 4},
     # the default: a latent teacher in ~30 minutes on 2 CPU cores (Intel Xeon with AMX): the
     # autoencoder (129 STFT bins at 62.5 frames/s -> 32 channels at 15.6/s, ~10 min), then a DiT-S
-    # over its 63 latent frames (patch 1, ~20 min); EXPERIMENTS.md, "The teacher at equal wall-clock"
+    # over its 63 latent frames (patch 1, ~20 min), trained at higher noise levels than EDM's image
+    # default (P_mean -0.6); EXPERIMENTS.md, "The teacher at equal wall-clock"
     "cpu": {"ae.latent_channels": 32, "ae.stride": 4, "model.size": "S", "model.patch": 1,
-            "train.steps": 2750, "train.batch_size": 16, "train.lr": 5e-4,
+            "edm.P_mean": -0.6, "train.steps": 2750, "train.batch_size": 16, "train.lr": 5e-4,
             "distill.steps": 300, "distill.batch_size": 8, "distill.lr_gen": 2e-4,
             "distill.lr_fake": 2e-4,                                 # ~13 min on one core
             "layerdrop.steps": 300, "layerdrop.batch_size": 16},   # ~7 min each on one core
@@ -96,7 +97,7 @@ PRESETS = {
     "gpu": {"data.sample_rate": 16000, "data.n_fft": 512, "data.hop": 256, "data.seconds": 8.0,
             "data.stats_clips": 1024, "ae.latent_channels": 64, "ae.stride": 4, "ae.width": 512,
             "ae.steps": 20_000, "ae.batch_size": 64, "ae.lr": 5e-4, "ae.warmup": 1000,
-            "model.size": "B", "model.patch": 1, "train.steps": 100_000,
+            "edm.P_mean": -0.6, "model.size": "B", "model.patch": 1, "train.steps": 100_000,
             "train.batch_size": 64, "train.lr": 1e-4, "train.warmup": 1000, "train.ema": 0.9999,
             "train.eval_every": 2000, "train.ckpt_every": 2000, "train.log_every": 50,
             "clap.width": 256, "clap.dim": 256, "clap.steps": 10_000, "clap.batch_size": 128,
@@ -109,7 +110,7 @@ PRESETS = {
     "paper": {"data.sample_rate": 44100, "data.seconds": 32.0, "data.n_fft": 2048,
               "data.hop": 1024, "data.stats_clips": 256, "ae.latent_channels": 64, "ae.stride": 4,
               "ae.width": 512, "ae.steps": 20_000, "ae.batch_size": 64, "ae.lr": 5e-4,
-              "ae.warmup": 1000, "model.size": "L", "model.patch": 1,
+              "ae.warmup": 1000, "edm.P_mean": -0.6, "model.size": "L", "model.patch": 1,
               "model.text_width": 512, "model.text_depth": 4, "model.text_heads": 8,
               "train.steps": 200_000, "train.batch_size": 128, "train.lr": 1e-4,
               "train.warmup": 2000, "train.ema": 0.9999, "train.eval_every": 5000,
