@@ -72,6 +72,13 @@ class Config:
     layerdrop: LayerDropConfig = field(default_factory=LayerDropConfig)
 
 
+# What the gpu and paper presets share: cpu's latent recipe at 64 channels, a bigger embedder.
+_ACCELERATOR = {"ae.latent_channels": 64, "ae.stride": 4, "ae.width": 512, "ae.steps": 20_000,
+                "ae.batch_size": 64, "ae.lr": 5e-4, "ae.warmup": 1000, "edm.P_mean": -0.6,
+                "model.patch": 1, "train.ema": 0.9999, "train.log_every": 50, "clap.width": 256,
+                "clap.dim": 256, "clap.batch_size": 128, "clap.eval_every": 1000,
+                "clap.ckpt_every": 1000, "clap.val_clips": 256}
+
 # Presets: small named overrides of the defaults above.
 PRESETS = {
     # tests: a few seconds on 2 cores
@@ -92,33 +99,22 @@ PRESETS = {
             "distill.steps": 300, "distill.batch_size": 8, "distill.lr_gen": 2e-4,
             "distill.lr_fake": 2e-4,                                 # ~13 min on one core
             "layerdrop.steps": 300, "layerdrop.batch_size": 16},   # ~7 min each on one core
-    # one GPU: 16 kHz, 8 s clips, a bigger model; scaled from cpu: 257 bins at 62.5 frames/s ->
-    # a 64-channel latent at 15.6/s, so 125 tokens of DiT-B for 8 s
-    "gpu": {"data.sample_rate": 16000, "data.n_fft": 512, "data.hop": 256, "data.seconds": 8.0,
-            "data.stats_clips": 1024, "ae.latent_channels": 64, "ae.stride": 4, "ae.width": 512,
-            "ae.steps": 20_000, "ae.batch_size": 64, "ae.lr": 5e-4, "ae.warmup": 1000,
-            "edm.P_mean": -0.6, "model.size": "B", "model.patch": 1, "train.steps": 100_000,
-            "train.batch_size": 64, "train.lr": 1e-4, "train.warmup": 1000, "train.ema": 0.9999,
-            "train.eval_every": 2000, "train.ckpt_every": 2000, "train.log_every": 50,
-            "clap.width": 256, "clap.dim": 256, "clap.steps": 10_000, "clap.batch_size": 128,
-            "clap.eval_every": 1000, "clap.ckpt_every": 1000, "clap.val_clips": 256,
-            "distill.steps": 20_000, "distill.batch_size": 32,
-            "layerdrop.steps": 10_000, "layerdrop.batch_size": 64},
+    # one GPU: 16 kHz, 8 s clips, a bigger model; the latent scaled from cpu's: 257 bins at 62.5
+    # frames/s -> 64 channels at 15.6/s, so 125 tokens of DiT-B for 8 s
+    "gpu": {**_ACCELERATOR, "data.sample_rate": 16000, "data.n_fft": 512, "data.hop": 256,
+            "data.seconds": 8.0, "data.stats_clips": 1024, "model.size": "B", "train.steps": 100_000,
+            "train.batch_size": 64, "train.lr": 1e-4, "train.warmup": 1000, "train.eval_every": 2000,
+            "train.ckpt_every": 2000, "clap.steps": 10_000, "distill.steps": 20_000,
+            "distill.batch_size": 32, "layerdrop.steps": 10_000, "layerdrop.batch_size": 64},
     # the paper's 32 s of 44.1 kHz (stereo: data.channels=2) and a DiT-L (~0.5B parameters), for
-    # latency on random weights and multi-GPU runs; scaled from cpu: 1025 bins at 43 frames/s ->
-    # a 64-channel latent at 10.8/s, 345 tokens for 32 s (ae.latent_channels=0: 1378 STFT frames)
-    "paper": {"data.sample_rate": 44100, "data.seconds": 32.0, "data.n_fft": 2048,
-              "data.hop": 1024, "data.stats_clips": 256, "ae.latent_channels": 64, "ae.stride": 4,
-              "ae.width": 512, "ae.steps": 20_000, "ae.batch_size": 64, "ae.lr": 5e-4,
-              "ae.warmup": 1000, "edm.P_mean": -0.6, "model.size": "L", "model.patch": 1,
-              "model.text_width": 512, "model.text_depth": 4, "model.text_heads": 8,
-              "train.steps": 200_000, "train.batch_size": 128, "train.lr": 1e-4,
-              "train.warmup": 2000, "train.ema": 0.9999, "train.eval_every": 5000,
-              "train.ckpt_every": 2000, "train.log_every": 50,
-              "clap.width": 256, "clap.dim": 256, "clap.steps": 20_000, "clap.batch_size": 128,
-              "clap.eval_every": 1000, "clap.ckpt_every": 1000, "clap.val_clips": 256,
-              "distill.steps": 20_000, "distill.batch_size": 64,
-              "layerdrop.steps": 20_000, "layerdrop.batch_size": 128},
+    # latency on random weights and multi-GPU runs; 1025 bins at 43 frames/s -> a 64-channel
+    # latent at 10.8/s, 345 tokens for 32 s (ae.latent_channels=0: 1378 STFT frames)
+    "paper": {**_ACCELERATOR, "data.sample_rate": 44100, "data.seconds": 32.0, "data.n_fft": 2048,
+              "data.hop": 1024, "data.stats_clips": 256, "model.size": "L", "model.text_width": 512,
+              "model.text_depth": 4, "model.text_heads": 8, "train.steps": 200_000,
+              "train.batch_size": 128, "train.lr": 1e-4, "train.warmup": 2000, "train.eval_every": 5000,
+              "train.ckpt_every": 2000, "clap.steps": 20_000, "distill.steps": 20_000,
+              "distill.batch_size": 64, "layerdrop.steps": 20_000, "layerdrop.batch_size": 128},
 }
 PRESET_HELP = ("tiny: tests, seconds per stage; cpu (the default): 2 CPU cores, a latent teacher in ~30 min; "
                "gpu: one GPU, 16 kHz 8 s clips, DiT-B; paper: 32 s of 44.1 kHz and a DiT-L (latency, many GPUs)")
