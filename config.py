@@ -97,8 +97,8 @@ PRESETS = {
     "cpu": {"ae.latent_channels": 32, "ae.stride": 4, "model.size": "S", "model.patch": 1,
             "edm.P_mean": -0.6, "train.steps": 2750, "train.batch_size": 16, "train.lr": 5e-4,
             "distill.steps": 300, "distill.batch_size": 8, "distill.lr_gen": 2e-4,
-            "distill.lr_fake": 2e-4,                                 # ~13 min on one core
-            "layerdrop.steps": 300, "layerdrop.batch_size": 16},   # ~7 min each on one core
+            "distill.lr_fake": 2e-4,                                 # ~7-9 min on one core
+            "layerdrop.steps": 300, "layerdrop.batch_size": 16},   # ~4-5 min each on one core
     # one GPU: 16 kHz, 8 s clips, a bigger model; the latent scaled from cpu's: 257 bins at 62.5
     # frames/s -> 64 channels at 15.6/s, so 125 tokens of DiT-B for 8 s
     "gpu": {**_ACCELERATOR, "data.sample_rate": 16000, "data.n_fft": 512, "data.hop": 256,
