@@ -17,7 +17,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import dit
-import synth
 
 @dataclass
 class ClapConfig:
@@ -26,7 +25,7 @@ class ClapConfig:
     audio_depth: int = 4       # dilated residual conv blocks (dilation 1, 2, 4, ...) in the audio tower
     text_depth: int = 1        # transformer layers in the text tower
     heads: int = 4             # text tower attention heads
-    attr_weight: float = 1.0   # weight of the attribute cross-entropy (synthetic data only)
+    attr_weight: float = 1.0   # weight of the attribute cross-entropy (labelled data sets only)
     gain_db: float = 6.0       # augmentation: random gain in [-gain_db, 0] dB per training clip
     steps: int = 1000          # optimiser steps
     batch_size: int = 32       # clips per step (also the InfoNCE negatives)
@@ -44,15 +43,10 @@ class ClapConfig:
 
 
 
-# attribute -> its classes (the label spaces of the synthetic set), and how a clip's labels map to one
-ATTRIBUTES = {"instrument": synth.INSTRUMENTS, "tonic": synth.TONICS, "mode": synth.MODES,
-              "tempo": synth.TEMPO_WORDS, "texture": synth.TEXTURES, "drums": (False, True)}
-
-
-def attribute_targets(labels):
-    """List of synthetic label dicts -> {attribute: LongTensor (B,)} of class indices."""
-    value = lambda l, k: synth.tempo_bucket(l["bpm"]) if k == "tempo" else ATTRIBUTES[k].index(l[k])
-    return {k: torch.tensor([value(l, k) for l in labels]) for k in ATTRIBUTES}
+def attribute_targets(labels, attributes):
+    """List of label dicts -> {attribute: LongTensor (B,)} of class indices in `attributes`
+    ({attribute: its classes}, data.attributes: synth.ATTRIBUTES or corpus.ATTRIBUTES)."""
+    return {k: torch.tensor([classes.index(l[k]) for l in labels]) for k, classes in attributes.items()}
 
 
 class ClapModel(nn.Module):
@@ -77,8 +71,8 @@ class ClapModel(nn.Module):
         self.text = dit.TextEncoder(tok.vocab_size, W, c.text_depth, c.heads, max_len)
         self.text_proj = nn.Linear(W, c.dim)
         self.log_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature
-        self.heads = nn.ModuleDict({k: nn.Linear(c.dim, len(v)) for k, v in ATTRIBUTES.items()}
-                                   if attributes else {})
+        self.attributes = dict(attributes or {})  # {attribute: classes}: one linear head each
+        self.heads = nn.ModuleDict({k: nn.Linear(c.dim, len(v)) for k, v in self.attributes.items()})
 
     def embed_audio(self, waves):
         """waves (B, ch, N) at cfg.data.sample_rate -> unit embeddings (B, d)."""
@@ -148,6 +142,6 @@ def embedder_scores(model, val):
     out = {"val_r1": retrieval_r1(audio, model.embed_text(captions))}
     if model.heads:
         out["val_attributes"] = attribute_accuracy(model.predict_attributes(audio),
-                                                   attribute_targets(labels))
+                                                   attribute_targets(labels, model.attributes))
     model.train()
     return out

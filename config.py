@@ -87,7 +87,8 @@ PRESETS = {
              "train.ckpt_every": 15, "train.val_batches": 1, "train.log_every": 5,
              "clap.width": 32, "clap.dim": 32, "clap.audio_depth": 2, "clap.steps": 20,
              "clap.batch_size": 8, "clap.warmup": 5, "clap.eval_every": 10, "clap.ckpt_every": 10,
-             "clap.val_clips": 8, "clap.log_every": 5,
+             "clap.val_clips": 8, "clap.log_every": 5, "data.corpus_pieces": 18,
+             "data.corpus_collections": ("bach", "fiddle", "irish"),  # on the corpus: ~6 s to parse
              "distill.steps": 10, "distill.batch_size": 4, "distill.disc_width": 16,
              "layerdrop.steps": 10, "layerdrop.batch_size": 4},
     # the default: a latent teacher in ~30 minutes on 2 CPU cores (Intel Xeon with AMX): the
@@ -184,6 +185,8 @@ def check(cfg):
     for name, value, ok, want in rules:
         if not ok:
             raise ValueError(f"{name} must be {want}, got {value}")
+    if d.dataset == "corpus":  # optional packages, collections, soundfont: checked before any work
+        __import__("corpus").check(d)
     return cfg
 
 
@@ -238,7 +241,7 @@ def build(cfg, kind="denoiser", stats=None, vocab=None):
     if kind == "clap":
         torch.manual_seed(cfg.clap.seed)
         return rep, tok, clap.ClapModel(cfg.clap, rep, tok, cfg.data.max_text_len,
-                                        attributes=cfg.data.dataset == "synth")
+                                        attributes=data.attributes(cfg.data))
     cfg.model.in_channels = rep.latent_channels
     cfg.model.vocab_size = tok.vocab_size
     cfg.model.max_text_len = cfg.data.max_text_len
@@ -261,12 +264,12 @@ def representation(cfg, kind="denoiser", stats=None):
 
 
 def tokenizer(cfg, vocab=None):
-    """A checkpoint's tokenizer (vocab), or a fresh one: every synthetic caption word, or the
-    training captions' words of a folder data set."""
+    """A checkpoint's tokenizer (vocab), or a fresh one: every word the synthetic or corpus
+    captions can contain, or the training captions' words of a folder data set."""
     if vocab is not None:
         return data.Tokenizer.from_state_dict(vocab)
-    if cfg.data.dataset == "synth":
-        return data.Tokenizer.for_synth()
+    if cfg.data.dataset in ("synth", "corpus"):
+        return data.Tokenizer.for_dataset(cfg.data.dataset)
     return data.Tokenizer.from_captions(data.make_dataset(cfg.data, "train").captions)
 
 

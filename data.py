@@ -30,7 +30,8 @@ import synth
 
 @dataclass
 class DataConfig:
-    dataset: str = "synth"        # "synth" (built-in synthetic music) or a path to a folder of audio + captions
+    dataset: str = "synth"        # "synth" (built-in synthetic music), "corpus" (rendered scores,
+                                  # corpus.py) or a path to a folder of audio + captions
     sample_rate: int = 8000       # Hz, everything is resampled to this
     seconds: float = 4.0          # clip length: audio is cut or zero-padded to this
     channels: int = 1             # 1 = mono, 2 = stereo (stereo is stacked into the latent's C axis)
@@ -44,13 +45,17 @@ class DataConfig:
     griffin_lim_momentum: float = 0.99  # fast Griffin-Lim (Perraudin et al. 2013); 0 = plain Griffin-Lim
     max_text_len: int = 32        # tokens per caption (longer captions are cut)
     seed: int = 0                 # data seed: same seed -> same clips
+    corpus_pieces: int = 3000     # corpus: scores parsed into the cache (an equal share per collection)
+    corpus_collections: tuple = ()  # corpus: which of corpus.COLLECTIONS (empty: all)
+    corpus_cache: str = "~/.cache/presto"  # corpus: folder of the parsed-score cache
+    soundfont: str = ""           # corpus: an SF2 file to render with ("": pretty_midi's TimGM6mb.sf2)
 
 
 class Clip(NamedTuple):
     """One example: audio, its caption, and (synthetic clips only) the ground truth behind the caption."""
     wave: np.ndarray   # (channels, n_samples) float32
     caption: str
-    labels: dict       # synthetic: instrument, tonic, mode, bpm, texture, drums; folder: {}
+    labels: dict       # synth / corpus: the attributes of synth.ATTRIBUTES / corpus.ATTRIBUTES; folder: {}
 
 
 SPLITS = {"train": 0, "val": 1, "test": 2}  # the id seeds a separate random stream per split
@@ -68,6 +73,27 @@ class SynthDataset:
 
     def clip(self, i):
         return Clip(*synth.synth_clip(self.cfg, SPLITS[self.split], i))
+
+
+class CorpusDataset:
+    """Endless set of rendered scores (corpus.py): clip(i) is rendered on the fly from the split's pieces."""
+
+    def __init__(self, cfg, split):
+        import corpus
+        self.cfg, self.split = cfg, split
+        self.pieces = corpus.split_pieces(corpus.build_cache(cfg)[0], split, cfg.val_fraction)
+        if not self.pieces:
+            raise ValueError(f"the corpus cache {corpus.cache_path(cfg)} has no pieces for split '{split}'")
+
+    def __len__(self):
+        return ENDLESS
+
+    def clip(self, i):
+        import corpus
+        wave, caption, labels = corpus.render_clip(self.cfg, self.pieces, SPLITS[self.split], i)
+        wave = resample(wave, corpus.render_rate(self.cfg), self.cfg.sample_rate)
+        wave = wave[:, :int(round(self.cfg.seconds * self.cfg.sample_rate))]
+        return Clip(wave * (0.9 / (np.abs(wave).max() + 1e-9)), caption, labels)
 
 # -----------------------------------------------------------------------------
 # Folder of real music
@@ -169,7 +195,18 @@ def make_dataset(cfg, split):
     """The `split` ("train" | "val" | "test") of the data set named by cfg.dataset."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {tuple(SPLITS)}, got {split!r}")
-    return SynthDataset(cfg, split) if cfg.dataset == "synth" else FolderDataset(cfg, split)
+    kind = {"synth": SynthDataset, "corpus": CorpusDataset}.get(cfg.dataset, FolderDataset)
+    return kind(cfg, split)
+
+
+def attributes(cfg):
+    """{attribute: its classes} that a data set's labels carry (adherence); {} for a folder."""
+    if cfg.dataset == "synth":
+        return synth.ATTRIBUTES
+    if cfg.dataset == "corpus":
+        import corpus
+        return corpus.ATTRIBUTES
+    return {}
 
 
 @lru_cache(maxsize=8)
@@ -330,9 +367,11 @@ class Tokenizer:
         return cls(sorted({w for c in captions for w in cls.split(c)}))
 
     @classmethod
-    def for_synth(cls):
-        """Every word the synthetic captions can contain, independent of which clips were drawn."""
-        return cls(sorted({w for p in synth.caption_words() for w in cls.split(p)}))
+    def for_dataset(cls, name="synth"):
+        """Every word the captions of the synth or corpus set can contain, whichever clips are drawn."""
+        import corpus
+        phrases = {"synth": synth.caption_words, "corpus": corpus.caption_words}[name]()
+        return cls(sorted({w for p in phrases for w in cls.split(p)}))
 
     @property
     def vocab_size(self):

@@ -163,7 +163,7 @@ def evaluate_run(run, opts, embed_fn, embed_text=None, predict_fn=None, device="
 
     def prompt_metrics(audio, captions, labels):   # CLAP score and adherence of embedded clips
         text = embed_text(captions).float().cpu() if embed_text else None
-        adh = (clap.attribute_accuracy(predict_fn(audio.to(device)), clap.attribute_targets(labels))
+        adh = (clap.attribute_accuracy(predict_fn(audio.to(device)), clap.attribute_targets(labels, data.attributes(cfg.data)))
                if predict_fn and labels[0] else None)
         by_clip = metrics.clap_score(audio, text, per_clip=True) if text is not None else None
         score, score_se = metrics.mean_and_se(by_clip) if by_clip is not None else (None, None)
@@ -560,7 +560,8 @@ def random_model(cfg, device):
             latent = ae.LatentRepresentation(data.Representation(cfg.data).load_state_dict(stats), cfg.ae)
             latent.mean, latent.std = torch.zeros(cfg.ae.latent_channels), torch.ones(cfg.ae.latent_channels)
             stats = latent.state_dict()
-    rep, tok, den = config.build(cfg, "denoiser", stats, data.Tokenizer.for_synth().state_dict())
+    rep, tok, den = config.build(cfg, "denoiser", stats, data.Tokenizer.for_dataset(
+        "corpus" if cfg.data.dataset == "corpus" else "synth").state_dict())
     return rep, tok, den.to(device).eval().requires_grad_(False)
 
 

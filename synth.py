@@ -27,6 +27,9 @@ TEMPO_WORDS = ("slow", "moderate", "upbeat", "fast")
 BPM_RANGE = (60, 180)
 SCALES = {"major": (0, 2, 4, 5, 7, 9, 11), "minor": (0, 2, 3, 5, 7, 8, 10)}  # natural minor
 DRUM_PHRASES = {True: ("with drums", "with a drum beat"), False: ("no drums", "without drums")}
+DRUMS = (False, True)
+ATTRIBUTES = {"instrument": INSTRUMENTS, "tonic": TONICS, "mode": MODES, "tempo": TEMPO_WORDS,
+              "texture": TEXTURES, "drums": DRUMS}  # the labels adherence is scored on
 TEMPLATES = (  # paraphrases, so the model learns the attributes rather than one sentence
     "{tempo} {instrument} {texture} in {tonic} {mode} at {bpm} bpm {drums}",
     "{tempo} {instrument} {texture}, {tonic} {mode}, {bpm} bpm, {drums}",
@@ -201,7 +204,8 @@ def synth_clip(cfg, split_id, i):
     else:
         wave = (music + 0.5 * kit)[None]
     wave = wave * (0.9 / (np.abs(wave).max() + 1e-9))
-    labels = dict(instrument=instrument, tonic=TONICS[tonic], mode=mode, bpm=bpm, texture=texture, drums=drums)
+    labels = dict(instrument=instrument, tonic=TONICS[tonic], mode=mode, bpm=bpm, texture=texture, drums=drums,
+                  tempo=TEMPO_WORDS[tempo_bucket(bpm)])
     template = TEMPLATES[rng.integers(len(TEMPLATES))]
     caption = template.format(tempo=TEMPO_WORDS[tempo_bucket(bpm)], tonic=TONICS[tonic],
                               drums=DRUM_PHRASES[drums][rng.integers(2)],

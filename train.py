@@ -204,7 +204,7 @@ def train_clap(cfg, out, resume=False):
             waves = waves * (10 ** (gain_db / 20))[:, None, None]                       # level invariance
             audio, text = model.embed_audio(waves.to(device)), model.embed_text(captions)
             loss_nce = clap.contrastive_loss(gather_rows(audio), gather_rows(text), model.log_scale)
-            loss_attr = (clap.attribute_loss(model.attribute_logits(audio), clap.attribute_targets(labels))
+            loss_attr = (clap.attribute_loss(model.attribute_logits(audio), clap.attribute_targets(labels, model.attributes))
                          if model.heads and labels[0] else torch.zeros((), device=device))
             loss = loss_nce + clap_cfg.attr_weight * loss_attr
             (loss * weight).backward()

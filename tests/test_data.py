@@ -207,7 +207,7 @@ def test_tokenizer_unknown_empty_and_sharps():
 
 
 def test_synth_vocabulary_covers_every_caption():
-    tok = Tokenizer.for_synth()
+    tok = Tokenizer.for_dataset("synth")
     captions = [synth_clip(DataConfig(), "test", i).caption for i in range(200)]
     ids = tok.encode(captions, max_len=32)
     assert (ids != Tokenizer.UNK).all()

@@ -1,0 +1,112 @@
+"""The corpus data set (corpus.py): rendered scores whose captions are true by construction."""
+import sys
+
+import numpy as np
+import pytest
+
+import clap
+import config
+import data
+
+corpus = pytest.importorskip("corpus")
+for name in ("music21", "pretty_midi", "tinysoundfont"):
+    pytest.importorskip(name, reason="pip install -r requirements-corpus.txt && pip install --no-deps tinysoundfont")
+
+
+@pytest.fixture(scope="module")
+def cfg(tmp_path_factory):
+    """The tiny preset on the corpus (18 pieces of three collections), cached in a temporary folder."""
+    c = config.make_config("tiny", {"data.dataset": "corpus",
+                                    "data.corpus_cache": str(tmp_path_factory.mktemp("corpus"))})
+    return config.check(c)
+
+
+def test_missing_package_is_one_line_naming_the_command(cfg, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tinysoundfont", None)  # import fails as if not installed
+    with pytest.raises(ImportError) as e:
+        config.check(cfg)
+    assert "\n" not in str(e.value) and "requirements-corpus.txt" in str(e.value)
+    assert "tinysoundfont" in str(e.value)
+
+
+def test_cache_is_built_once_and_counts_what_it_skipped(cfg, monkeypatch):
+    pieces, info = corpus.build_cache(cfg.data)
+    assert info["pieces"] == len(pieces) == 18 and info["per_collection"] == {"bach": 6, "fiddle": 6, "irish": 6}
+    assert info["skipped"] >= 0 and corpus.cache_path(cfg.data).exists()
+    # a file music21 cannot read is skipped and counted, never a crash
+    assert corpus._parse_file(("bach", "bach/no_such_piece.mxl")) == ([], 1)
+    # a second build reads the cache: parsing anything now would fail
+    monkeypatch.setattr(corpus, "_parse_file", lambda task: 1 / 0)
+    again, _ = corpus.build_cache(cfg.data)
+    assert again == pieces
+
+
+def test_clips_render_deterministically(cfg):
+    a, b = data.make_dataset(cfg.data, "train"), data.make_dataset(cfg.data, "train")
+    x, y = a.clip(3), b.clip(3)
+    assert x.caption == y.caption and x.labels == y.labels
+    np.testing.assert_array_equal(x.wave, y.wave)
+    assert x.wave.shape == (1, int(cfg.data.seconds * cfg.data.sample_rate)) and x.wave.dtype == np.float32
+    assert np.abs(x.wave).max() == pytest.approx(0.9, abs=1e-3)     # peak-normalised, not silent
+    assert not np.array_equal(a.clip(4).wave, x.wave)
+
+
+def test_splits_are_disjoint_by_piece_and_cover_every_collection(cfg):
+    ids = {s: {p["id"] for p in data.make_dataset(cfg.data, s).pieces} for s in ("train", "val", "test")}
+    assert not (ids["train"] & ids["val"]) and not (ids["train"] & ids["test"]) and not (ids["val"] & ids["test"])
+    assert len(ids["train"] | ids["val"] | ids["test"]) == 18
+    for s in ("val", "test"):
+        ds = data.make_dataset(cfg.data, s)
+        assert {p["collection"] for p in ds.pieces} == {"bach", "fiddle", "irish"}
+        assert all(ds.clip(i).labels["piece"] in ids[s] for i in range(6))
+
+
+def test_captions_state_the_labels_and_the_scores_metadata(cfg):
+    ds = data.make_dataset(cfg.data, "train")
+    by_id = {p["id"]: p for p in ds.pieces}
+    vocab = data.Tokenizer.for_dataset("corpus")
+    for i in range(24):
+        clip = ds.clip(i)
+        l, c, piece = clip.labels, clip.caption, by_id[clip.labels["piece"]]
+        for k, classes in corpus.ATTRIBUTES.items():
+            assert l[k] in classes, (k, l[k])
+        for phrase in (f"{l['tonic']} {l['mode']}", l["instrumentation"], f"{l['bpm']} ", piece["meter"]):
+            assert phrase in c, (phrase, c)
+        assert corpus.STYLE_PHRASES[l["style"]] in c
+        assert ("Bach" in c) == (piece["collection"] == "bach")        # the composer, where known
+        assert l["mode"] == piece["mode"] and l["style"] == corpus._style(piece["collection"], piece["id"], piece["title"])
+        assert l["texture"] == corpus.TEXTURES[min(len(piece["parts"]), 5) - 1]
+        assert (l["instrumentation"] in corpus.SOLOS) == (len(piece["parts"]) == 1)
+        assert data.Tokenizer.UNK not in vocab.encode([c])[0].tolist()  # every caption word is known
+
+
+def test_a_transposed_clip_sounds_in_its_labelled_key(cfg):
+    """A repeated A (MIDI 69) labelled A major: each clip's fundamental must be its labelled tonic."""
+    piece = dict(id="test#0", collection="fiddle", style="dance tune", composer=None, title="", tonic=9,
+                 mode="major", meter="4/4", beat=1.0, length=64.0, parts=[[[float(b), 1.0, 69] for b in range(64)]])
+    d = cfg.data
+    seen = set()
+    for i in range(8):
+        wave, _, labels = corpus.render_clip(d, [piece], 0, i)
+        rate = corpus.render_rate(d)
+        log_mag = np.log(np.abs(np.fft.rfft(wave[0] * np.hanning(wave.shape[1]))) + 1e-9)
+        hz = rate / wave.shape[1]                          # bin spacing
+        # harmonic sum over the first 4 partials, for candidates of 1/4 semitone from 250 to 700 Hz
+        # (the held note is 311-587 Hz after transposing)
+        f = 250 * 2 ** (np.arange(0, 12 * np.log2(700 / 250), 0.25) / 12)
+        score = sum(np.max([log_mag[np.round(h * f / hz).astype(int) + d] for d in (-1, 0, 1)], axis=0)
+                    for h in range(1, 5))
+        f0 = f[np.argmax(score)]
+        pitch_class = int(round(12 * np.log2(f0 / 440) + 69)) % 12
+        assert corpus.TONICS[pitch_class] == labels["tonic"], (f0, labels)
+        seen.add(labels["transpose"])
+    assert len(seen) > 1                                               # the draws did transpose
+
+
+def test_corpus_trains_the_embedders_attribute_heads(cfg):
+    rep, tok, model = config.build(cfg, "clap")
+    assert set(model.heads) == set(corpus.ATTRIBUTES)
+    ds = data.make_dataset(cfg.data, "val")
+    labels = [ds.clip(i).labels for i in range(4)]
+    targets = clap.attribute_targets(labels, model.attributes)
+    assert [int(targets["tonic"][b]) for b in range(4)] == [corpus.TONICS.index(l["tonic"]) for l in labels]
