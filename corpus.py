@@ -234,18 +234,6 @@ def build_cache(cfg, workers=None):
     return pieces, info
 
 
-def split_pieces(pieces, split, val_fraction):
-    """The pieces of a split: within each collection, pieces ordered by a stable hash of their id;
-    the first share (at least one) is val, the next test, the rest train. No piece is in two
-    splits, and every split has every collection."""
-    out = []
-    for coll in sorted({p["collection"] for p in pieces}):
-        group = sorted((p for p in pieces if p["collection"] == coll),
-                       key=lambda p: hashlib.sha1(p["id"].encode()).hexdigest())
-        k = max(1, round(val_fraction * len(group)))
-        out += {"val": group[:k], "test": group[k:2 * k], "train": group[2 * k:]}[split]
-    return out
-
 # -----------------------------------------------------------------------------
 # Rendering a clip
 

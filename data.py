@@ -39,7 +39,8 @@ class DataConfig:
     hop: int = 128                # STFT hop -> sample_rate / hop frames per second
     log_floor: float = 1e-4       # magnitudes are clamped to this before the log
     drums: float = 0.5            # probability that a synthetic clip has drums
-    val_fraction: float = 0.05    # folder data sets: share of files in the val split (test split the same)
+    val_fraction: float = 0.05    # folder / corpus: share of files (pieces) in the val split (test the same)
+    min_active: float = 0.1       # folder: clips with a smaller share of 50 ms frames above -50 dBFS are skipped
     stats_clips: int = 256        # training clips used to estimate the latent normalisation statistics
     griffin_lim_iters: int = 32   # decode quality vs time
     griffin_lim_momentum: float = 0.99  # fast Griffin-Lim (Perraudin et al. 2013); 0 = plain Griffin-Lim
@@ -81,7 +82,11 @@ class CorpusDataset:
     def __init__(self, cfg, split):
         import corpus
         self.cfg, self.split = cfg, split
-        self.pieces = corpus.split_pieces(corpus.build_cache(cfg)[0], split, cfg.val_fraction)
+        pieces = corpus.build_cache(cfg)[0]
+        self.pieces = []  # split by piece within each collection, so every split has every style
+        for coll in sorted({p["collection"] for p in pieces}):
+            group = {p["id"]: p for p in pieces if p["collection"] == coll}
+            self.pieces += [group[k] for k in sorted(hash_split(list(group), split, cfg.val_fraction))]
         if not self.pieces:
             raise ValueError(f"the corpus cache {corpus.cache_path(cfg)} has no pieces for split '{split}'")
 
@@ -98,7 +103,9 @@ class CorpusDataset:
 # -----------------------------------------------------------------------------
 # Folder of real music
 
-AUDIO_EXTS = (".wav", ".flac", ".ogg")
+# every format libsndfile reads here (WAV, FLAC, OGG/Opus, MP3 from libsndfile 1.1, AIFF, ...)
+AUDIO_EXTS = tuple(sorted({"." + f.lower() for f in sf.available_formats() if f != "RAW"}
+                          | {".aif", ".aifc", ".oga", ".opus"}))
 
 
 def resample(x, sr_in, sr_out):
@@ -110,10 +117,13 @@ def resample(x, sr_in, sr_out):
     return (np.fft.irfft(np.fft.rfft(x), n_out) * (n_out / n_in)).astype(np.float32)
 
 
-def _split_of(rel, val_fraction):
-    """Split of a file from a stable hash of its relative path (never depends on the seed or on order)."""
-    u = int(hashlib.sha1(rel.encode()).hexdigest()[:12], 16) / 16**12
-    return "val" if u < val_fraction else "test" if u < 2 * val_fraction else "train"
+def hash_split(names, split, fraction):
+    """The names (strings) in `split`: ordered by a stable hash of the name, the first
+    round(fraction * n) (at least one when fraction > 0) are val, the next as many test, the rest
+    train. Never depends on the seed or on file order; every split is non-empty from 3 names."""
+    ranked = sorted(names, key=lambda name: hashlib.sha1(name.encode()).hexdigest())
+    k = max(1, round(fraction * len(ranked))) if fraction > 0 else 0
+    return {"val": ranked[:k], "test": ranked[k:2 * k], "train": ranked[2 * k:]}[split]
 
 
 def _captions(root):
@@ -127,8 +137,17 @@ def _captions(root):
     return {Path(row["file"]).as_posix(): row["caption"] for row in rows}
 
 
+def active_share(x, sr, frame=0.05, db=-50.0):
+    """Share of a clip's 50 ms frames (x: (channels, n) at sr) whose RMS is above `db` dBFS."""
+    m = int(frame * sr)
+    frames = x.mean(0)[:len(x[0]) // m * m].reshape(-1, m)
+    return float((np.sqrt((frames ** 2).mean(1)) > 10 ** (db / 20)).mean()) if len(frames) else 0.0
+
+
 class FolderDataset:
-    """Audio files + captions from a folder (recursive), resampled, cut or padded to cfg.seconds."""
+    """Audio files + captions from a folder (recursive). Every track is cut into consecutive clips
+    of cfg.seconds (a shorter track is one zero-padded clip), so clip i is a fixed
+    (file, start) pair and a long track gives many clips; near-silent clips are skipped."""
 
     def __init__(self, cfg, split):
         self.cfg, self.split = cfg, split
@@ -138,35 +157,48 @@ class FolderDataset:
         files = sorted(p for p in root.rglob("*") if p.suffix.lower() in AUDIO_EXTS and p.is_file())
         if not files:
             raise ValueError(f"no audio files ({', '.join(AUDIO_EXTS)}) under {root}")
-        meta = _captions(root)
-        self.items = []  # (path, caption) of the usable files of this split
+        meta, captions = _captions(root), {}
         for p in files:
             rel = p.relative_to(root).as_posix()
             if rel in meta:
-                caption = meta[rel]
+                captions[rel] = meta[rel]
             elif p.with_suffix(".txt").exists():
-                caption = p.with_suffix(".txt").read_text().strip()
+                captions[rel] = p.with_suffix(".txt").read_text().strip()
             else:  # checked for every file, not just this split, so a data bug shows up in any run
                 raise ValueError(f"no caption for {p}: add {p.with_suffix('.txt').name} or a metadata.jsonl/csv row")
-            if _split_of(rel, cfg.val_fraction) != split:
-                continue
-            try:  # validate once here, so a bad file fails loudly now rather than in step 10,000
-                peak = np.abs(self._load(p)).max()
+        if cfg.val_fraction > 0 and len(files) < 3:
+            raise ValueError(f"{root} has {len(files)} audio file(s); train, val and test need one each "
+                             f"(3 at least; with data.val_fraction={cfg.val_fraction}, val and test get "
+                             f"{cfg.val_fraction:.0%} of the files each)")
+        self.items, quiet = [], []  # (path, caption, start in seconds) of the usable clips of this split
+        for rel in sorted(hash_split(list(captions), split, cfg.val_fraction)):
+            p = root / rel
+            try:  # read once here, so a bad file fails loudly now rather than in step 10,000
+                x, sr = sf.read(str(p), dtype="float32", always_2d=True)
             except Exception as e:
                 warnings.warn(f"skipping unreadable audio file {p}: {e}")
                 continue
-            if peak < 1e-6:
-                warnings.warn(f"skipping silent audio file {p}")
-                continue
-            self.items.append((p, caption))
+            clip = int(round(cfg.seconds * sr))
+            for start in range(0, max(1, len(x) - clip + 1), clip):  # whole clips; a short file is one
+                piece = np.zeros((clip, x.shape[1]), np.float32)
+                piece[:min(clip, len(x) - start)] = x[start:start + clip]
+                if active_share(piece.T, sr) < cfg.min_active:
+                    quiet.append(f"{rel}@{start / sr:.1f}s")
+                else:
+                    self.items.append((p, captions[rel], start / sr))
+        if quiet:
+            warnings.warn(f"skipped {len(quiet)} near-silent clip(s) of split '{split}' (under "
+                          f"{cfg.min_active:.0%} of 50 ms frames above -50 dBFS): {', '.join(quiet[:5])}"
+                          + (" ..." if len(quiet) > 5 else ""))
         if not self.items:
             raise ValueError(f"no usable audio in split '{split}' of {root} (val_fraction={cfg.val_fraction})")
 
-    def _load(self, path):
-        """(channels, n_samples) float32 at cfg.sample_rate from the start of the file."""
+    def _load(self, path, start=0.0):
+        """(channels, n_samples) float32 at cfg.sample_rate from `start` seconds into the file."""
         cfg = self.cfg
         with sf.SoundFile(str(path)) as f:  # read 0.1 s extra: the FFT resampler's wrap-around lands there
             sr_in = f.samplerate
+            f.seek(int(round(start * sr_in)))
             x = f.read(int(math.ceil((cfg.seconds + 0.1) * sr_in)), dtype="float32", always_2d=True)
         x = resample(x.T, sr_in, cfg.sample_rate)  # (ch_in, N)
         if x.shape[0] != cfg.channels:             # average to mono, or duplicate mono to stereo
@@ -182,11 +214,11 @@ class FolderDataset:
     @property
     def captions(self):
         """All captions of the split without reading audio (to build a vocabulary)."""
-        return [c for _, c in self.items]
+        return [c for _, c, _ in self.items]
 
     def clip(self, i):
-        path, caption = self.items[i]
-        return Clip(self._load(path), caption, {})
+        path, caption, start = self.items[i]
+        return Clip(self._load(path, start), caption, {})
 
 # -----------------------------------------------------------------------------
 # Data set factory and stateless batching

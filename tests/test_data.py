@@ -270,6 +270,29 @@ def test_folder_splits_are_disjoint_and_complete(tmp_path):
     assert min(len(c) for c in caps.values()) > 0
 
 
+def test_folder_tracks_give_clips_from_end_to_end(tmp_path):
+    """A long track is cut into consecutive clips (each a fixed (file, start)); MP3 is read; a click
+    that would be a near-silent clip is skipped with a warning."""
+    sr, seg = 8000, 1.0
+    tones = [300, 500, 700, 900, 1100]                         # one tone per second of the track
+    track = np.concatenate([_sine(f, seg, sr) for f in tones])
+    sf.write(tmp_path / "long.mp3", track, sr, format="MP3")
+    click = np.zeros(80, np.float32)
+    click[:40] = 0.9                                            # 0.01 s
+    sf.write(tmp_path / "click.wav", click, sr)
+    rows = [{"file": "long.mp3", "caption": "rising tones"}, {"file": "click.wav", "caption": "a click"}]
+    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    cfg = DataConfig(dataset=str(tmp_path), val_fraction=0.0, seconds=seg)
+    with pytest.warns(UserWarning, match="near-silent.*click.wav"):
+        ds = make_dataset(cfg, "train")
+    assert len(ds) == 5 and set(ds.captions) == {"rising tones"}
+    for i, f in enumerate(tones):                               # clip i is second i of the track
+        wave = ds.clip(i).wave[0]
+        peak_hz = np.abs(np.fft.rfft(wave)).argmax() * sr / len(wave)
+        assert abs(peak_hz - f) < 5, (i, peak_hz)
+    assert np.array_equal(ds.clip(3).wave, make_dataset(cfg, "train").clip(3).wave)
+
+
 def test_folder_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         make_dataset(DataConfig(dataset=str(tmp_path / "nowhere")), "train")
@@ -278,6 +301,11 @@ def test_folder_errors(tmp_path):
     sf.write(tmp_path / "orphan.wav", _sine(440, 1.0, 8000), 8000)
     with pytest.raises(ValueError, match="orphan.wav"):
         make_dataset(DataConfig(dataset=str(tmp_path)), "train")
+    (tmp_path / "orphan.txt").write_text("a tone")           # two files cannot fill three splits
+    sf.write(tmp_path / "second.wav", _sine(440, 1.0, 8000), 8000)
+    (tmp_path / "second.txt").write_text("a tone")
+    with pytest.raises(ValueError, match="has 2 audio file.*3 at least"):
+        make_dataset(DataConfig(dataset=str(tmp_path)), "val")
 
 # -----------------------------------------------------------------------------
 # Stateless batching
