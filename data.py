@@ -7,7 +7,8 @@ so its std is about sigma_data, decoded with fast Griffin-Lim. `Representation.e
 are the only interface, so a learned autoencoder can replace it.
 
 Read first: `Representation` (the latent everything else works on), then `make_dataset` (the
-synthetic set of synth.py, whose captions are exactly true, or a folder of real audio), then
+synthetic set of synth.py or the rendered scores of corpus.py, whose captions are exactly true,
+or a folder of real audio), then
 `batch_indices` (stateless batching, which makes --resume exact), then `Tokenizer`.
 """
 import csv
