@@ -58,6 +58,8 @@ class TrainConfig:
     precision: str = "auto"    # "auto": bf16 autocast on CUDA, float32 on CPU; "bf16": bf16 autocast
                                # on either (CPUs with AMX: ~1.25x per DiT step); "fp32": none
     peak_tflops: float = 0.0   # the accelerator's peak bf16 TFLOP/s for MFU (0: known GPUs only)
+    workers: int = -1          # DataLoader worker processes making batches ahead of the loop; 0: in
+                               # the loop's process; -1: on CUDA the cores less one (<= 8), on CPU 0
 
 
 @dataclass
@@ -174,6 +176,7 @@ def check(cfg):
              ("model.patch", m.patch, m.patch >= 1, ">= 1"),
              *((f"{s}.{k}", getattr(getattr(cfg, s), k), getattr(getattr(cfg, s), k) >= 1, ">= 1")
                for s in ("train", "clap", "distill", "layerdrop", "ae") for k in ("steps", "batch_size")),
+             ("train.workers", cfg.train.workers, cfg.train.workers >= -1, ">= 0 (-1: auto)"),
              ("train.precision", cfg.train.precision, cfg.train.precision in ("auto", "bf16", "fp32"),
               "auto, bf16 or fp32"),
              ("ae.latent_channels", a.latent_channels, a.latent_channels >= 0, ">= 0 (0: off)"),

@@ -73,12 +73,13 @@ def train_base(cfg, out, resume=False):
     if train_cfg.compile:
         config.compile_network(denoiser)
     loop = StageLoop("base", path, start, train_cfg.steps, resume, "train.lr", train_cfg.ckpt_every)
-    speed = Speed(cfg, rep, device)
+    feed = Feed(train_ds, train_cfg.batch_size, cfg, start, train_cfg.steps, device)
+    speed = Speed(cfg, rep, device, feed)
     for step in loop:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, train_cfg)
         loss = torch.zeros((), device=device)
-        for x, ids, _, make_rng, weight in micro_batches(train_ds, rep, tok, cfg, step, device,
+        for x, ids, _, make_rng, weight in micro_batches(feed, rep, tok, cfg, step, device,
                                                          train_cfg.batch_size):
             rng = make_rng()
             ids = edm.drop_captions(ids, train_cfg.p_uncond, rng, data.Tokenizer.PAD)
@@ -134,14 +135,14 @@ def train_ae(cfg, out, resume=False):
     say(f"ae: {dit.n_params(net) / 1e6:.2f}M params, {stft.latent_channels}x{stft.n_frames(cfg.data.seconds)} "
         f"STFT frames -> {ae_cfg.latent_channels}x{rep.n_frames(cfg.data.seconds)} latents, "
         f"{ae_cfg.steps} steps of {ae_cfg.batch_size} clips on {device}")
-    loop = StageLoop("ae", path, ckpt["step"] if ckpt else 0, ae_cfg.steps, resume, "ae.lr",
-                     train_cfg.ckpt_every)
+    start = ckpt["step"] if ckpt else 0
+    loop = StageLoop("ae", path, start, ae_cfg.steps, resume, "ae.lr", train_cfg.ckpt_every)
+    feed = Feed(train_ds, ae_cfg.batch_size, cfg, start, ae_cfg.steps, device)
     for step in loop:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, ae_cfg)
         loss = torch.zeros((), device=device)
-        for waves, _, _, _, weight in shards(train_ds, step, ae_cfg.batch_size, cfg.data.seed,
-                                             train_cfg.micro_batch):
+        for waves, _, _, _, weight in feed(step):
             gen = edm.step_generator(ae_cfg.seed, step, device)
             micro = ae.reconstruction_loss(net, frames(waves), ae_cfg.latent_noise, gen)[0] * weight
             micro.backward()
@@ -191,14 +192,14 @@ def train_clap(cfg, out, resume=False):
     say(f"clap: {dit.n_params(model) / 1e6:.2f}M params, d={clap_cfg.dim}, {clap_cfg.steps} steps of "
         f"{clap_cfg.batch_size} clips on {device}" + (", with attribute heads" if model.heads else ""))
     loop = StageLoop("clap", path, start, clap_cfg.steps, resume, "clap.lr", clap_cfg.ckpt_every)
+    feed = Feed(train_ds, clap_cfg.batch_size, cfg, start, clap_cfg.steps, device)
     for step in loop:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, clap_cfg)
         sums = {}
         # Under torchrun the InfoNCE negatives are every process's clips of the micro-step
         # (gather_rows); with gradient accumulation, only those of one micro-step.
-        for waves, captions, labels, rows, weight in shards(train_ds, step, clap_cfg.batch_size,
-                                                            cfg.data.seed, cfg.train.micro_batch):
+        for waves, captions, labels, rows, weight in feed(step):
             rng = edm.BatchRNG(edm.step_generator(clap_cfg.seed, step, "cpu"), rows, clap_cfg.batch_size)
             gain_db = -clap_cfg.gain_db * edm.rand(len(waves), rng)                     # (B,)
             waves = waves * (10 ** (gain_db / 20))[:, None, None]                       # level invariance
@@ -382,11 +383,14 @@ def train_distill(cfg, out, resume, stage):
     loop = StageLoop(stage, path, start, distill.steps, resume, "distill.lr_gen / distill.lr_fake",
                      train_cfg.ckpt_every)
     sums, counts, g_by_sigma = {}, {}, []
+    feed = Feed(train_ds, distill.batch_size, cfg, start, distill.steps, device)
+    if distill.gan_real == "independent":          # the discriminator's real clips: a second stream
+        feed_gan = Feed(train_ds, distill.batch_size, cfg, start, distill.steps, device, stream=1)
     for step in loop:
         batches = [(x, ids, torch.zeros_like(ids), make_rng, (x, ids)) for x, ids, _, make_rng, _ in
-                   micro_batches(train_ds, rep, tok, cfg, step, device, distill.batch_size)]
-        if distill.gan_real == "independent":      # the discriminator's real clips: a second stream
-            gan_real = micro_batches(train_ds, rep, tok, cfg, step, device, distill.batch_size, stream=1)
+                   micro_batches(feed, rep, tok, cfg, step, device, distill.batch_size)]
+        if distill.gan_real == "independent":
+            gan_real = micro_batches(feed_gan, rep, tok, cfg, step, device, distill.batch_size)
             batches = [b[:4] + ((x, ids),) for b, (x, ids, *_) in zip(batches, gan_real)]
         losses = presto_s_iteration(step, nets, opts, batches, distill, cfg.edm, block,
                                     train_cfg.grad_clip, autocast, gen_fn=gen_fn)
@@ -475,10 +479,11 @@ def train_layerdrop(cfg, out, resume=False):
         config.compile_network(student)
     loop = StageLoop(drop.method, path, start, drop.steps, resume, "layerdrop.lr",
                      train_cfg.ckpt_every)
-    speed = Speed(cfg, rep, device)
+    feed = Feed(train_ds, drop.batch_size, cfg, start, drop.steps, device)
+    speed = Speed(cfg, rep, device, feed)
     for step in loop:
         loss, blocks = torch.zeros((), device=device), torch.zeros((), device=device)
-        for x, ids, _, make_rng, weight in micro_batches(train_ds, rep, tok, cfg, step, device,
+        for x, ids, _, make_rng, weight in micro_batches(feed, rep, tok, cfg, step, device,
                                                          drop.batch_size):
             rng = make_rng()
             ids = edm.drop_captions(ids, train_cfg.p_uncond, rng, data.Tokenizer.PAD)  # CFG works
@@ -551,7 +556,8 @@ class Speed:
     DiT's analytic training FLOPs per clip (3x the forward pass of dit.flops_per_sample: backward
     costs twice the forward) times clips per second, over the peak of the processes' GPUs."""
 
-    def __init__(self, cfg, rep, device):
+    def __init__(self, cfg, rep, device, feed=None):
+        self.feed = feed  # its waits give data_wait: the share of the time spent waiting for data
         self.flops = 3 * dit.flops_per_sample(cfg.model, rep.n_frames(cfg.data.seconds),
                                               cfg.data.max_text_len)
         peak = cfg.train.peak_tflops * 1e12
@@ -565,14 +571,17 @@ class Speed:
         self.n += clips
 
     def report(self):
-        rate = self.n / max(time.time() - self.t0, 1e-9)
+        elapsed = max(time.time() - self.t0, 1e-9)
+        rate = self.n / elapsed
         self.t0, self.n = time.time(), 0
-        return {"clips_per_s": rate, **({"mfu": rate * self.flops / self.peak} if self.peak else {})}
+        return {"clips_per_s": rate, **({"mfu": rate * self.flops / self.peak} if self.peak else {}),
+                **({"data_wait": self.feed.take_wait() / elapsed} if self.feed is not None else {})}
 
 
 def encode_batch(rep, tok, cfg, waves, captions, device):
-    """(latents (B, C, T), caption ids (B, L)) on device."""
-    return rep.encode(waves.to(device)), tok.encode(captions, cfg.data.max_text_len).to(device)
+    """(latents (B, C, T), caption ids (B, L)) on device (copies from pinned memory do not block)."""
+    return (rep.encode(waves.to(device, non_blocking=True)),
+            tok.encode(captions, cfg.data.max_text_len).to(device, non_blocking=True))
 
 
 @torch.no_grad()
@@ -739,27 +748,78 @@ def micro_split(batch_size, micro_batch):
     return m, batch_size // m
 
 
-def shards(ds, step, batch_size, seed, micro_batch=0, stream=0):
-    """This process's micro-batches of global step `step`: yields (waves, captions, labels, rows,
-    weight).
+class _Chunks(torch.utils.data.Dataset):
+    """Item k of a Feed's (step, chunk) list: that chunk's (waves, captions, labels)."""
 
-    rows is the chunk's slice of the global batch (its rows in edm.BatchRNG draws). Chunk c holds
-    positions [c*m, (c+1)*m) of the step's global batch, so no two processes share a clip and the
-    chunks together are exactly the single-process batch (data.batch_indices). weight is the
-    chunk's share of this process's clips: the loss multiplier that makes accumulated gradients a
+    def __init__(self, keys, ds, m, chunks, seed, stream):
+        self.keys, self.ds, self.m, self.chunks, self.seed, self.stream = keys, ds, m, chunks, seed, stream
+
+    def __len__(self):
+        return len(self.keys)
+
+    def __getitem__(self, k):
+        step, c = self.keys[k]
+        return data.get_batch(self.ds, step, self.m, self.seed, rank=c, world=self.chunks, stream=self.stream)
+
+
+def workers_for(train_cfg, device):
+    """train.workers, or (-1, auto) enough to keep a GPU fed: the CPU cores this process has, less
+    one for the training loop (at most 8); on a CPU, 0: workers would take the training's cores."""
+    if train_cfg.workers >= 0:
+        return train_cfg.workers
+    if device.type != "cuda":
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(8, cores // max(1, torch.cuda.device_count()) - 1))
+
+
+class Feed:
+    """This process's micro-batches of steps start .. total-1, in order: feed(step) yields
+    (waves, captions, labels, rows, weight) for each of its chunks of the step.
+
+    Chunk c of a step holds positions [c*m, (c+1)*m) of the step's global batch, so no two
+    processes share a clip and the chunks together are exactly the single-process batch
+    (data.batch_indices); rows is that slice (its rows in edm.BatchRNG draws) and weight the
+    chunk's share of this process's clips, the loss multiplier that makes accumulated gradients a
     mean (average_gradients then averages over processes). stream: data.batch_indices' stream.
+
+    With workers > 0, DataLoader worker processes make the chunks ahead of the loop (a few steps
+    of prefetch; pinned memory on CUDA, so the copy to the device can be non-blocking). A chunk is
+    a pure function of (step, chunk), so a run gives the same numbers with any number of workers
+    and resumes exactly. wait: seconds the loop has spent waiting for data (take_wait resets it).
     """
-    m, chunks = micro_split(batch_size, micro_batch)
-    for c in range(DIST.rank, chunks, DIST.world):
-        waves, captions, labels = data.get_batch(ds, step, m, seed, rank=c, world=chunks, stream=stream)
-        yield waves, captions, labels, slice(c * m, (c + 1) * m), DIST.world / chunks
+
+    def __init__(self, ds, batch_size, cfg, start, total, device, stream=0):
+        self.m, self.chunks = micro_split(batch_size, cfg.train.micro_batch)
+        mine = range(DIST.rank, self.chunks, DIST.world)
+        self.keys = [(step, c) for step in range(start, total) for c in mine]
+        items = _Chunks(self.keys, ds, self.m, self.chunks, cfg.data.seed, stream)
+        workers = workers_for(cfg.train, device)
+        self.items, self.pos, self.wait, self.it = items, 0, 0.0, None
+        if workers > 0 and self.keys:
+            self.it = iter(torch.utils.data.DataLoader(
+                items, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
+                prefetch_factor=max(2, 4 * len(mine) // workers), persistent_workers=False))
+
+    def __call__(self, step):
+        for c in range(DIST.rank, self.chunks, DIST.world):
+            if self.keys[self.pos] != (step, c):
+                raise RuntimeError(f"Feed asked for step {step} chunk {c}, expected {self.keys[self.pos]}")
+            t = time.perf_counter()
+            waves, captions, labels = next(self.it) if self.it is not None else self.items[self.pos]
+            self.wait += time.perf_counter() - t
+            self.pos += 1
+            yield waves, captions, labels, slice(c * self.m, (c + 1) * self.m), DIST.world / self.chunks
+
+    def take_wait(self):
+        wait, self.wait = self.wait, 0.0
+        return wait
 
 
-def micro_batches(ds, rep, tok, cfg, step, device, batch_size, stream=0):
-    """shards() as latents: yields (x, ids, labels, make_rng, weight). make_rng() returns a fresh
+def micro_batches(feed, rep, tok, cfg, step, device, batch_size):
+    """feed(step) as latents: yields (x, ids, labels, make_rng, weight). make_rng() returns a fresh
     edm.BatchRNG of the step (call it again to replay the same draws)."""
-    for waves, captions, labels, rows, weight in shards(ds, step, batch_size, cfg.data.seed,
-                                                        cfg.train.micro_batch, stream):
+    for waves, captions, labels, rows, weight in feed(step):
         x, ids = encode_batch(rep, tok, cfg, waves, captions, device)
         make_rng = lambda rows=rows: edm.BatchRNG(edm.step_generator(cfg.train.seed, step, device),
                                                   rows, batch_size)

@@ -229,6 +229,19 @@ def test_sample_cli_uses_the_few_step_sampler(presto_run, tmp_path, monkeypatch)
     assert 0 < abs(wave).max() <= 1
 
 
+def test_worker_processes_give_the_same_run(base_run, presto_run, tmp_path):
+    """Batches made ahead by DataLoader workers (both streams: the generator's and the GAN's real
+    clips) are the batches the loop would make: the same weights, bit for bit."""
+    out = str(tmp_path / "workers")
+    os.makedirs(out)
+    shutil.copy(os.path.join(base_run, "base.pt"), out)
+    train.train_presto_s(config.make_config("tiny", {**FAST, "train.workers": "2"}), out)
+    a = torch.load(os.path.join(presto_run, "presto_s.pt"), weights_only=False)   # in-process batches
+    b = torch.load(os.path.join(out, "presto_s.pt"), weights_only=False)
+    for key in ("G", "mu_fake", "head"):
+        assert all(torch.equal(a[key][name], b[key][name]) for name in a[key]), key
+
+
 @pytest.mark.parametrize("old_keys", [False, True])
 def test_presto_s_resume_continues_exactly(base_run, presto_run, tmp_path, monkeypatch, old_keys):
     """Killed after its first checkpoint and resumed, the run ends where a straight run ends; also

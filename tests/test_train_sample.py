@@ -118,6 +118,20 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
     assert _losses(broken) == _losses(straight) and [s for s, _ in _losses(broken)] == [1, 2, 3, 4, 5, 6]
 
 
+def test_worker_processes_give_the_same_run_and_log_the_data_wait(tmp_path):
+    """Batches made ahead by DataLoader workers are the loop's own, micro-batch by micro-batch."""
+    runs = {}
+    for workers in (0, 2):
+        runs[workers] = str(tmp_path / f"w{workers}")
+        train.train_base(config.make_config("tiny", {**FAST, "train.micro_batch": "2",
+                                                     "train.workers": str(workers)}), runs[workers])
+    a, b = (torch.load(os.path.join(runs[w], "base.pt"), weights_only=False) for w in (0, 2))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert _losses(runs[0]) == _losses(runs[2])
+    rows = [json.loads(l) for l in open(os.path.join(runs[2], "base_log.jsonl")) if '"loss"' in l]
+    assert all(0 <= r["data_wait"] <= 1 for r in rows)
+
+
 def _losses(run):
     rows = [json.loads(l) for l in open(os.path.join(run, "base_log.jsonl"))]
     return [(r["step"], round(r["loss"], 6)) for r in rows if "loss" in r]
