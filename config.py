@@ -218,12 +218,14 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def pick_device(name):
-    """torch.device for a name; "auto": this process's GPU (LOCAL_RANK under torchrun), else cpu."""
+    """torch.device for a name; "auto": this process's GPU (LOCAL_RANK under torchrun), else cpu.
+    On CUDA, float32 matmuls (what runs outside bf16 autocast) may use TF32 tensor cores."""
     if name == "auto":
-        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-                            if torch.cuda.is_available() else "cpu")
+        name = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"device {name} was asked for but CUDA is not available")
+    if name.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return torch.device(name)
 
 

@@ -75,7 +75,8 @@ def load_rows(path, stage, device, opts):
     cfg, ckpt, rep, tok, den = config.load_checkpoint(path, device, (stage,))
     rows = []
     for name, sampler, steps, cfg_w in row_ways(ckpt["stage"], opts):
-        gen, blocks = sample.sampling_fn(den, tok, cfg, ckpt["stage"], steps, sampler, cfg_w)
+        gen, blocks = sample.sampling_fn(den, tok, cfg, ckpt["stage"], steps, sampler, cfg_w,
+                                         precision=opts.precision)
         calls = steps if sampler is None else edm.network_calls(sampler, steps)
         rows.append((name, dict(checkpoint=os.path.basename(path), sampler=sampler or "few-step",
                                 steps=steps, cfg=cfg_w, network_calls=calls, blocks=blocks), gen))
@@ -430,7 +431,8 @@ class FewStepValidator:
     @torch.no_grad()
     def __call__(self, G, stage):
         """G sampled the way a checkpoint of `stage` samples (presto-ls: at its budget schedule)."""
-        gen, _ = sample.sampling_fn(G, self.tok, self.cfg, stage, self.cfg.distill.grid_steps)
+        gen, _ = sample.sampling_fn(G, self.tok, self.cfg, stage, self.cfg.distill.grid_steps,
+                                    precision=self.cfg.train.precision)
         waves = sample.generate_waves(gen, self.rep, self.captions, self.cfg.data.seconds,
                                self.cfg.distill.batch_size)
         emb = self.embed(sample.listenable(waves))
@@ -608,7 +610,8 @@ def latency_section(cfg, rows, opts, device):
     planned = []                      # (row, generate one clip, its latent)
     for key in rows:                  # count calls and blocks on the eager model first
         name, row_cfg, stage, sampler, steps, cfg_w = ways[key]
-        gen, expected_blocks = sample.sampling_fn(den, tok, row_cfg, stage, steps, sampler, cfg_w)
+        gen, expected_blocks = sample.sampling_fn(den, tok, row_cfg, stage, steps, sampler, cfg_w,
+                                                  precision=opts.precision)
         one = functools.partial(gen, [LATENCY_PROMPT], [0], seconds)
         latent, sizes, ran, texts = count_calls(net, one)
         flops = sum(texts) * text_flops + sum(b * per_call(k) for b, k in zip(sizes, ran))
@@ -723,6 +726,8 @@ def main(argv=None):
     p.add_argument("--device", default="auto",
                    help="auto (CUDA if available, else CPU), cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--precision", choices=sample.PRECISIONS, default="auto",
+                   help="generation's matmuls: auto (bf16 autocast on CUDA, float32 on a CPU), bf16 or fp32")
     p.add_argument("--variance", action="store_true",
                    help="instead of the results table: hidden-state variance by depth and noise level, "
                         "and the head-input variance of full depth / ASE / Presto-L -> RUN/variance.{md,json}")

@@ -126,11 +126,24 @@ def check_budget(budget, stage, cfg):
                          f"(a {depth}-block model), got {budget}")
 
 
-def sampling_fn(denoiser, tok, cfg, stage, steps, sampler="heun", cfg_w=4.0, budget=None):
+def sampling_fn(denoiser, tok, cfg, stage, steps, sampler="heun", cfg_w=4.0, budget=None,
+                precision="auto"):
     """How a checkpoint of `stage` samples: (gen(prompts, seeds, seconds) -> latents, the mean
     fraction of the depth run per clip). budget: a fixed number of blocks for every call of a
-    layer-dropped checkpoint instead of its schedule."""
+    layer-dropped checkpoint instead of its schedule. precision: the network's matmuls under
+    config.autocast_for ("auto": bf16 on CUDA, float32 on a CPU; "bf16"; "fp32"); the samplers'
+    own arithmetic stays in float64 / float32 either way, and the latents come back in float32."""
     check_budget(budget, stage, cfg)
+    gen, blocks = _sampler_of(denoiser, tok, cfg, stage, steps, sampler, cfg_w, budget)
+    device = next(denoiser.parameters()).device
+
+    def under_precision(*args, **kwargs):
+        with config.autocast_for(device, precision):
+            return gen(*args, **kwargs).float()
+    return under_precision, blocks
+
+
+def _sampler_of(denoiser, tok, cfg, stage, steps, sampler, cfg_w, budget):
     few_step = stage in FEW_STEP_STAGES
     denoise, blocks = None, 1.0
     if stage in LAYER_DROP_STAGES:
@@ -145,6 +158,7 @@ def sampling_fn(denoiser, tok, cfg, stage, steps, sampler="heun", cfg_w=4.0, bud
                              cfg_w=cfg_w, denoise=denoise), blocks
 
 
+PRECISIONS = ("auto", "bf16", "fp32")  # config.autocast_for's settings (train.precision's too)
 AUDIO_OUT = (".wav", ".flac")       # what write_wav writes (16-bit PCM)
 
 
@@ -257,6 +271,9 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=8, help="prompts generated together")
     p.add_argument("--device", default="auto",
                    help="auto (CUDA if available, else CPU), cpu, cuda or cuda:N")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="the network's matmuls: auto (bf16 autocast on CUDA, float32 on a CPU), "
+                        "bf16 (also on a CPU) or fp32")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the network (on CUDA mode='reduce-overhead', i.e. CUDA graphs, "
                         "which pays off most for batch-1 few-step sampling). The first generation "
@@ -293,7 +310,7 @@ def main(argv=None):
                 warnings.warn(f"prompt {i + 1} has {len(words)} words; the model reads only the "
                               f"first {cfg.data.max_text_len}")
         gen, blocks = sampling_fn(denoiser, tok, cfg, ckpt.get("stage", "base"), steps,
-                                  args.sampler, args.cfg, args.budget)
+                                  args.sampler, args.cfg, args.budget, args.precision)
         if args.compile:
             config.compile_network(denoiser, "reduce-overhead" if device.type == "cuda" else None)
     except (ValueError, FileNotFoundError, RuntimeError) as e:

@@ -71,6 +71,26 @@ def test_layer_drop_stages_drop_captions_for_cfg(tiny_run, tmp_path, monkeypatch
     assert nulls == (2 * cfg.layerdrop.batch_size * encoders if p_uncond else 0), (nulls, len(ids))
 
 
+@pytest.mark.parametrize("stage", ["base", "presto-s"])
+def test_sampling_in_bf16_takes_the_autocast_path_and_agrees_with_float32(tiny_run, stage):
+    """precision="bf16" runs the network's matmuls in bf16 (seen at a Linear's output) and gives
+    latents within 1% (relative L2; 2e-4 measured on the tiny model) of float32's; "fp32" and "auto" on a CPU stay in float32."""
+    cfg, _, _, tok, den = config.load_checkpoint(os.path.join(tiny_run, "base.pt"))
+    dtypes = []
+    hook = den.net.blocks[0].attn.q.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    latents = {}
+    for precision in ("fp32", "auto", "bf16"):
+        dtypes.clear()
+        gen, _ = sample.sampling_fn(den, tok, cfg, stage, 8 if stage == "base" else 4, precision=precision)
+        latents[precision] = gen(["slow organ chords in C major", "fast bass melody"], [0, 1], 0.5)
+        assert latents[precision].dtype == torch.float32
+        assert set(dtypes) == {torch.bfloat16 if precision == "bf16" else torch.float32}, precision
+    hook.remove()
+    assert torch.equal(latents["auto"], latents["fp32"])
+    err = (latents["bf16"] - latents["fp32"]).norm() / latents["fp32"].norm()
+    assert 0 < err < 0.01, float(err)
+
+
 def test_sample_writes_a_valid_wav(tiny_run, tmp_path):
     out = str(tmp_path / "clip.wav")
     sample.main(["--ckpt", os.path.join(tiny_run, "base.pt"), "--prompt", "slow organ chords in c major",
