@@ -262,13 +262,10 @@ class DiT(nn.Module):
                 if i == return_hidden:
                     hidden = h
         else:                                        # per-sample: masked identity updates
-            # skip blocks no sample needs on CPU; on a GPU run them all (asking would be a sync)
-            needed = (block_mask.any(0).tolist() if block_mask.device.type == "cpu"
-                      else [True] * len(self.blocks))
+            # every block runs (asking which blocks no sample needs would be a host sync)
             for i, blk in enumerate(self.blocks):
-                if needed[i]:
-                    h_next = blk(h, c, cond["tokens"], cond["mask"])
-                    h = torch.where(block_mask[:, i, None, None], h_next, h)          # (B, N, W)
+                h_next = blk(h, c, cond["tokens"], cond["mask"])
+                h = torch.where(block_mask[:, i, None, None], h_next, h)              # (B, N, W)
                 if i == return_hidden:
                     hidden = h
         out = self.final(h, c)                                                     # (B, N, C*p)

@@ -219,7 +219,7 @@ def few_step_sample(G_fn, sigmas, noise_fn):
     """
     x = noise_fn(0) * sigmas[0]
     for i, s in enumerate(sigmas):
-        x_hat = G_fn(x, torch.full((x.shape[0],), float(s), device=x.device))
+        x_hat = G_fn(x, s.expand(x.shape[0]))       # s stays on the device: no sync
         if i + 1 < len(sigmas):
             x = x_hat + noise_fn(i + 1) * sigmas[i + 1]
     return x_hat

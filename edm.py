@@ -14,7 +14,6 @@ Conventions used everywhere in the project:
         D_w = D(x, sigma, null) + w * (D(x, sigma, c) - D(x, sigma, null)),
     so w = 1 is the plain conditional model and w = 0 the unconditional one.
 """
-import math
 from dataclasses import dataclass
 
 import torch
@@ -246,9 +245,9 @@ def _mix(D_null, D_cond, w):
 
 
 def _call(denoise_fn, x, sigma):
-    """Evaluate the denoiser in float32 at a scalar sigma and return float64."""
-    s = torch.full((x.shape[0],), float(sigma), device=x.device)
-    return denoise_fn(x.float(), s).double()
+    """Evaluate the denoiser in float32 at sigma (a 0-d tensor of the grid) and return float64.
+    The grid stays a tensor on the device: reading a level into Python would sync the device."""
+    return denoise_fn(x.float(), sigma.float().expand(x.shape[0])).double()
 
 
 @torch.no_grad()
@@ -271,7 +270,7 @@ def heun(denoise_fn, x, sigmas, progress=None):
         t_cur, t_next = sigmas[i], sigmas[i + 1]
         d_cur = (x - _call(denoise_fn, x, t_cur)) / t_cur           # Euler step
         x_next = x + (t_next - t_cur) * d_cur
-        if t_next > 0:                                               # 2nd-order correction
+        if i < len(sigmas) - 2:                     # 2nd-order correction (t_next > 0: the grid ends in 0)
             d_prime = (x_next - _call(denoise_fn, x_next, t_next)) / t_next
             x_next = x + (t_next - t_cur) * (0.5 * d_cur + 0.5 * d_prime)
         x = x_next
@@ -287,16 +286,16 @@ def dpmpp_2m(denoise_fn, x, sigmas, progress=None):
     for i in range(len(sigmas) - 1):
         s, s_next = sigmas[i], sigmas[i + 1]
         D = _call(denoise_fn, x, s)
-        if s_next == 0:                       # the last step lands on the denoised estimate
+        if i == len(sigmas) - 2:              # the last step (to sigma 0) lands on the denoised estimate
             x = D
         else:
-            h = math.log(s / s_next)          # step size in log-sigma
+            h = torch.log(s / s_next)         # step size in log-sigma
             if D_prev is None:                # first step: DPM-Solver++(1), i.e. DDIM
                 D_hat = D
             else:                             # 2nd order: extrapolate D linearly in t
                 r = h_prev / h
                 D_hat = (1 + 1 / (2 * r)) * D - (1 / (2 * r)) * D_prev
-            x = (s_next / s) * x - math.expm1(-h) * D_hat
+            x = (s_next / s) * x - torch.expm1(-h) * D_hat
             h_prev = h
         D_prev = D
         if progress: progress(i)

@@ -18,7 +18,9 @@ losses: ASE fine-tunes with the ordinary DSM loss (`dsm_loss`); Presto-L adds bu
 
 Budgets b are always "number of blocks run", 1..L, one per sample: a (B,) long tensor.
 """
+import functools
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
 
@@ -82,10 +84,16 @@ def schedule_budgets(depth, cfg):
     return torch.floor(b + 0.5).long().clamp(min_budget(cfg.method), depth)
 
 
+@functools.lru_cache(maxsize=32)
+def _budget_table(schedule, depth, method, device):
+    """schedule_budgets, built once per (schedule, depth, method, device) and kept on the device."""
+    return schedule_budgets(depth, SimpleNamespace(schedule=schedule, method=method)).to(device)
+
+
 def budget_for_sigma(sigma, depth, cfg, edm_cfg):
     """Blocks to run at each sigma (B,) -> (B,) long; non-increasing in sigma."""
     check_method(cfg.method)
-    table = schedule_budgets(depth, cfg).to(sigma.device)
+    table = _budget_table(tuple(cfg.schedule), depth, cfg.method, sigma.device)
     return table[noise_bin(sigma, len(cfg.schedule), edm_cfg)]
 
 

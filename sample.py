@@ -38,9 +38,11 @@ import layerdrop
 
 def per_sample_noise(seeds, shape, device):
     """noise_fn(i) -> (B, *shape) fresh standard noise; sample k draws from its own generator
-    seeded seeds[k], so a sample depends on its seed only, never on the rest of the batch."""
-    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    return lambda i=0: torch.cat([torch.randn(1, *shape, generator=rng) for rng in gens]).to(device)
+    seeded seeds[k], so a sample depends on its seed only, never on the rest of the batch. The
+    generators live on the device (no host copy per step; a seed gives other numbers on CUDA
+    than on a CPU)."""
+    gens = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+    return lambda i=0: torch.cat([torch.randn(1, *shape, generator=rng, device=device) for rng in gens])
 
 
 def frame_hop(cfg):

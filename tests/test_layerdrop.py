@@ -115,7 +115,9 @@ def test_mixed_budget_batch_equals_each_sample_alone():
         assert (batch - den(x, sigma, cond)).abs().max() > 1e-3
 
 
-def test_block_mask_skips_blocks_no_sample_needs():
+def test_block_mask_runs_every_block_without_asking_the_host():
+    """Which blocks no sample needs is data on the device: the masked path runs them all (masked
+    identity updates) rather than read the mask back, which would sync a GPU every call."""
     den = make()
     x, sigma, ids = inputs()
     cond = den.net.encode_text(ids)
@@ -123,7 +125,7 @@ def test_block_mask_skips_blocks_no_sample_needs():
     den(x, sigma, cond, block_mask=layerdrop.block_mask(torch.tensor([2, 3, 2, 3]), DEPTH, "presto-l"))
     for hk in hooks:
         hk.remove()
-    assert calls == [0, 1, 5]
+    assert calls == list(range(DEPTH))
     with pytest.raises(ValueError):
         den(x, sigma, cond, blocks=[0], block_mask=torch.ones(4, DEPTH, dtype=torch.bool))
 
