@@ -40,8 +40,9 @@ def disc_block(setting, depth):
 
 
 def features(mu_fake, x, sigma, cond, block):
-    """Hidden state of the fake score after `block` at noise level sigma: (B, N, W)."""
-    return mu_fake(x, sigma, cond, return_hidden=block)[1]
+    """Hidden state of the fake score after `block` at noise level sigma: (B, N, W). Only blocks
+    0..block run (the blocks after it cannot change it)."""
+    return mu_fake(x, sigma, cond, blocks=list(range(block + 1)), return_hidden=block)[1]
 
 
 def noised_pair(x_real, x_fake, sigma, eps):

@@ -193,6 +193,23 @@ def test_the_discriminator_reads_the_configured_block():
 
 
 @torch.no_grad()
+def test_the_discriminator_features_stop_after_their_block():
+    """gan.features runs blocks 0..k only, and its hidden state is the full network's after block k."""
+    _, mu_fake, _, x_real, _, ids, draws, _ = _iteration()
+    ran = []
+    hooks = [blk.register_forward_hook(lambda m, i, o, k=k: ran.append(k))
+             for k, blk in enumerate(mu_fake.net.blocks)]
+    sigma, cond = draws["sigma_gan"], mu_fake.encode(ids)
+    h = gan.features(mu_fake, x_real, sigma, cond, 1)
+    assert ran == [0, 1]
+    ran.clear()
+    full = mu_fake(x_real, sigma, cond, return_hidden=1)[1]
+    for hk in hooks:
+        hk.remove()
+    assert ran == list(range(len(mu_fake.net.blocks))) and torch.equal(h, full)
+
+
+@torch.no_grad()
 def test_real_and_generated_latents_are_noised_alike_for_the_discriminator():
     """Same sigma and same eps for both sides: a generator that reproduced the real latent exactly
     would look exactly real to the discriminator."""
