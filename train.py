@@ -70,6 +70,7 @@ def train_base(cfg, out, resume=False):
         f"{rep.latent_channels}x{rep.n_frames(cfg.data.seconds)}, {train_cfg.steps} steps of "
         f"{train_cfg.batch_size} clips (global; {DIST.world} process(es) x {chunks // DIST.world} "
         f"micro-batch(es) of {micro_size}) on {device}")
+    check_memory(denoiser, rep, cfg, device, autocast, micro_size)
     if train_cfg.compile:
         config.compile_network(denoiser)
     loop = StageLoop("base", path, start, train_cfg.steps, resume, "train.lr", train_cfg.ckpt_every)
@@ -547,6 +548,49 @@ def optimizer_step(opt, grad_clip):
     return norm
 
 
+def memory_need(denoiser, rep, cfg, device, autocast):
+    """(bytes per clip, fixed bytes) of a training step of `denoiser`, measured rather than modelled:
+    autograd's saved tensors (saved-tensor hooks) of a forward at batch 1 and at batch 2 under the
+    run's autocast; their difference is the activation memory per clip, and what does not grow with
+    the batch (e.g. bf16 copies of the weights) is fixed, with the float32 weights, gradients,
+    AdamW moments and EMA copy (4 + 4 + 8 + 4 bytes per parameter). Temporaries are not counted."""
+    C, T = rep.latent_channels, rep.n_frames(cfg.data.seconds)
+    saved = []
+    for b in (1, 2):
+        total = [0]
+
+        def pack(t, total=total):
+            total[0] += t.numel() * t.element_size()
+            return t
+        x = torch.zeros(b, C, T, device=device)
+        ids = torch.zeros(b, cfg.data.max_text_len, dtype=torch.long, device=device)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
+            denoiser(x, torch.ones(b, device=device), denoiser.encode(ids))
+        saved.append(total[0])
+    params = sum(p.numel() for p in denoiser.parameters())
+    return saved[1] - saved[0], 2 * saved[0] - saved[1] + 20 * params
+
+
+def device_memory(device):
+    """Bytes of memory the device has for a run (CUDA), or None (a CPU: not checked)."""
+    return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+
+
+def check_memory(denoiser, rep, cfg, device, autocast, micro_size):
+    """Print the estimate; on a device too small, a one-line error naming a micro-batch that fits."""
+    per_clip, fixed = memory_need(denoiser, rep, cfg, device, autocast)
+    need, have = fixed + micro_size * per_clip, device_memory(device)
+    say(f"memory: ~{per_clip / 2**30:.3f} GiB of activations per clip; ~{need / 2**30:.2f} GiB at "
+        f"micro-batch {micro_size} (weights, gradients, AdamW and EMA included)"
+        + (f"; the device has {have / 2**30:.1f} GiB" if have else ""))
+    if have and need > 0.9 * have:
+        fits = int((0.9 * have - fixed) // per_clip)
+        raise ValueError(f"a micro-batch of {micro_size} clips needs ~{need / 2**30:.1f} GiB, more than "
+                         f"90% of the device's {have / 2**30:.1f} GiB: set train.micro_batch to at most "
+                         f"{fits} (gradient accumulation keeps the batch)" if fits > 0 else
+                         f"one clip needs ~{(fixed + per_clip) / 2**30:.1f} GiB: the model does not fit")
+
+
 # Dense bf16 peak of known accelerators, FLOP/s (vendor data sheets, SXM parts)
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
@@ -740,7 +784,7 @@ def say(msg):
 def micro_split(batch_size, micro_batch):
     """(clips per chunk, number of chunks) of a global batch; a clear error if it does not divide."""
     per_rank, rest = divmod(batch_size, DIST.world)
-    m = micro_batch or per_rank
+    m = min(micro_batch, per_rank) if micro_batch else per_rank   # at most the process's share
     if rest or m <= 0 or per_rank % m:
         raise ValueError(f"global batch {batch_size} does not split into {DIST.world} processes x "
                          f"micro-batches of {m} clips: set a batch size divisible by both "
