@@ -41,6 +41,8 @@ COLLECTIONS = {
     "scottish": (("airdsAirs/",), None),
 }
 FILE_TYPES = (".mxl", ".xml", ".musicxml", ".krn", ".abc")  # not .rntxt (chord analyses, no notes)
+EXCLUDE = ("bach/bwv846", "mozart/k545")  # not what their collection is called: a keyboard prelude,
+                                          # a piano sonata (whose exposition is also a file of its own)
 DANCES = ("jig", "reel", "hornpipe", "strathspey", "waltz", "polka", "march")  # named in a fiddle tune's title
 STYLES = ("chorale", "mass", "madrigal", "quartet", "german folk song", "chinese folk song", "irish tune",
           "scottish air") + DANCES + ("dance tune",)  # "dance tune": a fiddle tune whose title names none
@@ -53,8 +55,9 @@ COMPOSERS = ("Johann Sebastian Bach", "Palestrina", "Claudio Monteverdi", "Beeth
 # instrumentation -> General MIDI programs (0-based) of parts 1, 2, ... (cycled for more parts)
 SOLOS = {"solo flute": (73,), "solo violin": (40,), "solo oboe": (68,), "solo clarinet": (71,),
          "solo trumpet": (56,), "solo piano": (0,), "solo accordion": (21,), "solo guitar": (24,)}
-ENSEMBLES = {"string quartet": (40, 40, 41, 42), "organ": (19,), "piano": (0,), "choir": (52,),
-             "brass quartet": (56, 56, 60, 57), "woodwind quartet": (73, 68, 71, 70), "harpsichord": (6,)}
+CHORDAL_SOLOS = ("solo piano", "solo guitar", "solo accordion")  # for one part that plays chords
+ENSEMBLES = {"strings": (40, 40, 41, 42), "organ": (19,), "piano": (0,), "choir": (52,),
+             "brass": (56, 56, 60, 57), "woodwinds": (73, 68, 71, 70), "harpsichord": (6,)}
 INSTRUMENTATIONS = tuple(SOLOS) + tuple(ENSEMBLES)
 TONICS = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
 MODES = ("major", "minor")
@@ -68,7 +71,7 @@ ATTRIBUTES = {"style": STYLES, "instrumentation": INSTRUMENTATIONS, "tonic": TON
               "meter": METERS, "tempo": TEMPO_WORDS, "texture": TEXTURES}
 TEMPLATES = (  # paraphrases, so the model learns the attributes rather than one sentence
     "{style}{by} for {ens}, {tonic} {mode}, {meter} time, {tempo} at {bpm} bpm, {texture}",
-    "{ens} plays {style}{by} in {tonic} {mode} at {bpm} bpm, {meter}, {texture}",
+    "{style}{by} played on {ens} in {tonic} {mode} at {bpm} bpm, {meter}, {texture}",
     "{tempo} {style}{by} in {tonic} {mode} on {ens}, {bpm} beats per minute in {meter}",
     "{texture}: {style}{by}, {ens}, {meter} time, {tonic} {mode}, {tempo}, {bpm} bpm",
 )
@@ -125,8 +128,9 @@ def _piece(score, collection, pid, rel):
         k = score.analyze("key")  # Krumhansl-Schmuckler, when the score does not state a mode
     title = score.metadata.title if score.metadata is not None else ""
     composer = COLLECTIONS[collection][1] or (rel.split("/")[0].title() if collection == "quartets" else None)
+    chords = any(len({t for t, _, _ in part}) < len(part) for part in parts)   # notes sharing an onset
     return dict(id=pid, collection=collection, style=_style(collection, rel, title), composer=composer,
-                title=title or "", tonic=k.tonic.pitchClass, mode=k.mode,
+                title=title or "", tonic=k.tonic.pitchClass, mode=k.mode, chords=chords,
                 meter=ts.ratioString if ts is not None else "4/4",
                 beat=float(ts.beatDuration.quarterLength) if ts is not None else 1.0,
                 length=round(length, 4), parts=parts)
@@ -158,8 +162,8 @@ def _files(collection):
     from music21 import corpus
     prefixes, paths = COLLECTIONS[collection][0], []
     for p in corpus.getCorePaths():
-        rel = str(p).split("/corpus/", 1)[-1]
-        if rel.startswith(prefixes) and Path(rel).suffix in FILE_TYPES:
+        rel = str(p).rsplit("/corpus/", 1)[-1]
+        if rel.startswith(prefixes) and Path(rel).suffix in FILE_TYPES and not rel.startswith(EXCLUDE):
             paths.append(rel)
     by_stem = {}  # the same piece in two formats: keep one (MusicXML first)
     for rel in sorted(paths, key=lambda r: (FILE_TYPES.index(Path(r).suffix), r)):
@@ -189,7 +193,7 @@ def check(cfg):
 
 def cache_path(cfg):
     """Where the parsed corpus of cfg's settings lives (one file per setting, reused by every run)."""
-    key = json.dumps([cfg.corpus_pieces, collections(cfg), 1])
+    key = json.dumps([cfg.corpus_pieces, collections(cfg), 2])  # 2: the cache format's version
     folder = Path(os.path.expanduser(cfg.corpus_cache))
     return folder / f"corpus-{cfg.corpus_pieces}-{hashlib.sha1(key.encode()).hexdigest()[:8]}.json.gz"
 
@@ -227,7 +231,7 @@ def build_cache(cfg, workers=None):
     info = dict(pieces=len(pieces), skipped=skipped, seconds=round(time.time() - t0, 1),
                 per_collection={c: sum(p["collection"] == c for p in pieces) for c in names})
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")   # per process: torchrun ranks may build at once
     with gzip.open(tmp, "wt") as fh:
         json.dump({"pieces": pieces, "info": info}, fh)
     os.replace(tmp, path)  # atomic: an interrupted build leaves no half file behind
@@ -255,8 +259,8 @@ def render(events, channels, n, sample_rate, soundfont):
     """events [(seconds, on?, channel, key, velocity)], channels {channel: (GM program, pan 0..1)}
     -> stereo float32 (2, n) from the soundfont."""
     synth, sfid = _synth(soundfont, sample_rate)
-    synth.sounds_off()                            # silence the previous clip: a 10 ms release,
-    synth.generate_simple(sample_rate // 20)      # played out here so that it cannot leak into this one
+    synth.sounds_off()                            # silence the previous clip (a ~10 ms release),
+    synth.generate_simple(sample_rate // 20)      # 50 ms played out here, so nothing leaks into this one
     for ch, (program, pan) in channels.items():
         synth.program_select(ch, sfid, 0, program)
         synth.control_change(ch, 10, int(round(pan * 127)))  # CC 10: pan, 0 left .. 127 right
@@ -282,7 +286,8 @@ def _events(parts, length, start, window, q, shift, velocity):
             for t, d, key in part:
                 t = t + r * length - start
                 if t < window and t + 0.95 * d > 0:  # sounding in the clip (a held note restrikes at 0)
-                    k = min(108, max(21, key + shift))
+                    k = key + shift + 12 * ((max(0, 21 - key - shift) + 11) // 12)  # octaves up or
+                    k -= 12 * ((max(0, k - 108) + 11) // 12)                          # down into 21..108
                     vel = min(127, velocity + (12 if j == 0 else 0))  # the top part leads
                     events += [(max(t, 0) * q, True, ch, k, vel), ((t + 0.95 * d) * q, False, ch, k, 0)]
     return events
@@ -305,8 +310,8 @@ def render_clip(cfg, pieces, split_id, i):
     group = [p for p in pieces if p["collection"] == coll]
     piece = group[rng.integers(len(group))]
     parts = piece["parts"][:15]  # 16 MIDI channels, channel 9 is percussion
-    table = SOLOS if len(parts) == 1 else ENSEMBLES
-    ens = list(table)[rng.integers(len(table))]
+    table = (CHORDAL_SOLOS if piece["chords"] else list(SOLOS)) if len(parts) == 1 else list(ENSEMBLES)
+    ens = table[rng.integers(len(table))]
     bpm = int(rng.integers(BPM_RANGE[0], BPM_RANGE[1] + 1))
     shift = int(rng.integers(TRANSPOSE[0], TRANSPOSE[1] + 1))
     velocity = int(rng.integers(70, 101))

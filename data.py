@@ -104,9 +104,10 @@ class CorpusDataset:
 # -----------------------------------------------------------------------------
 # Folder of real music
 
-# every format libsndfile reads here (WAV, FLAC, OGG/Opus, MP3 from libsndfile 1.1, AIFF, ...)
-AUDIO_EXTS = tuple(sorted({"." + f.lower() for f in sf.available_formats() if f != "RAW"}
-                          | {".aif", ".aifc", ".oga", ".opus"}))
+# the file extensions of the formats this machine's libsndfile reads (MP3 from libsndfile 1.1)
+_EXTS = {"WAV": ".wav", "WAVEX": ".wav", "FLAC": ".flac", "OGG": ".ogg .oga .opus", "MP3": ".mp3",
+         "AIFF": ".aiff .aif .aifc", "AU": ".au .snd", "CAF": ".caf", "W64": ".w64", "RF64": ".rf64"}
+AUDIO_EXTS = tuple(sorted({e for f in sf.available_formats() for e in _EXTS.get(f, "").split()}))
 
 
 def resample(x, sr_in, sr_out):
@@ -119,12 +120,18 @@ def resample(x, sr_in, sr_out):
 
 
 def hash_split(names, split, fraction):
-    """The names (strings) in `split`: ordered by a stable hash of the name, the first
-    round(fraction * n) (at least one when fraction > 0) are val, the next as many test, the rest
-    train. Never depends on the seed or on file order; every split is non-empty from 3 names."""
-    ranked = sorted(names, key=lambda name: hashlib.sha1(name.encode()).hexdigest())
-    k = max(1, round(fraction * len(ranked))) if fraction > 0 else 0
-    return {"val": ranked[:k], "test": ranked[k:2 * k], "train": ranked[2 * k:]}[split]
+    """The names (strings) in `split`. A name's split comes from a stable hash u in [0, 1) of the
+    name alone (val if u < fraction, test if u < 2 fraction, else train), so adding files never
+    moves others and the seed never matters. With 3 names or more and fraction > 0, an empty val
+    or test split takes the train name of lowest u, so every split has at least one."""
+    u = {n: int(hashlib.sha1(n.encode()).hexdigest()[:12], 16) / 16**12 for n in names}
+    splits = {"val": [], "test": [], "train": []}
+    for n in sorted(names, key=u.get):
+        splits["val" if u[n] < fraction else "test" if u[n] < 2 * fraction else "train"].append(n)
+    for s in ("val", "test"):
+        if fraction > 0 and not splits[s] and len(splits["train"]) >= 2:
+            splits[s].append(splits["train"].pop(0))
+    return splits[split]
 
 
 def _captions(root):
@@ -174,19 +181,19 @@ class FolderDataset:
         self.items, quiet = [], []  # (path, caption, start in seconds) of the usable clips of this split
         for rel in sorted(hash_split(list(captions), split, cfg.val_fraction)):
             p = root / rel
-            try:  # read once here, so a bad file fails loudly now rather than in step 10,000
-                x, sr = sf.read(str(p), dtype="float32", always_2d=True)
+            try:  # read once here (a clip at a time), so a bad file fails loudly now, not in step 10,000
+                sr = sf.info(str(p)).samplerate
+                clip = int(round(cfg.seconds * sr))
+                shares = [active_share(block.T, sr) for block in sf.blocks(
+                    str(p), blocksize=clip, dtype="float32", always_2d=True, fill_value=0.0)]
             except Exception as e:
                 warnings.warn(f"skipping unreadable audio file {p}: {e}")
                 continue
-            clip = int(round(cfg.seconds * sr))
-            for start in range(0, max(1, len(x) - clip + 1), clip):  # whole clips; a short file is one
-                piece = np.zeros((clip, x.shape[1]), np.float32)
-                piece[:min(clip, len(x) - start)] = x[start:start + clip]
-                if active_share(piece.T, sr) < cfg.min_active:
-                    quiet.append(f"{rel}@{start / sr:.1f}s")
+            for k, share in enumerate(shares):  # consecutive clips; the last one zero-padded
+                if share < cfg.min_active:
+                    quiet.append(f"{rel}@{k * clip / sr:.1f}s")
                 else:
-                    self.items.append((p, captions[rel], start / sr))
+                    self.items.append((p, captions[rel], k * clip / sr))
         if quiet:
             warnings.warn(f"skipped {len(quiet)} near-silent clip(s) of split '{split}' (under "
                           f"{cfg.min_active:.0%} of 50 ms frames above -50 dBFS): {', '.join(quiet[:5])}"

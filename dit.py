@@ -236,9 +236,9 @@ class DiT(nn.Module):
         blocks: optional list of block indices to run, in order, for the whole batch (default:
             all). The skipped blocks are really skipped: this is the fast inference path.
         block_mask: optional (B, depth) bool, which blocks each sample runs (per-sample budgets in
-            a training batch). A block runs on the whole batch if any sample needs it and its
-            output is kept only where the mask is set, so this path costs full depth (minus blocks
-            no sample needs): it is for training, not for speed.
+            a training batch). Every block runs on the whole batch and its output is kept only
+            where the mask is set (asking which blocks no sample needs would sync a GPU), so this
+            path costs full depth: it is for training, not for speed.
         return_hidden: optional block index k; then returns (out, hidden after block k (B, N, W)).
             With block_mask, a sample that skips block k passes its hidden state through.
         """

@@ -203,8 +203,9 @@ def edm_loss(denoiser, x, cond, sigma, rng=None, eps=None):
 #
 # A `denoise_fn(x, sigma)` takes x (B, C, T) and sigma (B,) and returns D (B, C, T).
 # A sampler is `sampler(denoise_fn, x, sigmas) -> x_0`, where x = sigmas[0] * noise and
-# sigmas is a decreasing grid ending in 0. Arithmetic is float64 (as EDM does), the network
-# sees float32.
+# sigmas is a decreasing grid ending in exactly one 0 (karras_schedule; the loops rely on it to
+# find the last step without reading the grid back to the host). Arithmetic is float64 (as EDM
+# does), the network sees float32.
 
 def cat_cond(a, b):
     """Concatenate two conditionings along the batch: tensors, or dicts of tensors (dit.py's)."""

@@ -193,13 +193,13 @@ def train_clap(cfg, out, resume=False):
     say(f"clap: {dit.n_params(model) / 1e6:.2f}M params, d={clap_cfg.dim}, {clap_cfg.steps} steps of "
         f"{clap_cfg.batch_size} clips on {device}" + (", with attribute heads" if model.heads else ""))
     loop = StageLoop("clap", path, start, clap_cfg.steps, resume, "clap.lr", clap_cfg.ckpt_every)
-    feed = Feed(train_ds, clap_cfg.batch_size, cfg, start, clap_cfg.steps, device)
+    # never split into micro-batches (the embedder is small): InfoNCE sees the whole batch
+    feed = Feed(train_ds, clap_cfg.batch_size, cfg, start, clap_cfg.steps, device, micro_batch=0)
     for step in loop:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, clap_cfg)
         sums = {}
-        # Under torchrun the InfoNCE negatives are every process's clips of the micro-step
-        # (gather_rows); with gradient accumulation, only those of one micro-step.
+        # Under torchrun the InfoNCE negatives are every process's clips (gather_rows).
         for waves, captions, labels, rows, weight in feed(step):
             rng = edm.BatchRNG(edm.step_generator(clap_cfg.seed, step, "cpu"), rows, clap_cfg.batch_size)
             gain_db = -clap_cfg.gain_db * edm.rand(len(waves), rng)                     # (B,)
@@ -384,9 +384,10 @@ def train_distill(cfg, out, resume, stage):
     loop = StageLoop(stage, path, start, distill.steps, resume, "distill.lr_gen / distill.lr_fake",
                      train_cfg.ckpt_every)
     sums, counts, g_by_sigma = {}, {}, []
-    feed = Feed(train_ds, distill.batch_size, cfg, start, distill.steps, device)
-    if distill.gan_real == "independent":          # the discriminator's real clips: a second stream
-        feed_gan = Feed(train_ds, distill.batch_size, cfg, start, distill.steps, device, stream=1)
+    two = distill.gan_real == "independent"        # the discriminator's real clips: a second stream
+    feed = Feed(train_ds, distill.batch_size, cfg, start, distill.steps, device, share=0.5 if two else 1)
+    if two:
+        feed_gan = Feed(train_ds, distill.batch_size, cfg, start, distill.steps, device, stream=1, share=0.5)
     for step in loop:
         batches = [(x, ids, torch.zeros_like(ids), make_rng, (x, ids)) for x, ids, _, make_rng, _ in
                    micro_batches(feed, rep, tok, cfg, step, device, distill.batch_size)]
@@ -555,12 +556,13 @@ def memory_need(denoiser, rep, cfg, device, autocast):
     the batch (e.g. bf16 copies of the weights) is fixed, with the float32 weights, gradients,
     AdamW moments and EMA copy (4 + 4 + 8 + 4 bytes per parameter). Temporaries are not counted."""
     C, T = rep.latent_channels, rep.n_frames(cfg.data.seconds)
+    weights = {p.data_ptr() for p in denoiser.parameters()}    # saved by reference: counted below
     saved = []
     for b in (1, 2):
         total = [0]
 
         def pack(t, total=total):
-            total[0] += t.numel() * t.element_size()
+            total[0] += 0 if t.data_ptr() in weights else t.numel() * t.element_size()
             return t
         x = torch.zeros(b, C, T, device=device)
         ids = torch.zeros(b, cfg.data.max_text_len, dtype=torch.long, device=device)
@@ -584,10 +586,12 @@ def check_memory(denoiser, rep, cfg, device, autocast, micro_size):
         f"micro-batch {micro_size} (weights, gradients, AdamW and EMA included)"
         + (f"; the device has {have / 2**30:.1f} GiB" if have else ""))
     if have and need > 0.9 * have:
-        fits = int((0.9 * have - fixed) // per_clip)
+        share = cfg.train.batch_size // DIST.world      # a micro-batch must divide this process's share
+        fits = max([m for m in range(1, share + 1) if share % m == 0 and fixed + m * per_clip <= 0.9 * have],
+                   default=0)
         raise ValueError(f"a micro-batch of {micro_size} clips needs ~{need / 2**30:.1f} GiB, more than "
-                         f"90% of the device's {have / 2**30:.1f} GiB: set train.micro_batch to at most "
-                         f"{fits} (gradient accumulation keeps the batch)" if fits > 0 else
+                         f"90% of the device's {have / 2**30:.1f} GiB: set train.micro_batch={fits} "
+                         f"(gradient accumulation keeps the batch)" if fits > 0 else
                          f"one clip needs ~{(fixed + per_clip) / 2**30:.1f} GiB: the model does not fit")
 
 
@@ -833,17 +837,19 @@ class Feed:
     and resumes exactly. wait: seconds the loop has spent waiting for data (take_wait resets it).
     """
 
-    def __init__(self, ds, batch_size, cfg, start, total, device, stream=0):
-        self.m, self.chunks = micro_split(batch_size, cfg.train.micro_batch)
+    def __init__(self, ds, batch_size, cfg, start, total, device, stream=0, micro_batch=None, share=1.0):
+        micro_batch = cfg.train.micro_batch if micro_batch is None else micro_batch
+        self.m, self.chunks = micro_split(batch_size, micro_batch)
         mine = range(DIST.rank, self.chunks, DIST.world)
         self.keys = [(step, c) for step in range(start, total) for c in mine]
         items = _Chunks(self.keys, ds, self.m, self.chunks, cfg.data.seed, stream)
         workers = workers_for(cfg.train, device)
+        workers = max(1, int(workers * share)) if workers else 0   # share: of the workers, for 2 feeds
         self.items, self.pos, self.wait, self.it = items, 0, 0.0, None
-        if workers > 0 and self.keys:
+        if workers > 0 and self.keys:   # 2 chunks in flight per worker (shared memory: /dev/shm)
             self.it = iter(torch.utils.data.DataLoader(
                 items, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
-                prefetch_factor=max(2, 4 * len(mine) // workers), persistent_workers=False))
+                prefetch_factor=2, persistent_workers=False))
 
     def __call__(self, step):
         for c in range(DIST.rank, self.chunks, DIST.world):

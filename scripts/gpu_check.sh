@@ -15,7 +15,10 @@ LATENCY_PRESET=${LATENCY_PRESET:-paper}; OUT=${OUT:-runs/gpu_check}
 python -c "import torch; print('torch', torch.__version__, '| CUDA:', torch.cuda.is_available() and torch.cuda.get_device_name(0))"
 rm -rf "$OUT"
 every="train.log_every=25 train.eval_every=0 train.ckpt_every=0"
-python train.py --stage ae --preset "$PRESET" --out "$OUT" --set ae.steps="$AE_STEPS" $every 2>&1 | grep -v "it/s" || true
+latent=$(python -c "import config; print(config.make_config('$PRESET').ae.latent_channels)")
+if [ "$latent" -gt 0 ]; then    # a latent preset: its autoencoder first
+  python train.py --stage ae --preset "$PRESET" --out "$OUT" --set ae.steps="$AE_STEPS" $every 2>&1 | grep -v "it/s"
+fi
 python train.py --stage base --preset "$PRESET" --out "$OUT" --set train.steps="$STEPS" $every 2>&1 | grep -v "it/s"
 python - "$OUT/base_log.jsonl" <<'PY'
 import json, sys
@@ -23,8 +26,9 @@ rows = [json.loads(l) for l in open(sys.argv[1]) if '"clips_per_s"' in l][1:]   
 if not rows:
     sys.exit("no timed log rows: raise STEPS")
 mean = lambda k: sum(r.get(k, 0.0) for r in rows) / len(rows)
+mfu = f"MFU {mean('mfu'):.1%}" if "mfu" in rows[0] else "MFU unknown (set train.peak_tflops)"
 print(f"base training, {len(rows)} log rows after warm-up: {mean('clips_per_s'):.1f} clips/s, "
-      f"MFU {mean('mfu'):.1%}, waiting for data {mean('data_wait'):.1%} of the time")
+      f"{mfu}, waiting for data {mean('data_wait'):.1%} of the time")
 PY
 python evaluate.py --latency-only --preset "$LATENCY_PRESET" --channels 1 2 --out "$OUT"
 grep -E "^(## |\| )" "$OUT/latency.md"   # the tables (latency.json holds every number)

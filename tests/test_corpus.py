@@ -83,7 +83,7 @@ def test_captions_state_the_labels_and_the_scores_metadata(cfg):
 def test_a_transposed_clip_sounds_in_its_labelled_key(cfg):
     """A repeated A (MIDI 69) labelled A major: each clip's fundamental must be its labelled tonic."""
     piece = dict(id="test#0", collection="fiddle", style="dance tune", composer=None, title="", tonic=9,
-                 mode="major", meter="4/4", beat=1.0, length=64.0, parts=[[[float(b), 1.0, 69] for b in range(64)]])
+                 mode="major", meter="4/4", beat=1.0, length=64.0, chords=False, parts=[[[float(b), 1.0, 69] for b in range(64)]])
     d = cfg.data
     seen = set()
     for i in range(8):

@@ -241,7 +241,8 @@ def test_folder_loader(tmp_path):
         ds = make_dataset(cfg, "train")
     messages = " ".join(str(w.message) for w in record)
     assert "corrupt.wav" in messages and "silent.wav" in messages
-    assert len(ds) == 3 and sorted(ds.captions) == ["a hifi sine", "a mono sine", "a stereo sine"]
+    # 5 s of mono.wav: a 4 s clip and a zero-padded 1 s one; the 2 s and 4 s files: one clip each
+    assert len(ds) == 4 and sorted(ds.captions) == ["a hifi sine", "a mono sine", "a mono sine", "a stereo sine"]
     clips = {ds.clip(i).caption: ds.clip(i) for i in range(len(ds))}
     for c in clips.values():
         assert c.wave.shape == (1, 32000) and c.wave.dtype == np.float32 and c.labels == {}
@@ -291,6 +292,19 @@ def test_folder_tracks_give_clips_from_end_to_end(tmp_path):
         peak_hz = np.abs(np.fft.rfft(wave)).argmax() * sr / len(wave)
         assert abs(peak_hz - f) < 5, (i, peak_hz)
     assert np.array_equal(ds.clip(3).wave, make_dataset(cfg, "train").clip(3).wave)
+
+
+def test_hash_split_is_stable_and_fills_every_split():
+    from data import hash_split
+    names = [f"track{k}.wav" for k in range(60)]
+    where = lambda ns: {n: s for s in ("train", "val", "test") for n in hash_split(ns, s, 0.1)}
+    before, after = where(names), where(names + [f"new{k}.wav" for k in range(20)])
+    assert all(after[n] == before[n] for n in names)              # adding files moves no other
+    assert sorted(before) == sorted(names)                        # every name in exactly one split
+    few = where(["a.wav", "b.wav", "c.wav"])
+    assert sorted(few.values()) == ["test", "train", "val"]       # 3 names: one per split
+    assert set(where(names[:5]).values()) == {"train", "val", "test"}
+    assert set(hash_split(names, "train", 0.0)) == set(names) and not hash_split(names, "val", 0.0)
 
 
 def test_folder_errors(tmp_path):

@@ -158,10 +158,11 @@ def test_a_run_that_does_not_fit_the_device_says_so_before_the_first_step(tmp_pa
     per_clip, fixed = train.memory_need(den, rep, cfg, torch.device("cpu"), config.autocast_for(
         torch.device("cpu")))
     assert per_clip > 0 and fixed > 0
-    # a "GPU" where 2 of the batch's 4 clips fit: the error names micro-batch 2, which then trains
-    monkeypatch.setattr(train, "device_memory", lambda device: (fixed + 2.5 * per_clip) / 0.9)
+    # a "GPU" where 3 of the batch's 4 clips fit: the error names micro-batch 2 (3 does not divide
+    # the batch), which then trains
+    monkeypatch.setattr(train, "device_memory", lambda device: (fixed + 3.5 * per_clip) / 0.9)
     out = str(tmp_path / "small")
-    with pytest.raises(ValueError, match=r"set train.micro_batch to at most 2 "):
+    with pytest.raises(ValueError, match=r"set train.micro_batch=2 "):
         train.train_base(cfg, out)
     assert "GiB of activations per clip" in capsys.readouterr().out
     assert not os.path.exists(os.path.join(out, "base.pt"))
