@@ -477,6 +477,8 @@ def train_layerdrop(cfg, out, resume=False):
     say(f"{drop.method}: fine-tuning DiT-{cfg.model.size} ({depth} blocks) at budgets {budgets} "
         f"(low -> high noise, jitter {drop.jitter}), {drop.steps} steps of {drop.batch_size} clips "
         f"on {device}")
+    check_memory(student, rep, cfg, device, autocast, micro_split(drop.batch_size, train_cfg.micro_batch)[0],
+                 drop.batch_size)     # the masked path runs every block: the base stage's memory
     if train_cfg.compile:
         config.compile_network(student)
     loop = StageLoop(drop.method, path, start, drop.steps, resume, "layerdrop.lr",
@@ -567,7 +569,7 @@ def memory_need(denoiser, rep, cfg, device, autocast):
         x = torch.zeros(b, C, T, device=device)
         ids = torch.zeros(b, cfg.data.max_text_len, dtype=torch.long, device=device)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
-            denoiser(x, torch.ones(b, device=device), denoiser.encode(ids))
+            denoiser(x, torch.ones(b, device=device), denoiser.net.encode_text(ids))
         saved.append(total[0])
     params = sum(p.numel() for p in denoiser.parameters())
     return saved[1] - saved[0], 2 * saved[0] - saved[1] + 20 * params
@@ -578,15 +580,16 @@ def device_memory(device):
     return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
 
 
-def check_memory(denoiser, rep, cfg, device, autocast, micro_size):
-    """Print the estimate; on a device too small, a one-line error naming a micro-batch that fits."""
+def check_memory(denoiser, rep, cfg, device, autocast, micro_size, batch_size=None):
+    """Print the estimate; on a device too small, a one-line error naming a micro-batch that fits
+    (batch_size: the stage's global batch, default train.batch_size)."""
     per_clip, fixed = memory_need(denoiser, rep, cfg, device, autocast)
     need, have = fixed + micro_size * per_clip, device_memory(device)
     say(f"memory: ~{per_clip / 2**30:.3f} GiB of activations per clip; ~{need / 2**30:.2f} GiB at "
         f"micro-batch {micro_size} (weights, gradients, AdamW and EMA included)"
         + (f"; the device has {have / 2**30:.1f} GiB" if have else ""))
     if have and need > 0.9 * have:
-        share = cfg.train.batch_size // DIST.world      # a micro-batch must divide this process's share
+        share = (batch_size or cfg.train.batch_size) // DIST.world   # a micro-batch divides this share
         fits = max([m for m in range(1, share + 1) if share % m == 0 and fixed + m * per_clip <= 0.9 * have],
                    default=0)
         raise ValueError(f"a micro-batch of {micro_size} clips needs ~{need / 2**30:.1f} GiB, more than "
