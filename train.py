@@ -45,7 +45,8 @@ import edm
 import evaluate
 import gan
 import layerdrop
-from dist import DIST, average_gradients, barrier, gather_rows, global_mean, init_distributed
+from dist import (DIST, Feed, average_gradients, barrier, check_memory, gather_rows, global_mean,
+                  init_distributed, micro_split)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -70,7 +71,7 @@ def train_base(cfg, out, resume=False):
         f"{rep.latent_channels}x{rep.n_frames(cfg.data.seconds)}, {train_cfg.steps} steps of "
         f"{train_cfg.batch_size} clips (global; {DIST.world} process(es) x {chunks // DIST.world} "
         f"micro-batch(es) of {micro_size}) on {device}")
-    check_memory(denoiser, rep, cfg, device, autocast, micro_size)
+    say(check_memory(denoiser, rep, cfg, device, autocast, micro_size))
     if train_cfg.compile:
         config.compile_network(denoiser)
     loop = StageLoop("base", path, start, train_cfg.steps, resume, "train.lr", train_cfg.ckpt_every)
@@ -477,8 +478,8 @@ def train_layerdrop(cfg, out, resume=False):
     say(f"{drop.method}: fine-tuning DiT-{cfg.model.size} ({depth} blocks) at budgets {budgets} "
         f"(low -> high noise, jitter {drop.jitter}), {drop.steps} steps of {drop.batch_size} clips "
         f"on {device}")
-    check_memory(student, rep, cfg, device, autocast, micro_split(drop.batch_size, train_cfg.micro_batch)[0],
-                 drop.batch_size)     # the masked path runs every block: the base stage's memory
+    say(check_memory(student, rep, cfg, device, autocast,   # the masked path runs every block
+                     micro_split(drop.batch_size, train_cfg.micro_batch)[0], drop.batch_size))
     if train_cfg.compile:
         config.compile_network(student)
     loop = StageLoop(drop.method, path, start, drop.steps, resume, "layerdrop.lr",
@@ -549,53 +550,6 @@ def optimizer_step(opt, grad_clip):
     opt.step()
     opt.zero_grad(set_to_none=True)
     return norm
-
-
-def memory_need(denoiser, rep, cfg, device, autocast):
-    """(bytes per clip, fixed bytes) of a training step of `denoiser`, measured rather than modelled:
-    autograd's saved tensors (saved-tensor hooks) of a forward at batch 1 and at batch 2 under the
-    run's autocast; their difference is the activation memory per clip, and what does not grow with
-    the batch (e.g. bf16 copies of the weights) is fixed, with the float32 weights, gradients,
-    AdamW moments and EMA copy (4 + 4 + 8 + 4 bytes per parameter). Temporaries are not counted."""
-    C, T = rep.latent_channels, rep.n_frames(cfg.data.seconds)
-    weights = {p.data_ptr() for p in denoiser.parameters()}    # saved by reference: counted below
-    saved = []
-    for b in (1, 2):
-        total = [0]
-
-        def pack(t, total=total):
-            total[0] += 0 if t.data_ptr() in weights else t.numel() * t.element_size()
-            return t
-        x = torch.zeros(b, C, T, device=device)
-        ids = torch.zeros(b, cfg.data.max_text_len, dtype=torch.long, device=device)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
-            denoiser(x, torch.ones(b, device=device), denoiser.net.encode_text(ids))
-        saved.append(total[0])
-    params = sum(p.numel() for p in denoiser.parameters())
-    return saved[1] - saved[0], 2 * saved[0] - saved[1] + 20 * params
-
-
-def device_memory(device):
-    """Bytes of memory the device has for a run (CUDA), or None (a CPU: not checked)."""
-    return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
-
-
-def check_memory(denoiser, rep, cfg, device, autocast, micro_size, batch_size=None):
-    """Print the estimate; on a device too small, a one-line error naming a micro-batch that fits
-    (batch_size: the stage's global batch, default train.batch_size)."""
-    per_clip, fixed = memory_need(denoiser, rep, cfg, device, autocast)
-    need, have = fixed + micro_size * per_clip, device_memory(device)
-    say(f"memory: ~{per_clip / 2**30:.3f} GiB of activations per clip; ~{need / 2**30:.2f} GiB at "
-        f"micro-batch {micro_size} (weights, gradients, AdamW and EMA included)"
-        + (f"; the device has {have / 2**30:.1f} GiB" if have else ""))
-    if have and need > 0.9 * have:
-        share = (batch_size or cfg.train.batch_size) // DIST.world   # a micro-batch divides this share
-        fits = max([m for m in range(1, share + 1) if share % m == 0 and fixed + m * per_clip <= 0.9 * have],
-                   default=0)
-        raise ValueError(f"a micro-batch of {micro_size} clips needs ~{need / 2**30:.1f} GiB, more than "
-                         f"90% of the device's {have / 2**30:.1f} GiB: set train.micro_batch={fits} "
-                         f"(gradient accumulation keeps the batch)" if fits > 0 else
-                         f"one clip needs ~{(fixed + per_clip) / 2**30:.1f} GiB: the model does not fit")
 
 
 # Dense bf16 peak of known accelerators, FLOP/s (vendor data sheets, SXM parts)
@@ -786,87 +740,6 @@ def say(msg):
     """print, on rank 0 only (and through tqdm, so progress bars are not broken)."""
     if DIST.main:
         tqdm.write(msg)
-
-
-def micro_split(batch_size, micro_batch):
-    """(clips per chunk, number of chunks) of a global batch; a clear error if it does not divide."""
-    per_rank, rest = divmod(batch_size, DIST.world)
-    m = min(micro_batch, per_rank) if micro_batch else per_rank   # at most the process's share
-    if rest or m <= 0 or per_rank % m:
-        raise ValueError(f"global batch {batch_size} does not split into {DIST.world} processes x "
-                         f"micro-batches of {m} clips: set a batch size divisible by both "
-                         f"(or train.micro_batch)")
-    return m, batch_size // m
-
-
-class _Chunks(torch.utils.data.Dataset):
-    """Item k of a Feed's (step, chunk) list: that chunk's (waves, captions, labels)."""
-
-    def __init__(self, keys, ds, m, chunks, seed, stream):
-        self.keys, self.ds, self.m, self.chunks, self.seed, self.stream = keys, ds, m, chunks, seed, stream
-
-    def __len__(self):
-        return len(self.keys)
-
-    def __getitem__(self, k):
-        step, c = self.keys[k]
-        return data.get_batch(self.ds, step, self.m, self.seed, rank=c, world=self.chunks, stream=self.stream)
-
-
-def workers_for(train_cfg, device):
-    """train.workers, or (-1, auto) enough to keep a GPU fed: the CPU cores this process has, less
-    one for the training loop (at most 8); on a CPU, 0: workers would take the training's cores."""
-    if train_cfg.workers >= 0:
-        return train_cfg.workers
-    if device.type != "cuda":
-        return 0
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(8, cores // max(1, torch.cuda.device_count()) - 1))
-
-
-class Feed:
-    """This process's micro-batches of steps start .. total-1, in order: feed(step) yields
-    (waves, captions, labels, rows, weight) for each of its chunks of the step.
-
-    Chunk c of a step holds positions [c*m, (c+1)*m) of the step's global batch, so no two
-    processes share a clip and the chunks together are exactly the single-process batch
-    (data.batch_indices); rows is that slice (its rows in edm.BatchRNG draws) and weight the
-    chunk's share of this process's clips, the loss multiplier that makes accumulated gradients a
-    mean (average_gradients then averages over processes). stream: data.batch_indices' stream.
-
-    With workers > 0, DataLoader worker processes make the chunks ahead of the loop (a few steps
-    of prefetch; pinned memory on CUDA, so the copy to the device can be non-blocking). A chunk is
-    a pure function of (step, chunk), so a run gives the same numbers with any number of workers
-    and resumes exactly. wait: seconds the loop has spent waiting for data (take_wait resets it).
-    """
-
-    def __init__(self, ds, batch_size, cfg, start, total, device, stream=0, micro_batch=None, share=1.0):
-        micro_batch = cfg.train.micro_batch if micro_batch is None else micro_batch
-        self.m, self.chunks = micro_split(batch_size, micro_batch)
-        mine = range(DIST.rank, self.chunks, DIST.world)
-        self.keys = [(step, c) for step in range(start, total) for c in mine]
-        items = _Chunks(self.keys, ds, self.m, self.chunks, cfg.data.seed, stream)
-        workers = workers_for(cfg.train, device)
-        workers = max(1, int(workers * share)) if workers else 0   # share: of the workers, for 2 feeds
-        self.items, self.pos, self.wait, self.it = items, 0, 0.0, None
-        if workers > 0 and self.keys:   # 2 chunks in flight per worker (shared memory: /dev/shm)
-            self.it = iter(torch.utils.data.DataLoader(
-                items, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
-                prefetch_factor=2, persistent_workers=False))
-
-    def __call__(self, step):
-        for c in range(DIST.rank, self.chunks, DIST.world):
-            if self.keys[self.pos] != (step, c):
-                raise RuntimeError(f"Feed asked for step {step} chunk {c}, expected {self.keys[self.pos]}")
-            t = time.perf_counter()
-            waves, captions, labels = next(self.it) if self.it is not None else self.items[self.pos]
-            self.wait += time.perf_counter() - t
-            self.pos += 1
-            yield waves, captions, labels, slice(c * self.m, (c + 1) * self.m), DIST.world / self.chunks
-
-    def take_wait(self):
-        wait, self.wait = self.wait, 0.0
-        return wait
 
 
 def micro_batches(feed, rep, tok, cfg, step, device, batch_size):

@@ -12,6 +12,7 @@ import torch
 
 import config
 import data
+import dist
 import edm
 import sample
 import train
@@ -155,19 +156,19 @@ def test_worker_processes_give_the_same_run_and_log_the_data_wait(tmp_path):
 def test_a_run_that_does_not_fit_the_device_says_so_before_the_first_step(tmp_path, monkeypatch, capsys):
     cfg = config.make_config("tiny", FAST)
     rep, _, den = config.build(cfg, "denoiser")
-    per_clip, fixed = train.memory_need(den, rep, cfg, torch.device("cpu"), config.autocast_for(
+    per_clip, fixed = dist.memory_need(den, rep, cfg, torch.device("cpu"), config.autocast_for(
         torch.device("cpu")))
     assert per_clip > 0 and fixed > 0
     # a "GPU" where 3 of the batch's 4 clips fit: the error names micro-batch 2 (3 does not divide
     # the batch), which then trains
-    monkeypatch.setattr(train, "device_memory", lambda device: (fixed + 3.5 * per_clip) / 0.9)
+    monkeypatch.setattr(dist, "device_memory", lambda device: (fixed + 3.5 * per_clip) / 0.9)
     out = str(tmp_path / "small")
     with pytest.raises(ValueError, match=r"set train.micro_batch=2 "):
         train.train_base(cfg, out)
-    assert "GiB of activations per clip" in capsys.readouterr().out
     assert not os.path.exists(os.path.join(out, "base.pt"))
     train.train_base(config.make_config("tiny", {**FAST, "train.micro_batch": "2"}), out)
-    monkeypatch.setattr(train, "device_memory", lambda device: fixed / 2)   # nothing fits
+    assert "GiB of activations per clip" in capsys.readouterr().out       # the estimate is printed
+    monkeypatch.setattr(dist, "device_memory", lambda device: fixed / 2)   # nothing fits
     with pytest.raises(ValueError, match="does not fit"):
         train.train_base(config.make_config("tiny", FAST), str(tmp_path / "none"))
 
