@@ -589,7 +589,7 @@ def latency_section(cfg, rows, opts, device):
 
     base: the teacher's default sampler (Heun, opts.steps, CFG opts.cfg: each call is a batch of
     2); presto-s: the few-step generator at opts.ls_steps steps, no CFG; presto-ls: the same with
-    Presto-L's budget schedule (layerdrop.scheduled, method presto-l). Each row samples through
+    Presto-L's budget schedule (layerdrop.Planned, method presto-l). Each row samples through
     sample.sampling_fn, the code path of sample.py and of the full evaluation. Generation,
     Griffin-Lim decode and the two together are timed separately: the median of opts.repeats
     after a warm-up (the counting pass; with --compile two more calls, which compile and, on

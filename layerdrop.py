@@ -166,6 +166,30 @@ def scheduled(denoiser, cfg, edm_cfg, budget=None, masked=False):
     return denoise
 
 
+class Planned:
+    """The layer-dropped denoiser(x, sigma, cond) of a sampler whose network calls are known in
+    advance: call k runs budget plan[k], host integers worked out from the sampling grid (or one
+    fixed budget), so no budget is read back from the device (a GPU sync per call otherwise).
+    reset() before each generation; `calls` counts the calls made since."""
+
+    def __init__(self, denoiser, method, budget_cond, plan):
+        check_method(method)
+        self.denoiser, self.method, self.plan, self.calls = denoiser, method, list(plan), 0
+        self.condition = method == "presto-l" and budget_cond     # Presto-L's budget embedding
+        self.depth = len(denoiser.net.blocks)
+
+    def reset(self):
+        self.calls = 0
+
+    def __call__(self, x, sigma, cond):
+        if self.calls >= len(self.plan):
+            raise RuntimeError(f"the sampler made more network calls than the {len(self.plan)} planned")
+        b = self.plan[self.calls]
+        self.calls += 1
+        budget = torch.full((x.shape[0],), b, dtype=torch.long, device=x.device) if self.condition else None
+        return self.denoiser(x, sigma, cond, budget=budget, blocks=block_list(b, self.depth, self.method))
+
+
 # ----------------------------------------------------------------------------------------------
 # Losses: per-sample (B,), EDM-weighted, mean over elements (as edm.edm_loss)
 

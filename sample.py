@@ -69,7 +69,7 @@ def generate(denoiser, tok, cfg, prompts, seeds, seconds, steps=32, sampler="heu
              progress=None, denoise=None):
     """Latents (B, C, T) for prompts, one seed each, with the base model and an ODE sampler.
 
-    denoise(x, sigma, cond): called instead of the denoiser (e.g. layerdrop.scheduled); the
+    denoise(x, sigma, cond): called instead of the denoiser (e.g. layerdrop.Planned); the
     denoiser still encodes the captions.
     """
     device, ids, noise_fn = _setup(denoiser, tok, cfg, prompts, seeds, seconds)
@@ -136,28 +136,29 @@ def sampling_fn(denoiser, tok, cfg, stage, steps, sampler="heun", cfg_w=4.0, bud
     config.autocast_for ("auto": bf16 on CUDA, float32 on a CPU; "bf16"; "fp32"); the samplers'
     own arithmetic stays in float64 / float32 either way, and the latents come back in float32."""
     check_budget(budget, stage, cfg)
-    gen, blocks = _sampler_of(denoiser, tok, cfg, stage, steps, sampler, cfg_w, budget)
+    few_step = stage in FEW_STEP_STAGES
+    denoise, blocks = None, 1.0
+    if stage in LAYER_DROP_STAGES:     # each network call's budget, worked out here on the host
+        sigmas = network_sigmas(cfg, steps, None if few_step else sampler)
+        depth = len(denoiser.net.blocks)
+        plan = ([budget] * len(sigmas) if budget is not None else layerdrop.budget_for_sigma(
+            torch.tensor(sigmas, dtype=torch.float32), depth, cfg.layerdrop, cfg.edm).tolist())
+        denoise = layerdrop.Planned(denoiser, cfg.layerdrop.method, cfg.layerdrop.budget_cond, plan)
+        blocks = sum(plan) / len(plan) / depth
+    gen = (functools.partial(generate_few_step, denoiser, tok, cfg, steps=steps, denoise=denoise)
+           if few_step else functools.partial(generate, denoiser, tok, cfg, steps=steps, sampler=sampler,
+                                              cfg_w=cfg_w, denoise=denoise))
     device = next(denoiser.parameters()).device
 
     def under_precision(*args, **kwargs):
+        if denoise is not None:
+            denoise.reset()
         with config.autocast_for(device, precision):
-            return gen(*args, **kwargs).float()
+            latents = gen(*args, **kwargs).float()
+        if denoise is not None and denoise.calls != len(denoise.plan):
+            raise RuntimeError(f"the sampler made {denoise.calls} network calls, {len(denoise.plan)} planned")
+        return latents
     return under_precision, blocks
-
-
-def _sampler_of(denoiser, tok, cfg, stage, steps, sampler, cfg_w, budget):
-    few_step = stage in FEW_STEP_STAGES
-    denoise, blocks = None, 1.0
-    if stage in LAYER_DROP_STAGES:
-        denoise = layerdrop.scheduled(denoiser, cfg.layerdrop, cfg.edm, budget)
-        depth = len(denoiser.net.blocks)
-        blocks = (budget / depth if budget is not None else layerdrop.mean_block_fraction(
-            network_sigmas(cfg, steps, None if few_step else sampler), depth, cfg.layerdrop, cfg.edm))
-    if few_step:
-        return functools.partial(generate_few_step, denoiser, tok, cfg, steps=steps,
-                                 denoise=denoise), blocks
-    return functools.partial(generate, denoiser, tok, cfg, steps=steps, sampler=sampler,
-                             cfg_w=cfg_w, denoise=denoise), blocks
 
 
 PRECISIONS = ("auto", "bf16", "fp32")  # config.autocast_for's settings (train.precision's too)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import config
+import layerdrop
 import sample
 import train
 
@@ -73,10 +74,28 @@ def test_no_conversions_inside_a_step_but_the_last(tmp_path, stages, sets):
 
 
 def test_no_conversions_while_sampling(tmp_path):
+    """Base, few-step and layer-dropped sampling (each call's budget planned on the host from the
+    sampling grid), with and without a fixed --budget."""
     train.train_base(config.make_config("tiny", QUIET), str(tmp_path))
     cfg, _, _, tok, den = config.load_checkpoint(os.path.join(tmp_path, "base.pt"))
-    for stage, steps in (("presto-s", 4), ("base", 4)):
+    for stage, steps in (("presto-s", 4), ("base", 4), ("presto-l", 4), ("ase", 4), ("presto-ls", 4)):
         gen, _ = sample.sampling_fn(den, tok, cfg, stage, steps)
         with trapped() as counts:
             gen(["slow organ chords"], [0], 0.5)
         assert not counts, f"{stage} sampling: {counts}"
+
+
+def test_planned_budgets_are_the_schedules_budgets(tmp_path):
+    """The host-side plan runs each network call at the budget the device-side schedule gives its
+    sigma: the same latents as layerdrop.scheduled, for the ODE sampler and the few-step one."""
+    train.train_base(config.make_config("tiny", QUIET), str(tmp_path))
+    cfg, _, _, tok, den = config.load_checkpoint(os.path.join(tmp_path, "base.pt"))
+    cfg.layerdrop.method = "presto-l"
+    prompts, seeds = ["slow organ chords", "fast bass melody"], [0, 1]
+    on_device = layerdrop.scheduled(den, cfg.layerdrop, cfg.edm)
+    for stage, direct in (("presto-l", lambda: sample.generate(den, tok, cfg, prompts, seeds, 0.5, steps=6,
+                                                               denoise=on_device)),
+                          ("presto-ls", lambda: sample.generate_few_step(den, tok, cfg, prompts, seeds, 0.5,
+                                                                         steps=4, denoise=on_device))):
+        gen, blocks = sample.sampling_fn(den, tok, cfg, stage, 6 if stage == "presto-l" else 4)
+        assert blocks < 1 and torch.equal(gen(prompts, seeds, 0.5), direct())
