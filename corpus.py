@@ -72,7 +72,7 @@ ATTRIBUTES = {"style": STYLES, "instrumentation": INSTRUMENTATIONS, "tonic": TON
 TEMPLATES = (  # paraphrases, so the model learns the attributes rather than one sentence
     "{style}{by} for {ens}, {tonic} {mode}, {meter} time, {tempo} at {bpm} bpm, {texture}",
     "{style}{by} played on {ens} in {tonic} {mode} at {bpm} bpm, {meter}, {texture}",
-    "{tempo} {style}{by} in {tonic} {mode} on {ens}, {bpm} beats per minute in {meter}",
+    "{style}{by} in {tonic} {mode} on {ens}, {tempo} at {bpm} beats per minute in {meter}",
     "{texture}: {style}{by}, {ens}, {meter} time, {tonic} {mode}, {tempo}, {bpm} bpm",
 )
 
