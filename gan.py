@@ -15,6 +15,8 @@ like with like at every noise level.
   generator turn:     L_G = mean((Dh(h(x_hat_s)) - 1)^2); its gradient flows *through* the frozen
                       (not stepped) fake network into x_hat and on into the generator
 """
+import inspect
+
 import torch.nn as nn
 
 import edm
@@ -42,7 +44,9 @@ def disc_block(setting, depth):
 def features(mu_fake, x, sigma, cond, block):
     """Hidden state of the fake score after `block` at noise level sigma: (B, N, W). Only blocks
     0..block run (the blocks after it cannot change it)."""
-    return mu_fake(x, sigma, cond, blocks=list(range(block + 1)), return_hidden=block)[1]
+    takes_blocks = "blocks" in inspect.signature(mu_fake.net.forward).parameters   # (toy networks: all)
+    upto = {"blocks": list(range(block + 1))} if takes_blocks else {}
+    return mu_fake(x, sigma, cond, return_hidden=block, **upto)[1]
 
 
 def noised_pair(x_real, x_fake, sigma, eps):

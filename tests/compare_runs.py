@@ -1,5 +1,5 @@
 """Are two run folders the same computation? Compares, file by file, a hash of every weight tensor of
-every checkpoint and of every loss-log line without its timing fields (clips_per_s, mfu). Checkpoints
+every checkpoint and of every loss-log line without its timing fields (clips_per_s, mfu, data_wait). Checkpoints
 from before the fake score was renamed ("fake" -> "mu_fake") compare under the new names.
 
     python train.py --stage all --preset tiny --out runs/before     # on the code before a change
@@ -21,7 +21,7 @@ import config  # noqa: E402
 
 RENAME = {"fake": "mu_fake", "opt_fake": "opt_mu_fake"}     # checkpoint keys before the rename
 WEIGHTS = ("model", "ema", "G", "G_ema", "mu_fake", "head", "latent_stats", "feature_stats")
-TIMING = ("clips_per_s", "mfu")                                # differ from run to run
+TIMING = ("clips_per_s", "mfu", "data_wait")                                # differ from run to run
 
 
 def digest(run):

@@ -25,7 +25,7 @@ import train
 from test_stages import ALL, FILES, _load, stage_all
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TIMING = ("clips_per_s", "mfu", "temperature")
+TIMING = ("clips_per_s", "mfu", "data_wait", "temperature")
 
 
 def _torchrun(nproc, *args, timeout=300):
