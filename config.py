@@ -82,6 +82,11 @@ _ACCELERATOR = {"ae.latent_channels": 64, "ae.stride": 4, "ae.width": 512, "ae.s
                 "clap.ckpt_every": 1000, "clap.val_clips": 256}
 
 # Presets: small named overrides of the defaults above.
+_CPU = {"ae.latent_channels": 32, "ae.stride": 4, "model.size": "S", "model.patch": 1,
+        "edm.P_mean": -0.6, "train.steps": 2750, "train.batch_size": 16, "train.lr": 5e-4,
+        "distill.steps": 300, "distill.batch_size": 8, "distill.lr_gen": 2e-4,
+        "distill.lr_fake": 2e-4,                                 # ~7-9 min on one core
+        "layerdrop.steps": 300, "layerdrop.batch_size": 16}    # ~4-5 min each on one core
 PRESETS = {
     # tests: a few seconds on 2 cores
     "tiny": {"data.seconds": 1.0, "data.stats_clips": 32, "model.size": "XS", "model.text_depth": 1,
@@ -97,11 +102,12 @@ PRESETS = {
     # autoencoder (129 STFT bins at 62.5 frames/s -> 32 channels at 15.6/s, ~10 min), then a DiT-S
     # over its 63 latent frames (patch 1, ~20 min), trained at higher noise levels than EDM's image
     # default (P_mean -0.6); EXPERIMENTS.md, "The teacher at equal wall-clock"
-    "cpu": {"ae.latent_channels": 32, "ae.stride": 4, "model.size": "S", "model.patch": 1,
-            "edm.P_mean": -0.6, "train.steps": 2750, "train.batch_size": 16, "train.lr": 5e-4,
-            "distill.steps": 300, "distill.batch_size": 8, "distill.lr_gen": 2e-4,
-            "distill.lr_fake": 2e-4,                                 # ~7-9 min on one core
-            "layerdrop.steps": 300, "layerdrop.batch_size": 16},   # ~4-5 min each on one core
+    "cpu": _CPU,
+    # cpu's recipe on the rendered-score corpus at 16 kHz: 257 bins -> the same 32x63 latent, so the
+    # DiT costs the same and the step only pays for rendering and the autoencoder's ends (27 against
+    # 31.6 clips/s at 8 kHz); EXPERIMENTS.md, "Real music, offline"
+    "corpus": {**_CPU, "data.dataset": "corpus", "data.sample_rate": 16000, "data.n_fft": 512,
+               "data.hop": 256},
     # one GPU: 16 kHz, 8 s clips, a bigger model; the latent scaled from cpu's: 257 bins at 62.5
     # frames/s -> 64 channels at 15.6/s, so 125 tokens of DiT-B for 8 s
     # (base-stage memory as train.py prints it: gpu ~0.07 GiB of bf16 activations per clip, ~7.6
@@ -123,7 +129,7 @@ PRESETS = {
               "distill.batch_size": 64, "layerdrop.steps": 20_000, "layerdrop.batch_size": 128},
 }
 PRESET_HELP = ("tiny: tests, seconds per stage; cpu (the default): 2 CPU cores, a latent teacher in ~30 min; "
-               "gpu: one GPU, 16 kHz 8 s clips, DiT-B; paper: 32 s of 44.1 kHz and a DiT-L (latency, many GPUs)")
+               "corpus: cpu's recipe on rendered scores at 16 kHz; gpu: one GPU, 16 kHz 8 s clips, DiT-B; paper: 32 s of 44.1 kHz and a DiT-L (latency, many GPUs)")
 
 
 # ----------------------------------------------------------------------------------------------
