@@ -781,6 +781,8 @@ def run_stage(stage, out, preset, sets, resume=False, force=False):
             raise FileExistsError(f"{path} exists: pass --resume to continue it or --force to start over")
         cfg = config.make_config(preset or "cpu", sets)
     config.check(cfg)
+    if cfg.train.compile:
+        torch._dynamo.reset()         # each stage compiles its own call patterns, as in its own process
     stage_fn(cfg, out, resume=resume)
     barrier()                         # every process sees the checkpoint before the next stage
     say(f"wrote {path}")

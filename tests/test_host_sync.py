@@ -5,6 +5,7 @@ logging / validation / checkpoint steps (here: its last one) may convert. Conver
 the project's own code count; torch's own do not (on a CPU, AdamW reads its step counter with
 .item(); the fused CUDA AdamW the stages use there keeps it on the device)."""
 import contextlib
+import logging
 import os
 import sys
 
@@ -99,3 +100,33 @@ def test_planned_budgets_are_the_schedules_budgets(tmp_path):
                                                                          steps=4, denoise=on_device))):
         gen, blocks = sample.sampling_fn(den, tok, cfg, stage, 6 if stage == "presto-l" else 4)
         assert blocks < 1 and torch.equal(gen(prompts, seeds, 0.5), direct())
+
+
+def test_compiled_networks_stay_compiled(tmp_path, monkeypatch, caplog):
+    """torch.compile of the teacher, generator, fake score and sampler: every call pattern of the
+    stages (batch sizes, grad on / off, layer-drop budgets, the discriminator's block) fits the
+    recompile limit config.compile_network sets, which raises when hit instead of quietly running
+    eager. Traced with the eager backend (no code generation: seconds, no C++ compiler)."""
+    monkeypatch.setattr(config, "compile_network",
+                        lambda den, mode=None, compile_=config.compile_network: compile_(den, mode, "eager"))
+    graphs = torch._dynamo.utils.counters["stats"]
+    dynamo_log = logging.getLogger("torch._dynamo")        # torch's loggers do not reach the root one
+    dynamo_log.addHandler(caplog.handler)
+    try:
+        sets = {**QUIET, "train.compile": "true", "distill.val_every": "3"}
+        for stage in ("base", "clap", "presto-s", "ase", "presto-l", "presto-ls"):
+            train.run_stage(stage, str(tmp_path), "tiny", sets, force=True)   # resets dynamo per stage
+        torch._dynamo.reset()
+        cfg, _, _, tok, den = config.load_checkpoint(os.path.join(tmp_path, "base.pt"))
+        config.compile_network(den)
+        before = graphs["unique_graphs"]
+        for stage in ("base", "presto-s", "presto-l", "ase", "presto-ls"):
+            gen, _ = sample.sampling_fn(den, tok, cfg, stage, 4)
+            gen(["slow organ chords", "a fast drum groove"], [0, 1], 0.5)
+            gen(["slow organ chords"], [0], 0.5)
+        assert graphs["unique_graphs"] > before, "sampling compiled nothing"
+        hits = [r.getMessage() for r in caplog.records if "recompile_limit" in r.getMessage()]
+        assert not hits, f"fell back to eager: {hits[0]}"
+    finally:
+        dynamo_log.removeHandler(caplog.handler)
+        torch._dynamo.reset()
