@@ -401,7 +401,9 @@ def compile_network(denoiser, mode=None, backend="inductor"):
     # dynamic; no-grad), plus a distillation stage's fixed patterns (grad on / off, frozen or trained
     # weights, the discriminator's shorter pass): 11 graphs for Presto-LS at depth 8, 16 for sampling
     setattr(dynamo, limit, max(getattr(dynamo, limit), 3 * (depth + 1) + 8))
-    fail = "fail_on_recompile_limit_hit" if hasattr(dynamo, "recompile_limit") else "fail_on_cache_limit_hit"
-    setattr(dynamo, fail, True)
+    for fail in ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit"):   # whichever this torch has
+        if hasattr(dynamo, fail):
+            setattr(dynamo, fail, True)
+            break
     denoiser.net.compile(mode=mode, backend=backend)
     return denoiser

@@ -211,12 +211,14 @@ class Feed:
 # ----------------------------------------------------------------------------------------------
 # Will a step fit the device?
 
-def memory_need(denoiser, rep, cfg, device, autocast):
+def memory_need(denoiser, rep, cfg, device, autocast, graphs=1.0, weight_bytes=20):
     """(bytes per clip, fixed bytes) of a training step of `denoiser`, measured rather than modelled:
     autograd's saved tensors (saved-tensor hooks) of a forward at batch 1 and at batch 2 under the
     run's autocast; their difference is the activation memory per clip, and what does not grow with
     the batch (e.g. bf16 copies of the weights) is fixed, with the float32 weights, gradients,
-    AdamW moments and EMA copy (4 + 4 + 8 + 4 bytes per parameter). Temporaries are not counted."""
+    AdamW moments and EMA copy (weight_bytes: 4 + 4 + 8 + 4 per parameter). graphs: how many such
+    forwards a step keeps for backward at once (a distillation step: the generator's, the fake
+    score's and the discriminator's partial passes). Temporaries are not counted."""
     C, T = rep.latent_channels, rep.n_frames(cfg.data.seconds)
     weights = {p.data_ptr() for p in denoiser.parameters()}    # saved by reference: counted below
     saved = []
@@ -232,7 +234,7 @@ def memory_need(denoiser, rep, cfg, device, autocast):
             denoiser(x, torch.ones(b, device=device), denoiser.net.encode_text(ids))
         saved.append(total[0])
     params = sum(p.numel() for p in denoiser.parameters())
-    return saved[1] - saved[0], 2 * saved[0] - saved[1] + 20 * params
+    return graphs * (saved[1] - saved[0]), graphs * (2 * saved[0] - saved[1]) + weight_bytes * params
 
 
 def device_memory(device):
@@ -240,10 +242,11 @@ def device_memory(device):
     return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
 
 
-def check_memory(denoiser, rep, cfg, device, autocast, micro_size, batch_size=None):
+def check_memory(denoiser, rep, cfg, device, autocast, micro_size, batch_size=None, **need):
     """The estimate, as a line to print; on a device too small, a one-line error naming a
-    micro-batch that fits (batch_size: the stage's global batch, default train.batch_size)."""
-    per_clip, fixed = memory_need(denoiser, rep, cfg, device, autocast)
+    micro-batch that fits (batch_size: the stage's global batch, default train.batch_size;
+    need: memory_need's graphs and weight_bytes)."""
+    per_clip, fixed = memory_need(denoiser, rep, cfg, device, autocast, **need)
     need, have = fixed + micro_size * per_clip, device_memory(device)
     line = (f"memory: ~{per_clip / 2**30:.3f} GiB of activations per clip; ~{need / 2**30:.2f} GiB at "
             f"micro-batch {micro_size} (weights, gradients, AdamW and EMA included)"

@@ -360,6 +360,13 @@ def train_distill(cfg, out, resume, stage):
     validator = (evaluate.FewStepValidator(cfg, out, rep, tok, device)
                  if distill.val_every > 0 and DIST.main else None)
     autocast = config.autocast_for(device, train_cfg.precision)
+    # kept for backward at once: G's graph, the fake score's, the discriminator's passes over real
+    # and generated clips (blocks 0..block each); weights: G + its EMA (20 bytes per parameter),
+    # mu_fake (16), the frozen teacher (4)
+    memory = check_memory(G, rep, cfg, device, autocast,
+                          micro_split(distill.batch_size, train_cfg.micro_batch)[0], distill.batch_size,
+                          graphs=2 + 2 * (block + 1) / len(mu_fake.net.blocks),
+                          weight_bytes=20 + 16 + 4 - 4 * (G_ema is None))
     train_ds = data.make_dataset(cfg.data, "train")
     say(f"{stage}: distilling DiT-{cfg.model.size} ({dit.n_params(G.net) / 1e6:.2f}M params), "
         f"{distill.steps} iterations of {distill.batch_size} clips, G every {distill.gen_every}, "
@@ -369,6 +376,7 @@ def train_distill(cfg, out, resume, stage):
         + f", GAN real clips {distill.gan_real}"
         + (f", EMA {distill.ema}" if G_ema is not None else "")
         + (f", val FAD every {distill.val_every}" if distill.val_every > 0 else ""))
+    say(memory)
 
     def checkpoint(step, file=path):
         write_checkpoint(file, {"stage": stage, "step": step, "done": step >= distill.steps,

@@ -173,6 +173,45 @@ def test_a_run_that_does_not_fit_the_device_says_so_before_the_first_step(tmp_pa
         train.train_base(config.make_config("tiny", FAST), str(tmp_path / "none"))
 
 
+
+def test_the_distillation_memory_estimate_covers_what_an_iteration_keeps(tmp_path, monkeypatch):
+    """Presto-S prints an activation estimate at start (dist.memory_need with the stage's graphs):
+    within 10% of the saved tensors (weights excluded) that a real iteration holds at a backward
+    (the estimate leaves out the small discriminator head and the losses; the device check keeps
+    10% of the memory free)."""
+    out = str(tmp_path)
+    train.train_base(config.make_config("tiny", FAST), out)
+    estimate, weights, pending, kept = [], set(), [0], []
+    need = dist.memory_need
+
+    def recording(den, rep, cfg, device, autocast, **kw):
+        per_clip, fixed = need(den, rep, cfg, device, autocast, **kw)
+        estimate.append(per_clip * 4 + fixed - kw["weight_bytes"] * sum(p.numel() for p in den.parameters()))
+        return per_clip, fixed
+
+    def optimiser(params, *args, make=train.adamw):
+        params = list(params)
+        weights.update(p.untyped_storage().data_ptr() for p in params)
+        return make(params, *args)
+
+    def pack(t):
+        pending[0] += 0 if t.untyped_storage().data_ptr() in weights else t.numel() * t.element_size()
+        return t
+
+    def backward(self, *args, original=torch.Tensor.backward, **kw):
+        kept.append(pending[0])
+        pending[0] = 0
+        return original(self, *args, **kw)
+    monkeypatch.setattr(dist, "memory_need", recording)
+    monkeypatch.setattr(train, "adamw", optimiser)
+    monkeypatch.setattr(torch.Tensor, "backward", backward)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        train.train_presto_s(config.make_config("tiny", {**FAST, "distill.steps": "1",
+                                                         "distill.batch_size": "4"}), out)
+    assert len(kept) == 2 and len(estimate) == 1          # the fake score's turn, the generator's
+    assert 0.9 * max(kept) <= estimate[0] <= 1.1 * max(kept), (kept, estimate)
+
+
 def _losses(run):
     rows = [json.loads(l) for l in open(os.path.join(run, "base_log.jsonl"))]
     return [(r["step"], round(r["loss"], 6)) for r in rows if "loss" in r]
