@@ -44,3 +44,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def restore_dynamo():
+    """config.compile_network raises torch's recompile limit and makes hitting it an error, for the
+    whole process: put both back after the test (their names changed in torch 2.7; set them back
+    rather than monkeypatch them: its undo deletes a config attribute, which hides it in torch 2.6)."""
+    dynamo = torch._dynamo.config
+    saved = {name: getattr(dynamo, name) for name in ("recompile_limit", "cache_size_limit",
+             "fail_on_recompile_limit_hit", "fail_on_cache_limit_hit") if hasattr(dynamo, name)}
+    yield
+    for name, value in saved.items():
+        setattr(dynamo, name, value)

@@ -102,7 +102,7 @@ def test_planned_budgets_are_the_schedules_budgets(tmp_path):
         assert blocks < 1 and torch.equal(gen(prompts, seeds, 0.5), direct())
 
 
-def test_compiled_networks_stay_compiled(tmp_path, monkeypatch, caplog):
+def test_compiled_networks_stay_compiled(tmp_path, monkeypatch, caplog, restore_dynamo):
     """torch.compile of the teacher, generator, fake score and sampler: every call pattern of the
     stages (batch sizes, grad on / off, layer-drop budgets, the discriminator's block) fits the
     recompile limit config.compile_network sets, which raises when hit instead of quietly running

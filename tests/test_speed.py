@@ -166,9 +166,8 @@ CXX = os.environ.get("CXX", "g++")                                  # what induc
 
 @pytest.mark.skipif(shutil.which(CXX) is None, reason=f"torch.compile on CPU needs a C++ compiler ({CXX})")
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # torch's own
-def test_compiled_few_step_sampling_matches_eager(monkeypatch):
+def test_compiled_few_step_sampling_matches_eager(restore_dynamo):
     # ~30 s with a cold inductor cache (C++ kernels built), ~5 s warm; one graph (batch 1, all blocks).
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", torch._dynamo.config.recompile_limit)
     cfg = config.make_config("tiny")
     _, tok, den = evaluate.random_model(cfg, "cpu")
     rng = torch.Generator().manual_seed(1)
