@@ -130,7 +130,8 @@ PRESETS = {
               "distill.batch_size": 64, "layerdrop.steps": 20_000, "layerdrop.batch_size": 128},
 }
 PRESET_HELP = ("tiny: tests, seconds per stage; cpu (the default): 2 CPU cores, a latent teacher in ~30 min; "
-               "corpus: cpu's recipe on rendered scores at 16 kHz; gpu: one GPU, 16 kHz 8 s clips, DiT-B; paper: 32 s of 44.1 kHz and a DiT-L (latency, many GPUs)")
+               "corpus: cpu's recipe on rendered scores at 16 kHz; gpu: one GPU, 16 kHz 8 s clips, "
+               "DiT-B; paper: 32 s of 44.1 kHz and a DiT-L (latency, many GPUs)")
 
 
 # ----------------------------------------------------------------------------------------------
