@@ -109,10 +109,8 @@ PRESETS = {
     "corpus": {**_CPU, "data.dataset": "corpus", "data.sample_rate": 16000, "data.n_fft": 512,
                "data.hop": 256},
     # one GPU: 16 kHz, 8 s clips, a bigger model; the latent scaled from cpu's: 257 bins at 62.5
-    # frames/s -> 64 channels at 15.6/s, so 125 tokens of DiT-B for 8 s
-    # (memory as train.py prints it: gpu ~0.07 GiB of bf16 activations per clip, ~7.6 GiB at its
-    # batch of 64, distillation ~13.6 GiB at 32; paper ~0.52 GiB per clip plus 11 GiB fixed, and
-    # distillation ~1.6 GiB per clip plus 23 GiB, so micro-batches of 16 for one 80 GB GPU)
+    # frames/s -> 64 channels at 15.6/s, so 125 tokens of DiT-B for 8 s (memory per stage:
+    # EXPERIMENTS.md, "One GPU at full speed")
     "gpu": {**_ACCELERATOR, "data.sample_rate": 16000, "data.n_fft": 512, "data.hop": 256,
             "data.seconds": 8.0, "data.stats_clips": 1024, "model.size": "B", "train.steps": 100_000,
             "train.batch_size": 64, "train.lr": 1e-4, "train.warmup": 1000, "train.eval_every": 2000,
@@ -124,7 +122,7 @@ PRESETS = {
     "paper": {**_ACCELERATOR, "data.sample_rate": 44100, "data.seconds": 32.0, "data.n_fft": 2048,
               "data.hop": 1024, "data.stats_clips": 256, "model.size": "L", "model.text_width": 512,
               "model.text_depth": 4, "model.text_heads": 8, "train.steps": 200_000,
-              "train.batch_size": 128, "train.micro_batch": 16,  # base ~19 GiB, distillation ~49 GiB
+              "train.batch_size": 128, "train.micro_batch": 16,  # distillation: 49 GiB
               "train.lr": 1e-4, "train.warmup": 2000, "train.eval_every": 5000,
               "train.ckpt_every": 2000, "clap.steps": 20_000, "distill.steps": 20_000,
               "distill.batch_size": 64, "layerdrop.steps": 20_000, "layerdrop.batch_size": 128},
