@@ -12,11 +12,10 @@ Pretrained CLAP / VGGish weights cannot be downloaded here, so the project train
 MMD. Every metric (metrics.py) only sees embeddings, so a user with real CLAP passes their own
 `embed_fn`.
 
-Read first: `evaluate_run` (what is compared with what). `FewStepValidator` scores a generator on the val split
-while Presto-S trains (checkpoint selection). `variance_report` is the analogue of the paper's
-hidden-state variance figure: why Presto-L keeps the final block.
-`latency_section` times the samplers at a preset's full output size with random weights, so the
-speed of the paper's setting can be measured without training it.
+Read first: `evaluate_run` (what is compared with what). `FewStepValidator` scores a generator on
+the val split while Presto-S trains (checkpoint selection). `variance_report`: the paper's
+hidden-state variance figure (why Presto-L keeps the final block). `latency_section` times the
+samplers at a preset's full output size on random weights, so no training is needed.
 """
 import argparse
 import functools
@@ -46,9 +45,7 @@ import sample
 
 
 # ----------------------------------------------------------------------------------------------
-# Rows: checkpoint file in the run folder -> the rows it contributes (later stages add entries)
-
-# checkpoint file -> the stage that must have written it, in table order
+# Rows: checkpoint file in the run folder (in table order) -> the stage that must have written it
 ROWS = {"base.pt": "base", "presto_s.pt": "presto-s", "ase.pt": "ase", "presto_l.pt": "presto-l",
         "presto_ls.pt": "presto-ls"}
 SPEEDUP_REFERENCE = "base Heun"
@@ -99,21 +96,17 @@ def checkpoint_file(run, name, best=False):
 # ----------------------------------------------------------------------------------------------
 # The evaluation
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def median_time(fn, device, repeats, warmup=1):
     """Median wall seconds of fn() over repeats, after warm-up calls; CUDA synchronised."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda device: None
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -250,8 +243,7 @@ def _fmt(v, spec=".3f"):
     return "-" if v is None else format(v, spec)
 
 
-def _pm(se, spec=".3f"):
-    """' ± se' after a mean, or nothing without a standard error."""
+def _pm(se, spec=".3f"):   # ' ± se' after a mean, or nothing without a standard error
     return "" if se is None else f" ± {format(se, spec)}"
 
 

@@ -8,13 +8,11 @@
 The paper's inference: the base model samples with a solver and CFG; Presto-S generators sample
 in a few stochastic steps without CFG (Section 3.1-3.2); Presto-L skips blocks (Section 3.3).
 
-Read `generate` first: noise (one generator per sample, so a sample depends only on its own
-seed, not on what else is in the batch) -> a sampler of edm.py on the Karras grid with CFG ->
-latent -> Griffin-Lim decode (data.Representation). Then `sampling_fn`: how each kind of
-checkpoint samples. Distilled generators (presto-s, presto-ls) take a few steps without CFG; the
-layer-dropped ones (ase, presto-l, presto-ls) run, at each network call, only the number of
-blocks their schedule gives that call's sigma (or a fixed `--budget`), so the skipped blocks
-really cost nothing.
+Read `generate` first: noise (a generator per sample, so a sample depends on its own seed only)
+-> a sampler of edm.py on the Karras grid with CFG -> latent -> decode. Then `sampling_fn`: how
+each kind of checkpoint samples. Distilled generators (presto-s, presto-ls) take a few steps
+without CFG; layer-dropped ones (ase, presto-l, presto-ls) run at each network call only the
+blocks their schedule gives its sigma (or a fixed `--budget`), so skipped blocks cost nothing.
 """
 import argparse
 import functools
@@ -240,11 +238,8 @@ def listenable(waves):
 
 
 def write_wav(path, wave, sample_rate):
-    """wave (ch, N) float -> 16-bit WAV, peak-limited to avoid wrap-around clipping."""
-    wave = np.asarray(wave, dtype=np.float32)
-    peak = np.abs(wave).max()
-    if peak > 0.99:
-        wave = wave * (0.99 / peak)
+    """wave (ch, N) float -> 16-bit WAV, peak-limited as `listenable` (no wrap-around clipping)."""
+    wave = listenable(torch.as_tensor(np.asarray(wave, dtype=np.float32))[None])[0].numpy()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     sf.write(path, wave.T, sample_rate, subtype="PCM_16")
 
@@ -278,10 +273,9 @@ def main(argv=None):
                    help="the network's matmuls: auto (bf16 autocast on CUDA, float32 on a CPU), "
                         "bf16 (also on a CPU) or fp32")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the network (on CUDA mode='reduce-overhead', i.e. CUDA graphs, "
-                        "which pays off most for batch-1 few-step sampling). The first generation "
-                        "compiles (tens of seconds or more; once per budget for layer-dropped "
-                        "checkpoints), so only later batches run at the compiled speed")
+                   help="torch.compile the network (on CUDA with CUDA graphs, best for batch-1 few-step "
+                        "sampling); the first generation compiles (tens of seconds, once per budget of "
+                        "a layer-dropped checkpoint), so only later batches run at the compiled speed")
     p.add_argument("--out", default="out.wav",
                    help="WAV path for --prompt; a folder (or path prefix) for --prompts")
     args = p.parse_args(argv)
