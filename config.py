@@ -98,12 +98,10 @@ PRESETS = {
              "data.corpus_collections": ("bach", "fiddle", "irish"),  # on the corpus: ~6 s to parse
              "distill.steps": 10, "distill.batch_size": 4, "distill.disc_width": 16,
              "layerdrop.steps": 10, "layerdrop.batch_size": 4},
-    # the default: a latent teacher in ~2 hours on 2 CPU cores (Intel Xeon with AMX): the
-    # autoencoder (129 STFT bins at 62.5 frames/s -> 32 channels at 15.6/s, ~10 min), then a DiT-S
-    # over its 63 latent frames (patch 1, ~110 min), trained at higher noise levels than EDM's image
-    # default (P_mean -0.6). The recipe won the 30-minute sweep; 15200 steps is where its quality
-    # reaches the real clips' on our embedder (train.steps=2750: the 30-minute teacher);
-    # EXPERIMENTS.md, "The teacher at equal wall-clock"
+    # the default, ~2 h on 2 CPU cores (Intel Xeon with AMX): the autoencoder (129 STFT bins at 62.5
+    # frames/s -> 32 channels at 15.6/s, ~10 min), a DiT-S over its 63 latent frames (~110 min) at
+    # P_mean -0.6; train.steps=2750 for the 30-minute teacher (EXPERIMENTS.md, "The teacher at
+    # equal wall-clock")
     "cpu": _CPU,
     # cpu's recipe on the rendered-score corpus at 16 kHz: 257 bins -> the same 32x63 latent, so the
     # DiT costs the same and the step only pays for rendering and the autoencoder's ends (27 against
