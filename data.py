@@ -1,10 +1,10 @@
 """data.py: audio clips with captions, and the audio representation the diffusion model sees.
 
 The paper's base model is a latent diffusion model: it diffuses the latents of a learned audio
-autoencoder (its experimental setup, Section 4.1). Our choice where the paper's autoencoder is not available: a
-fixed, training-free stand-in, a log-magnitude STFT normalised per channel with data-set statistics
-so its std is about sigma_data, decoded with fast Griffin-Lim. `Representation.encode` / `.decode`
-are the only interface, so a learned autoencoder can replace it.
+autoencoder (its experimental setup, Section 4.1). Here the audio becomes a log-magnitude STFT
+normalised per channel with data-set statistics (std about sigma_data), decoded with fast
+Griffin-Lim; with ae.latent_channels > 0 a small learned autoencoder (ae.py) compresses those
+frames further, behind the same `encode` / `.decode` interface.
 
 Read first: `Representation` (the latent everything else works on), then `make_dataset` (the
 synthetic set of synth.py or the rendered scores of corpus.py, whose captions are exactly true,
