@@ -5,17 +5,23 @@ an audio autoencoder). Our default representation (data.Representation) is the n
 log-magnitude STFT itself: 129 channels at 62.5 frames/s at the `cpu` preset, so a 4 s clip is 250
 frames that the DiT must model bin by bin. This file adds the missing piece at toy scale: a 1-D
 convolutional autoencoder over time that maps those STFT frames to `latent_channels` channels at
-1/`stride` of the frame rate, and back. The diffusion model then works on the short latent; the
-audio still comes from Griffin-Lim on the decoded STFT.
+1/`stride` of the frame rate, and back. The diffusion model then works on the short latent.
 
-Read first: `AutoEncoder` (the network), `reconstruction_loss` (what `--stage ae` minimises), then
-`LatentRepresentation`, which puts the autoencoder behind the same encode / decode interface the
-STFT representation has, so every stage, sample.py and evaluate.py use it unchanged.
+Two decoders (`decoder`). "griffin-lim" decodes to STFT frames and leaves the phase to 32 iterations
+of Griffin-Lim, which caps what can be heard and costs as much as a few-step generator. "istft"
+decodes, as Vocos does (Siuzdak 2023), to what `torch.istft` needs: a log-magnitude and a phase per
+bin, the phase the angle of two outputs, then one inverse STFT; it is trained on the waveform with a
+multi-resolution STFT loss (Yamamoto et al. 2020), so the phase is learned, not searched for.
+
+Read first: `AutoEncoder` (the network), `reconstruction_loss` (what `--stage ae` minimises), with
+`to_waves` and `stft_loss` for the istft decoder, then `LatentRepresentation`, which puts the
+autoencoder behind the same encode / decode interface the STFT representation has, so every
+stage, sample.py and evaluate.py use it unchanged.
 
 Two choices keep the latent easy to diffuse [ours]: it is normalised per channel to std
 sigma_data (EDM's preconditioning assumes that scale), and the decoder is trained on latents with
 noise added (`latent_noise`, relative to the latent's own spread), so the latent space is smooth
-and a slightly-off latent from a few-step generator still decodes to a plausible spectrogram.
+and a slightly-off latent from a few-step generator still decodes to plausible audio.
 """
 from dataclasses import dataclass
 
@@ -29,7 +35,13 @@ class AEConfig:
     latent_channels: int = 0     # latent channels (0: no autoencoder; the DiT diffuses the STFT frames)
     stride: int = 4              # time down-sampling, a power of 2 (62.5 -> 15.6 frames/s at 4)
     width: int = 256             # conv channels
+    decoder: str = "griffin-lim"  # "griffin-lim": the decoder gives normalised STFT frames, their
+                                 # phase is guessed by Griffin-Lim; "istft": it gives a log-magnitude
+                                 # and a phase per bin and one inverse STFT makes the waveform
     latent_noise: float = 0.1    # training noise on the latent, in units of its per-channel std
+    frame_weight: float = 1.0    # istft: weight of the magnitude head's MSE on the normalised frames
+    stft_weight: float = 1.0     # istft: weight of the multi-resolution STFT loss on the waveform
+    stft_sizes: tuple = (0.25, 0.5, 1.0, 2.0)  # istft: that loss's FFT sizes, in units of data.n_fft
     steps: int = 2000            # optimiser steps of --stage ae
     batch_size: int = 16         # clips per step
     lr: float = 1e-3             # AdamW peak lr, linear warm-up then cosine decay
@@ -53,21 +65,25 @@ class AutoEncoder(nn.Module):
     """(B, C, T) STFT frames <-> (B, latent_channels, T / stride) latents; T a multiple of stride.
 
     Encoder: a conv in, then per halving a residual block and a stride-2 conv; a residual block and
-    a conv out. The decoder mirrors it with nearest-neighbour up-sampling and a conv per doubling."""
+    a conv out. The decoder mirrors it with nearest-neighbour up-sampling and a conv per doubling,
+    and ends in C channels per frame ("griffin-lim": the frames themselves) or 3 C ("istft": the
+    frames' log-magnitude, then two outputs per bin whose angle is the phase; see `to_waves`)."""
 
     def __init__(self, in_channels, cfg):
         super().__init__()
         levels = cfg.stride.bit_length() - 1
         if cfg.stride < 1 or 2 ** levels != cfg.stride:
             raise ValueError(f"ae.stride must be a power of 2, got {cfg.stride}")
-        W, Z = cfg.width, cfg.latent_channels
+        if cfg.decoder not in DECODERS:
+            raise ValueError(f"ae.decoder must be one of {', '.join(DECODERS)}, got {cfg.decoder!r}")
+        W, Z, out = cfg.width, cfg.latent_channels, in_channels * DECODERS[cfg.decoder]
         down = [m for _ in range(levels) for m in (ResBlock(W), nn.Conv1d(W, W, 4, stride=2, padding=1))]
         self.encoder = nn.Sequential(nn.Conv1d(in_channels, W, 3, padding=1), *down, ResBlock(W),
                                      nn.GroupNorm(8, W), nn.SiLU(), nn.Conv1d(W, Z, 3, padding=1))
         up = [m for _ in range(levels) for m in (nn.Upsample(scale_factor=2), nn.Conv1d(W, W, 3, padding=1),
                                                   ResBlock(W))]
         self.decoder = nn.Sequential(nn.Conv1d(Z, W, 3, padding=1), ResBlock(W), *up,
-                                     nn.GroupNorm(8, W), nn.SiLU(), nn.Conv1d(W, in_channels, 3, padding=1))
+                                     nn.GroupNorm(8, W), nn.SiLU(), nn.Conv1d(W, out, 3, padding=1))
         self.stride = cfg.stride
 
     def encode(self, x):
@@ -77,29 +93,76 @@ class AutoEncoder(nn.Module):
         return self.decoder(z)
 
 
+DECODERS = {"griffin-lim": 1, "istft": 3}   # ae.decoder -> the decoder's outputs per STFT channel
+
+
 def pad_frames(x, stride):
     """Pad (B, C, T) on the right (repeating the last frame) to a multiple of stride frames."""
     extra = -x.shape[-1] % stride
     return F.pad(x, (0, extra), mode="replicate") if extra else x
 
 
-def reconstruction_loss(net, x, latent_noise, generator=None):
-    """What --stage ae minimises: the mean squared error of decode(encode(x) + noise) against x, on
-    the normalised STFT frames x (B, C, T), T a multiple of the stride. The noise on the latent is
-    latent_noise times each latent channel's std over the batch (detached), so the encoder cannot
-    escape it by growing its output. Returns (loss, the latent)."""
+def to_waves(out, stft):
+    """The istft decoder's output (B, 3 C, T) -> waves (B, ch, T * hop). Per bin: the first C
+    channels are a normalised log-magnitude (the frames' scale, undone and clamped by
+    stft.magnitude); the next two, a and b, give the phase atan2(b, a), written here as the unit
+    vector (a, b) / |(a, b)| so its gradient stays finite at the origin. One inverse STFT."""
+    frames, a, b = out.float().chunk(3, dim=1)
+    mag = stft.magnitude(frames)                                       # (B*ch, F, T)
+    norm = (a * a + b * b + 1e-12).sqrt().reshape(mag.shape)
+    spec = torch.complex(mag * a.reshape(mag.shape) / norm, mag * b.reshape(mag.shape) / norm)
+    return stft.waves(spec)
+
+
+def stft_loss(pred, target, sizes):
+    """Multi-resolution STFT loss of waves (B, ch, N), averaged over the FFT sizes (hop a quarter of
+    each, Hann window): spectral convergence ||S - S'|| / ||S|| plus the mean |log S - log S'|, with
+    S the target's magnitudes and S' the prediction's. Zero only for equal magnitudes at every
+    size, whatever the phase, which a single resolution would leave free to smear in time."""
+    pred, target = pred.reshape(-1, pred.shape[-1]), target.reshape(-1, target.shape[-1])
+    total = 0.0
+    for n in sizes:
+        window = torch.hann_window(n, device=pred.device)
+        mags = [torch.stft(x.float(), n, n // 4, window=window, return_complex=True).abs().clamp_min(1e-5)
+                for x in (pred, target)]
+        total = total + (mags[1] - mags[0]).norm() / mags[1].norm() + (mags[1].log() - mags[0].log()).abs().mean()
+    return total / len(sizes)
+
+
+def loss_sizes(cfg, n_fft):
+    """ae.stft_sizes (units of data.n_fft) -> FFT sizes in samples, even and >= 16."""
+    return [max(16, 2 * round(f * n_fft / 2)) for f in cfg.stft_sizes]
+
+
+def reconstruction_loss(net, stft, waves, cfg, latent_noise=None, generator=None):
+    """What --stage ae minimises, for waves (B, ch, N): the encoder reads their normalised STFT
+    frames x (padded to a multiple of the stride), noise is added to the latent, and the decoder's
+    output is scored. griffin-lim: its mean squared error against x. istft: frame_weight times the
+    magnitude head's MSE against x plus stft_weight times stft_loss of the decoded waveform against
+    waves. The noise is latent_noise (default cfg.latent_noise) times each latent channel's std over
+    the batch (detached), so the encoder cannot escape it by growing its output.
+    Returns (loss, the latent)."""
+    latent_noise = cfg.latent_noise if latent_noise is None else latent_noise
+    x = pad_frames(stft.encode(waves), cfg.stride)
     z = net.encode(x)
     scale = z.detach().std(dim=(0, 2), keepdim=True)
     noise = torch.randn(z.shape, generator=generator, device=z.device) if generator is not None else torch.randn_like(z)
-    return F.mse_loss(net.decode(z + latent_noise * scale * noise), x), z
+    out = net.decode(z + latent_noise * scale * noise)
+    if cfg.decoder == "griffin-lim":
+        return F.mse_loss(out, x), z
+    frame_loss = F.mse_loss(out[:, :x.shape[1]], x)
+    wave_loss = stft_loss(to_waves(out, stft)[..., :waves.shape[-1]], waves, loss_sizes(cfg, stft.cfg.n_fft))
+    return cfg.frame_weight * frame_loss + cfg.stft_weight * wave_loss, z
 
 
 class LatentRepresentation:
     """The STFT representation with the autoencoder behind it, with the same interface: encode
     (waves -> latent (B, latent_channels, T / stride) with per-channel std sigma_data), decode
-    (latent -> waves, via the STFT's Griffin-Lim), latent_channels, frames_per_second, n_frames,
+    (latent -> waves, by the decoder's inverse STFT or the STFT's Griffin-Lim), latent_channels, frames_per_second, n_frames,
     state_dict / load_state_dict (which carry the autoencoder's weights, so every checkpoint
     built on it samples without a second file)."""
+
+    KEYS = ("latent_channels", "stride", "width", "decoder")   # the config fields the weights depend on
 
     def __init__(self, stft, cfg, sigma_data=0.5):
         self.stft, self.cfg, self.sigma_data = stft, cfg, sigma_data
@@ -148,23 +211,28 @@ class LatentRepresentation:
 
     @torch.no_grad()
     def decode_frames(self, latent):
-        """latent (B, Z, T') -> normalised STFT frames (B, C, T' * stride)."""
+        """latent (B, Z, T') -> the decoder's output (B, C or 3 C, T' * stride): normalised STFT frames
+        (griffin-lim), or those frames' log-magnitude followed by the two phase outputs (istft)."""
         mean, std = self._stats(latent.device)
         return self.net.to(latent.device).decode(latent.float() / self.sigma_data * std + mean)
 
+    @torch.no_grad()
     def decode(self, latent, iters=None):
-        """latent -> waves (B, ch, T' * stride * hop) by the STFT's Griffin-Lim."""
-        return self.stft.decode(self.decode_frames(latent), iters)
+        """latent -> waves (B, ch, T' * stride * hop): by one inverse STFT of the predicted magnitude and
+        phase (istft; iters is not used), or by the STFT's Griffin-Lim with `iters` iterations."""
+        out = self.decode_frames(latent)
+        return to_waves(out, self.stft) if self.cfg.decoder == "istft" else self.stft.decode(out, iters)
 
     def state_dict(self):
         self._stats("cpu")
         return {**self.stft.state_dict(), "ae": {k: v.detach().cpu().clone() for k, v in self.net.state_dict().items()},
                 "ae_mean": self.mean.clone(), "ae_std": self.std.clone(), "ae_sigma_data": self.sigma_data,
-                "ae_config": {k: getattr(self.cfg, k) for k in ("latent_channels", "stride", "width")}}
+                "ae_config": {k: getattr(self.cfg, k) for k in self.KEYS}}
 
     def load_state_dict(self, d):
         self.stft.load_state_dict(d)
-        for k, v in d["ae_config"].items():
+        for k in self.KEYS:                # checkpoints from before ae.decoder decode by Griffin-Lim
+            v = d["ae_config"].get(k, AEConfig.decoder if k == "decoder" else None)
             if v != getattr(self.cfg, k):
                 raise ValueError(f"the autoencoder was trained with ae.{k}={v}, config has {getattr(self.cfg, k)}")
         self.net.load_state_dict(d["ae"])

@@ -190,6 +190,10 @@ def check(cfg):
               "auto, bf16 or fp32"),
              ("ae.latent_channels", a.latent_channels, a.latent_channels >= 0, ">= 0 (0: off)"),
              ("ae.stride", a.stride, a.stride >= 1 and a.stride & (a.stride - 1) == 0, "a power of 2"),
+             ("ae.decoder", a.decoder, a.decoder in ae.DECODERS, " or ".join(ae.DECODERS)),
+             *((f"ae.{k}", getattr(a, k), getattr(a, k) >= 0, ">= 0") for k in ("frame_weight", "stft_weight")),
+             ("ae.stft_sizes", a.stft_sizes, len(a.stft_sizes) > 0 and all(f > 0 for f in a.stft_sizes),
+              "one or more sizes > 0 (units of data.n_fft)"),
              *((f"distill.{k}", getattr(cfg.distill, k), getattr(cfg.distill, k) in ok, " or ".join(ok))
                for k, ok in [(p, ("train", "inf")) for p in ("p_gen", "p_dmd", "p_dsm", "p_gan")] + [
                    ("gen_sigmas", ("continuous", "discrete")), ("gen_inputs", ("real", "backward")),

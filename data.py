@@ -306,19 +306,20 @@ class Representation:
     def n_frames(self, seconds):
         return int(round(seconds * self.cfg.sample_rate)) // self.cfg.hop
 
-    def _stft(self, x):
+    def spectrum(self, x):
         """x (B', N) -> complex (B', F, N // hop + 1); centred frames, frame t covers sample t*hop."""
         window = torch.hann_window(self.cfg.n_fft, device=x.device)
         return torch.stft(x, self.cfg.n_fft, self.cfg.hop, window=window, center=True, return_complex=True)
 
-    def _istft(self, X, length):
+    def inverse(self, X, length):
+        """complex (B', F, K) -> waves (B', length): the inverse of spectrum."""
         window = torch.hann_window(self.cfg.n_fft, device=X.device)
         return torch.istft(X, self.cfg.n_fft, self.cfg.hop, window=window, center=True, length=length)
 
     def log_magnitude(self, waves):
         """waves (B, ch, N) -> log|STFT| (B, ch*F, T), T = N // hop; left channel's bins first, then right."""
         B, ch, N = waves.shape
-        S = self._stft(waves.reshape(B * ch, N).float()).abs()[..., :N // self.cfg.hop]  # (B*ch, F, T)
+        S = self.spectrum(waves.reshape(B * ch, N).float()).abs()[..., :N // self.cfg.hop]  # (B*ch, F, T)
         return S.clamp_min(self.cfg.log_floor).log().reshape(B, ch * S.shape[1], S.shape[2])
 
     def fit(self, waves):
@@ -344,20 +345,30 @@ class Representation:
         mean, std = self._stats(waves.device)
         return (self.log_magnitude(waves) - mean) / std * self.sigma_data
 
+    def magnitude(self, latent):
+        """latent (B, C, T) -> |STFT| (B*ch, F, T): the normalisation undone, then clamped to what
+        audio can have (encode's floor; |STFT| <= n_fft / 2 for samples in [-1, 1]), so a stray
+        latent of an untrained or few-step model decodes to finite audio, not inf / NaN."""
+        cfg, (B, C, T) = self.cfg, latent.shape
+        mean, std = self._stats(latent.device)
+        log_mag = latent.float() / self.sigma_data * std + mean
+        mag = log_mag.clamp(math.log(cfg.log_floor), math.log(cfg.n_fft / 2)).exp()
+        return mag.reshape(B * cfg.channels, C // cfg.channels, T)
+
+    def waves(self, spec):
+        """complex (B*ch, F, T) -> waves (B, ch, T * hop) by one inverse STFT. encode dropped the
+        STFT's closing frame (T + 1 frames cover T * hop samples); frame T - 1 is repeated for it."""
+        T = spec.shape[-1]
+        x = self.inverse(torch.cat([spec, spec[..., -1:]], dim=-1), T * self.cfg.hop)
+        return x.reshape(-1, self.cfg.channels, x.shape[-1])
+
     def decode(self, latent, iters=None):
         """latent (B, C, T) -> waves (B, ch, T * hop) by fast Griffin-Lim from a fixed initial phase."""
         cfg = self.cfg
         iters = cfg.griffin_lim_iters if iters is None else iters
-        mean, std = self._stats(latent.device)
-        B, C, T = latent.shape
-        log_mag = latent.float() / self.sigma_data * std + mean                # (B, C, T)
-        # clamp to what audio can have (encode's floor; |STFT| <= n_fft / 2 for samples in [-1, 1]),
-        # so a stray latent of an untrained or few-step model decodes to finite audio, not inf / NaN
-        mag = log_mag.clamp(math.log(cfg.log_floor), math.log(cfg.n_fft / 2)).exp()
-        mag = mag.reshape(B * cfg.channels, C // cfg.channels, T)             # (B*ch, F, T)
-        # encode dropped the STFT's last frame (T+1 frames for T*hop samples); repeat frame T-1 for it
-        mag = torch.cat([mag, mag[..., -1:]], dim=-1)                         # (B*ch, F, T+1)
-        length = T * cfg.hop
+        mag = self.magnitude(latent)
+        mag = torch.cat([mag, mag[..., -1:]], dim=-1)                         # (B*ch, F, T+1), as in waves
+        length = (mag.shape[-1] - 1) * cfg.hop
         # a fixed seeded random phase, the same for every clip, so a clip decodes to the same audio
         # whatever else is in the batch; it converges better than zero phase
         rng = torch.Generator().manual_seed(0)
@@ -365,12 +376,11 @@ class Representation:
         c = torch.polar(mag, phase.expand_as(mag))
         t_prev = torch.zeros_like(c)
         for _ in range(iters):
-            rebuilt = self._stft(self._istft(c, length))                      # nearest consistent STFT
+            rebuilt = self.spectrum(self.inverse(c, length))                  # nearest consistent STFT
             t = mag * rebuilt / rebuilt.abs().clamp_min(1e-8)                 # ... with the target magnitude
             c = t + cfg.griffin_lim_momentum * (t - t_prev)                   # fast GL: extrapolate
             t_prev = t
-        x = self._istft(t_prev if iters else c, length)                       # (B*ch, T*hop)
-        return x.reshape(B, cfg.channels, length)
+        return self.waves((t_prev if iters else c)[..., :-1])
 
     def state_dict(self):
         self._stats("cpu")

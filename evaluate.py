@@ -305,7 +305,7 @@ def to_markdown(res):
               "Blocks: the mean fraction of the DiT's blocks a clip runs over its network calls "
               "(below 1 for the layer-dropped rows, from the sigmas the sampler used). "
               "RTF = audio seconds / end-to-end seconds; speed-ups = base Heun time / row time, generation "
-              "alone and end to end (with Griffin-Lim decoding), measured in this run. Diversity: "
+              "alone and end to end (decoding included), measured in this run. Diversity: "
               f"mean over {s.get('diversity_prompts', '?')} prompts of the mean pairwise embedding "
               f"distance between {s['seeds']} seeds of a prompt, ± its standard error over prompts; CLAP "
               "score ± its standard error over clips.",
@@ -583,7 +583,7 @@ def latency_section(cfg, rows, opts, device):
     2); presto-s: the few-step generator at opts.ls_steps steps, no CFG; presto-ls: the same with
     Presto-L's budget schedule (layerdrop.Planned, method presto-l). Each row samples through
     sample.sampling_fn, the code path of sample.py and of the full evaluation. Generation,
-    Griffin-Lim decode and the two together are timed separately: the median of opts.repeats
+    decode and the two together are timed separately: the median of opts.repeats
     after a warm-up (the counting pass; with --compile two more calls, which compile and, on
     CUDA, record the graphs), CUDA synchronised.
     """
@@ -677,7 +677,7 @@ def latency_markdown(res):
     lines += ["", "Network calls count DiT forwards (CFG runs the conditional and the null caption as "
               "one call of batch 2). Blocks: the fraction of the DiT's blocks a clip runs over its "
               "calls. GFLOP: matrix products of the DiT and text encoder (dit.flops_per_sample; "
-              "Griffin-Lim not included). RTF = audio seconds / end-to-end seconds. Speed-ups = "
+              "decoding not included). RTF = audio seconds / end-to-end seconds. Speed-ups = "
               "base time / row time within one section (- where the base row was not run).",
               "", "## Settings", "", "```", json.dumps(s, indent=2), "```", ""]
     return "\n".join(lines)

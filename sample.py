@@ -264,7 +264,7 @@ def main(argv=None):
                    help="layer-dropped checkpoints (ase, presto-l, presto-ls): run this many blocks "
                         "at every step instead of the checkpoint's schedule")
     p.add_argument("--seed", type=int, default=0, help="seed of the first prompt; prompt i uses seed+i")
-    p.add_argument("--gl-iters", type=int, default=None, help="Griffin-Lim iterations for decoding (default: the checkpoint's "
+    p.add_argument("--gl-iters", type=int, default=None, help="Griffin-Lim iterations for decoding, where the model decodes by Griffin-Lim (default: the checkpoint's "
                         "data.griffin_lim_iters)")
     p.add_argument("--batch", type=int, default=8, help="prompts generated together")
     p.add_argument("--device", default="auto",
@@ -313,6 +313,10 @@ def main(argv=None):
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         sys.exit(f"error: {e}")
 
+    learned = cfg.ae.latent_channels > 0 and cfg.ae.decoder == "istft"
+    decoder = "inverse STFT" if learned else "Griffin-Lim"
+    if learned and args.gl_iters is not None:
+        warnings.warn("--gl-iters does not apply: this model decodes by its learned inverse STFT (ae.decoder=istft)")
     if few_step and (args.cfg != 4.0 or args.sampler != "heun"):
         warnings.warn(f"--cfg and --sampler do not apply to a {ckpt['stage']} generator "
                       "(guidance is distilled in; it samples in its own few steps)")
@@ -341,7 +345,7 @@ def main(argv=None):
            f"{args.sampler}, {steps} steps = {edm.network_calls(args.sampler, steps)} network "
            f"calls, cfg {args.cfg:g}")
     print(f"{len(prompts)} clip(s) of {seconds:g} s on {device}: generation {t_gen:.2f} s "
-          f"({how}; {1e3 * t_gen / steps:.0f} ms per step), Griffin-Lim decode {t_dec:.2f} s "
+          f"({how}; {1e3 * t_gen / steps:.0f} ms per step), {decoder} decode {t_dec:.2f} s "
           f"(first call includes warm-up{' and compilation' if args.compile else ''}; "
           "evaluate.py measures latency properly)")
     depth = len(denoiser.net.blocks)

@@ -112,7 +112,7 @@ def train_base(cfg, out, resume=False):
 
 
 # ----------------------------------------------------------------------------------------------
-# The ae stage: the latent autoencoder (ae.py), trained on normalised STFT frames
+# The ae stage: the latent autoencoder (ae.py), reading normalised STFT frames
 
 def train_ae(cfg, out, resume=False):
     """Train the autoencoder the base model diffuses in (ae.latent_channels > 0); returns ae.pt's
@@ -131,12 +131,11 @@ def train_ae(cfg, out, resume=False):
         net.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["opt"])
     train_ds, val_ds = data.make_dataset(cfg.data, "train"), data.make_dataset(cfg.data, "val")
-    frames = lambda waves: ae.pad_frames(stft.encode(waves.to(device)), ae_cfg.stride)
-    val = frames(data.get_batch(val_ds, 0, min(16, len(val_ds)), cfg.data.seed)[0])   # fixed clips
+    val = data.get_batch(val_ds, 0, min(16, len(val_ds)), cfg.data.seed)[0].to(device)   # fixed clips
     tok = config.tokenizer(cfg, ckpt and ckpt["vocab"])
     say(f"ae: {dit.n_params(net) / 1e6:.2f}M params, {stft.latent_channels}x{stft.n_frames(cfg.data.seconds)} "
         f"STFT frames -> {ae_cfg.latent_channels}x{rep.n_frames(cfg.data.seconds)} latents, "
-        f"{ae_cfg.steps} steps of {ae_cfg.batch_size} clips on {device}")
+        f"decoder {ae_cfg.decoder}, {ae_cfg.steps} steps of {ae_cfg.batch_size} clips on {device}")
     start = ckpt["step"] if ckpt else 0
     loop = StageLoop("ae", path, start, ae_cfg.steps, resume, "ae.lr", train_cfg.ckpt_every)
     feed = Feed(train_ds, ae_cfg.batch_size, cfg, start, ae_cfg.steps, device)
@@ -146,7 +145,7 @@ def train_ae(cfg, out, resume=False):
         loss = torch.zeros((), device=device)
         for waves, _, _, _, weight in feed(step):
             gen = edm.step_generator(ae_cfg.seed, step, device)
-            micro = ae.reconstruction_loss(net, frames(waves), ae_cfg.latent_noise, gen)[0] * weight
+            micro = ae.reconstruction_loss(net, stft, waves.to(device), ae_cfg, generator=gen)[0] * weight
             micro.backward()
             loss += micro.detach()
         grad_norm = optimizer_step(opt, train_cfg.grad_clip)
@@ -159,10 +158,10 @@ def train_ae(cfg, out, resume=False):
         if DIST.main and loop.due(done, train_cfg.eval_every):
             with torch.no_grad():
                 net.eval()
-                val_loss = ae.reconstruction_loss(net, val, 0.0)[0].item()
+                val_loss = ae.reconstruction_loss(net, stft, val, ae_cfg, latent_noise=0.0)[0].item()
                 net.train()
             loop.write(step=done, val_loss=val_loss)
-            say(f"step {done}: train loss {loss.item():.4f}, val reconstruction MSE {val_loss:.4f}")
+            say(f"step {done}: train loss {loss.item():.4f}, val reconstruction loss {val_loss:.4f}")
 
         def checkpoint(done):
             rep.fit(data.stats_clips(cfg.data))                # the latent normalisation, as of now

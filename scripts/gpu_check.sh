@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-GPU check, ~10 minutes on a CUDA machine: train the gpu preset for a few hundred steps and
 # print clips/s, MFU and the share of time the loop waited for data; then time the paper preset's
-# batch-1 latency (mono and stereo; base vs Presto-S vs Presto-LS) on random weights.
+# batch-1 latency (mono and stereo; base vs Presto-S vs Presto-LS) on random weights, and the
+# decode time of each ae.decoder (Griffin-Lim vs the learned inverse STFT).
 #
 #   bash scripts/gpu_check.sh                       # defaults: gpu preset, 300 steps, paper latency
 #   PRESET=tiny STEPS=20 LATENCY_PRESET=tiny bash scripts/gpu_check.sh   # a smoke test on a CPU
@@ -32,3 +33,9 @@ print(f"base training, {len(rows)} log rows after warm-up: {mean('clips_per_s'):
 PY
 python evaluate.py --latency-only --preset "$LATENCY_PRESET" --channels 1 2 --out "$OUT"
 grep -E "^(## |\| )" "$OUT/latency.md"   # the tables (latency.json holds every number)
+# the decoders alone: decode s per clip with each ae.decoder (the preset's own was timed above)
+for decoder in griffin-lim istft; do
+  python evaluate.py --latency-only --preset "$LATENCY_PRESET" --channels 1 --rows presto-s \
+    --set ae.decoder=$decoder --out "$OUT/decoder_$decoder" > /dev/null
+  echo "ae.decoder=$decoder: $(grep -E '^\| Presto-S' "$OUT/decoder_$decoder/latency.md" | cut -d'|' -f7) s decode"
+done
