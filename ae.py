@@ -39,7 +39,7 @@ class AEConfig:
                                  # phase is guessed by Griffin-Lim; "istft": it gives a log-magnitude
                                  # and a phase per bin and one inverse STFT makes the waveform
     latent_noise: float = 0.1    # training noise on the latent, in units of its per-channel std
-    frame_weight: float = 1.0    # istft: weight of the magnitude head's MSE on the normalised frames
+    frame_weight: float = 100.0  # istft: weight of the magnitude head's MSE on the normalised frames
     stft_weight: float = 1.0     # istft: weight of the multi-resolution STFT loss on the waveform
     stft_sizes: tuple = (0.25, 0.5, 1.0, 2.0)  # istft: that loss's FFT sizes, in units of data.n_fft
     steps: int = 2000            # optimiser steps of --stage ae

@@ -75,14 +75,14 @@ class Config:
 
 
 # What the gpu and paper presets share: cpu's latent recipe at 64 channels, a bigger embedder.
-_ACCELERATOR = {"ae.latent_channels": 64, "ae.stride": 4, "ae.width": 512, "ae.steps": 20_000,
-                "ae.batch_size": 64, "ae.lr": 5e-4, "ae.warmup": 1000, "edm.P_mean": -0.6,
+_ACCELERATOR = {"ae.latent_channels": 64, "ae.stride": 4, "ae.width": 512, "ae.decoder": "istft",
+                "ae.steps": 20_000, "ae.batch_size": 64, "ae.lr": 5e-4, "ae.warmup": 1000, "edm.P_mean": -0.6,
                 "model.patch": 1, "train.ema": 0.9999, "train.log_every": 50, "clap.width": 256,
                 "clap.dim": 256, "clap.batch_size": 128, "clap.eval_every": 1000,
                 "clap.ckpt_every": 1000, "clap.val_clips": 256}
 
 # Presets: small named overrides of the defaults above.
-_CPU = {"ae.latent_channels": 32, "ae.stride": 4, "model.size": "S", "model.patch": 1,
+_CPU = {"ae.latent_channels": 32, "ae.stride": 4, "ae.decoder": "istft", "model.size": "S", "model.patch": 1,
         "edm.P_mean": -0.6, "train.steps": 15_200, "train.batch_size": 16, "train.lr": 5e-4,
         "distill.steps": 300, "distill.batch_size": 8, "distill.lr_gen": 2e-4,
         "distill.lr_fake": 2e-4,                                 # ~7-9 min on one core
@@ -99,9 +99,9 @@ PRESETS = {
              "distill.steps": 10, "distill.batch_size": 4, "distill.disc_width": 16,
              "layerdrop.steps": 10, "layerdrop.batch_size": 4},
     # the default, ~2 h on 2 CPU cores (Intel Xeon with AMX): the autoencoder (129 STFT bins at 62.5
-    # frames/s -> 32 channels at 15.6/s, ~10 min), a DiT-S over its 63 latent frames (~110 min) at
-    # P_mean -0.6; train.steps=2750 for the 30-minute teacher (EXPERIMENTS.md, "The teacher at
-    # equal wall-clock")
+    # frames/s -> 32 channels at 15.6/s, decoding to waveforms: ~17 min), a DiT-S over its 63 latent
+    # frames (~110 min) at P_mean -0.6; train.steps=2750 for the 30-minute teacher (EXPERIMENTS.md,
+    # "The teacher at equal wall-clock", "A decoder that ends in waveforms")
     "cpu": _CPU,
     # cpu's recipe on the rendered-score corpus at 16 kHz: 257 bins -> the same 32x63 latent, so the
     # DiT costs the same and the step only pays for rendering and the autoencoder's ends (27 against

@@ -28,22 +28,23 @@ pytestmark = pytest.mark.usefixtures("one_thread")    # conftest: tiny ops run f
 ISTFT = {**AE, "ae.decoder": "istft"}
 
 
+def ae_then_base(tmp_path_factory, sets):
+    """A run folder with ae.pt (120 steps), then base.pt diffusing its latents (4 steps)."""
+    out = str(tmp_path_factory.mktemp("ae"))
+    train.train_ae(config.make_config("tiny", sets), out)
+    train.train_base(config.make_config("tiny", sets), out)
+    return out
+
+
 @pytest.fixture(scope="module")
 def ae_run(tmp_path_factory):
-    """ae.pt (120 steps), then base.pt diffusing its latents (4 steps)."""
-    out = str(tmp_path_factory.mktemp("ae"))
-    train.train_ae(config.make_config("tiny", AE), out)
-    train.train_base(config.make_config("tiny", AE), out)
-    return out
+    return ae_then_base(tmp_path_factory, AE)
 
 
 @pytest.fixture(scope="module")
 def istft_run(tmp_path_factory):
-    """The same with the istft decoder (ae.pt trained on the waveform, then base.pt)."""
-    out = str(tmp_path_factory.mktemp("istft"))
-    train.train_ae(config.make_config("tiny", ISTFT), out)
-    train.train_base(config.make_config("tiny", ISTFT), out)
-    return out
+    """The same with the istft decoder, trained on the waveform."""
+    return ae_then_base(tmp_path_factory, ISTFT)
 
 
 def test_shapes_follow_the_stride():
