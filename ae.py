@@ -35,13 +35,12 @@ class AEConfig:
     latent_channels: int = 0     # latent channels (0: no autoencoder; the DiT diffuses the STFT frames)
     stride: int = 4              # time down-sampling, a power of 2 (62.5 -> 15.6 frames/s at 4)
     width: int = 256             # conv channels
-    decoder: str = "griffin-lim"  # "griffin-lim": the decoder gives normalised STFT frames, their
-                                 # phase is guessed by Griffin-Lim; "istft": it gives a log-magnitude
-                                 # and a phase per bin and one inverse STFT makes the waveform
+    decoder: str = "griffin-lim"  # "griffin-lim": normalised STFT frames, phase by Griffin-Lim;
+                                 # "istft": a log-magnitude and a phase per bin, one inverse STFT
     latent_noise: float = 0.1    # training noise on the latent, in units of its per-channel std
-    frame_weight: float = 100.0  # istft: weight of the magnitude head's MSE on the normalised frames
+    frame_weight: float = 100.0  # istft: weight of the magnitude head's MSE on the frames
     stft_weight: float = 1.0     # istft: weight of the multi-resolution STFT loss on the waveform
-    stft_sizes: tuple = (0.25, 0.5, 1.0, 2.0)  # istft: that loss's FFT sizes, in units of data.n_fft
+    stft_sizes: tuple = (0.25, 0.5, 1.0, 2.0)  # istft: that loss's FFT sizes (units of data.n_fft)
     steps: int = 2000            # optimiser steps of --stage ae
     batch_size: int = 16         # clips per step
     lr: float = 1e-3             # AdamW peak lr, linear warm-up then cosine decay
@@ -117,15 +116,16 @@ def to_waves(out, stft):
 def stft_loss(pred, target, sizes):
     """Multi-resolution STFT loss of waves (B, ch, N), averaged over the FFT sizes (hop a quarter of
     each, Hann window): spectral convergence ||S - S'|| / ||S|| plus the mean |log S - log S'|, with
-    S the target's magnitudes and S' the prediction's. Zero only for equal magnitudes at every
-    size, whatever the phase, which a single resolution would leave free to smear in time."""
+    S the target's magnitudes and S' the prediction's. It sees magnitudes only, so the phase is free
+    to be whatever makes them right; several sizes keep one size's blind spot (timing at long
+    windows, pitch at short ones) from being exploited."""
     pred, target = pred.reshape(-1, pred.shape[-1]), target.reshape(-1, target.shape[-1])
     total = 0.0
     for n in sizes:
         window = torch.hann_window(n, device=pred.device)
-        mags = [torch.stft(x.float(), n, n // 4, window=window, return_complex=True).abs().clamp_min(1e-5)
-                for x in (pred, target)]
-        total = total + (mags[1] - mags[0]).norm() / mags[1].norm() + (mags[1].log() - mags[0].log()).abs().mean()
+        S_pred, S = (torch.stft(x.float(), n, n // 4, window=window, return_complex=True).abs().clamp_min(1e-5)
+                     for x in (pred, target))
+        total = total + (S - S_pred).norm() / S.norm() + (S.log() - S_pred.log()).abs().mean()
     return total / len(sizes)
 
 
@@ -158,8 +158,8 @@ def reconstruction_loss(net, stft, waves, cfg, latent_noise=None, generator=None
 class LatentRepresentation:
     """The STFT representation with the autoencoder behind it, with the same interface: encode
     (waves -> latent (B, latent_channels, T / stride) with per-channel std sigma_data), decode
-    (latent -> waves, by the decoder's inverse STFT or the STFT's Griffin-Lim), latent_channels, frames_per_second, n_frames,
-    state_dict / load_state_dict (which carry the autoencoder's weights, so every checkpoint
+    (latent -> waves, by the decoder's inverse STFT or the STFT's Griffin-Lim), latent_channels,
+    frames_per_second, n_frames, state_dict / load_state_dict (which carry the autoencoder's weights, so every checkpoint
     built on it samples without a second file)."""
 
     KEYS = ("latent_channels", "stride", "width", "decoder")   # the config fields the weights depend on

@@ -264,8 +264,9 @@ def main(argv=None):
                    help="layer-dropped checkpoints (ase, presto-l, presto-ls): run this many blocks "
                         "at every step instead of the checkpoint's schedule")
     p.add_argument("--seed", type=int, default=0, help="seed of the first prompt; prompt i uses seed+i")
-    p.add_argument("--gl-iters", type=int, default=None, help="Griffin-Lim iterations for decoding, where the model decodes by Griffin-Lim (default: the checkpoint's "
-                        "data.griffin_lim_iters)")
+    p.add_argument("--gl-iters", type=int, default=None,
+                   help="Griffin-Lim iterations, for models that decode by Griffin-Lim (default: the "
+                        "checkpoint's data.griffin_lim_iters)")
     p.add_argument("--batch", type=int, default=8, help="prompts generated together")
     p.add_argument("--device", default="auto",
                    help="auto (CUDA if available, else CPU), cpu, cuda or cuda:N")
@@ -313,9 +314,8 @@ def main(argv=None):
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         sys.exit(f"error: {e}")
 
-    learned = cfg.ae.latent_channels > 0 and cfg.ae.decoder == "istft"
-    decoder = "inverse STFT" if learned else "Griffin-Lim"
-    if learned and args.gl_iters is not None:
+    decoder = "inverse STFT" if cfg.ae.latent_channels > 0 and cfg.ae.decoder == "istft" else "Griffin-Lim"
+    if decoder == "inverse STFT" and args.gl_iters is not None:
         warnings.warn("--gl-iters does not apply: this model decodes by its learned inverse STFT (ae.decoder=istft)")
     if few_step and (args.cfg != 4.0 or args.sampler != "heun"):
         warnings.warn(f"--cfg and --sampler do not apply to a {ckpt['stage']} generator "
