@@ -264,9 +264,8 @@ def main(argv=None):
                    help="layer-dropped checkpoints (ase, presto-l, presto-ls): run this many blocks "
                         "at every step instead of the checkpoint's schedule")
     p.add_argument("--seed", type=int, default=0, help="seed of the first prompt; prompt i uses seed+i")
-    p.add_argument("--gl-iters", type=int, default=None,
-                   help="Griffin-Lim iterations, for models that decode by Griffin-Lim (default: the "
-                        "checkpoint's data.griffin_lim_iters)")
+    p.add_argument("--gl-iters", type=int, default=None, help="Griffin-Lim iterations, for models that "
+                   "decode by Griffin-Lim (default: the checkpoint's data.griffin_lim_iters)")
     p.add_argument("--batch", type=int, default=8, help="prompts generated together")
     p.add_argument("--device", default="auto",
                    help="auto (CUDA if available, else CPU), cpu, cuda or cuda:N")
