@@ -12,9 +12,13 @@ of Griffin-Lim, which caps what can be heard and costs as much as a few-step gen
 decodes, as Vocos does (Siuzdak 2023), to what `torch.istft` needs: a log-magnitude and a phase per
 bin, the phase the angle of two outputs, then one inverse STFT; it is trained on the waveform with a
 multi-resolution STFT loss (Yamamoto et al. 2020), so the phase is learned, not searched for.
+Optionally (`adv_weight` > 0) an adversarial term joins it: a multi-resolution STFT discriminator
+(`Discriminator`) with the least-squares losses of gan.py and HiFi-GAN's feature matching (Kong et
+al. 2020), on a random crop of each clip.
 
 Read first: `AutoEncoder` (the network), `reconstruction_loss` (what `--stage ae` minimises), with
-`to_waves` and `stft_loss` for the istft decoder, then `LatentRepresentation`, which puts the
+`to_waves` and `stft_loss` for the istft decoder (`Discriminator` and `adversarial_loss` for its
+optional adversarial term), then `LatentRepresentation`, which puts the
 autoencoder behind the same encode / decode interface the STFT representation has, so every
 stage, sample.py and evaluate.py use it unchanged.
 
@@ -29,6 +33,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import gan
+
 
 @dataclass
 class AEConfig:
@@ -41,6 +47,12 @@ class AEConfig:
     frame_weight: float = 100.0  # istft: weight of the magnitude head's MSE on the frames
     stft_weight: float = 1.0     # istft: weight of the multi-resolution STFT loss on the waveform
     stft_sizes: tuple = (0.25, 0.5, 1.0, 2.0)  # istft: that loss's FFT sizes (units of data.n_fft)
+    adv_weight: float = 0.0      # istft: weight of the adversarial term (0: no discriminator)
+    fm_weight: float = 2.0       # istft: feature matching's weight inside that term (HiFi-GAN's 2)
+    adv_sizes: tuple = (0.5, 1.0, 2.0)  # istft: the discriminator's FFT sizes (units of data.n_fft)
+    adv_width: int = 16          # istft: the discriminator's conv channels
+    adv_start: int = 0           # istft: the step at which the adversarial term switches on
+    adv_seconds: float = 1.0     # istft: the discriminator sees one random crop this long per clip
     steps: int = 2000            # optimiser steps of --stage ae
     batch_size: int = 16         # clips per step
     lr: float = 1e-3             # AdamW peak lr, linear warm-up then cosine decay
@@ -129,9 +141,9 @@ def stft_loss(pred, target, sizes):
     return total / len(sizes)
 
 
-def loss_sizes(cfg, n_fft):
-    """ae.stft_sizes (units of data.n_fft) -> FFT sizes in samples, even and >= 16."""
-    return [max(16, 2 * round(f * n_fft / 2)) for f in cfg.stft_sizes]
+def fft_sizes(fractions, n_fft):
+    """FFT sizes in units of data.n_fft (ae.stft_sizes, ae.adv_sizes) -> samples, even and >= 16."""
+    return [max(16, 2 * round(f * n_fft / 2)) for f in fractions]
 
 
 def reconstruction_loss(net, stft, waves, cfg, latent_noise=None, generator=None):
@@ -141,7 +153,7 @@ def reconstruction_loss(net, stft, waves, cfg, latent_noise=None, generator=None
     magnitude head's MSE against x plus stft_weight times stft_loss of the decoded waveform against
     waves. The noise is latent_noise (default cfg.latent_noise) times each latent channel's std over
     the batch (detached), so the encoder cannot escape it by growing its output.
-    Returns (loss, the latent)."""
+    Returns (loss, the latent, the decoded waves (istft) or None (griffin-lim))."""
     latent_noise = cfg.latent_noise if latent_noise is None else latent_noise
     x = pad_frames(stft.encode(waves), cfg.stride)
     z = net.encode(x)
@@ -149,10 +161,67 @@ def reconstruction_loss(net, stft, waves, cfg, latent_noise=None, generator=None
     noise = torch.randn(z.shape, generator=generator, device=z.device) if generator is not None else torch.randn_like(z)
     out = net.decode(z + latent_noise * scale * noise)
     if cfg.decoder == "griffin-lim":
-        return F.mse_loss(out, x), z
+        return F.mse_loss(out, x), z, None
     frame_loss = F.mse_loss(out[:, :x.shape[1]], x)
-    wave_loss = stft_loss(to_waves(out, stft)[..., :waves.shape[-1]], waves, loss_sizes(cfg, stft.cfg.n_fft))
-    return cfg.frame_weight * frame_loss + cfg.stft_weight * wave_loss, z
+    decoded = to_waves(out, stft)[..., :waves.shape[-1]]
+    wave_loss = stft_loss(decoded, waves, fft_sizes(cfg.stft_sizes, stft.cfg.n_fft))
+    return cfg.frame_weight * frame_loss + cfg.stft_weight * wave_loss, z, decoded
+
+
+class Discriminator(nn.Module):
+    """A multi-resolution STFT discriminator (the kind HiFi-GAN's successors use: UnivNet, Vocos,
+    DAC), for the optional adversarial term of the istft decoder. Per FFT size: the log-magnitude
+    spectrogram (frequency x time, one channel), three stride-2 2-D convs with leaky ReLU, and a
+    conv to one logit per patch. Returns, per size, (logits, [the three hidden feature maps])."""
+
+    def __init__(self, sizes, width=16):
+        super().__init__()
+        self.sizes = list(sizes)
+        conv = lambda i, o, s: nn.Conv2d(i, o, 3, stride=s, padding=1)   # noqa: E731
+        self.nets = nn.ModuleList(nn.ModuleList([conv(1, width, 2), conv(width, width, 2), conv(width, width, 2),
+                                                 conv(width, 1, 1)]) for _ in self.sizes)
+
+    def forward(self, waves):
+        x = waves.reshape(-1, waves.shape[-1]).float()
+        outs = []
+        for n, layers in zip(self.sizes, self.nets):
+            S = torch.stft(x, n, n // 4, window=torch.hann_window(n, device=x.device), return_complex=True)
+            h = S.abs().clamp_min(1e-5).log()[:, None]
+            feats = []
+            for layer in layers[:-1]:
+                h = F.leaky_relu(layer(h), 0.1)
+                feats.append(h)
+            outs.append((layers[-1](h), feats))
+        return outs
+
+
+def same_crop(fake, real, length, generator=None):
+    """The same random window of `length` samples from each of two (B, ch, N) batches (one offset
+    for the batch): the discriminator scores a crop of each clip, which cuts its cost by N / length,
+    and feature matching compares aligned audio."""
+    if length >= real.shape[-1]:
+        return fake, real
+    start = int(torch.randint(real.shape[-1] - length + 1, (), generator=generator, device=generator and generator.device))
+    return fake[..., start:start + length], real[..., start:start + length]
+
+
+def discriminator_loss(disc, fake, real):
+    """The discriminator's LSGAN loss (gan.d_loss: real -> 1, fake -> 0), summed over its sizes;
+    the decoded waves are detached, so only the discriminator learns from it."""
+    return sum(gan.d_loss(r, f) for (r, _), (f, _) in zip(disc(real), disc(fake.detach())))
+
+
+def adversarial_loss(disc, fake, real, fm_weight):
+    """The decoder's adversarial term: LSGAN's generator loss (gan.g_loss) plus fm_weight times
+    feature matching (mean |h_real - h_fake| over the discriminator's feature maps, real ones fixed),
+    summed over sizes. Gradients reach the decoder through the discriminator, which is not stepped."""
+    with torch.no_grad():
+        real_feats = [feats for _, feats in disc(real)]
+    total = 0.0
+    for (logits, feats), reals in zip(disc(fake), real_feats):
+        fm = sum((f - r).abs().mean() for f, r in zip(feats, reals)) / len(feats)
+        total = total + gan.g_loss(logits) + fm_weight * fm
+    return total
 
 
 class LatentRepresentation:

@@ -191,9 +191,14 @@ def check(cfg):
              ("ae.latent_channels", a.latent_channels, a.latent_channels >= 0, ">= 0 (0: off)"),
              ("ae.stride", a.stride, a.stride >= 1 and a.stride & (a.stride - 1) == 0, "a power of 2"),
              ("ae.decoder", a.decoder, a.decoder in ae.DECODERS, " or ".join(ae.DECODERS)),
-             *((f"ae.{k}", getattr(a, k), getattr(a, k) >= 0, ">= 0") for k in ("frame_weight", "stft_weight")),
-             ("ae.stft_sizes", a.stft_sizes, len(a.stft_sizes) > 0 and all(f > 0 for f in a.stft_sizes),
-              "one or more sizes > 0 (units of data.n_fft)"),
+             *((f"ae.{k}", getattr(a, k), getattr(a, k) >= 0, ">= 0")
+               for k in ("frame_weight", "stft_weight", "adv_weight", "fm_weight", "adv_start")),
+             *((f"ae.{k}", getattr(a, k), len(getattr(a, k)) > 0 and all(f > 0 for f in getattr(a, k)),
+                "one or more sizes > 0 (units of data.n_fft)") for k in ("stft_sizes", "adv_sizes")),
+             ("ae.adv_width", a.adv_width, a.adv_width >= 1, ">= 1"),
+             ("ae.adv_seconds", a.adv_seconds, a.adv_seconds > 0, "> 0"),
+             ("ae.adv_weight", a.adv_weight, a.adv_weight == 0 or a.decoder == "istft",
+              "0 with ae.decoder=griffin-lim (the adversarial term scores waveforms)"),
              *((f"distill.{k}", getattr(cfg.distill, k), getattr(cfg.distill, k) in ok, " or ".join(ok))
                for k, ok in [(p, ("train", "inf")) for p in ("p_gen", "p_dmd", "p_dsm", "p_gan")] + [
                    ("gen_sigmas", ("continuous", "discrete")), ("gen_inputs", ("real", "backward")),

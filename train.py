@@ -127,9 +127,18 @@ def train_ae(cfg, out, resume=False):
     rep = ae.LatentRepresentation(stft, ae_cfg, cfg.edm.sigma_data)
     net = rep.net.to(device).train().requires_grad_(True)
     opt = adamw(net.parameters(), ae_cfg.lr, train_cfg, device)
+    disc = disc_opt = None                 # the optional adversarial term's discriminator (ae.adv_weight)
+    if ae_cfg.adv_weight > 0:
+        disc = ae.Discriminator(ae.fft_sizes(ae_cfg.adv_sizes, cfg.data.n_fft), ae_cfg.adv_width).to(device)
+        disc_opt = adamw(disc.parameters(), ae_cfg.lr, train_cfg, device)
     if ckpt is not None:
         net.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["opt"])
+        if disc is not None:
+            if "disc" not in ckpt:
+                raise ValueError(f"--resume: {path} was trained without ae.adv_weight; resume it with ae.adv_weight=0")
+            disc.load_state_dict(ckpt["disc"])
+            disc_opt.load_state_dict(ckpt["disc_opt"])
     train_ds, val_ds = data.make_dataset(cfg.data, "train"), data.make_dataset(cfg.data, "val")
     val = data.get_batch(val_ds, 0, min(16, len(val_ds)), cfg.data.seed)[0].to(device)   # fixed clips
     tok = config.tokenizer(cfg, ckpt and ckpt["vocab"])
@@ -140,18 +149,31 @@ def train_ae(cfg, out, resume=False):
     loop = StageLoop("ae", path, start, ae_cfg.steps, resume, "ae.lr", train_cfg.ckpt_every)
     feed = Feed(train_ds, ae_cfg.batch_size, cfg, start, ae_cfg.steps, device)
     for step in loop:
-        for group in opt.param_groups:
+        for group in opt.param_groups + (disc_opt.param_groups if disc else []):
             group["lr"] = lr_at(step, ae_cfg)
-        loss = torch.zeros((), device=device)
+        adversarial = disc is not None and step >= ae_cfg.adv_start
+        loss, d_loss = torch.zeros((), device=device), torch.zeros((), device=device)
         for waves, _, _, _, weight in feed(step):
             gen = edm.step_generator(ae_cfg.seed, step, device)
-            micro = ae.reconstruction_loss(net, stft, waves.to(device), ae_cfg, generator=gen)[0] * weight
-            micro.backward()
-            loss += micro.detach()
+            waves = waves.to(device)
+            micro, _, decoded = ae.reconstruction_loss(net, stft, waves, ae_cfg, generator=gen)
+            if adversarial:   # both updates from this step's discriminator (HiFi-GAN alternates them)
+                fake, real = ae.same_crop(decoded, waves, round(ae_cfg.adv_seconds * cfg.data.sample_rate), gen)
+                disc.requires_grad_(False)
+                micro = micro + ae_cfg.adv_weight * ae.adversarial_loss(disc, fake, real, ae_cfg.fm_weight)
+                disc.requires_grad_(True)
+                d_micro = ae.discriminator_loss(disc, fake, real) * weight
+                d_micro.backward()
+                d_loss += d_micro.detach()
+            (micro * weight).backward()
+            loss += micro.detach() * weight
         grad_norm = optimizer_step(opt, train_cfg.grad_clip)
-        loop.watch(step, loss=loss, grad_norm=grad_norm)
+        extra = {"d_loss": d_loss} if adversarial else {}
+        if adversarial:
+            optimizer_step(disc_opt, train_cfg.grad_clip)
+        loop.watch(step, loss=loss, grad_norm=grad_norm, **extra)
         done = step + 1
-        row = loop.logged(done, train_cfg.log_every, loss=loss, grad_norm=grad_norm)
+        row = loop.logged(done, train_cfg.log_every, loss=loss, grad_norm=grad_norm, **extra)
         if row is not None:
             loop.bar.set_postfix(loss=f"{row['loss']:.4f}")
             loop.write(step=done, **row, lr=lr_at(step, ae_cfg))
@@ -168,7 +190,8 @@ def train_ae(cfg, out, resume=False):
             write_checkpoint(path, {"stage": "ae", "step": done, "done": done >= ae_cfg.steps,
                                     "config": dataclasses.asdict(cfg), "model": net.state_dict(),
                                     "opt": opt.state_dict(), "vocab": tok.state_dict(),
-                                    "latent_stats": rep.state_dict()})
+                                    "latent_stats": rep.state_dict(),
+                                    **({"disc": disc.state_dict(), "disc_opt": disc_opt.state_dict()} if disc else {})})
         loop.checkpoint(done, checkpoint)
     return path
 

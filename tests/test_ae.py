@@ -3,6 +3,7 @@ to sigma_data, every later checkpoint carries it (sampling needs one file), it r
 and a latent model without its autoencoder is a clear error. The istft decoder: the inverse STFT
 path gives a known signal back, its multi-resolution STFT loss sees magnitudes only, its round
 trip beats an untrained decoder's, and checkpoints from before it (Griffin-Lim) still sample."""
+import json
 import math
 import os
 
@@ -112,6 +113,8 @@ def test_a_latent_model_without_its_autoencoder_is_named(tmp_path):
         config.check(config.make_config("tiny", {**AE, "ae.stride": "6"}))
     with pytest.raises(ValueError, match="ae.decoder must be griffin-lim or istft"):
         config.check(config.make_config("tiny", {**AE, "ae.decoder": "vocos"}))
+    with pytest.raises(ValueError, match="ae.adv_weight must be 0 with ae.decoder=griffin-lim"):
+        config.check(config.make_config("tiny", {**AE, "ae.adv_weight": "0.1"}))
 
 
 @pytest.mark.parametrize("run, sets", [("ae_run", AE), ("istft_run", ISTFT)])
@@ -211,3 +214,61 @@ def test_stage_all_trains_the_autoencoder_first_only_when_asked(tmp_path, monkey
     monkeypatch.setitem(train.STAGES, "ae", ("ae.pt", refuse))
     train.main(["--stage", "all", "--out", str(tmp_path / "stft")])
     assert sorted(f for f in os.listdir(tmp_path / "stft") if f.endswith(".pt")) == ["base.pt"]
+
+
+ADV = {**ISTFT, "ae.adv_weight": "0.1", "ae.adv_start": "10", "ae.adv_seconds": "0.25", "ae.steps": "40",
+       "train.ckpt_every": "20", "train.eval_every": "40"}
+
+
+def test_the_adversarial_term_resumes_exactly(tmp_path, monkeypatch):
+    """With the discriminator on (from step 10), a run stopped after its checkpoint at step 20 and
+    resumed ends with the same decoder and discriminator as one that was never stopped: the
+    discriminator and its optimiser travel in ae.pt."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train.train_ae(config.make_config("tiny", ADV), str(straight))
+    crash_after_first_checkpoint(monkeypatch, train.train_ae, config.make_config("tiny", ADV), str(resumed))
+    train.train_ae(config.make_config("tiny", ADV), str(resumed), resume=True)
+    a, b = (config.read_checkpoint(str(d / "ae.pt")) for d in (straight, resumed))
+    assert b["done"] and set(a["disc"]) == set(b["disc"])
+    for part in ("model", "disc"):
+        for name in a[part]:
+            assert torch.equal(a[part][name], b[part][name]), (part, name)
+    logged = [row for row in map(json.loads, open(straight / "ae_log.jsonl")) if "d_loss" in row]
+    assert logged and min(row["step"] for row in logged) > 10      # no discriminator before adv_start
+
+
+def test_the_discriminator_learns_to_tell_real_from_decoded():
+    """Real clips are tones, 'decoded' ones noise: a few Adam steps on discriminator_loss bring it well
+    below its start and score the tones higher on every resolution. adversarial_loss's feature
+    matching is zero for identical audio, and its gradient reaches the decoded waves."""
+    torch.manual_seed(0)
+    t = torch.arange(4000) / 8000
+    real = torch.stack([torch.sin(2 * math.pi * f * t) for f in (220, 330, 440, 550)]).view(4, 1, -1) * 0.5
+    fake = 0.1 * torch.randn(4, 1, 4000)
+    disc = ae.Discriminator([64, 128, 256], width=8)
+    opt = torch.optim.Adam(disc.parameters(), 1e-3)
+    start = ae.discriminator_loss(disc, fake, real).item()
+    for _ in range(40):
+        loss = ae.discriminator_loss(disc, fake, real)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.3 * start, (start, loss.item())
+    for (r, _), (f, _) in zip(disc(real), disc(fake)):
+        assert r.mean() > f.mean() + 0.5
+    x = fake.clone().requires_grad_(True)
+    opt.zero_grad(set_to_none=True)
+    disc.requires_grad_(False)
+    assert ae.adversarial_loss(disc, real, real, 2.0).item() == pytest.approx(
+        ae.adversarial_loss(disc, real, real, 0.0).item(), abs=1e-6)
+    ae.adversarial_loss(disc, x, real, 2.0).backward()
+    assert x.grad.abs().sum() > 0 and all(p.grad is None for p in disc.parameters())
+
+
+def test_the_discriminator_sees_the_same_window_of_both():
+    g = torch.Generator().manual_seed(3)
+    real = torch.arange(100.0).view(1, 1, 100).repeat(2, 1, 1)
+    fake, crop = ae.same_crop(real + 1000, real, 30, g)
+    assert crop.shape == fake.shape == (2, 1, 30)
+    assert torch.equal(fake - 1000, crop) and torch.equal(crop[0], crop[1])
+    assert ae.same_crop(real, real, 200)[1] is real                 # a window longer than the clip: all of it
