@@ -149,3 +149,12 @@ def test_without_gradio_the_error_names_the_install_command(run, monkeypatch):
     with pytest.raises(SystemExit) as e:
         demo.main(["--run", run])
     assert demo.INSTALL in str(e.value.code)
+
+
+def test_without_a_base_model_there_is_no_speed_up(run, tmp_path):
+    models, _ = demo.load_models(run, torch.device("cpu"))
+    rows = demo.generate_all([m for m in models if m.stage != "base"], "bass chords", 0, 2, 4.0, 1,
+                             str(tmp_path))
+    assert [r["file"] for r in rows] == ["presto_s.pt", "ase.pt", "presto_l.pt", "presto_ls.pt"]
+    assert all(r["speedup"] is None and "faster" not in demo.timing_line(r) for r in rows)
+    assert all(os.path.isfile(r["wav"]) for r in rows)
