@@ -28,6 +28,7 @@ noise added (`latent_noise`, relative to the latent's own spread), so the latent
 and a slightly-off latent from a few-step generator still decodes to plausible audio.
 """
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 import torch.nn as nn
@@ -38,28 +39,29 @@ import gan
 
 @dataclass
 class AEConfig:
-    latent_channels: int = 0     # latent channels (0: no autoencoder; the DiT diffuses the STFT frames)
-    stride: int = 4              # time down-sampling, a power of 2 (62.5 -> 15.6 frames/s at 4)
-    width: int = 256             # conv channels
-    decoder: str = "griffin-lim"  # "griffin-lim": normalised STFT frames, phase by Griffin-Lim;
-                                 # "istft": a log-magnitude and a phase per bin, one inverse STFT
-    latent_noise: float = 0.1    # training noise on the latent, in units of its per-channel std
-    frame_weight: float = 100.0  # istft: weight of the magnitude head's MSE on the frames
-    stft_weight: float = 1.0     # istft: weight of the multi-resolution STFT loss on the waveform
-    stft_sizes: tuple = (0.25, 0.5, 1.0, 2.0)  # istft: that loss's FFT sizes (units of data.n_fft)
-    adv_weight: float = 0.0      # istft: weight of the adversarial term (0: no discriminator)
-    fm_weight: float = 2.0       # istft: feature matching's weight inside that term (HiFi-GAN's 2)
-    adv_sizes: tuple = (0.5, 1.0, 2.0)  # istft: the discriminator's FFT sizes (units of data.n_fft)
-    adv_width: int = 16          # istft: the discriminator's conv channels
-    adv_start: int = 0           # istft: the step at which the adversarial term switches on
-    adv_seconds: float = 1.0     # istft: the discriminator sees one random crop this long per clip
-    steps: int = 2000            # optimiser steps of --stage ae
-    batch_size: int = 16         # clips per step
-    lr: float = 1e-3             # AdamW peak lr, linear warm-up then cosine decay
-    warmup: int = 100
-    lr_decay: str = "cosine"
-    min_lr_frac: float = 0.1
-    seed: int = 0                # init seed and the training noise
+    latent_channels: Annotated[int, ">= 0"] = 0  # latent channels (0: no autoencoder: the DiT diffuses STFT frames)
+    stride: Annotated[int, "a power of 2"] = 4  # time down-sampling, a power of 2 (62.5 -> 15.6 frames/s at 4)
+    width: Annotated[int, ">= 1"] = 256  # conv channels
+    decoder: Annotated[str, "griffin-lim|istft"] = "griffin-lim"  # "griffin-lim": normalised STFT frames, phase by
+                                                                  # Griffin-Lim; "istft": a log-magnitude and a
+                                                                  # phase per bin, one inverse STFT
+    latent_noise: Annotated[float, ">= 0"] = 0.1  # training noise on the latent, in units of its per-channel std
+    frame_weight: Annotated[float, ">= 0"] = 100.0  # istft: weight of the magnitude head's MSE on the frames
+    stft_weight: Annotated[float, ">= 0"] = 1.0  # istft: weight of the multi-resolution STFT loss on the waveform
+    stft_sizes: Annotated[tuple, "each > 0"] = (0.25, 0.5, 1.0, 2.0)  # istft: that loss's FFT sizes, in data.n_fft
+    adv_weight: Annotated[float, ">= 0"] = 0.0  # istft: weight of the adversarial term (0: no discriminator)
+    fm_weight: Annotated[float, ">= 0"] = 2.0  # istft: feature matching's weight inside that term (HiFi-GAN's 2)
+    adv_sizes: Annotated[tuple, "each > 0"] = (0.5, 1.0, 2.0)  # istft: the discriminator's FFT sizes, in data.n_fft
+    adv_width: Annotated[int, ">= 1"] = 16  # istft: the discriminator's conv channels
+    adv_start: Annotated[int, ">= 0"] = 0  # istft: the step at which the adversarial term switches on
+    adv_seconds: Annotated[float, "> 0"] = 1.0  # istft: the discriminator sees one random crop this long per clip
+    steps: Annotated[int, ">= 1"] = 2000  # optimiser steps of --stage ae
+    batch_size: Annotated[int, ">= 1"] = 16  # clips per step
+    lr: Annotated[float, "> 0"] = 1e-3  # AdamW peak lr, linear warm-up then cosine decay
+    warmup: Annotated[int, ">= 0"] = 100
+    lr_decay: Annotated[str, "cosine|constant"] = "cosine"
+    min_lr_frac: Annotated[float, "in [0, 1]"] = 0.1
+    seed: Annotated[int, ">= 0"] = 0  # init seed and the training noise
 
 
 class ResBlock(nn.Module):

@@ -11,6 +11,7 @@ the synthetic captions' ground truth into a prompt-adherence score.
 """
 import math
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 import torch.nn as nn
@@ -20,26 +21,26 @@ import dit
 
 @dataclass
 class ClapConfig:
-    dim: int = 128             # joint embedding size d (what FAD / MMD / CLAP score see)
-    width: int = 128           # audio tower channels and text tower width
-    audio_depth: int = 4       # dilated residual conv blocks (dilation 1, 2, 4, ...) in the audio tower
-    text_depth: int = 1        # transformer layers in the text tower
-    heads: int = 4             # text tower attention heads
-    attr_weight: float = 1.0   # weight of the attribute cross-entropy (labelled data sets only)
-    gain_db: float = 6.0       # augmentation: random gain in [-gain_db, 0] dB per training clip
-    steps: int = 1000          # optimiser steps
-    batch_size: int = 32       # clips per step (also the InfoNCE negatives)
-    lr: float = 1e-3           # AdamW peak learning rate (train.lr_at schedule)
-    warmup: int = 50
-    lr_decay: str = "cosine"
-    min_lr_frac: float = 0.1
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    log_every: int = 10
-    eval_every: int = 250      # steps between held-out (val split) retrieval / attribute numbers
-    ckpt_every: int = 250
-    val_clips: int = 64        # val clips for those numbers (R@1 among this many candidates)
-    seed: int = 0              # model init and augmentation draws
+    dim: Annotated[int, ">= 1"] = 128  # joint embedding size d (what FAD / MMD / CLAP score see)
+    width: Annotated[int, ">= 1"] = 128  # audio tower channels and text tower width
+    audio_depth: Annotated[int, ">= 1"] = 4  # the audio tower's dilated residual conv blocks (1, 2, 4, ...)
+    text_depth: Annotated[int, ">= 1"] = 1  # transformer layers in the text tower
+    heads: Annotated[int, ">= 1"] = 4  # text tower attention heads
+    attr_weight: Annotated[float, ">= 0"] = 1.0  # weight of the attribute cross-entropy (labelled data sets only)
+    gain_db: Annotated[float, ">= 0"] = 6.0  # augmentation: random gain in [-gain_db, 0] dB per training clip
+    steps: Annotated[int, ">= 1"] = 1000  # optimiser steps
+    batch_size: Annotated[int, ">= 2"] = 32  # clips per step (also the InfoNCE negatives)
+    lr: Annotated[float, "> 0"] = 1e-3  # AdamW peak learning rate (train.lr_at schedule)
+    warmup: Annotated[int, ">= 0"] = 50
+    lr_decay: Annotated[str, "cosine|constant"] = "cosine"
+    min_lr_frac: Annotated[float, "in [0, 1]"] = 0.1
+    weight_decay: Annotated[float, ">= 0"] = 0.01
+    grad_clip: Annotated[float, "> 0"] = 1.0
+    log_every: Annotated[int, ">= 0"] = 10
+    eval_every: Annotated[int, ">= 0"] = 250  # steps between held-out (val split) retrieval / attribute numbers
+    ckpt_every: Annotated[int, ">= 0"] = 250
+    val_clips: Annotated[int, ">= 2"] = 64  # val clips for those numbers (R@1 among this many candidates)
+    seed: Annotated[int, ">= 0"] = 0  # model init and augmentation draws
 
 
 

@@ -11,10 +11,12 @@ import argparse
 import contextlib
 import dataclasses
 import hashlib
+import math
 import os
 import pickle
 import re
 from dataclasses import dataclass, field
+from typing import Annotated
 
 import torch
 
@@ -23,6 +25,7 @@ import clap
 import data
 import dit
 import edm
+import layerdrop
 from ae import AEConfig
 from clap import ClapConfig
 from data import DataConfig
@@ -34,32 +37,33 @@ from layerdrop import LayerDropConfig
 
 @dataclass
 class TrainConfig:
-    steps: int = 2000          # optimiser steps
-    batch_size: int = 16       # clips per step (global batch)
-    lr: float = 3e-4           # AdamW peak learning rate
-    warmup: int = 100          # linear lr warm-up steps
-    lr_decay: str = "cosine"   # "cosine" (to min_lr_frac * lr at the last step) or "constant"
-    min_lr_frac: float = 0.1
-    weight_decay: float = 0.0  # DiT and EDM train without weight decay
-    beta2: float = 0.99        # AdamW beta2 (beta1 = 0.9)
-    grad_clip: float = 1.0     # clip the global gradient norm to this
-    ema: float = 0.999         # EMA decay, ramped up as min(ema, (1+k)/(10+k)) so early EMAs track
-    p_uncond: float = 0.1      # caption dropped (null condition) with this probability, for CFG
-    log_every: int = 10        # steps between loss-log lines
-    eval_every: int = 250      # steps between validation losses (on the EMA model)
-    ckpt_every: int = 250      # steps between checkpoints (always one at the end)
-    val_batches: int = 4       # validation batches (fixed clips, fixed noise)
-    seed: int = 0              # seed of the model init and of every noise draw
-    device: str = "auto"       # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
-    threads: int = 0           # torch CPU threads (0 = torch's default)
-    micro_batch: int = 0       # clips per forward pass on each process (0: its whole share of the
-                               # global batch); smaller -> gradient accumulation, same optimisation
-    compile: bool = False      # torch.compile the DiT (the first steps are slow while it compiles)
-    precision: str = "auto"    # "auto": bf16 autocast on CUDA, float32 on CPU; "bf16": bf16 autocast
-                               # on either (CPUs with AMX: ~1.25x per DiT step); "fp32": none
-    peak_tflops: float = 0.0   # the accelerator's peak bf16 TFLOP/s for MFU (0: known GPUs only)
-    workers: int = -1          # DataLoader worker processes making batches ahead of the loop; 0: in
-                               # the loop's process; -1: on CUDA the cores less one (<= 8), on CPU 0
+    steps: Annotated[int, ">= 1"] = 2000  # optimiser steps
+    batch_size: Annotated[int, ">= 1"] = 16  # clips per step (global batch)
+    lr: Annotated[float, "> 0"] = 3e-4  # AdamW peak learning rate
+    warmup: Annotated[int, ">= 0"] = 100  # linear lr warm-up steps
+    lr_decay: Annotated[str, "cosine|constant"] = "cosine"  # "cosine": to min_lr_frac * lr at the last step
+    min_lr_frac: Annotated[float, "in [0, 1]"] = 0.1
+    weight_decay: Annotated[float, ">= 0"] = 0.0  # DiT and EDM train without weight decay
+    beta2: Annotated[float, "in [0, 1)"] = 0.99  # AdamW beta2 (beta1 = 0.9)
+    grad_clip: Annotated[float, "> 0"] = 1.0  # clip the global gradient norm to this
+    ema: Annotated[float, "in [0, 1)"] = 0.999  # EMA decay, ramped up as min(ema, (1+k)/(10+k)) so early EMAs track
+    p_uncond: Annotated[float, "in [0, 1]"] = 0.1  # caption dropped (null condition) with this probability, for CFG
+    log_every: Annotated[int, ">= 0"] = 10  # steps between loss-log lines
+    eval_every: Annotated[int, ">= 0"] = 250  # steps between validation losses (on the EMA model)
+    ckpt_every: Annotated[int, ">= 0"] = 250  # steps between checkpoints (always one at the end)
+    val_batches: Annotated[int, ">= 1"] = 4  # validation batches (fixed clips, fixed noise)
+    seed: Annotated[int, ">= 0"] = 0  # seed of the model init and of every noise draw
+    device: Annotated[str, "any"] = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
+    threads: Annotated[int, ">= 0"] = 0  # torch CPU threads (0 = torch's default)
+    micro_batch: Annotated[int, ">= 0"] = 0  # clips per forward pass on each process (0: its whole share of the
+                                             # global batch); smaller -> gradient accumulation, same optimisation
+    compile: Annotated[bool, "any"] = False  # torch.compile the DiT (the first steps are slow while it compiles)
+    precision: Annotated[str, "auto|bf16|fp32"] = "auto"  # "auto": bf16 autocast on CUDA, float32 on CPU; "bf16":
+                                                          # bf16 autocast on either (CPUs with AMX: ~1.25x per DiT
+                                                          # step); "fp32": none
+    peak_tflops: Annotated[float, ">= 0"] = 0.0  # the accelerator's peak bf16 TFLOP/s for MFU (0: known GPUs only)
+    workers: Annotated[int, ">= -1"] = -1  # DataLoader worker processes making batches ahead of the loop; 0: in
+                                           # the loop's process; -1: on CUDA the cores less one (<= 8), on CPU 0
 
 
 @dataclass
@@ -172,42 +176,125 @@ def make_config(preset="cpu", overrides=None):
     return apply_overrides(cfg, overrides or {})
 
 
-def check(cfg):
-    """Raise ValueError naming the field for a value no run can use, before any work starts."""
-    d, m, a = cfg.data, cfg.model, cfg.ae
-    rules = [("data.seconds", d.seconds, 0 < d.seconds <= 600, "in (0, 600]"),
-             ("data.sample_rate", d.sample_rate, d.sample_rate > 0, "> 0 (Hz)"),
-             ("data.channels", d.channels, d.channels in (1, 2), "1 (mono) or 2 (stereo)"),
-             ("data.n_fft", d.n_fft, d.n_fft >= 2, ">= 2"),
-             ("data.hop", d.hop, 0 < d.hop <= d.n_fft, f"in 1..data.n_fft ({d.n_fft})"),
-             *((f"model.{k}", getattr(m, k), getattr(m, k) >= 0, ">= 1 (0: from model.size)")
-               for k in ("width", "depth", "heads")),
-             ("model.patch", m.patch, m.patch >= 1, ">= 1"),
-             *((f"{s}.{k}", getattr(getattr(cfg, s), k), getattr(getattr(cfg, s), k) >= 1, ">= 1")
-               for s in ("train", "clap", "distill", "layerdrop", "ae") for k in ("steps", "batch_size")),
-             ("train.workers", cfg.train.workers, cfg.train.workers >= -1, ">= 0 (-1: auto)"),
-             ("train.precision", cfg.train.precision, cfg.train.precision in ("auto", "bf16", "fp32"),
-              "auto, bf16 or fp32"),
-             ("ae.latent_channels", a.latent_channels, a.latent_channels >= 0, ">= 0 (0: off)"),
-             ("ae.stride", a.stride, a.stride >= 1 and a.stride & (a.stride - 1) == 0, "a power of 2"),
-             ("ae.decoder", a.decoder, a.decoder in ae.DECODERS, " or ".join(ae.DECODERS)),
-             *((f"ae.{k}", getattr(a, k), getattr(a, k) >= 0, ">= 0")
-               for k in ("frame_weight", "stft_weight", "adv_weight", "fm_weight", "adv_start")),
-             *((f"ae.{k}", getattr(a, k), len(getattr(a, k)) > 0 and all(f > 0 for f in getattr(a, k)),
-                "one or more sizes > 0 (units of data.n_fft)") for k in ("stft_sizes", "adv_sizes")),
-             ("ae.adv_width", a.adv_width, a.adv_width >= 1, ">= 1"),
-             ("ae.adv_seconds", a.adv_seconds, a.adv_seconds > 0, "> 0"),
-             ("ae.adv_weight", a.adv_weight, a.adv_weight == 0 or a.decoder == "istft",
-              "0 with ae.decoder=griffin-lim (the adversarial term scores waveforms)"),
-             *((f"distill.{k}", getattr(cfg.distill, k), getattr(cfg.distill, k) in ok, " or ".join(ok))
-               for k, ok in [(p, ("train", "inf")) for p in ("p_gen", "p_dmd", "p_dsm", "p_gan")] + [
-                   ("gen_sigmas", ("continuous", "discrete")), ("gen_inputs", ("real", "backward")),
-                   ("gan_real", ("independent", "shared"))])]
-    for name, value, ok, want in rules:
+# ----------------------------------------------------------------------------------------------
+# What every field accepts
+#
+# Each config field is declared `name: Annotated[type, "rule"] = default`, so its valid values stand
+# on the line that defines it. `check` reads every declaration; the rules are
+#   ">= 1", "> 0", "in [0, 1)", ...   a finite number in that range (an int where the type is int)
+#   "finite"                          any finite number
+#   "cosine|constant"                 one of these values
+#   "a power of 2"                    1, 2, 4, 8, ...
+#   "each > 0", "each in (0, 1]"      a non-empty list whose every item passes the rule after "each"
+#   "any"                             any value of the field's type (a path, a device, a switch)
+# and `cross_rules` adds what depends on two fields (a block index below the depth, ...).
+
+_COMPARE = {">=": lambda v, x: v >= x, ">": lambda v, x: v > x, "<=": lambda v, x: v <= x,
+            "<": lambda v, x: v < x}
+
+
+def declared(section):
+    """[(field name, its type, its rule)] of a config dataclass, in definition order."""
+    out = []
+    for f in dataclasses.fields(section):
+        if getattr(f.type, "__metadata__", None) is None:
+            raise TypeError(f"{type(section).__name__}.{f.name} declares no range: define it as "
+                            f"{f.name}: Annotated[type, \"rule\"] (see config.py, 'What every field accepts')")
+        out.append((f.name, f.type.__origin__, f.type.__metadata__[0]))
+    return out
+
+
+def _is_number(value, typ):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return isinstance(value, int) if typ is int else math.isfinite(value)
+
+
+def accepts(rule, value, typ):
+    """Whether `value` (of a field of type `typ`) passes a declared rule."""
+    if rule.startswith("each "):
+        return (isinstance(value, (list, tuple)) and len(value) > 0
+                and all(accepts(rule[5:], v, float) for v in value))
+    if typ in (list, tuple):
+        return isinstance(value, (list, tuple))
+    if rule == "any":
+        return isinstance(value, typ) and (typ is bool or not isinstance(value, bool))
+    if "|" in rule:
+        return (isinstance(value, str) or _is_number(value, int)) and str(value) in rule.split("|")
+    if not _is_number(value, typ):
+        return False
+    if rule == "finite":
+        return True
+    if rule == "a power of 2":
+        return value >= 1 and value & (value - 1) == 0
+    if m := re.fullmatch(r"(>=|>|<=|<) (\S+)", rule):
+        return _COMPARE[m[1]](value, float(m[2]))
+    if m := re.fullmatch(r"in ([\[(])(\S+), (\S+)([\])])", rule):
+        lo, hi = float(m[2]), float(m[3])
+        return (lo <= value if m[1] == "[" else lo < value) and (value <= hi if m[4] == "]" else value < hi)
+    raise ValueError(f"unknown rule {rule!r}")
+
+
+def _want(rule, typ, value):
+    """A rule as the error message says it (with the type, where the value has the wrong one)."""
+    if rule.startswith("each "):
+        return f"one or more numbers, each {_want(rule[5:], float, 0.0)}"
+    if rule == "any" or typ in (list, tuple):
+        return f"a {typ.__name__}"
+    if "|" in rule:
+        *first, last = rule.split("|")
+        return f"{', '.join(first)} or {last}"
+    if not _is_number(value, typ):
+        return f"{'an integer' if typ is int else 'a finite number'}{'' if rule == 'finite' else ' ' + rule}"
+    return rule
+
+
+def _show(value):
+    return repr(value) if isinstance(value, str) else value
+
+
+def cross_rules(cfg):
+    """(name, value, ok, want) for the rules between fields, checked after each field's own."""
+    d, m, a, dist, ld = cfg.data, cfg.model, cfg.ae, cfg.distill, cfg.layerdrop
+    size = dit.SIZES[m.size]
+    width, depth, heads = (getattr(m, k) or size[k] for k in ("width", "depth", "heads"))
+    lo = layerdrop.min_budget(ld.method)
+    return [
+        ("data.hop", d.hop, d.hop <= d.n_fft, f"in 1..data.n_fft ({d.n_fft})"),
+        ("model.heads", heads, width % heads == 0, f"a divisor of the width ({width})"),
+        ("model.text_heads", m.text_heads, m.text_width % m.text_heads == 0,
+         f"a divisor of model.text_width ({m.text_width})"),
+        ("clap.heads", cfg.clap.heads, cfg.clap.width % cfg.clap.heads == 0,
+         f"a divisor of clap.width ({cfg.clap.width})"),
+        ("edm.sigma_max", cfg.edm.sigma_max, cfg.edm.sigma_max > cfg.edm.sigma_min,
+         f"> edm.sigma_min ({cfg.edm.sigma_min})"),
+        ("distill.disc_block", dist.disc_block, dist.disc_block < depth,
+         f"-1 (the middle block) or a block index in 0..{depth - 1} (model.depth {depth})"),
+        ("layerdrop.schedule", ld.schedule, list(ld.schedule) == sorted(ld.schedule, reverse=True),
+         "non-increasing (a budget per noise bin, low noise -> high noise)"),
+        ("layerdrop.st_weight", ld.st_weight, ld.st_weight > 0 or ld.dsm_weight > 0,
+         "> 0 when layerdrop.dsm_weight is 0 (the loss needs a term)"),
+        ("ae.adv_weight", a.adv_weight, a.adv_weight == 0 or a.decoder == "istft",
+         "0 with ae.decoder=griffin-lim (the adversarial term scores waveforms)"),
+        ("layerdrop.method", ld.method, depth >= lo, f"usable at model.depth {depth} (it runs >= {lo} blocks)"),
+    ]
+
+
+def check(cfg, dataset=True):
+    """Raise ValueError naming the field for a value no run can use, before any work starts: every
+    field against its declared rule, then the rules between fields; with dataset, also what the
+    data set needs (the corpus's optional packages), which sampling from a checkpoint does not."""
+    for section in dataclasses.fields(cfg):
+        sub = getattr(cfg, section.name)
+        for name, typ, rule in declared(sub):
+            value = getattr(sub, name)
+            if not accepts(rule, value, typ):
+                raise ValueError(f"{section.name}.{name} must be {_want(rule, typ, value)}, got {_show(value)}")
+    for name, value, ok, want in cross_rules(cfg):
         if not ok:
-            raise ValueError(f"{name} must be {want}, got {value}")
-    if d.dataset == "corpus":  # optional packages, collections, soundfont: checked before any work
-        __import__("corpus").check(d)
+            raise ValueError(f"{name} must be {want}, got {_show(value)}")
+    if dataset and cfg.data.dataset == "corpus":  # optional packages, collections, soundfont
+        __import__("corpus").check(cfg.data)
     return cfg
 
 
@@ -327,15 +414,17 @@ def read_checkpoint(path):
     a file that would need to run code to load (a pickle with a payload) is refused, never run."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{path} is empty (0 bytes): not a checkpoint (a copy or a save cut short?)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        what = re.search(r"GLOBAL ([\w.]+)", str(e))
-        raise ValueError(f"refused to load {path}: it holds more than tensors and plain values "
-                         f"({what.group(1) if what else 'an object'}), and loading it could run code"
-                         ) from None
     except Exception as e:
-        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+        what = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if isinstance(e, pickle.UnpicklingError) and what:
+            raise ValueError(f"refused to load {path}: it holds more than tensors and plain values "
+                             f"({what.group(1)}), and loading it could run code") from None
+        raise ValueError(f"{path} is not a checkpoint written by this project's train.py (torch.load "
+                         f"cannot read it: {type(e).__name__})") from None
     if not isinstance(ckpt, dict) or not {"config", "model", "vocab"} <= ckpt.keys():
         raise ValueError(f"{path} is not a checkpoint written by this project's train.py")
     if "checksum" in ckpt and checksum(ckpt) != ckpt["checksum"]:   # older checkpoints have none
@@ -357,6 +446,10 @@ def load_checkpoint(path, device="cpu", stages=None):
     if stats not in ckpt:
         raise ValueError(f"{path} is not a complete {stage} checkpoint (it has no {stats})")
     cfg = config_from_dict(ckpt["config"])
+    try:
+        check(cfg, dataset=False)
+    except ValueError as e:
+        raise ValueError(f"{path} stores a config this code cannot use: {e}") from None
     if stage == "ae":                   # the autoencoder alone: model = its network
         rep = representation(cfg, "denoiser", ckpt["latent_stats"])
         return cfg, ckpt, rep, tokenizer(cfg, ckpt["vocab"]), rep.net.to(device)

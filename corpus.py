@@ -94,8 +94,8 @@ def require():
     try:
         import music21, pretty_midi, tinysoundfont  # noqa: F401
     except ImportError as e:
-        raise ImportError(f"the corpus data set needs {e.name}: pip install -r requirements-corpus.txt "
-                          f"&& pip install --no-deps tinysoundfont") from None
+        raise ModuleNotFoundError(f"the corpus data set needs {e.name}: pip install -r requirements-corpus.txt "
+                                  f"&& pip install --no-deps tinysoundfont", name=e.name) from None
 
 # -----------------------------------------------------------------------------
 # Parsing scores into a cache of note lists

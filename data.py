@@ -20,7 +20,7 @@ import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import NamedTuple
+from typing import Annotated, NamedTuple
 
 import numpy as np
 import soundfile as sf
@@ -31,26 +31,26 @@ import synth
 
 @dataclass
 class DataConfig:
-    dataset: str = "synth"        # "synth" (built-in synthetic music), "corpus" (rendered scores,
-                                  # corpus.py) or a path to a folder of audio + captions
-    sample_rate: int = 8000       # Hz, everything is resampled to this
-    seconds: float = 4.0          # clip length: audio is cut or zero-padded to this
-    channels: int = 1             # 1 = mono, 2 = stereo (stereo is stacked into the latent's C axis)
-    n_fft: int = 256              # STFT size -> n_fft // 2 + 1 frequency bins per channel
-    hop: int = 128                # STFT hop -> sample_rate / hop frames per second
-    log_floor: float = 1e-4       # magnitudes are clamped to this before the log
-    drums: float = 0.5            # probability that a synthetic clip has drums
-    val_fraction: float = 0.05    # folder / corpus: share of files (pieces) in the val split (test the same)
-    min_active: float = 0.1       # folder: clips with a smaller share of 50 ms frames above -50 dBFS are skipped
-    stats_clips: int = 256        # training clips used to estimate the latent normalisation statistics
-    griffin_lim_iters: int = 32   # decode quality vs time
-    griffin_lim_momentum: float = 0.99  # fast Griffin-Lim (Perraudin et al. 2013); 0 = plain Griffin-Lim
-    max_text_len: int = 32        # tokens per caption (longer captions are cut)
-    seed: int = 0                 # data seed: same seed -> same clips
-    corpus_pieces: int = 3000     # corpus: scores parsed into the cache (an equal share per collection)
-    corpus_collections: tuple = ()  # corpus: which of corpus.COLLECTIONS (empty: all)
-    corpus_cache: str = "~/.cache/presto"  # corpus: folder of the parsed-score cache
-    soundfont: str = ""           # corpus: an SF2 file to render with ("": pretty_midi's TimGM6mb.sf2)
+    dataset: Annotated[str, "any"] = "synth"  # "synth" (built-in synthetic music), "corpus" (rendered scores,
+                                              # corpus.py) or a path to a folder of audio + captions
+    sample_rate: Annotated[int, ">= 1"] = 8000  # Hz, everything is resampled to this
+    seconds: Annotated[float, "in (0, 600]"] = 4.0  # clip length: audio is cut or zero-padded to this
+    channels: Annotated[int, "1|2"] = 1  # 1 = mono, 2 = stereo (stereo is stacked into the latent's C axis)
+    n_fft: Annotated[int, ">= 2"] = 256  # STFT size -> n_fft // 2 + 1 frequency bins per channel
+    hop: Annotated[int, ">= 1"] = 128  # STFT hop -> sample_rate / hop frames per second
+    log_floor: Annotated[float, "> 0"] = 1e-4  # magnitudes are clamped to this before the log
+    drums: Annotated[float, "in [0, 1]"] = 0.5  # probability that a synthetic clip has drums
+    val_fraction: Annotated[float, "in [0, 0.5)"] = 0.05  # folder / corpus: share of files (pieces) in val (and test)
+    min_active: Annotated[float, "in [0, 1]"] = 0.1  # folder: skip clips with less of their 50 ms frames > -50 dBFS
+    stats_clips: Annotated[int, ">= 1"] = 256  # training clips used to estimate the latent normalisation statistics
+    griffin_lim_iters: Annotated[int, ">= 1"] = 32  # decode quality vs time
+    griffin_lim_momentum: Annotated[float, "in [0, 1)"] = 0.99  # fast Griffin-Lim (Perraudin et al. 2013); 0: plain
+    max_text_len: Annotated[int, ">= 1"] = 32  # tokens per caption (longer captions are cut)
+    seed: Annotated[int, ">= 0"] = 0  # data seed: same seed -> same clips
+    corpus_pieces: Annotated[int, ">= 1"] = 3000  # corpus: scores parsed into the cache (equal shares per collection)
+    corpus_collections: Annotated[tuple, "any"] = ()  # corpus: which of corpus.COLLECTIONS (empty: all)
+    corpus_cache: Annotated[str, "any"] = "~/.cache/presto"  # corpus: folder of the parsed-score cache
+    soundfont: Annotated[str, "any"] = ""  # corpus: an SF2 file to render with ("": pretty_midi's TimGM6mb.sf2)
 
 
 class Clip(NamedTuple):

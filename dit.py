@@ -17,6 +17,7 @@ trained without it is reproduced exactly.
 """
 import math
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 import torch.nn as nn
@@ -25,19 +26,19 @@ import torch.nn.functional as F
 
 @dataclass
 class DiTConfig:
-    size: str = "S"            # named size (SIZES below) for width / depth / heads
-    width: int = 0             # 0 = take it from `size`; set to override
-    depth: int = 0             # 0 = take it from `size`
-    heads: int = 0             # 0 = take it from `size`
-    patch: int = 2             # frames per token; keep patch * C <= width (a wider token cannot be
-                               # reproduced by the output Linear: that caps how much noise it removes)
-    mlp_ratio: float = 4.0
-    text_width: int = 128      # the text encoder's width
-    text_depth: int = 2        # the text encoder's transformer layers
-    text_heads: int = 4        # the text encoder's attention heads (text_width must divide by it)
-    in_channels: int = 0       # latent channels C; filled in from data.Representation
-    vocab_size: int = 0        # filled in from data.Tokenizer
-    max_text_len: int = 32     # caption tokens (data.DataConfig.max_text_len)
+    size: Annotated[str, "XS|S|M|B|L"] = "S"  # named size (SIZES below) for width / depth / heads
+    width: Annotated[int, ">= 0"] = 0  # 0 = take it from `size`; set to override
+    depth: Annotated[int, ">= 0"] = 0  # 0 = take it from `size`
+    heads: Annotated[int, ">= 0"] = 0  # 0 = take it from `size`
+    patch: Annotated[int, ">= 1"] = 2  # frames per token; keep patch * C <= width (a wider token cannot be
+                                       # reproduced by the output Linear: that caps how much noise it removes)
+    mlp_ratio: Annotated[float, "> 0"] = 4.0
+    text_width: Annotated[int, ">= 1"] = 128  # the text encoder's width
+    text_depth: Annotated[int, ">= 1"] = 2  # the text encoder's transformer layers
+    text_heads: Annotated[int, ">= 1"] = 4  # the text encoder's attention heads (text_width must divide by it)
+    in_channels: Annotated[int, ">= 0"] = 0  # latent channels C; filled in from data.Representation
+    vocab_size: Annotated[int, ">= 0"] = 0  # filled in from data.Tokenizer
+    max_text_len: Annotated[int, ">= 1"] = 32  # caption tokens (data.DataConfig.max_text_len)
 
 
 # Named sizes, DiT-style: (width, depth, heads). XS is for tests, S for the CPU teacher.

@@ -25,6 +25,7 @@ schedule drawn continuously), and that the generator sees *continuous* sigma inp
 serves any number of sampling steps.
 """
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 
@@ -34,30 +35,33 @@ import gan
 
 @dataclass
 class DistillConfig:
-    p_gen: str = "inf"           # generator input sigmas: "inf" (paper's choice) or "train"
-    p_dmd: str = "train"         # sigmas at which the DMD gradient is taken
-    p_dsm: str = "train"         # sigmas of the fake score's denoising loss
-    p_gan: str = "train"         # sigmas at which real / generated latents are noised for the GAN
-    gen_sigmas: str = "continuous"  # "continuous" (Presto) or "discrete" (the few-step grid, DMD2-style)
-    grid_steps: int = 4          # N of the discrete grid, and the default sampling steps
-    gen_inputs: str = "real"     # what is noised to sigma_gen: "real" latents (the paper's Presto-S), or
-                                 # "backward": G's own 1-step sample (DMD2's backward simulation, one jump)
-    gan_real: str = "independent"  # the discriminator's real clips: "independent" (a batch of their own,
-                                 # as DMD2 draws them) or "shared" (the clips noised into G's inputs)
-    cfg_w: float = 4.0           # CFG weight on the real score only (x0-space convention, edm.py)
-    nu1: float = 3e-3            # generator loss = L_DMD + nu1 * L_G (LSGAN)
-    nu2: float = 1e-2            # fake-score loss = L_fake + nu2 * L_D (LSGAN)
-    gen_every: int = 5           # generator step every K iterations; fake score + D every iteration
-    disc_block: int = -1         # fake-score block whose hidden state the discriminator reads (-1: middle)
-    disc_width: int = 128        # discriminator head channels
-    lr_gen: float = 1e-4         # Adam lr of the generator (the paper mentions 1e-4)
-    lr_fake: float = 1e-4        # Adam lr of the fake score and discriminator head
-    steps: int = 1000            # distillation iterations (each steps the fake score; G every gen_every)
-    batch_size: int = 16         # real clips per iteration
-    ema: float = 0.0             # EMA decay of G per generator step (0: off); samples come from the EMA
-    val_every: int = 0           # iterations between validation FADs of the grid_steps-step sampler on
-                                 # held-out clips (needs OUT/clap.pt); the best is kept as *_best.pt
-    val_clips: int = 64          # val-split clips of that FAD (and CLAP score)
+    p_gen: Annotated[str, "train|inf"] = "inf"  # generator input sigmas: "inf" (paper's choice) or "train"
+    p_dmd: Annotated[str, "train|inf"] = "train"  # sigmas at which the DMD gradient is taken
+    p_dsm: Annotated[str, "train|inf"] = "train"  # sigmas of the fake score's denoising loss
+    p_gan: Annotated[str, "train|inf"] = "train"  # sigmas at which real / generated latents are noised for the GAN
+    gen_sigmas: Annotated[str, "continuous|discrete"] = "continuous"  # "continuous" (Presto) or "discrete" (the
+                                                                      # few-step grid, DMD2-style)
+    grid_steps: Annotated[int, ">= 1"] = 4  # N of the discrete grid, and the default sampling steps
+    gen_inputs: Annotated[str, "real|backward"] = "real"  # what is noised to sigma_gen: "real" latents (the paper's
+                                                          # Presto-S), or "backward": G's own 1-step sample (DMD2's
+                                                          # backward simulation, one jump)
+    gan_real: Annotated[str, "independent|shared"] = "independent"  # the discriminator's real clips: "independent"
+                                                                    # (a batch of their own, as DMD2 draws them) or
+                                                                    # "shared" (the clips noised into G's inputs)
+    cfg_w: Annotated[float, "finite"] = 4.0  # CFG weight on the real score only (x0-space convention, edm.py)
+    nu1: Annotated[float, ">= 0"] = 3e-3  # generator loss = L_DMD + nu1 * L_G (LSGAN)
+    nu2: Annotated[float, ">= 0"] = 1e-2  # fake-score loss = L_fake + nu2 * L_D (LSGAN)
+    gen_every: Annotated[int, ">= 1"] = 5  # generator step every K iterations; fake score + D every iteration
+    disc_block: Annotated[int, ">= -1"] = -1  # fake-score block the discriminator reads (-1: the middle one)
+    disc_width: Annotated[int, ">= 1"] = 128  # discriminator head channels
+    lr_gen: Annotated[float, "> 0"] = 1e-4  # Adam lr of the generator (the paper mentions 1e-4)
+    lr_fake: Annotated[float, "> 0"] = 1e-4  # Adam lr of the fake score and discriminator head
+    steps: Annotated[int, ">= 1"] = 1000  # distillation iterations (each steps the fake score; G every gen_every)
+    batch_size: Annotated[int, ">= 1"] = 16  # real clips per iteration
+    ema: Annotated[float, "in [0, 1)"] = 0.0  # EMA decay of G per generator step (0: off); samples: from the EMA
+    val_every: Annotated[int, ">= 0"] = 0  # iterations between validation FADs of the grid_steps-step sampler on
+                                           # held-out clips (needs OUT/clap.pt); the best is kept as *_best.pt
+    val_clips: Annotated[int, ">= 1"] = 64  # val-split clips of that FAD (and CLAP score)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ Conventions used everywhere in the project:
     so w = 1 is the plain conditional model and w = 0 the unconditional one.
 """
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 import torch.nn as nn
@@ -22,12 +23,12 @@ import torch.nn as nn
 
 @dataclass
 class EDMConfig:
-    sigma_data: float = 0.5   # std of the (normalised) training latents; data.py scales them to this
-    P_mean: float = -1.2      # p_train: ln(sigma) ~ N(P_mean, P_std^2)  (EDM's image default)
-    P_std: float = 1.2
-    sigma_min: float = 0.002  # p_inf / sampling schedule range
-    sigma_max: float = 80.0
-    rho: float = 7.0          # Karras schedule curvature
+    sigma_data: Annotated[float, "> 0"] = 0.5  # std of the (normalised) training latents (data.py scales them)
+    P_mean: Annotated[float, "finite"] = -1.2  # p_train: ln(sigma) ~ N(P_mean, P_std^2)  (EDM's image default)
+    P_std: Annotated[float, "> 0"] = 1.2
+    sigma_min: Annotated[float, "> 0"] = 0.002  # p_inf / sampling schedule range
+    sigma_max: Annotated[float, "> 0"] = 80.0
+    rho: Annotated[float, "> 0"] = 7.0  # Karras schedule curvature
 
 
 # ----------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ samplers at a preset's full output size on random weights, so no training is nee
 import argparse
 import functools
 import json
+import math
 import os
 import platform
 import statistics
@@ -531,6 +532,12 @@ def write_report(folder, name, res, markdown, *notes):
 def write_variance(opts, device):
     if not os.path.isfile(os.path.join(opts.run, "base.pt")):
         raise FileNotFoundError(f"--variance needs {os.path.join(opts.run, 'base.pt')}")
+    if opts.variance_budget is not None:   # below the depth, checked before the minutes of loading
+        model = config.config_from_dict(config.read_checkpoint(os.path.join(opts.run, "base.pt"))["config"]).model
+        depth = model.depth or dit.SIZES[model.size]["depth"]
+        if opts.variance_budget > depth:
+            raise ValueError(f"--variance-budget must be in 2..{depth} (base.pt has {depth} blocks), "
+                             f"got {opts.variance_budget}")
     res = variance_report(opts.run, device, opts.variance_clips, opts.variance_budget)
     return write_report(opts.run, "variance", res, variance_markdown(res), plot_variance(res, opts.run))
 
@@ -638,8 +645,9 @@ def latency_report(opts, device):
     sets = config.parse_sets(opts.sets)
     rows = opts.rows
     sections = {}
-    for ch in opts.channels:
-        cfg = config.make_config(opts.preset, {**sets, "data.channels": str(ch)})
+    cfgs = [config.check(config.make_config(opts.preset, {**sets, "data.channels": str(ch)}), dataset=False)
+            for ch in opts.channels]                # every one checked before any is timed
+    for ch, cfg in zip(opts.channels, cfgs):
         label = {1: "mono", 2: "stereo"}.get(ch, f"{ch} channels")
         print(f"{label}: building a random-weight DiT-{cfg.model.size} for {cfg.data.seconds:g} s "
               f"of {cfg.data.sample_rate} Hz audio", flush=True)
@@ -752,10 +760,18 @@ def main(argv=None):
         ("threads", opts.threads, 0), ("batch", opts.batch, 1), ("repeats", opts.repeats, 1),
         ("steps", opts.steps, 1), ("dpm_steps", opts.dpm_steps, 1), ("ls_steps", opts.ls_steps, 1),
         ("seeds", opts.seeds, 1), ("prompts", opts.prompts, 1), ("n", opts.n, 2), ("spectrograms", opts.spectrograms, 0),
+        ("variance_clips", opts.variance_clips, 1),
         ("few_steps", min(opts.few_steps), 1)) if v < lo]
     if small:                              # checked before any model is loaded or sample drawn
         sys.exit(f"error: {', '.join(small)}: --n must be >= 2, --threads >= 0 (0 = torch's "
                  "default), every other count >= 1")
+    if not math.isfinite(opts.cfg):
+        sys.exit(f"error: --cfg must be a finite number, got {opts.cfg}")
+    if not (math.isfinite(opts.mmd_sigma) and opts.mmd_sigma > 0):
+        sys.exit(f"error: --mmd-sigma must be a finite number > 0, got {opts.mmd_sigma}")
+    if opts.variance_budget is not None and opts.variance_budget < 2:
+        sys.exit(f"error: --variance-budget must be >= 2 (Presto-L runs an early block and the final one), "
+                 f"got {opts.variance_budget}")
     if opts.threads:
         torch.set_num_threads(opts.threads)
     latency_flags = [flag for flag, given in (      # options that only mean something with --latency-only

@@ -21,6 +21,7 @@ Budgets b are always "number of blocks run", 1..L, one per sample: a (B,) long t
 import functools
 from dataclasses import dataclass, field
 from types import SimpleNamespace
+from typing import Annotated
 
 import torch
 
@@ -32,19 +33,20 @@ ASE_SCHEDULE = (28, 28, 24, 24, 20, 20, 16, 16, 12, 12)   # ASE's DiT-XL/2 block
 
 @dataclass
 class LayerDropConfig:
-    method: str = "presto-l"   # "presto-l" (keep the final block, budget conditioning) or "ase"
+    method: Annotated[str, "presto-l|ase"] = "presto-l"  # "presto-l" (keep the final block, budget conditioning), "ase"
     # budget per noise bin, low noise -> high noise, as fractions of depth so any depth works;
     # default ASE_SCHEDULE / 28 (~71% of the compute)
-    schedule: list = field(default_factory=lambda: [b / 28 for b in ASE_SCHEDULE])
-    jitter: int = 1            # [ours] training budgets = schedule + U{-jitter..jitter} blocks
-    dsm_weight: float = 0.0    # [ours] Presto-L: weight of the ordinary DSM loss added to L_st
-    st_weight: float = 1.0     # [ours] Presto-L: weight of L_st itself (0 with dsm_weight > 0: ASE's
-                               # objective on Presto-L's blocks, to tell structure from objective)
-    budget_cond: bool = True   # Presto-L's budget embedding (ablation: off); ASE never has one
+    schedule: Annotated[list, "each in (0, 1]"] = field(default_factory=lambda: [b / 28 for b in ASE_SCHEDULE])
+    jitter: Annotated[int, ">= 0"] = 1  # [ours] training budgets = schedule + U{-jitter..jitter} blocks
+    dsm_weight: Annotated[float, ">= 0"] = 0.0  # [ours] Presto-L: weight of the ordinary DSM loss added to L_st
+    st_weight: Annotated[float, ">= 0"] = 1.0  # [ours] Presto-L: weight of L_st itself (0 with dsm_weight > 0:
+                                               # ASE's objective on Presto-L's blocks, to tell structure from
+                                               # objective)
+    budget_cond: Annotated[bool, "any"] = True  # Presto-L's budget embedding (ablation: off); ASE never has one
     # the fine-tuning stages (train.py --stage ase / presto-l), as dmd.DistillConfig's
-    steps: int = 1000          # optimiser steps
-    batch_size: int = 16       # clips per step
-    lr: float = 1e-4           # AdamW learning rate (constant: a fine-tune of the base EMA weights)
+    steps: Annotated[int, ">= 1"] = 1000  # optimiser steps
+    batch_size: Annotated[int, ">= 1"] = 16  # clips per step
+    lr: Annotated[float, "> 0"] = 1e-4  # AdamW learning rate (constant: a fine-tune of the base EMA weights)
 
 
 def check_method(method):

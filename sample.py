@@ -184,12 +184,15 @@ def check_request(cfg, prompts, seconds, steps):
     for i, p in enumerate(prompts):
         if not p.strip():
             raise ValueError(f"prompt {i + 1} is empty (give some text; --cfg 0 ignores it)")
-    shortest = frame_hop(cfg) / cfg.data.sample_rate   # one latent frame
+    # one latent frame, and at least two STFT frames (Griffin-Lim's STFT of one frame has nothing
+    # to pad from)
+    hop = max(frame_hop(cfg), 2 * cfg.data.hop)
+    shortest = hop / cfg.data.sample_rate
     if not seconds > 0:
         raise ValueError(f"--seconds must be > 0, got {seconds}")
     if seconds < shortest:
-        raise ValueError(f"--seconds must be at least {shortest:g} (one frame of {frame_hop(cfg)} "
-                         f"samples at {cfg.data.sample_rate} Hz), got {seconds}")
+        raise ValueError(f"--seconds must be at least {shortest:g} ({hop} samples at "
+                         f"{cfg.data.sample_rate} Hz), got {seconds}")
     if seconds > cfg.data.seconds + 1e-9:
         raise ValueError(f"--seconds {seconds} is beyond what this model was trained on "
                          f"({cfg.data.seconds:g} s)")
@@ -204,7 +207,9 @@ def output_paths(out, n, many):
         raise ValueError("--out is empty")
     if many:
         folder = out.endswith(os.sep) or os.path.isdir(out)
-        paths = [os.path.join(out, f"{i:03d}.wav") if folder else f"{out}_{i:03d}.wav" for i in range(n)]
+        stem, ext = os.path.splitext(out)           # --out x.wav: x_000.wav, x_001.wav, ...
+        stem, ext = (stem, ext) if ext.lower() in AUDIO_OUT else (out, ".wav")
+        paths = [os.path.join(out, f"{i:03d}.wav") if folder else f"{stem}_{i:03d}{ext}" for i in range(n)]
     else:
         if out.endswith(os.sep) or os.path.isdir(out):
             raise ValueError(f"--out {out} is a folder; give a file name such as {os.path.join(out, 'out.wav')}")
@@ -218,6 +223,11 @@ def output_paths(out, n, many):
                 pass
         except OSError as e:
             raise ValueError(f"--out: cannot write in {folder} ({e.strerror})") from None
+        longest = max((os.path.basename(p) for p in paths if os.path.dirname(os.path.abspath(p)) == folder),
+                      key=lambda name: len(name.encode()))
+        if len(longest.encode()) > os.pathconf(folder, "PC_NAME_MAX"):
+            raise ValueError(f"--out: the file name {longest[:40]}... is {len(longest.encode())} bytes long; "
+                             f"{folder} allows {os.pathconf(folder, 'PC_NAME_MAX')}")
     return paths
 
 

@@ -793,10 +793,29 @@ STAGES = {"ae": ("ae.pt", train_ae), "base": ("base.pt", train_base), "clap": ("
           "presto-ls": ("presto_ls.pt", train_presto_ls)}
 
 
+# what a layer-drop stage sets for itself (train_ase, train_presto_l): a --set of another value
+# would be replaced without a word, so it is refused
+STAGE_SETS = {"ase": {"layerdrop.method": "ase", "layerdrop.jitter": 0},
+              "presto-l": {"layerdrop.method": "presto-l"}}
+
+
+def check_stage_sets(stages, sets):
+    """Refuse a --set that the stages would override (layerdrop.method: each layer-drop stage uses
+    its own; layerdrop.jitter: ASE trains at exactly the schedule's budgets)."""
+    for stage in stages:
+        for key, own in STAGE_SETS.get(stage, {}).items():
+            section, name = key.split(".")
+            if key in sets and getattr(getattr(config.apply_overrides(config.Config(), {key: sets[key]}),
+                                               section), name) != own:
+                raise ValueError(f"{key}={sets[key]} cannot apply to --stage {stage}, which uses "
+                                 f"{key}={own} (drop the --set)")
+
+
 def run_stage(stage, out, preset, sets, resume=False, force=False):
     """Train one stage from the preset (None: cpu) + --set values, or with resume from its
     checkpoint's config + --set values; returns the checkpoint path."""
     ckpt_name, stage_fn = STAGES[stage]
+    check_stage_sets([stage], sets)
     path = os.path.join(out, ckpt_name)
     if resume:
         if not os.path.exists(path):
@@ -831,6 +850,7 @@ def wants_autoencoder(out, preset, sets):
 def run_all(out, preset, sets, force=False):
     """Every stage in order: a complete checkpoint is kept (force: retrained), an incomplete one
     resumed, a missing one trained."""
+    check_stage_sets(["ase", "presto-l"] if "layerdrop.method" in sets else [], sets)
     for stage, (ckpt_name, _) in STAGES.items():
         path = os.path.join(out, ckpt_name)
         if stage == "ae" and not os.path.exists(path) and not wants_autoencoder(out, preset, sets):
@@ -884,7 +904,8 @@ def main(argv=None):
             run_all(args.out, args.preset, sets, args.force)
         else:
             run_stage(args.stage, args.out, args.preset, sets, args.resume, args.force)
-    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, RuntimeError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, RuntimeError,
+            ImportError) as e:
         sys.exit(f"error: {e}")
     finally:
         if torch.distributed.is_initialized():

@@ -208,6 +208,26 @@ def test_bad_counts_fail_before_any_work(eval_run, monkeypatch, flag, value):
     assert msg.startswith("error:") and f"{flag} {value}" in msg and "\n" not in msg
 
 
+@pytest.mark.parametrize("flag,value,msg", [("--cfg", "nan", "--cfg must be a finite number"),
+                                            ("--mmd-sigma", "0", "--mmd-sigma must be a finite number > 0"),
+                                            ("--mmd-sigma", "nan", "--mmd-sigma must be a finite number > 0"),
+                                            ("--variance-budget", "1", "--variance-budget must be >= 2")])
+def test_bad_numbers_fail_before_any_work(eval_run, monkeypatch, flag, value, msg):
+    """A weight or bandwidth that would write NaN rows is refused before a checkpoint is read."""
+    monkeypatch.setattr(evaluate.config, "load_checkpoint", lambda *a, **k: pytest.fail("loaded"))
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--run", eval_run, flag, value] + (["--variance"] if "variance" in flag else []))
+    assert str(e.value.code).startswith(f"error: {msg}")
+    assert "\n" not in str(e.value.code)
+
+
+def test_a_variance_budget_beyond_the_depth_fails_before_loading(eval_run, monkeypatch):
+    monkeypatch.setattr(evaluate, "variance_report", lambda *a, **k: pytest.fail("loaded"))
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--run", eval_run, "--variance", "--variance-budget", "99"])
+    assert str(e.value.code) == "error: --variance-budget must be in 2..4 (base.pt has 4 blocks), got 99"
+
+
 def test_too_few_test_clips_for_a_gaussian_fit_is_one_line(eval_run, monkeypatch):
     """A data set with one test clip (a small folder split) is named, not an 'Eigenvalues did not
     converge' from the covariance of a single embedding; checked before any sampling."""

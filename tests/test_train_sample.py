@@ -251,7 +251,7 @@ def test_a_cadence_of_zero_still_logs_and_checkpoints_the_last_step(tmp_path):
     (["--prompt", "piano", "--seconds", "0"], "--seconds must be > 0"),
     (["--prompt", "piano", "--seconds", "60"], "beyond what this model"),
     (["--prompt", "piano", "--steps", "0"], "--steps must be >= 1"),
-    (["--prompt", "piano", "--seconds", "0.01"], "--seconds must be at least 0.016"),
+    (["--prompt", "piano", "--seconds", "0.01"], "--seconds must be at least 0.032"),
     (["--prompt", "piano", "--batch", "0"], "--batch must be >= 1"),
     (["--prompt", "piano", "--batch", "-1"], "--batch must be >= 1"),
     (["--prompt", "piano", "--seed", str(2**64)], "--seed must be in"),
@@ -284,6 +284,42 @@ def test_out_is_checked_before_any_generation(tiny_run, tmp_path, monkeypatch):
             sample.main(["--ckpt", os.path.join(tiny_run, "base.pt"), "--prompt", "piano", "--out", out])
         assert msg in str(e.value.code)
     assert calls == []
+
+
+def test_a_file_name_too_long_for_the_folder_fails_before_any_generation(tiny_run, tmp_path, monkeypatch):
+    monkeypatch.setattr(sample, "generate", lambda *a, **k: pytest.fail("generated"))
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--ckpt", os.path.join(tiny_run, "base.pt"), "--prompt", "piano",
+                     "--out", str(tmp_path / ("x" * 300 + ".wav"))])
+    assert "bytes long" in str(e.value.code) and "\n" not in str(e.value.code)
+
+
+def test_prompts_with_an_audio_file_name_number_its_stem(tmp_path):
+    """--prompts FILE --out x.wav: x_000.wav, x_001.wav (not x.wav_000.wav); a folder or a bare
+    prefix as before."""
+    assert sample.output_paths(str(tmp_path / "x.flac"), 2, True) == [str(tmp_path / "x_000.flac"),
+                                                                       str(tmp_path / "x_001.flac")]
+    assert sample.output_paths(str(tmp_path / "x"), 1, True) == [str(tmp_path / "x_000.wav")]
+    assert sample.output_paths(str(tmp_path) + os.sep, 1, True) == [str(tmp_path / "000.wav")]
+
+
+def test_the_shortest_clip_the_error_names_can_be_sampled(tiny_run, tmp_path):
+    """The minimum --seconds in the error message is one the decoder can decode."""
+    ckpt = os.path.join(tiny_run, "base.pt")
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--ckpt", ckpt, "--prompt", "piano", "--seconds", "0.001"])
+    shortest = str(e.value.code).split("at least ")[1].split()[0]
+    sample.main(["--ckpt", ckpt, "--prompt", "piano", "--seconds", shortest, "--steps", "1",
+                 "--gl-iters", "1", "--out", str(tmp_path / "short.wav")])
+    assert (tmp_path / "short.wav").exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"hello, world\n"])
+def test_an_empty_or_foreign_file_is_named_not_a_checkpoint(tmp_path, content):
+    (tmp_path / "x.pt").write_bytes(content)
+    with pytest.raises(ValueError) as e:
+        config.read_checkpoint(str(tmp_path / "x.pt"))
+    assert ("is empty" if not content else "is not a checkpoint written by") in str(e.value)
 
 
 def test_non_finite_audio_is_never_written(tiny_run, tmp_path, monkeypatch):
@@ -379,6 +415,28 @@ def test_nonsense_settings_name_the_field_before_any_work(tmp_path, setting):
     msg = str(e.value.code)
     assert msg.startswith(f"error: {setting.split('=')[0]} must be") and "\n" not in msg
     assert os.listdir(tmp_path) == []                  # nothing written, no untrained checkpoint
+
+
+def test_a_missing_optional_package_is_one_line(tmp_path, monkeypatch):
+    """data.dataset=corpus without music21 (here: made to look missing) is a one-line error."""
+    def missing():
+        raise ModuleNotFoundError("the corpus data set needs music21: pip install ...", name="music21")
+    monkeypatch.setattr(__import__("corpus"), "require", missing)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--stage", "base", "--preset", "tiny", "--out", str(tmp_path), "--set", "data.dataset=corpus"])
+    assert str(e.value.code) == "error: the corpus data set needs music21: pip install ..."
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("stage,setting", [("ase", "layerdrop.method=presto-l"), ("ase", "layerdrop.jitter=2"),
+                                           ("presto-l", "layerdrop.method=ase"), ("all", "layerdrop.method=ase")])
+def test_a_setting_the_stage_replaces_is_refused(tmp_path, stage, setting):
+    """The layer-drop stages pick their own method (and ASE no jitter): a --set of another value
+    would be dropped silently, so it is an error naming the field, before any work."""
+    with pytest.raises(SystemExit) as e:
+        train.main(["--stage", stage, "--preset", "tiny", "--out", str(tmp_path), "--set", setting])
+    assert str(e.value.code).startswith(f"error: {setting} cannot apply to --stage")
+    assert os.listdir(tmp_path) == []
 
 
 @pytest.mark.parametrize("prompt,msg", [("🎹 !!! ...", "no words the model reads"),

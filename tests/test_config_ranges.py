@@ -1,0 +1,102 @@
+"""Every config field declares what it accepts, and config.check refuses anything else.
+
+The declarations are the `Annotated[type, "rule"]` on each field's line (config.py, "What every
+field accepts"). These tests walk every field of every section, so a field added without a rule,
+or with a rule check does not enforce, fails here.
+"""
+import dataclasses
+import math
+import re
+
+import pytest
+
+import ae
+import config
+import dit
+import layerdrop
+
+
+def every_field():
+    """(section, name, type, rule) of every field of Config."""
+    cfg = config.Config()
+    return [(s.name, name, typ, rule) for s in dataclasses.fields(cfg)
+            for name, typ, rule in config.declared(getattr(cfg, s.name))]
+
+
+def bad_values(typ, rule):
+    """Values outside a rule: the wrong type, and where there is one, a value of the right type
+    just past the range."""
+    wrong_type = {int: "7", float: "x", str: 3, bool: 2, tuple: 3, list: 3}[typ]
+    if rule.startswith("each "):
+        return [wrong_type, typ(), typ([bad_values(float, rule[5:])[-1]])]
+    if typ is float:
+        wrong_type = [wrong_type, math.nan, math.inf]
+    else:
+        wrong_type = [wrong_type]
+    if rule in ("any", "finite"):
+        return wrong_type
+    if "|" in rule:
+        return wrong_type + ["nonsense" if typ is str else 99]
+    if rule == "a power of 2":
+        return wrong_type + [6, 0]
+    if m := re.fullmatch(r"(>=|>) (\S+)", rule):
+        x = float(m[2])
+        return wrong_type + [typ(x - 1 if m[1] == ">=" else x)]
+    m = re.fullmatch(r"in ([\[(])(\S+), (\S+)([\])])", rule)
+    lo, hi = float(m[2]), float(m[3])
+    return wrong_type + [lo if m[1] == "(" else lo - 0.5, hi if m[4] == ")" else hi + 0.5]
+
+
+@pytest.mark.parametrize("section,name,typ,rule", every_field(),
+                         ids=[f"{s}.{n}" for s, n, _, _ in every_field()])
+def test_every_field_refuses_values_outside_its_declared_rule(section, name, typ, rule):
+    """The default config and every preset pass; each out-of-range value fails, naming the field."""
+    for bad in bad_values(typ, rule):
+        cfg = config.make_config("tiny")
+        setattr(getattr(cfg, section), name, bad)
+        with pytest.raises(ValueError, match=rf"^{section}\.{name} must be .*, got ") as e:
+            config.check(cfg)
+        assert "\n" not in str(e.value)
+
+
+def test_presets_and_defaults_pass():
+    config.check(config.Config())
+    for preset in config.PRESETS:
+        if preset != "corpus":          # (its optional packages: tests/test_corpus.py)
+            config.check(config.make_config(preset))
+    config.check(config.make_config("tiny", {"distill.disc_block": "-1", "ae.decoder": "griffin-lim"}))
+
+
+def test_a_field_without_a_rule_is_refused():
+    """A field added as `name: type = default` (no rule) cannot be checked: check says so."""
+    @dataclasses.dataclass
+    class Section:
+        steps: int = 1
+    with pytest.raises(TypeError, match="Section.steps declares no range"):
+        config.declared(Section())
+
+
+def test_choices_match_the_code():
+    """The choices the declarations list are those the code knows."""
+    rules = {f"{s}.{n}": r for s, n, _, r in every_field()}
+    assert rules["ae.decoder"].split("|") == list(ae.DECODERS)
+    assert rules["layerdrop.method"].split("|") == list(layerdrop.METHODS)
+    assert rules["model.size"].split("|") == list(dit.SIZES)
+
+
+@pytest.mark.parametrize("sets,field", [
+    ({"data.hop": "512"}, "data.hop"),
+    ({"model.size": "XS", "model.heads": "3"}, "model.heads"),
+    ({"model.text_heads": "3"}, "model.text_heads"),
+    ({"clap.heads": "3"}, "clap.heads"),
+    ({"edm.sigma_min": "100"}, "edm.sigma_max"),
+    ({"distill.disc_block": "4"}, "distill.disc_block"),        # tiny: XS, 4 blocks
+    ({"layerdrop.schedule": "0.5,1"}, "layerdrop.schedule"),
+    ({"layerdrop.st_weight": "0"}, "layerdrop.st_weight"),
+    ({"ae.adv_weight": "0.1"}, "ae.adv_weight"),
+    ({"model.depth": "1"}, "layerdrop.method"),
+])
+def test_rules_between_fields(sets, field):
+    cfg = config.make_config("tiny", sets)
+    with pytest.raises(ValueError, match=rf"^{re.escape(field)} must be "):
+        config.check(cfg)
