@@ -79,8 +79,8 @@ def load_models(run, device):
 
 
 def check_caption(models, caption):
-    """The caption, stripped; ValueError with a one-line reason for one the models cannot take.
-    Returns also a note naming the words no model knows (they are read as 'unknown')."""
+    """(the caption stripped, a note naming the words no model knows, read as 'unknown', or "");
+    ValueError with a one-line reason for a caption the models cannot take."""
     if len(caption) > MAX_CAPTION_CHARS:
         raise ValueError(f"the caption has {len(caption)} characters; at most {MAX_CAPTION_CHARS}")
     caption = caption.strip()
