@@ -15,6 +15,7 @@ import math
 import os
 import pickle
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Annotated
 
@@ -383,8 +384,10 @@ def tokenizer(cfg, vocab=None):
     return data.Tokenizer.from_captions(data.make_dataset(cfg.data, "train").captions)
 
 
-def checksum(ckpt):
-    """sha256 over every tensor of a checkpoint (its name and bytes, in a fixed order)."""
+def checksum(ckpt, tensors_only=False):
+    """sha256 over a checkpoint (its "checksum" entry left out): every tensor's name and bytes and
+    every other value's name, type and repr (the config, the step, the stage...), in a fixed
+    order. tensors_only: the tensors alone, as checkpoints written before the config was covered."""
     h = hashlib.sha256()
 
     def walk(obj, name):
@@ -392,17 +395,24 @@ def checksum(ckpt):
             h.update(name.encode() + obj.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
         elif isinstance(obj, (dict, list, tuple)):
             items = sorted(obj.items(), key=lambda kv: str(kv[0])) if isinstance(obj, dict) else enumerate(obj)
+            if not tensors_only:       # its shape: a dict or a sequence, and how many items
+                h.update(f"{name}:{'{' if isinstance(obj, dict) else '['}{len(obj)};".encode())
             for k, v in items:
                 walk(v, f"{name}/{k}")
+        elif not tensors_only:
+            h.update(f"{name}={type(obj).__name__}:{obj!r};".encode())
     walk({k: v for k, v in ckpt.items() if k != "checksum"}, "")
     return h.hexdigest()
+
+
+ALL = "all:"    # how a checksum over everything starts; one without it covers the tensors only
 
 
 def save_checkpoint(path, ckpt):
     """Write atomically (a crash mid-write keeps the last one) with a checksum read_checkpoint checks."""
     tmp = f"{path}.tmp"
     with open(tmp, "wb") as f:
-        torch.save({**ckpt, "checksum": checksum(ckpt)}, f)
+        torch.save({**ckpt, "checksum": ALL + checksum(ckpt)}, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -427,7 +437,13 @@ def read_checkpoint(path):
                          f"cannot read it: {type(e).__name__})") from None
     if not isinstance(ckpt, dict) or not {"config", "model", "vocab"} <= ckpt.keys():
         raise ValueError(f"{path} is not a checkpoint written by this project's train.py")
-    if "checksum" in ckpt and checksum(ckpt) != ckpt["checksum"]:   # older checkpoints have none
+    stored = ckpt.get("checksum")
+    if not isinstance(stored, str):   # checkpoints from before checksums, or one removed by hand
+        warnings.warn(f"{path} has no checksum: loaded unverified (a damaged file would not be noticed)")
+    elif stored.startswith(ALL) and checksum(ckpt) != stored[len(ALL):]:
+        raise ValueError(f"{path} is damaged or was modified: its contents (weights, config or metadata) "
+                         "do not match the checksum written with them")
+    elif not stored.startswith(ALL) and checksum(ckpt, tensors_only=True) != stored:
         raise ValueError(f"{path} is damaged or was modified: its weights do not match the checksum "
                          "written with them")
     return ckpt

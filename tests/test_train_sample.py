@@ -365,20 +365,50 @@ def test_a_checkpoint_that_would_run_code_is_refused(tiny_run, tmp_path):
 
 
 def test_a_damaged_checkpoint_is_named_as_such(tiny_run, tmp_path):
-    """Every checkpoint carries a checksum of its tensors: one changed weight is caught on load,
-    while a checkpoint from before checksums (none stored) still loads."""
+    """Every checkpoint carries a checksum of all it holds: one changed weight is caught on load."""
     ckpt = torch.load(os.path.join(tiny_run, "base.pt"), weights_only=True)
-    assert len(ckpt["checksum"]) == 64
+    assert ckpt["checksum"].startswith(config.ALL) and len(ckpt["checksum"]) == len(config.ALL) + 64
     name = next(iter(ckpt["ema"]))
     ckpt["ema"][name].view(-1)[0] += 1.0                  # one flipped weight
     torch.save(ckpt, tmp_path / "bad.pt")
     with pytest.raises(SystemExit) as e:
         sample.main(["--ckpt", str(tmp_path / "bad.pt"), "--prompt", "piano"])
     assert "is damaged or was modified" in str(e.value.code)
-    ckpt["ema"][name].view(-1)[0] -= 1.0
+
+
+@pytest.mark.parametrize("section,key,value", [("config", "edm", 40.0), ("config", "data", 7),
+                                               ("step", None, 5), ("stage", None, "ase")])
+def test_a_changed_config_or_metadata_value_is_caught(tiny_run, tmp_path, section, key, value):
+    """The checksum covers the stored config and metadata too: edm.sigma_max 80 -> 40 (it changes
+    the audio), a seed, the step or the stage, changed in the file, is caught on load."""
+    ckpt = torch.load(os.path.join(tiny_run, "base.pt"), weights_only=True)
+    if key == "edm":
+        ckpt["config"]["edm"]["sigma_max"] = value
+    elif key == "data":
+        ckpt["config"]["data"]["seed"] = value
+    else:
+        ckpt[section] = value
+    torch.save(ckpt, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="is damaged or was modified: its contents"):
+        config.read_checkpoint(str(tmp_path / "bad.pt"))
+
+
+def test_checkpoints_without_a_full_checksum_still_load(tiny_run, tmp_path):
+    """A checkpoint from before checksums (or with it removed) loads with a warning naming it
+    unverified; one from before the config was covered (a checksum of its tensors) loads as it
+    did, its weights still checked."""
+    ckpt = torch.load(os.path.join(tiny_run, "base.pt"), weights_only=True)
     del ckpt["checksum"]
+    torch.save(ckpt, tmp_path / "none.pt")
+    with pytest.warns(UserWarning, match=r"none\.pt has no checksum: loaded unverified"):
+        assert config.load_checkpoint(str(tmp_path / "none.pt"))[1]["step"] == 6
+    ckpt["checksum"] = config.checksum(ckpt, tensors_only=True)
     torch.save(ckpt, tmp_path / "old.pt")
     assert config.load_checkpoint(str(tmp_path / "old.pt"))[1]["step"] == 6
+    next(iter(ckpt["ema"].values())).view(-1)[0] += 1.0
+    torch.save(ckpt, tmp_path / "old_bad.pt")
+    with pytest.raises(ValueError, match="its weights do not match"):
+        config.read_checkpoint(str(tmp_path / "old_bad.pt"))
 
 
 def test_existing_checkpoint_needs_resume_or_force(tiny_run):
