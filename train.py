@@ -811,6 +811,40 @@ def check_stage_sets(stages, sets):
                                  f"{key}={own} (drop the --set)")
 
 
+# --resume: the settings that change how a run goes but not what it computes (logging, checkpoints,
+# validation, the device and its speed settings); any other --set that differs from the saved
+# config is refused. Each stage's own step count may be changed (said so): train on, or stop.
+RESUME_FREE = {"train.device", "train.threads", "train.workers", "train.compile", "train.micro_batch",
+               "train.precision", "train.peak_tflops", "train.log_every", "train.eval_every",
+               "train.ckpt_every", "train.val_batches", "clap.log_every", "clap.eval_every",
+               "clap.ckpt_every", "clap.val_clips", "distill.val_every", "distill.val_clips",
+               "data.corpus_cache"}
+STEPS_OF = {"ae": "ae.steps", "base": "train.steps", "clap": "clap.steps", "presto-s": "distill.steps",
+            "presto-ls": "distill.steps", "ase": "layerdrop.steps", "presto-l": "layerdrop.steps"}
+
+
+def resume_config(stage, path, sets):
+    """(config, None, or a line saying there is nothing to do) for --resume of the checkpoint at
+    path with --set values: a value that would change what the saved run computes is refused,
+    naming the field."""
+    ckpt = config.read_checkpoint(path)
+    saved = config.config_from_dict(ckpt["config"])
+    cfg = config.apply_overrides(config.config_from_dict(ckpt["config"]), sets)
+    get = lambda c, key: getattr(getattr(c, key.split(".")[0]), key.split(".")[1])
+    steps_key = STEPS_OF[stage]
+    for key in sets:
+        if key not in RESUME_FREE and key != steps_key and get(cfg, key) != get(saved, key):
+            raise ValueError(f"--resume: {key}={get(cfg, key)} would change what {path} computes (it "
+                             f"was trained with {get(saved, key)}); drop the --set, or start over with --force")
+    step, total = ckpt.get("step", 0), get(cfg, steps_key)
+    if step >= total:
+        return cfg, (f"{path} is at step {step} and {steps_key} is {total}: nothing to do, nothing "
+                     f"written (raise {steps_key} to train on)")
+    if total != get(saved, steps_key):
+        say(f"--resume: {steps_key} {get(saved, steps_key)} -> {total}: training from step {step} to {total}")
+    return cfg, None
+
+
 def run_stage(stage, out, preset, sets, resume=False, force=False):
     """Train one stage from the preset (None: cpu) + --set values, or with resume from its
     checkpoint's config + --set values; returns the checkpoint path."""
@@ -823,13 +857,15 @@ def run_stage(stage, out, preset, sets, resume=False, force=False):
         if preset is not None:
             warnings.warn(f"--preset {preset} is ignored by --resume: {path} continues with the "
                           "config it was written with (plus --set)")
-        cfg = config.apply_overrides(config.config_from_dict(config.read_checkpoint(path)["config"]),
-                                     sets)
+        cfg, nothing_to_do = resume_config(stage, path, sets)
     else:
         if os.path.exists(path) and not force:
             raise FileExistsError(f"{path} exists: pass --resume to continue it or --force to start over")
-        cfg = config.make_config(preset or "cpu", sets)
+        cfg, nothing_to_do = config.make_config(preset or "cpu", sets), None
     config.check(cfg)
+    if nothing_to_do:
+        say(nothing_to_do)
+        return path
     if cfg.train.compile:
         torch._dynamo.reset()         # each stage compiles its own call patterns, as in its own process
     stage_fn(cfg, out, resume=resume)

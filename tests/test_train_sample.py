@@ -411,6 +411,34 @@ def test_checkpoints_without_a_full_checksum_still_load(tiny_run, tmp_path):
         config.read_checkpoint(str(tmp_path / "old_bad.pt"))
 
 
+def test_resume_refuses_a_setting_that_would_change_the_run(tiny_run, tmp_path):
+    """--resume --set model.size=S on an XS run would leave a config that says S over XS weights:
+    refused, naming the field, the checkpoint untouched."""
+    shutil.copy(os.path.join(tiny_run, "base.pt"), tmp_path)
+    before = (tmp_path / "base.pt").read_bytes()
+    for setting in ("model.size=S", "train.lr=1e-2", "edm.sigma_max=40"):
+        with pytest.raises(SystemExit) as e:
+            train.main(["--stage", "base", "--out", str(tmp_path), "--resume", "--set", setting])
+        key = setting.split("=")[0]
+        assert str(e.value.code).startswith(f"error: --resume: {key}=") and "\n" not in str(e.value.code)
+    assert (tmp_path / "base.pt").read_bytes() == before
+
+
+def test_resume_with_nothing_to_do_says_so_and_writes_nothing(tiny_run, tmp_path, capsys):
+    """A finished run resumed as it is, or with fewer steps than it has done, writes nothing; more
+    steps train on from where it stopped, and say so."""
+    shutil.copy(os.path.join(tiny_run, "base.pt"), tmp_path)
+    before = (tmp_path / "base.pt").read_bytes()
+    for more in ([], ["--set", "train.steps=3", "train.log_every=2"]):
+        train.main(["--stage", "base", "--out", str(tmp_path), "--resume", *more])
+        out = capsys.readouterr().out
+        assert "nothing to do, nothing written" in out and "wrote" not in out
+    assert (tmp_path / "base.pt").read_bytes() == before
+    train.main(["--stage", "base", "--out", str(tmp_path), "--resume", "--set", "train.steps=7"])
+    assert "train.steps 6 -> 7" in capsys.readouterr().out
+    assert torch.load(tmp_path / "base.pt", weights_only=True)["step"] == 7
+
+
 def test_existing_checkpoint_needs_resume_or_force(tiny_run):
     with pytest.raises(SystemExit) as e:
         train.main(["--out", tiny_run, "--preset", "tiny"])
