@@ -18,7 +18,8 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = ["tests/test_dmd.py", "tests/test_presto_s.py", "tests/test_layerdrop.py",
-         "tests/test_edm.py", "tests/test_dit.py", "tests/test_train_sample.py"]
+         "tests/test_edm.py", "tests/test_dit.py", "tests/test_train_sample.py",
+         "tests/test_ae.py::test_a_round_trip_through_the_latent_is_the_autoencoders_own"]
 
 # (bug, file, [(text as it is, text with the bug), ...]); each text must occur in the file
 MUTANTS = [
@@ -70,6 +71,12 @@ MUTANTS = [
      [('if distill.gan_real == "independent":', "if False:")]),
     ("the GAN's real clips conditioned on the generated clips' captions", "dmd.py",
      [("cond_real = cond if real_ids is None else mu_fake.encode(real_ids)", "cond_real = cond")]),
+    ("the fake score's DSM loss on the real clips, not the generated ones", "dmd.py",
+     [("L_fake = edm.edm_loss(mu_fake, x_hat, cond,", "L_fake = edm.edm_loss(mu_fake, x_real, cond,")]),
+    ("the blocks' adaLN modulation not zero-initialised (adaLN-Zero lost)", "dit.py",
+     [("nn.init.zeros_(blk.adaLN[-1].weight)", "pass")]),
+    ("the autoencoder's decode does not undo the latent normalisation", "ae.py",
+     [("decode(latent.float() / self.sigma_data * std + mean)", "decode(latent.float())")]),
 ]
 
 

@@ -37,6 +37,16 @@ def test_untrained_model_is_c_skip_times_x():
     assert torch.equal(D, c_skip * x)
 
 
+def test_every_block_starts_with_its_modulation_at_zero():
+    """adaLN-Zero: at init each block's shifts, scales and gates are 0 whatever the conditioning, so
+    its self-attention and MLP branches add nothing. (The zero final layer alone makes the test
+    above pass, so it cannot see a block that starts otherwise.)"""
+    den = make()
+    c = torch.randn(3, den.net.blocks[0].adaLN[-1].in_features)
+    for k, blk in enumerate(den.net.blocks):
+        assert torch.equal(blk.adaLN(c), torch.zeros(3, blk.adaLN[-1].out_features)), k
+
+
 def test_shapes_and_hidden_hook():
     den = randomize(make())
     x, sigma, ids = inputs(T=13)

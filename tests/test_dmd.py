@@ -145,6 +145,17 @@ def test_fake_score_update_uses_the_dsm_draws_for_L_fake_and_the_gan_draws_for_L
 
 
 @torch.no_grad()
+def test_L_fake_is_denoising_on_the_generated_clips_not_the_real_ones():
+    """mu_fake learns the generator's distribution: L_fake changes with x_hat and not with x_real
+    (which only the discriminator's L_D sees)."""
+    mu_real, mu_fake, head, x_real, x_hat, ids, draws, _ = _iteration()
+    L = lambda real, fake: dmd.fake_score_loss(real, fake, ids, mu_fake, head, draws, 0.01, 2)[1]
+    base, other_real, other_fake = L(x_real, x_hat), L(-x_real.flip(0), x_hat), L(x_real, -x_hat.flip(0))
+    assert torch.equal(other_real["L_fake"], base["L_fake"]) and not torch.equal(other_real["L_D"], base["L_D"])
+    assert not torch.equal(other_fake["L_fake"], base["L_fake"])
+
+
+@torch.no_grad()
 def test_generator_update_uses_the_dmd_draws_for_L_DMD_and_the_gan_draws_for_L_G():
     mu_real, mu_fake, head, x_real, x_hat, ids, _, turn = _iteration()
     null = torch.zeros_like(ids)
