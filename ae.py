@@ -207,6 +207,21 @@ def same_crop(fake, real, length, generator=None):
     return fake[..., start:start + length], real[..., start:start + length]
 
 
+def step_losses(net, stft, waves, cfg, disc=None, generator=None):
+    """One --stage ae step's two losses for waves (B, ch, N): the autoencoder's (reconstruction_loss,
+    plus adv_weight times adversarial_loss when a discriminator is given) and the discriminator's
+    (discriminator_loss, or None). Both score the same crop of adv_seconds; the autoencoder's
+    loss leaves no gradient on the discriminator, whose own loss sees the decoded waves detached."""
+    loss, _, decoded = reconstruction_loss(net, stft, waves, cfg, generator=generator)
+    if disc is None:
+        return loss, None
+    fake, real = same_crop(decoded, waves, round(cfg.adv_seconds * stft.cfg.sample_rate), generator)
+    disc.requires_grad_(False)
+    loss = loss + cfg.adv_weight * adversarial_loss(disc, fake, real, cfg.fm_weight)
+    disc.requires_grad_(True)
+    return loss, discriminator_loss(disc, fake, real)
+
+
 def discriminator_loss(disc, fake, real):
     """The discriminator's LSGAN loss (gan.d_loss: real -> 1, fake -> 0), summed over its sizes;
     the decoded waves are detached, so only the discriminator learns from it."""

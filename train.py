@@ -156,15 +156,11 @@ def train_ae(cfg, out, resume=False):
         for waves, _, _, _, weight in feed(step):
             gen = edm.step_generator(ae_cfg.seed, step, device)
             waves = waves.to(device)
-            micro, _, decoded = ae.reconstruction_loss(net, stft, waves, ae_cfg, generator=gen)
-            if adversarial:   # both updates from this step's discriminator (HiFi-GAN alternates them)
-                fake, real = ae.same_crop(decoded, waves, round(ae_cfg.adv_seconds * cfg.data.sample_rate), gen)
-                disc.requires_grad_(False)
-                micro = micro + ae_cfg.adv_weight * ae.adversarial_loss(disc, fake, real, ae_cfg.fm_weight)
-                disc.requires_grad_(True)
-                d_micro = ae.discriminator_loss(disc, fake, real) * weight
-                d_micro.backward()
-                d_loss += d_micro.detach()
+            # both updates from this step's discriminator (HiFi-GAN alternates them)
+            micro, d_micro = ae.step_losses(net, stft, waves, ae_cfg, disc if adversarial else None, gen)
+            if d_micro is not None:
+                (d_micro * weight).backward()
+                d_loss += d_micro.detach() * weight
             (micro * weight).backward()
             loss += micro.detach() * weight
         grad_norm = optimizer_step(opt, train_cfg.grad_clip)

@@ -29,13 +29,9 @@ def step_fn(cfg, stft, waves):
     gen = torch.Generator().manual_seed(0)
 
     def step():
-        loss, _, decoded = ae.reconstruction_loss(net, stft, waves, c, generator=gen)
-        if disc is not None:
-            fake, real = ae.same_crop(decoded, waves, round(c.adv_seconds * cfg.data.sample_rate), gen)
-            disc.requires_grad_(False)
-            loss = loss + c.adv_weight * ae.adversarial_loss(disc, fake, real, c.fm_weight)
-            disc.requires_grad_(True)
-            ae.discriminator_loss(disc, fake, real).backward()
+        loss, d_loss = ae.step_losses(net, stft, waves, c, disc, gen)
+        if d_loss is not None:
+            d_loss.backward()
             disc.zero_grad()
         loss.backward()
         net.zero_grad()
