@@ -341,6 +341,8 @@ def main(argv=None):
         bar.update(1 if few_step else 0)
         t1 = time.perf_counter()
         waves = rep.decode(latent, iters=args.gl_iters).cpu().numpy()
+        n = int(round(seconds * cfg.data.sample_rate))   # whole frames decode: cut or pad to what was asked
+        waves = np.pad(waves[..., :n], ((0, 0), (0, 0), (0, max(0, n - waves.shape[-1]))))
         t_gen, t_dec = t_gen + t1 - t0, t_dec + time.perf_counter() - t1
         for j, wave in enumerate(waves):
             i = b + j
