@@ -412,6 +412,10 @@ class Tokenizer:
         """Lower-case words; anything but letters, digits and '#' separates them ("C#" -> "c#")."""
         return [w for w in re.split(r"[^a-z0-9#]+", text.lower()) if w]
 
+    def unknown(self, text):
+        """The words of text (as split reads them) that are not in the vocabulary: encoded as UNK."""
+        return sorted({w for w in self.split(text) if w not in self.ids})
+
     @classmethod
     def from_captions(cls, captions):
         return cls(sorted({w for c in captions for w in cls.split(c)}))

@@ -91,7 +91,7 @@ def check_caption(models, caption):
     if len(words) > longest:
         raise ValueError(f"the caption has {len(words)} words; these models read at most {longest}: "
                          "shorten it")
-    unknown = sorted({w for w in words if all(w not in m.tok.ids for m in models)})
+    unknown = sorted(set(words).intersection(*(m.tok.unknown(caption) for m in models)))
     return caption, (f"words the models never saw in training (read as 'unknown'): {', '.join(unknown)}"
                      if unknown else "")
 

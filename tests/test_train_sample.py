@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 
 import pytest
 import soundfile as sf
@@ -100,6 +101,18 @@ def test_sample_writes_a_valid_wav(tiny_run, tmp_path):
     cfg = config.load_checkpoint(os.path.join(tiny_run, "base.pt"))[0]
     assert sr == cfg.data.sample_rate and len(wave) == round(0.5 * sr)     # the length asked for, exactly
     assert abs(wave).max() > 0 and abs(wave).max() <= 1
+
+
+def test_words_the_model_never_saw_are_named(tiny_run, tmp_path):
+    """A prompt whose words are outside the vocabulary samples (as UNK tokens), with a warning that
+    names them; a prompt of known words gets none."""
+    ckpt = os.path.join(tiny_run, "base.pt")
+    args = ["--ckpt", ckpt, "--steps", "1", "--seconds", "0.25", "--gl-iters", "2"]
+    with pytest.warns(UserWarning, match=r"2 of 3 words .* 'unknown': jazz, xylophone"):
+        sample.main(args + ["--prompt", "xylophone jazz melody", "--out", str(tmp_path / "a.wav")])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sample.main(args + ["--prompt", "slow organ chords in c major", "--out", str(tmp_path / "b.wav")])
 
 
 def test_sample_batch_from_file(tiny_run, tmp_path):
