@@ -203,7 +203,7 @@ def same_crop(fake, real, length, generator=None):
     and feature matching compares aligned audio."""
     if length >= real.shape[-1]:
         return fake, real
-    start = int(torch.randint(real.shape[-1] - length + 1, (), generator=generator, device=generator and generator.device))
+    start = int(torch.randint(real.shape[-1] - length + 1, (), generator=generator, device=real.device))
     return fake[..., start:start + length], real[..., start:start + length]
 
 

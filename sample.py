@@ -316,9 +316,10 @@ def main(argv=None):
             elif len(words) > cfg.data.max_text_len:
                 warnings.warn(f"prompt {i + 1} has {len(words)} words; the model reads only the "
                               f"first {cfg.data.max_text_len}")
-            if words and tok.unknown(prompt):
-                warnings.warn(f"prompt {i + 1}: {len(tok.unknown(prompt))} of {len(words)} words the model never "
-                              f"saw in training, read as 'unknown': {', '.join(tok.unknown(prompt))}")
+            unknown = tok.unknown(prompt)
+            if words and unknown:
+                warnings.warn(f"prompt {i + 1}: {len(unknown)} of {len(words)} words the model never "
+                              f"saw in training, read as 'unknown': {', '.join(unknown)}")
         gen, blocks = sampling_fn(denoiser, tok, cfg, ckpt.get("stage", "base"), steps,
                                   args.sampler, args.cfg, args.budget, args.precision)
         if args.compile:
