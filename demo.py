@@ -271,6 +271,10 @@ def main(argv=None):
     if gr is None:
         sys.exit(f"error: the demo needs Gradio, an optional extra: {INSTALL}")
     try:
+        if args.threads < 0:               # the options first: loading takes seconds
+            raise ValueError(f"--threads must be >= 0 (0 = torch's default), got {args.threads}")
+        if not 0 <= args.port <= 65535:
+            raise ValueError(f"--port must be in 0..65535, got {args.port}")
         if not os.path.isdir(args.run):
             raise FileNotFoundError(f"run folder not found: {args.run}")
         device = config.pick_device(args.device)
@@ -278,8 +282,6 @@ def main(argv=None):
         if not models:
             raise FileNotFoundError(f"no usable checkpoints in {args.run} (looked for "
                                     f"{', '.join(evaluate.ROWS)})" + "".join(f"; {q}" for q in problems))
-        if args.threads < 0:
-            raise ValueError(f"--threads must be >= 0 (0 = torch's default), got {args.threads}")
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         sys.exit(f"error: {e}")
     if args.threads:

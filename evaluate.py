@@ -27,6 +27,7 @@ import statistics
 import sys
 import textwrap
 import time
+import warnings
 from dataclasses import asdict, replace
 
 import numpy as np
@@ -765,13 +766,17 @@ def main(argv=None):
     if small:                              # checked before any model is loaded or sample drawn
         sys.exit(f"error: {', '.join(small)}: --n must be >= 2, --threads >= 0 (0 = torch's "
                  "default), every other count >= 1")
-    if not math.isfinite(opts.cfg):
-        sys.exit(f"error: --cfg must be a finite number, got {opts.cfg}")
+    try:
+        sample.check_guidance(opts.cfg)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     if not (math.isfinite(opts.mmd_sigma) and opts.mmd_sigma > 0):
         sys.exit(f"error: --mmd-sigma must be a finite number > 0, got {opts.mmd_sigma}")
     if opts.variance_budget is not None and opts.variance_budget < 2:
         sys.exit(f"error: --variance-budget must be >= 2 (Presto-L runs an early block and the final one), "
                  f"got {opts.variance_budget}")
+    if not opts.variance and (opts.variance_budget is not None or opts.variance_clips != p.get_default("variance_clips")):
+        warnings.warn("--variance-budget and --variance-clips apply only with --variance: ignored")
     if opts.threads:
         torch.set_num_threads(opts.threads)
     latency_flags = [flag for flag, given in (      # options that only mean something with --latency-only

@@ -169,12 +169,24 @@ def check_options(args):
         raise ValueError(f"--batch must be >= 1, got {args.batch}")
     if not 0 <= args.seed < 2**63:
         raise ValueError(f"--seed must be in 0..2^63-1 (a torch seed), got {args.seed}")
-    if not math.isfinite(args.cfg):
-        raise ValueError(f"--cfg must be a finite number, got {args.cfg}")
+    check_guidance(args.cfg)
     if args.gl_iters is not None and args.gl_iters < 1:
         raise ValueError(f"--gl-iters must be >= 1, got {args.gl_iters}")
-    if args.cfg < 0:
-        warnings.warn(f"--cfg {args.cfg:g} < 0 steers away from the prompt (1 = no guidance)")
+
+
+STRONGEST_USEFUL_CFG = 20.0   # well past where guidance helps (the presets use 4)
+
+
+def check_guidance(cfg_w):
+    """ValueError for a guidance weight that is not a number; a warning for one outside the
+    range where it means something (sample.py's and evaluate.py's --cfg)."""
+    if not math.isfinite(cfg_w):
+        raise ValueError(f"--cfg must be a finite number, got {cfg_w}")
+    if cfg_w < 0:
+        warnings.warn(f"--cfg {cfg_w:g} < 0 steers away from the prompt (1 = no guidance)")
+    elif cfg_w > STRONGEST_USEFUL_CFG:
+        warnings.warn(f"--cfg {cfg_w:g} is far above the useful range (about 1-10): the guidance "
+                      "term swamps the noise, so clips hardly change with the seed")
 
 
 def check_request(cfg, prompts, seconds, steps):
@@ -252,6 +264,29 @@ def write_wav(path, wave, sample_rate):
     wave = listenable(torch.as_tensor(np.asarray(wave, dtype=np.float32))[None])[0].numpy()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     sf.write(path, wave.T, sample_rate, subtype="PCM_16")
+
+
+def write_batches(args, cfg, rep, gen, few_step, steps, prompts, seeds, seconds, paths, bar):
+    """Generate, decode and write every prompt, args.batch at a time; (generation s, decode s)."""
+    t_gen = t_dec = 0.0
+    for b in range(0, len(prompts), args.batch):
+        t0 = time.perf_counter()
+        batch = prompts[b:b + args.batch], seeds[b:b + args.batch], seconds
+        latent = gen(*batch, **({} if few_step else {"progress": lambda i: bar.update()}))
+        bar.update(1 if few_step else 0)
+        t1 = time.perf_counter()
+        waves = rep.decode(latent, iters=args.gl_iters).cpu().numpy()
+        n = int(round(seconds * cfg.data.sample_rate))   # whole frames decode: cut or pad to what was asked
+        waves = np.pad(waves[..., :n], ((0, 0), (0, 0), (0, max(0, n - waves.shape[-1]))))
+        t_gen, t_dec = t_gen + t1 - t0, t_dec + time.perf_counter() - t1
+        for j, wave in enumerate(waves):
+            i = b + j
+            if not np.isfinite(wave).all():       # never write NaN / inf as audio
+                raise ValueError(f"the model produced non-finite audio for prompt {i + 1} "
+                                 f"(seed {seeds[i]}); nothing written for it (try a lower --cfg or more --steps)")
+            write_wav(paths[i], wave, cfg.data.sample_rate)
+            tqdm.write(f"{paths[i]}  seed {seeds[i]}  \"{prompts[i]}\"")   # above the bar
+    return t_gen, t_dec
 
 
 def main(argv=None):
@@ -334,28 +369,15 @@ def main(argv=None):
         warnings.warn(f"--cfg and --sampler do not apply to a {ckpt['stage']} generator "
                       "(guidance is distilled in; it samples in its own few steps)")
     seeds = [args.seed + i for i in range(len(prompts))]
-    t_gen = t_dec = 0.0
-    batches = range(0, len(prompts), args.batch)
-    bar = tqdm(total=len(batches) * (1 if few_step else steps), desc="sampling", leave=False,
-               unit="batch" if few_step else "step")
-    for b in batches:
-        t0 = time.perf_counter()
-        batch = prompts[b:b + args.batch], seeds[b:b + args.batch], seconds
-        latent = gen(*batch, **({} if few_step else {"progress": lambda i: bar.update()}))
-        bar.update(1 if few_step else 0)
-        t1 = time.perf_counter()
-        waves = rep.decode(latent, iters=args.gl_iters).cpu().numpy()
-        n = int(round(seconds * cfg.data.sample_rate))   # whole frames decode: cut or pad to what was asked
-        waves = np.pad(waves[..., :n], ((0, 0), (0, 0), (0, max(0, n - waves.shape[-1]))))
-        t_gen, t_dec = t_gen + t1 - t0, t_dec + time.perf_counter() - t1
-        for j, wave in enumerate(waves):
-            i = b + j
-            if not np.isfinite(wave).all():       # never write NaN / inf as audio
-                sys.exit(f"error: the model produced non-finite audio for prompt {i + 1} "
-                         f"(seed {seeds[i]}); nothing written for it (try a lower --cfg or more --steps)")
-            write_wav(paths[i], wave, cfg.data.sample_rate)
-            print(f"{paths[i]}  seed {seeds[i]}  \"{prompts[i]}\"")
-    bar.close()
+    bar = tqdm(total=-(-len(prompts) // args.batch) * (1 if few_step else steps), desc="sampling",
+               leave=False, unit="batch" if few_step else "step")
+    try:
+        t_gen, t_dec = write_batches(args, cfg, rep, gen, few_step, steps, prompts, seeds, seconds,
+                                     paths, bar)
+    except (RuntimeError, ValueError) as e:
+        sys.exit(f"error: while sampling: {e}")
+    finally:
+        bar.close()           # before any message, so that it is not printed on the bar's line
     how = (f"{ckpt['stage']} generator, {steps} steps = {steps} network calls" if few_step else
            f"{args.sampler}, {steps} steps = {edm.network_calls(args.sampler, steps)} network "
            f"calls, cfg {args.cfg:g}")

@@ -819,10 +819,10 @@ STEPS_OF = {"ae": "ae.steps", "base": "train.steps", "clap": "clap.steps", "pres
             "presto-ls": "distill.steps", "ase": "layerdrop.steps", "presto-l": "layerdrop.steps"}
 
 
-def resume_config(stage, path, sets):
+def resume_config(stage, path, sets, quiet=False):
     """(config, None, or a line saying there is nothing to do) for --resume of the checkpoint at
     path with --set values: a value that would change what the saved run computes is refused,
-    naming the field."""
+    naming the field (quiet: a changed step count is not announced)."""
     ckpt = config.read_checkpoint(path)
     saved = config.config_from_dict(ckpt["config"])
     cfg = config.apply_overrides(config.config_from_dict(ckpt["config"]), sets)
@@ -836,7 +836,7 @@ def resume_config(stage, path, sets):
     if step >= total:
         return cfg, (f"{path} is at step {step} and {steps_key} is {total}: nothing to do, nothing "
                      f"written (raise {steps_key} to train on)")
-    if total != get(saved, steps_key):
+    if total != get(saved, steps_key) and not quiet:
         say(f"--resume: {steps_key} {get(saved, steps_key)} -> {total}: training from step {step} to {total}")
     return cfg, None
 
@@ -883,6 +883,7 @@ def run_all(out, preset, sets, force=False):
     """Every stage in order: a complete checkpoint is kept (force: retrained), an incomplete one
     resumed, a missing one trained."""
     check_stage_sets(["ase", "presto-l"] if "layerdrop.method" in sets else [], sets)
+    todo = []                                  # (stage, whether it starts fresh)
     for stage, (ckpt_name, _) in STAGES.items():
         path = os.path.join(out, ckpt_name)
         if stage == "ae" and not os.path.exists(path) and not wants_autoencoder(out, preset, sets):
@@ -891,7 +892,11 @@ def run_all(out, preset, sets, force=False):
         if ckpt is not None and ckpt.get("done"):
             say(f"{stage}: {path} is complete, skipped (--force retrains it)")
             continue
-        fresh = ckpt is None                   # the preset is for the stages that start fresh
+        todo.append((stage, ckpt is None))     # the preset is for the stages that start fresh
+    for stage, fresh in todo:                  # every stage's settings, before the first one trains
+        config.check(config.make_config(preset or "cpu", sets) if fresh else
+                     resume_config(stage, os.path.join(out, STAGES[stage][0]), sets, quiet=True)[0])
+    for stage, fresh in todo:
         run_stage(stage, out, preset if fresh else None, sets, resume=not fresh, force=True)
 
 

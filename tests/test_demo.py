@@ -151,6 +151,14 @@ def test_without_gradio_the_error_names_the_install_command(run, monkeypatch):
     assert demo.INSTALL in str(e.value.code)
 
 
+@pytest.mark.parametrize("flags, why", [(["--threads", "-1"], "--threads must be >= 0"),
+                                        (["--port", "70000"], "--port must be in 0..65535")])
+def test_bad_options_are_refused_before_any_checkpoint_is_read(run, monkeypatch, flags, why):
+    monkeypatch.setattr(demo, "load_models", lambda *a: pytest.fail("loaded before checking"))
+    with pytest.raises(SystemExit, match=why):
+        demo.main(["--run", run, *flags])
+
+
 def test_without_a_base_model_there_is_no_speed_up(run, tmp_path):
     models, _ = demo.load_models(run, torch.device("cpu"))
     rows = demo.generate_all([m for m in models if m.stage != "base"], "bass chords", 0, 2, 4.0, 1,

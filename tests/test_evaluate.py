@@ -228,6 +228,13 @@ def test_a_variance_budget_beyond_the_depth_fails_before_loading(eval_run, monke
     assert str(e.value.code) == "error: --variance-budget must be in 2..4 (base.pt has 4 blocks), got 99"
 
 
+def test_variance_options_without_variance_are_named_as_ignored(eval_run, monkeypatch):
+    monkeypatch.setattr(evaluate, "evaluate_run", lambda *a, **k: pytest.fail("ran"))
+    monkeypatch.setattr(evaluate.os.path, "isdir", lambda p: False)   # stop right after the options
+    with pytest.warns(UserWarning, match="apply only with --variance: ignored"), pytest.raises(SystemExit):
+        evaluate.main(["--run", eval_run, "--variance-budget", "3"])
+
+
 def test_too_few_test_clips_for_a_gaussian_fit_is_one_line(eval_run, monkeypatch):
     """A data set with one test clip (a small folder split) is named, not an 'Eigenvalues did not
     converge' from the covariance of a single embedding; checked before any sampling."""

@@ -92,6 +92,18 @@ def test_presto_l_resume_is_exact_and_stage_all_resumes_it(run, tmp_path, monkey
     assert logs[0] == logs[1] and [r["step"] for r in logs[1] if "loss" in r] == [1, 2, 3, 4]
 
 
+def test_stage_all_checks_a_later_resume_before_training_anything(run, tmp_path, monkeypatch):
+    # presto_l.pt stopped part way, presto_s.pt and ase.pt missing: a --set that would change what
+    # presto_l.pt computes must be refused before presto-s and ASE spend their minutes
+    out = str(tmp_path)
+    for name in ("base.pt", "clap.pt"):
+        shutil.copy(os.path.join(run, name), out)
+    crash_after_first_checkpoint(monkeypatch, train.train_presto_l, config.make_config("tiny", FAST), out)
+    with pytest.raises(SystemExit, match="--resume: layerdrop.lr=0.5 would change"):
+        train.main([*ALL, "layerdrop.lr=0.5", "--out", out])
+    assert sorted(os.listdir(out)) == ["base.pt", "clap.pt", "presto_l.pt", "presto_l_log.jsonl"]
+
+
 def test_presto_l_on_dsm_alone_needs_no_teacher_and_bad_weights_fail_first(run, tmp_path, monkeypatch):
     out = str(tmp_path)
     shutil.copy(os.path.join(run, "base.pt"), out)

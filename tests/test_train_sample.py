@@ -346,6 +346,38 @@ def test_non_finite_audio_is_never_written(tiny_run, tmp_path, monkeypatch):
     assert "non-finite audio" in str(e.value.code) and not out.exists()
 
 
+def test_an_error_while_sampling_closes_the_progress_bar_first(tiny_run, tmp_path, monkeypatch):
+    """The message must not land on the bar's line: the bar is closed before the error leaves."""
+    bars = []
+
+    class Bar(sample.tqdm):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            bars.append(self)
+
+    def fail(*a, **k):
+        raise RuntimeError("out of memory (a stand-in)")
+    monkeypatch.setattr(sample, "tqdm", Bar)
+    monkeypatch.setattr(sample, "generate", fail)
+    with pytest.raises(SystemExit, match="error: while sampling: out of memory"):
+        sample.main(["--ckpt", os.path.join(tiny_run, "base.pt"), "--prompt", "piano",
+                     "--out", str(tmp_path / "x.wav")])
+    assert len(bars) == 1 and bars[0].disable      # tqdm marks a closed bar disabled
+
+
+def test_guidance_far_past_its_useful_range_is_warned_about():
+    with pytest.warns(UserWarning, match="hardly change with the seed"):
+        sample.check_guidance(1e6)
+    with pytest.warns(UserWarning, match="steers away from the prompt"):
+        sample.check_guidance(-1)
+    with pytest.raises(ValueError, match="finite"):
+        sample.check_guidance(float("inf"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for w in (0, 1, 4, 10):
+            sample.check_guidance(w)
+
+
 def test_cli_errors_have_no_traceback(tiny_run, tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
