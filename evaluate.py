@@ -134,7 +134,8 @@ def evaluate_run(run, opts, embed_fn, embed_text=None, predict_fn=None, device="
     loaded = [load_rows(checkpoint_file(run, f, getattr(opts, "best", False)), ROWS[f], device, opts)
               for f in present]
     cfg = loaded[0][0]
-    test, train_ds = data.make_dataset(cfg.data, "test"), data.make_dataset(cfg.data, "train")
+    scored = scored_data(cfg.data, getattr(opts, "collections", None))
+    test, train_ds = data.make_dataset(scored, "test"), data.make_dataset(scored, "train")
     n = min(opts.n, len(test), len(train_ds))
     if n < 2:                              # a Gaussian fit (FAD) and MMD need two clips a side
         raise ValueError(f"the data set of {run} has {len(test)} test and {len(train_ds)} training "
@@ -159,7 +160,7 @@ def evaluate_run(run, opts, embed_fn, embed_text=None, predict_fn=None, device="
 
     def prompt_metrics(audio, captions, labels):   # CLAP score and adherence of embedded clips
         text = embed_text(captions).float().cpu() if embed_text else None
-        adh = (clap.attribute_accuracy(predict_fn(audio.to(device)), clap.attribute_targets(labels, data.attributes(cfg.data)))
+        adh = (clap.attribute_accuracy(predict_fn(audio.to(device)), clap.attribute_targets(labels, data.attributes(scored)))
                if predict_fn and labels[0] else None)
         by_clip = metrics.clap_score(audio, text, per_clip=True) if text is not None else None
         score, score_se = metrics.mean_and_se(by_clip) if by_clip is not None else (None, None)
@@ -233,6 +234,8 @@ def evaluate_run(run, opts, embed_fn, embed_text=None, predict_fn=None, device="
                     fad_inf="FAD(N) = FAD_inf + slope/N fitted on random subsets of N = n/4..n clips",
                     steps=opts.steps, dpm_steps=opts.dpm_steps, few_steps=opts.few_steps, ls_steps=opts.ls_steps, cfg=opts.cfg, latency_repeats=opts.repeats,
                     latency_batch=1, sample_rate=cfg.data.sample_rate, seconds=cfg.data.seconds,
+                    collections=list(scored.corpus_collections) if scored.dataset == "corpus" else None,
+                    trained_on=list(cfg.data.corpus_collections) if cfg.data.dataset == "corpus" else None,
                     prompts="captions of the first n test-split clips; sample i uses seed i",
                     machine=machine(device))
     return dict(settings=settings, embedder_quality=embedder_quality, rows=results)
@@ -286,7 +289,11 @@ def to_markdown(res):
     s, q = res["settings"], res["embedder_quality"]
     judges = s.get("judges", [])
     extra = "".join(f" | {j} FAD | {j} FAD∞ | {j} MMD" for j in judges)
-    lines = ["# Results", "", "| row | steps | network calls | FAD | FAD∞ | MMD" + extra + " | CLAP score "
+    held = [c for c in s.get("collections") or () if s.get("trained_on") and c not in s["trained_on"]]
+    lines = ["# Results", "", *([f"Scored on the test pieces of {', '.join(s['collections'])}; the run "
+                                 f"trained on {', '.join(s['trained_on'])}, so {', '.join(held)} "
+                                 f"{'is' if len(held) == 1 else 'are'} music it never heard.", ""]
+                               if held else []), "| row | steps | network calls | FAD | FAD∞ | MMD" + extra + " | CLAP score "
              "| adherence | diversity | blocks | generation ms | decode ms | end-to-end ms | RTF "
              "| speed-up (generation) | speed-up (end-to-end) |", "|" + "---|" * (16 + 3 * len(judges))]
     for r in res["rows"]:
@@ -377,14 +384,51 @@ def spectrograms(examples, captions, rep, path):
 # ----------------------------------------------------------------------------------------------
 # The embedder, and the validation FAD that selects Presto-S checkpoints
 
+def scored_data(data_cfg, collections=None):
+    """The data whose test clips a run is scored on: its own, or (collections) those corpus
+    collections' pieces, music the run never heard if it was trained without them."""
+    return replace(data_cfg, corpus_collections=tuple(collections)) if collections else data_cfg
+
+
+def check_collections(opts):
+    """A one-line error, before any model is loaded, for a --collections that the run or its
+    embedder cannot be scored on: not a corpus run, an unknown name, or an embedder trained without
+    them (it has never seen their attribute vocabulary: their styles, composers, ensembles)."""
+    import corpus
+    unknown = [c for c in opts.collections if c not in corpus.COLLECTIONS]
+    if unknown:
+        raise ValueError(f"--collections: unknown {', '.join(unknown)}; choose from {', '.join(corpus.COLLECTIONS)}")
+    run_data = run_config(opts.run).data
+    if run_data.dataset != "corpus":
+        raise ValueError(f"--collections scores corpus runs; {opts.run} was trained on {run_data.dataset}")
+    if opts.embedder == "aisfx" or not os.path.isfile(embedder_path(opts)):
+        return                                  # aisfx reads no captions; a missing clap.pt is named later
+    seen = config.config_from_dict(config.read_checkpoint(embedder_path(opts))["config"]).data
+    missing = [c for c in opts.collections if seen.dataset != "corpus" or
+               (seen.corpus_collections and c not in seen.corpus_collections)]
+    if missing:
+        raise ValueError(f"{embedder_path(opts)} was trained on {seen.dataset} "
+                         f"{', '.join(seen.corpus_collections) or ''} and has not seen the attribute "
+                         f"vocabulary of {', '.join(missing)}: score with an embedder trained on every "
+                         "collection (python train.py --stage clap --preset corpus --out DIR; --embedder DIR/clap.pt)")
+
+
+def run_config(run):
+    """The config of a run folder's first checkpoint (its data and decoder are every row's)."""
+    first = next(os.path.join(run, f) for f in ROWS if os.path.isfile(os.path.join(run, f)))
+    return config.config_from_dict(config.read_checkpoint(first)["config"])
+
+
+def embedder_path(opts):
+    return os.path.join(opts.run, "clap.pt") if opts.embedder in (None, "both") else opts.embedder
+
+
 def embedders(opts, device):
     """evaluate_run's embedder arguments for --embedder (a clap.pt, aisfx or both)."""
-    run_rate = lambda: config.config_from_dict(config.read_checkpoint(next(
-        os.path.join(opts.run, f) for f in ROWS if os.path.isfile(os.path.join(opts.run, f))))
-        ["config"]).data.sample_rate
+    run_rate = lambda: run_config(opts.run).data.sample_rate
     if opts.embedder == "aisfx":
         return dict(embed_fn=judge.Judge(run_rate(), device), embedder=judge.DESCRIPTION)
-    path = os.path.join(opts.run, "clap.pt") if opts.embedder in (None, "both") else opts.embedder
+    path = embedder_path(opts)
     clap_cfg, model = load_embedder(path, device)
     judges = {"aisfx": judge.Judge(run_rate(), device)} if opts.embedder == "both" else None
     return dict(embed_fn=model.embed_audio, embed_text=model.embed_text, judges=judges,
@@ -729,6 +773,11 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--precision", choices=sample.PRECISIONS, default="auto",
                    help="generation's matmuls: auto (bf16 autocast on CUDA, float32 on a CPU), bf16 or fp32")
+    p.add_argument("--collections", type=lambda v: tuple(c.strip() for c in v.split(",") if c.strip()),
+                   default=None, metavar="NAME[,NAME]",
+                   help="corpus runs: score on these collections' test pieces instead of the run's own "
+                        "(music it never heard, if trained without them: data.corpus_collections) -> "
+                        "RUN/results_NAME.{md,json}; the embedder must have been trained on them")
     p.add_argument("--variance", action="store_true",
                    help="instead of the results table: hidden-state variance by depth and noise level, "
                         "and the head-input variance of full depth / ASE / Presto-L -> RUN/variance.{md,json}")
@@ -798,6 +847,8 @@ def main(argv=None):
             raise FileNotFoundError(f"run folder not found: {opts.run}")
         if not any(os.path.isfile(os.path.join(opts.run, f)) for f in ROWS):
             raise FileNotFoundError(f"no checkpoints in {opts.run} (looked for {', '.join(ROWS)})")
+        if opts.collections:
+            check_collections(opts)
         device = config.pick_device(opts.device)
         if opts.variance:
             return write_variance(opts, device)
@@ -805,14 +856,15 @@ def main(argv=None):
         res = evaluate_run(opts.run, opts, device=device, examples=examples, **embedders(opts, device))
     except (ValueError, FileNotFoundError, RuntimeError, ModuleNotFoundError) as e:
         sys.exit(f"error: {e}")
-    notes = [plot(res, os.path.join(opts.run, "speed_vs_quality.png"))]
+    suffix = "".join(f"_{c}" for c in opts.collections or ())     # held-out scores beside the run's own
+    notes = [plot(res, os.path.join(opts.run, f"speed_vs_quality{suffix}.png"))]
     if opts.spectrograms:
         cfg = config.config_from_dict(config.read_checkpoint(checkpoint_file(opts.run, res["settings"]["checkpoints"][0]))["config"])
         k = len(examples["real test clips"])               # opts.spectrograms, or n if fewer
-        captions = [data.make_dataset(cfg.data, "test").clip(i).caption for i in range(k)]
-        notes.append(spectrograms(examples, captions, data.Representation(cfg.data),
-                                  os.path.join(opts.run, "spectrograms.png")))
-    write_report(opts.run, "results", res, to_markdown(res), *notes)
+        test = data.make_dataset(scored_data(cfg.data, opts.collections), "test")
+        notes.append(spectrograms(examples, [test.clip(i).caption for i in range(k)],
+                                  data.Representation(cfg.data), os.path.join(opts.run, f"spectrograms{suffix}.png")))
+    write_report(opts.run, f"results{suffix}", res, to_markdown(res), *notes)
 
 
 if __name__ == "__main__":

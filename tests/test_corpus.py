@@ -1,4 +1,6 @@
 """The corpus data set (corpus.py): rendered scores whose captions are true by construction."""
+import json
+import os
 import sys
 
 import numpy as np
@@ -110,3 +112,33 @@ def test_corpus_trains_the_embedders_attribute_heads(cfg):
     labels = [ds.clip(i).labels for i in range(4)]
     targets = clap.attribute_targets(labels, model.attributes)
     assert [int(targets["tonic"][b]) for b in range(4)] == [corpus.TONICS.index(l["tonic"]) for l in labels]
+
+
+def test_a_run_is_scored_on_collections_it_never_heard(cfg, tmp_path):
+    """evaluate.py --collections: the held-out collection's test pieces, written beside the run's
+    own results; an embedder that never saw the collection is refused before anything loads."""
+    import evaluate
+    import train
+    fast = [f"data.corpus_cache={cfg.data.corpus_cache}", "data.corpus_pieces=9", "data.seconds=0.5",
+            "train.threads=1"]
+    run, narrow = str(tmp_path / "run"), str(tmp_path / "narrow")
+    train.main(["--stage", "base", "--preset", "tiny", "--out", run, "--set", "data.dataset=corpus",
+                "data.corpus_collections=bach,fiddle", "train.steps=2", *fast])
+    train.main(["--stage", "clap", "--preset", "tiny", "--out", run, "--set", "data.dataset=corpus",
+                "clap.steps=2", *fast[:1], *fast[2:]])   # every collection (the cache of cfg's pieces)
+    train.main(["--stage", "clap", "--preset", "tiny", "--out", narrow, "--set", "data.dataset=corpus",
+                "data.corpus_collections=bach,fiddle", "clap.steps=2", *fast])
+    quick = ["--run", run, "--n", "4", "--steps", "2", "--dpm-steps", "2", "--seeds", "1", "--prompts", "1",
+             "--repeats", "1", "--spectrograms", "0", "--threads", "1"]
+    for flags, why in ((["--collections", "irish", "--embedder", f"{narrow}/clap.pt"],
+                        "has not seen the attribute vocabulary of irish"),
+                       (["--collections", "jazz"], "--collections: unknown jazz")):
+        with pytest.raises(SystemExit, match=why):
+            evaluate.main([*quick, *flags])
+    evaluate.main([*quick, "--collections", "irish"])
+    res = json.load(open(f"{run}/results_irish.json"))
+    assert res["settings"]["collections"] == ["irish"] and res["settings"]["trained_on"] == ["bach", "fiddle"]
+    scored = data.make_dataset(evaluate.scored_data(evaluate.run_config(run).data, ("irish",)), "test")
+    assert all(scored.clip(i).labels["piece"].startswith("oneills1850/") for i in range(4))  # irish
+    assert "music it never heard" in open(f"{run}/results_irish.md").read()
+    assert not os.path.exists(f"{run}/results.md")                 # the run's own results untouched
