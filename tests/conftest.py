@@ -5,6 +5,8 @@ import pytest
 import torch
 
 import config
+import dit
+import edm
 import train
 
 # a base model and an embedder trained for a few steps on half-second clips: enough to run
@@ -57,3 +59,42 @@ def restore_dynamo():
     yield
     for name, value in saved.items():
         setattr(dynamo, name, value)
+
+
+# a tiny `--stage all` (every stage but the autoencoder), shared by test_stages.py and test_distributed.py
+FAST = {"train.steps": "4", "train.ckpt_every": "2", "train.eval_every": "4", "train.log_every": "1",
+        "data.seconds": "0.5", "data.stats_clips": "8", "model.text_width": "32",
+        "clap.steps": "10", "clap.eval_every": "10", "clap.ckpt_every": "10",
+        "distill.steps": "5", "layerdrop.steps": "4"}
+ALL = ["--stage", "all", "--preset", "tiny", "--set", *[f"{k}={v}" for k, v in FAST.items()]]
+FILES = {stage: name for stage, (name, _) in train.STAGES.items() if stage != "ae"}  # ae: off here
+
+
+def stage_all(tmp_path_factory, name, *sets):
+    """A fresh tiny `--stage all` run (plus --set values) in a new temporary folder."""
+    out = str(tmp_path_factory.mktemp(name))
+    train.main([*ALL, *sets, "--out", out])
+    return out
+
+
+def load_ckpt(run, name):
+    """A checkpoint of a run folder as stored (every key, on the CPU)."""
+    return torch.load(os.path.join(run, name), map_location="cpu", weights_only=False)
+
+
+# a DiT-XS denoiser with random weights, for tests of the network and of one Presto-S iteration
+# (test_dit.py, test_dmd.py)
+def make(seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = dit.DiTConfig(size="XS", in_channels=6, vocab_size=40, max_text_len=8, text_width=32,
+                        text_depth=1, **kw)
+    return edm.Denoiser(dit.DiT(cfg), sigma_data=0.5)
+
+
+def randomize(model, seed=1):
+    """Give every parameter random values, so outputs depend on x, sigma and the text."""
+    rng = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.2 * torch.randn(p.shape, generator=rng))
+    return model

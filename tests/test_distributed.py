@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import train
-from test_stages import ALL, FILES, _load, stage_all
+from conftest import ALL, FILES, load_ckpt, stage_all
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMING = ("clips_per_s", "mfu", "data_wait", "temperature")
@@ -75,7 +75,7 @@ def test_gradient_accumulation_matches_the_whole_batch(single, tmp_path_factory)
     for stage, name in FILES.items():
         _assert_close_logs(_log(single, name.replace(".pt", "_log.jsonl")),
                            _log(out, name.replace(".pt", "_log.jsonl")))
-        _assert_close_weights(_load(single, name), _load(out, name), WEIGHTS[name])
+        _assert_close_weights(load_ckpt(single, name), load_ckpt(out, name), WEIGHTS[name])
 
 
 def test_bad_split_is_a_clear_error(tmp_path):
@@ -94,13 +94,13 @@ def test_torchrun_two_processes_match_one_and_resume(single, tmp_path):
     for name in FILES.values():
         _assert_close_logs(_log(single, name.replace(".pt", "_log.jsonl")),
                            _log(multi, name.replace(".pt", "_log.jsonl")))
-        _assert_close_weights(_load(single, name), _load(multi, name), WEIGHTS[name])
+        _assert_close_weights(load_ckpt(single, name), load_ckpt(multi, name), WEIGHTS[name])
     more = ["distill.steps=8"]
     _torchrun(2, "--stage", "presto-s", "--resume", "--out", multi, "--set", *more)
     train.main(["--stage", "presto-s", "--resume", "--out", single, "--set", *more])
-    assert _load(multi, "presto_s.pt")["step"] == 8
+    assert load_ckpt(multi, "presto_s.pt")["step"] == 8
     _assert_close_logs(_log(single, "presto_s_log.jsonl"), _log(multi, "presto_s_log.jsonl"))
-    _assert_close_weights(_load(single, "presto_s.pt"), _load(multi, "presto_s.pt"),
+    _assert_close_weights(load_ckpt(single, "presto_s.pt"), load_ckpt(multi, "presto_s.pt"),
                           WEIGHTS["presto_s.pt"])
 
 
@@ -135,7 +135,7 @@ def test_sigkill_at_any_moment_resumes_from_the_last_complete_checkpoint(tmp_pat
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == -signal.SIGKILL
     assert os.path.exists(os.path.join(broken, "base.pt.tmp"))
-    assert _load(broken, "base.pt")["step"] == 4
+    assert load_ckpt(broken, "base.pt")["step"] == 4
     # 2. resumed, then killed from outside at whatever point it has reached after a moment
     p = subprocess.Popen([sys.executable, "train.py", *sets, "--out", broken, "--resume"],
                          cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -146,7 +146,7 @@ def test_sigkill_at_any_moment_resumes_from_the_last_complete_checkpoint(tmp_pat
         p.wait()
     # 3. resumed again until done: the same weights and loss log as the run never interrupted
     assert train_py("--out", broken, "--resume") == 0
-    a, b = _load(straight, "base.pt"), _load(broken, "base.pt")
+    a, b = load_ckpt(straight, "base.pt"), load_ckpt(broken, "base.pt")
     assert b["step"] == 12 and b["done"]
     for key in ("model", "ema"):
         for name in a[key]:

@@ -4,22 +4,7 @@ import torch
 
 import dit
 import edm
-
-
-def make(seed=0, **kw):
-    torch.manual_seed(seed)
-    cfg = dit.DiTConfig(size="XS", in_channels=6, vocab_size=40, max_text_len=8, text_width=32,
-                        text_depth=1, **kw)
-    return edm.Denoiser(dit.DiT(cfg), sigma_data=0.5)
-
-
-def randomize(model, seed=1):
-    """Give every parameter random values, so outputs depend on x, sigma and the text."""
-    rng = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(0.2 * torch.randn(p.shape, generator=rng))
-    return model
+from conftest import make, randomize
 
 
 def inputs(B=3, T=10):

@@ -108,7 +108,7 @@ def test_head_shapes():
 # draw feeds which term, where guidance goes, which block the discriminator reads. Each test is
 # aimed at a mistake that is easy to make when wiring DMD2-style losses and hard to see in a loss curve.
 
-from test_dit import make, randomize  # noqa: E402  (the tiny random-weight DiT of test_dit.py)
+from conftest import make, randomize  # noqa: E402  (the tiny random-weight DiT)
 
 
 def _iteration(B=2, T=8, seed=0):

@@ -16,23 +16,10 @@ import evaluate
 import layerdrop
 import sample
 import train
-from conftest import crash_after_first_checkpoint
+from conftest import ALL, FAST, FILES, crash_after_first_checkpoint, load_ckpt, stage_all
 
-FAST = {"train.steps": "4", "train.ckpt_every": "2", "train.eval_every": "4", "train.log_every": "1",
-        "data.seconds": "0.5", "data.stats_clips": "8", "model.text_width": "32",
-        "clap.steps": "10", "clap.eval_every": "10", "clap.ckpt_every": "10",
-        "distill.steps": "5", "layerdrop.steps": "4"}
-ALL = ["--stage", "all", "--preset", "tiny", "--set", *[f"{k}={v}" for k, v in FAST.items()]]
-FILES = {stage: name for stage, (name, _) in train.STAGES.items() if stage != "ae"}  # ae: off here
 LAYER_DROPPED = ("ase.pt", "presto_l.pt", "presto_ls.pt")
 DEPTH = 4                                              # the tiny preset's DiT-XS
-
-
-def stage_all(tmp_path_factory, name, *sets):
-    """A fresh tiny `--stage all` run (plus --set values) in a new temporary folder."""
-    out = str(tmp_path_factory.mktemp(name))
-    train.main([*ALL, *sets, "--out", out])
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -40,22 +27,18 @@ def run(tmp_path_factory):
     return stage_all(tmp_path_factory, "stages")
 
 
-def _load(run, name):
-    return torch.load(os.path.join(run, name), map_location="cpu", weights_only=False)
-
-
 def test_stage_all_writes_every_checkpoint(run):
     assert list(FILES) == ["base", "clap", "presto-s", "ase", "presto-l", "presto-ls"]
     for stage, name in FILES.items():
-        ckpt = _load(run, name)
+        ckpt = load_ckpt(run, name)
         assert ckpt["stage"] == stage and ckpt["done"], name
         assert os.path.exists(os.path.join(run, name.replace(".pt", "_log.jsonl")))
-    ase, presto_l, presto_ls = (_load(run, f)["config"]["layerdrop"] for f in LAYER_DROPPED)
+    ase, presto_l, presto_ls = (load_ckpt(run, f)["config"]["layerdrop"] for f in LAYER_DROPPED)
     assert ase["method"] == "ase" and ase["jitter"] == 0          # ASE: the schedule as published
     assert presto_l["method"] == "presto-l" and presto_l["jitter"] == 1
     assert presto_ls == presto_l                                  # LS keeps Presto-L's schedule
     for name in ("ase.pt", "presto_l.pt"):
-        ckpt = _load(run, name)
+        ckpt = load_ckpt(run, name)
         assert ckpt["step"] == 4 and {"model", "ema", "opt", "vocab", "latent_stats"} <= ckpt.keys()
         assert math.isfinite(ckpt["val_loss"])
 
@@ -79,10 +62,10 @@ def test_presto_l_resume_is_exact_and_stage_all_resumes_it(run, tmp_path, monkey
         shutil.copy(os.path.join(run, name), broken)
     crash_after_first_checkpoint(monkeypatch, train.train_presto_l, config.make_config("tiny", FAST),
                                  broken)
-    assert _load(broken, "presto_l.pt")["step"] == 2
+    assert load_ckpt(broken, "presto_l.pt")["step"] == 2
     train.main([*ALL, "--out", broken])
-    a, b = _load(straight, "presto_l.pt"), _load(broken, "presto_l.pt")
-    assert b["step"] == 4 and b["done"] and _load(broken, "presto_ls.pt")["done"]
+    a, b = load_ckpt(straight, "presto_l.pt"), load_ckpt(broken, "presto_l.pt")
+    assert b["step"] == 4 and b["done"] and load_ckpt(broken, "presto_ls.pt")["done"]
     for key in ("model", "ema"):
         for name in a[key]:
             assert torch.equal(a[key][name], b[key][name]), (key, name)
@@ -117,7 +100,7 @@ def test_presto_l_on_dsm_alone_needs_no_teacher_and_bad_weights_fail_first(run, 
     cfg = config.make_config("tiny", {**FAST, "layerdrop.st_weight": "0", "layerdrop.dsm_weight": "1"})
     train.train_presto_l(cfg, out)
     assert len(calls) == 4 and all(t is None for t in calls)
-    assert _load(out, "presto_l.pt")["config"]["layerdrop"]["st_weight"] == 0
+    assert load_ckpt(out, "presto_l.pt")["config"]["layerdrop"]["st_weight"] == 0
 
 
 def test_presto_ls_starts_from_presto_l_and_drops_layers_in_the_generator(run, tmp_path, monkeypatch):
@@ -137,7 +120,7 @@ def test_presto_ls_starts_from_presto_l_and_drops_layers_in_the_generator(run, t
     train.train_presto_s(config.make_config("tiny", {**FAST, "distill.steps": "1"}), out)
     (gen_fn, nets, ls), (no_fn, _, s) = seen
     assert no_fn is None                                # Presto-S calls G itself
-    base, presto_l = _load(run, "base.pt")["ema"], _load(run, "presto_l.pt")["ema"]
+    base, presto_l = load_ckpt(run, "base.pt")["ema"], load_ckpt(run, "presto_l.pt")["ema"]
     for name in base:
         assert torch.equal(ls["G"][name], presto_l[name]) and torch.equal(s["G"][name], base[name])
         for w in (ls, s):                               # mu_real and mu_fake: the full teacher
@@ -165,7 +148,7 @@ def test_presto_ls_validates_the_layer_dropped_generator(run, tmp_path):
     sets = {**FAST, "distill.steps": "4", "distill.val_every": "2", "distill.val_clips": "4",
             "distill.ema": "0.9", "distill.gen_inputs": "backward"}
     train.train_presto_ls(config.make_config("tiny", sets), out)
-    best = _load(out, "presto_ls_best.pt")
+    best = load_ckpt(out, "presto_ls_best.pt")
     assert best["stage"] == "presto-ls" and best["step"] == best["best_val"]["step"]
     cfg, _, rep, tok, G = config.load_checkpoint(os.path.join(out, "presto_ls_best.pt"))
     validate = evaluate.FewStepValidator(cfg, out, rep, tok, torch.device("cpu"))
