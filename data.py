@@ -134,15 +134,60 @@ def hash_split(names, split, fraction):
     return splits[split]
 
 
+METADATA_KEYS = ("file", "caption")  # what each row of metadata.jsonl / metadata.csv holds
+ROW_EXAMPLE = '{"file": "a.wav", "caption": "..."}'
+
+
+def _read_metadata(path):
+    """[(where, row)] of metadata.jsonl or metadata.csv, `where` naming the file and line;
+    ValueError, in one line, for a line that is not a JSON object or a CSV header without the
+    file and caption columns."""
+    with open(path, newline="", encoding="utf-8-sig") as fh:     # -sig: a spreadsheet's BOM
+        if path.suffix == ".csv":
+            reader = csv.DictReader(fh)
+            header = reader.fieldnames or []
+            missing = [k for k in METADATA_KEYS if k not in header]
+            if missing:
+                raise ValueError(f"{path} has no {' or '.join(missing)} column (its header: "
+                                 f"{','.join(header) or 'none'}); it needs {','.join(METADATA_KEYS)}")
+            return [(f"{path} line {reader.line_num}", row) for row in reader]
+        rows = []
+        for n, line in enumerate(fh.read().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} line {n} is not JSON ({e.msg} at column {e.colno}); "
+                                 f"each line is one object such as {ROW_EXAMPLE}") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path} line {n} is a JSON {type(row).__name__}, not an object such as "
+                                 f"{ROW_EXAMPLE}")
+            rows.append((f"{path} line {n}", row))
+        return rows
+
+
 def _captions(root):
-    """Captions from metadata.jsonl or metadata.csv at the root: {relative posix path: caption}."""
-    rows = []
-    if (root / "metadata.jsonl").exists():
-        rows += [json.loads(line) for line in (root / "metadata.jsonl").read_text().splitlines() if line.strip()]
-    if (root / "metadata.csv").exists():
-        with open(root / "metadata.csv", newline="") as fh:
-            rows += list(csv.DictReader(fh))
-    return {Path(row["file"]).as_posix(): row["caption"] for row in rows}
+    """Captions from metadata.jsonl or metadata.csv at the root: {relative posix path: caption};
+    ValueError naming the file and line of a row it cannot use (no file, no caption, not text)."""
+    captions = {}
+    for path in (root / "metadata.jsonl", root / "metadata.csv"):
+        if not path.exists():
+            continue
+        try:
+            rows = _read_metadata(path)
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path} is not UTF-8 text ({e.reason})") from None
+        for where, row in rows:
+            for key in METADATA_KEYS:
+                if row.get(key) is None:                 # None: a CSV row with too few fields, JSON null
+                    raise ValueError(f"{where} has no {key!r}" + ("" if key in row else " (it has: "
+                                     f"{', '.join(k for k in row if k) or 'nothing'})"))
+                if not isinstance(row[key], str) or (key == "file" and not row[key].strip()):
+                    raise ValueError(f"{where}: {key!r} must be {'a path' if key == 'file' else 'text'}, "
+                                     f"got {row[key]!r}")
+            captions[Path(row["file"]).as_posix()] = row["caption"]
+    return captions
 
 
 def active_share(x, sr, frame=0.05, db=-50.0):
@@ -174,6 +219,9 @@ class FolderDataset:
                 captions[rel] = p.with_suffix(".txt").read_text().strip()
             else:  # checked for every file, not just this split, so a data bug shows up in any run
                 raise ValueError(f"no caption for {p}: add {p.with_suffix('.txt').name} or a metadata.jsonl/csv row")
+        if not any(c.strip() for c in captions.values()):
+            raise ValueError(f"every caption of the {len(files)} audio file(s) under {root} is empty: a "
+                             "text-to-music model learns from them (write them in the .txt files or metadata)")
         if cfg.val_fraction > 0 and len(files) < 3:
             raise ValueError(f"{root} has {len(files)} audio file(s); train, val and test need one each "
                              f"(3 at least; with data.val_fraction={cfg.val_fraction}, val and test get "
@@ -415,6 +463,12 @@ class Tokenizer:
     def unknown(self, text):
         """The words of text (as split reads them) that are not in the vocabulary: encoded as UNK."""
         return sorted({w for w in self.split(text) if w not in self.ids})
+
+    @staticmethod
+    def unreadable(text):
+        """Letters, digits and signs outside ASCII, which split reads as separators: "C♯" becomes
+        "c", "für" becomes "f" and "r"."""
+        return sorted({c for c in text if not c.isascii() and not c.isspace()})
 
     @classmethod
     def from_captions(cls, captions):

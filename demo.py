@@ -17,9 +17,12 @@ Read `generate_all` first, then `build_app` (the page). The page reads only the 
 started with; nothing typed into it is a path.
 """
 import argparse
+import errno
 import math
 import os
+import re
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -48,6 +51,7 @@ DEFAULTS = dict(steps=32, cfg_w=4.0, few_steps=4)     # the page's first setting
 MAX_SEED = 2**31 - 1         # a browser's number box holds this exactly
 EXAMPLES = 8                 # test captions offered as examples
 WARM_UP_CAPTION = "slow organ chords"
+DEVICES = r"auto|cpu|cuda(:\d+)?"       # what --device takes (torch.device takes meta, xpu ... too)
 
 
 class Model(NamedTuple):
@@ -254,6 +258,46 @@ def build_app(run, models, problems, folder, device_name="cpu", precision="auto"
     return app.queue(default_concurrency_limit=1, max_size=32)
 
 
+def check_device(name):
+    """`name` if --device takes it (auto, cpu, cuda, or cuda:N of this machine's GPUs); ValueError
+    otherwise: torch takes many more names (meta, xpu ...) that would fail only during the warm-up."""
+    if not re.fullmatch(DEVICES, name):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if name.startswith("cuda:") and torch.cuda.is_available() and int(name[5:]) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return name
+
+
+def check_address(host, port):
+    """ValueError, in one line, for a --host that does not resolve or a --port that cannot be
+    listened on there (in use, or not this machine's address): the port is bound with a plain
+    socket and released at once, so Gradio does not find out after the warm-up."""
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host     # [::1], as Gradio
+    if not bare:
+        raise ValueError("--host is empty (127.0.0.1: this machine only; 0.0.0.0: every interface)")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(bare, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise ValueError(f"--host {host} does not resolve to an address "
+                         f"({getattr(e, 'strerror', None) or e})") from None
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)        # as Gradio's server listens
+        try:
+            s.bind(address)
+        except OSError as e:
+            raise ValueError(f"cannot listen on {host} port {port}: {e.strerror or e}" +
+                             (" (another program holds it: pick another --port)"
+                              if e.errno == errno.EADDRINUSE else "")) from None
+
+
+def one_line(e):
+    """An exception as `Type: its first line`, for an `error:` line."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="A local web page that generates a caption with every "
                                 "model of a run folder, side by side (needs Gradio: " + INSTALL + ").",
@@ -261,7 +305,7 @@ def main(argv=None):
     p.add_argument("--run", required=True, help="run folder written by train.py")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (127.0.0.1: this machine only; 0.0.0.0: every interface)")
-    p.add_argument("--port", type=int, default=7860, help="port to listen on")
+    p.add_argument("--port", type=int, default=7860, help="port to listen on (1..65535)")
     p.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
     p.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda or cuda:N")
     p.add_argument("--precision", choices=sample.PRECISIONS, default="auto",
@@ -273,11 +317,12 @@ def main(argv=None):
     try:
         if args.threads < 0:               # the options first: loading takes seconds
             raise ValueError(f"--threads must be >= 0 (0 = torch's default), got {args.threads}")
-        if not 0 <= args.port <= 65535:
-            raise ValueError(f"--port must be in 0..65535, got {args.port}")
+        if not 1 <= args.port <= 65535:
+            raise ValueError(f"--port must be in 1..65535, got {args.port}")
         if not os.path.isdir(args.run):
             raise FileNotFoundError(f"run folder not found: {args.run}")
-        device = config.pick_device(args.device)
+        check_address(args.host, args.port)
+        device = config.pick_device(check_device(args.device))
         models, problems = load_models(args.run, device)
         if not models:
             raise FileNotFoundError(f"no usable checkpoints in {args.run} (looked for "
@@ -289,13 +334,19 @@ def main(argv=None):
     for q in problems:
         print(q, file=sys.stderr)
     folder = tempfile.mkdtemp(prefix="presto-demo-")          # the clips and pictures of each click
-    t0 = time.perf_counter()       # a first call pays one-time costs: pay them before the first click
-    generate_all(models, WARM_UP_CAPTION, 0, 1, 4.0, 1, folder, args.precision)
-    print(f"{len(models)} models warmed up in {time.perf_counter() - t0:.1f} s", flush=True)
-    app = build_app(args.run, models, problems, folder, str(device), args.precision)
-    try:
-        app.launch(server_name=args.host, server_port=args.port, share=args.share,
-                   blocked_paths=[os.path.abspath(args.run)])
+    try:                           # removed however this ends (but a kill)
+        t0 = time.perf_counter()   # a first call pays one-time costs: pay them before the first click
+        try:
+            generate_all(models, WARM_UP_CAPTION, 0, 1, 4.0, 1, folder, args.precision)
+        except Exception as e:
+            sys.exit(f"error: the warm-up generation on {device} failed: {one_line(e)}")
+        print(f"{len(models)} models warmed up in {time.perf_counter() - t0:.1f} s", flush=True)
+        app = build_app(args.run, models, problems, folder, str(device), args.precision)
+        try:
+            app.launch(server_name=args.host, server_port=args.port, share=args.share,
+                       blocked_paths=[os.path.abspath(args.run)])
+        except Exception as e:     # the address taken since it was checked, a share link failing ...
+            sys.exit(f"error: the page did not start on {args.host} port {args.port}: {one_line(e)}")
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

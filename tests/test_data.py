@@ -323,6 +323,37 @@ def test_folder_errors(tmp_path):
     with pytest.raises(ValueError, match="has 2 audio file.*3 at least"):
         make_dataset(DataConfig(dataset=str(tmp_path)), "val")
 
+
+ROW = '{"file": "%s", "caption": "a tone"}'
+
+
+@pytest.mark.parametrize("name, text, why", [
+    ("metadata.csv", "file,text\na.wav,a tone\n", r"metadata.csv has no caption column \(its header: file,text\)"),
+    ("metadata.csv", "file,caption\na.wav,a tone\nb.wav\n", "metadata.csv line 3 has no 'caption'"),
+    ("metadata.jsonl", '{"path": "a.wav", "caption": "a tone"}\n',
+     r"metadata.jsonl line 1 has no 'file' \(it has: path"),
+    ("metadata.jsonl", ROW % "a.wav" + "\n\n" + ROW[:-1] % "b.wav" + "\n", "metadata.jsonl line 3 is not JSON"),
+    ("metadata.jsonl", '["a.wav", "a tone"]\n', "metadata.jsonl line 1 is a JSON list, not an object"),
+    ("metadata.jsonl", '{"file": "a.wav", "caption": 7}\n', "metadata.jsonl line 1: 'caption' must be text, got 7"),
+], ids=["csv-no-caption-column", "csv-short-row", "jsonl-no-file", "jsonl-not-json", "jsonl-list", "jsonl-number"])
+def test_folder_metadata_errors_name_the_file_the_line_and_what_is_missing(tmp_path, name, text, why):
+    for f in ("a", "b", "c"):
+        sf.write(tmp_path / f"{f}.wav", _sine(440, 0.5, 8000), 8000)
+    (tmp_path / name).write_text(text)
+    with pytest.raises(ValueError, match=why) as e:
+        make_dataset(DataConfig(dataset=str(tmp_path), seconds=0.5), "train")
+    assert str(tmp_path / name) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_folder_of_only_empty_captions_is_refused(tmp_path):
+    for k in range(3):
+        sf.write(tmp_path / f"t{k}.wav", _sine(440, 0.5, 8000), 8000)
+        (tmp_path / f"t{k}.txt").write_text(" \n")
+    with pytest.raises(ValueError, match=f"every caption of the 3 audio file.* under {tmp_path} is empty"):
+        make_dataset(DataConfig(dataset=str(tmp_path), seconds=0.5), "train")
+    (tmp_path / "t1.txt").write_text("a tone")               # one caption is enough
+    assert make_dataset(DataConfig(dataset=str(tmp_path), seconds=0.5, val_fraction=0.0), "train").captions
+
 # -----------------------------------------------------------------------------
 # Stateless batching
 

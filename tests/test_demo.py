@@ -4,6 +4,8 @@ times; bad input is answered on the page, which keeps serving; a damaged checkpo
 with its reason; clicks queue one generation at a time; the run folder is not served."""
 import os
 import re
+import socket
+import tempfile
 import threading
 import urllib.error
 import urllib.request
@@ -151,12 +153,63 @@ def test_without_gradio_the_error_names_the_install_command(run, monkeypatch):
     assert demo.INSTALL in str(e.value.code)
 
 
-@pytest.mark.parametrize("flags, why", [(["--threads", "-1"], "--threads must be >= 0"),
-                                        (["--port", "70000"], "--port must be in 0..65535")])
-def test_bad_options_are_refused_before_any_checkpoint_is_read(run, monkeypatch, flags, why):
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("flags, why", [
+    (["--threads", "-1"], "--threads must be >= 0"),
+    (["--port", "70000"], r"--port must be in 1\.\.65535"),
+    (["--port", "0"], r"--port must be in 1\.\.65535"),        # Gradio would take 0, then fail
+    (["--host", "no.such.host.invalid"], "--host no.such.host.invalid does not resolve"),
+    (["--host", "192.0.2.1"], "cannot listen on 192.0.2.1"),       # a documentation address
+    (["--device", "meta"], "--device must be auto, cpu, cuda or cuda:N, got 'meta'"),
+    (["--device", "cuda:3"], "--device cuda:3: this machine has 1 CUDA device"),
+], ids=["threads", "port-70000", "port-0", "host-unknown", "host-not-ours", "device-meta", "device-cuda-3"])
+def test_bad_options_are_refused_before_any_checkpoint_is_read(monkeypatch, tmp_path, flags, why):
     monkeypatch.setattr(demo, "load_models", lambda *a: pytest.fail("loaded before checking"))
-    with pytest.raises(SystemExit, match=why):
-        demo.main(["--run", run, *flags])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)     # as on a machine with one GPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with pytest.raises(SystemExit, match=why) as e:
+        demo.main(["--run", str(tmp_path), "--port", str(free_port()), *flags])
+    assert str(e.value.code).startswith("error: ") and "\n" not in str(e.value.code)
+    assert os.listdir(tmp_path) == []                                 # nothing written (no clips folder)
+
+
+def test_a_port_in_use_is_refused_before_any_checkpoint_is_read(monkeypatch, tmp_path):
+    monkeypatch.setattr(demo, "load_models", lambda *a: pytest.fail("loaded before checking"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit, match=f"cannot listen on 127.0.0.1 port {port}: .*another --port"):
+            demo.main(["--run", str(tmp_path), "--port", str(port)])
+
+
+class _Page:
+    def launch(self, **kwargs):
+        raise OSError("Cannot find empty port in range: 7860-7860")
+
+
+@pytest.mark.parametrize("where, why", [("warm-up", "the warm-up generation on cpu failed: RuntimeError: "
+                                         "META device type not an accelerator"),
+                                        ("launch", "the page did not start on 127.0.0.1 port .*: OSError")],
+                         ids=["warm-up", "launch"])
+def test_a_failing_warm_up_or_launch_is_one_line_and_leaves_no_folder(monkeypatch, tmp_path, where, why):
+    def warm_up(*args):
+        if where == "warm-up":
+            raise RuntimeError("META device type not an accelerator.\nsecond line")
+    monkeypatch.setattr(demo, "load_models", lambda *a: (["a model"], []))
+    monkeypatch.setattr(demo, "generate_all", warm_up)
+    monkeypatch.setattr(demo, "build_app", lambda *a: _Page())
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with pytest.raises(SystemExit, match=why) as e:
+        demo.main(["--run", str(tmp_path), "--device", "cpu", "--port", str(free_port())])
+    assert "\n" not in str(e.value.code)
+    assert os.listdir(tmp_path) == []                                 # the clips' folder is gone
 
 
 def test_without_a_base_model_there_is_no_speed_up(run, tmp_path):
