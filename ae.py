@@ -61,7 +61,7 @@ class AEConfig:
     warmup: Annotated[int, ">= 0"] = 100
     lr_decay: Annotated[str, "cosine|constant"] = "cosine"
     min_lr_frac: Annotated[float, "in [0, 1]"] = 0.1
-    seed: Annotated[int, ">= 0"] = 0  # init seed and the training noise
+    seed: Annotated[int, "in [0, 9e18]"] = 0  # init seed and the training noise
 
 
 class ResBlock(nn.Module):

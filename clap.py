@@ -40,7 +40,7 @@ class ClapConfig:
     eval_every: Annotated[int, ">= 0"] = 250  # steps between held-out (val split) retrieval / attribute numbers
     ckpt_every: Annotated[int, ">= 0"] = 250
     val_clips: Annotated[int, ">= 2"] = 64  # val clips for those numbers (R@1 among this many candidates)
-    seed: Annotated[int, ">= 0"] = 0  # model init and augmentation draws
+    seed: Annotated[int, "in [0, 9e18]"] = 0  # model init and augmentation draws
 
 
 

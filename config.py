@@ -53,7 +53,7 @@ class TrainConfig:
     eval_every: Annotated[int, ">= 0"] = 250  # steps between validation losses (on the EMA model)
     ckpt_every: Annotated[int, ">= 0"] = 250  # steps between checkpoints (always one at the end)
     val_batches: Annotated[int, ">= 1"] = 4  # validation batches (fixed clips, fixed noise)
-    seed: Annotated[int, ">= 0"] = 0  # seed of the model init and of every noise draw
+    seed: Annotated[int, "in [0, 9e18]"] = 0  # seed of the model init and of every noise draw
     device: Annotated[str, "any"] = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
     threads: Annotated[int, ">= 0"] = 0  # torch CPU threads (0 = torch's default)
     micro_batch: Annotated[int, ">= 0"] = 0  # clips per forward pass on each process (0: its whole share of the
@@ -221,7 +221,7 @@ def accepts(rule, value, typ):
     if rule == "any":
         return isinstance(value, typ) and (typ is bool or not isinstance(value, bool))
     if "|" in rule:
-        return (isinstance(value, str) or _is_number(value, int)) and str(value) in rule.split("|")
+        return (isinstance(value, str) if typ is str else _is_number(value, typ)) and str(value) in rule.split("|")
     if not _is_number(value, typ):
         return False
     if rule == "finite":
@@ -251,6 +251,8 @@ def _want(rule, typ, value):
 
 
 def _show(value):
+    if type(value) not in (int, float, bool, str, list, tuple):    # e.g. numpy.float32(0.001)
+        return f"{value!r} (a {type(value).__module__}.{type(value).__name__}, not a Python number)"
     return repr(value) if isinstance(value, str) else value
 
 
@@ -260,7 +262,23 @@ def cross_rules(cfg):
     size = dit.SIZES[m.size]
     width, depth, heads = (getattr(m, k) or size[k] for k in ("width", "depth", "heads"))
     lo = layerdrop.min_budget(ld.method)
+    samples = int(round(d.seconds * d.sample_rate))                   # one clip
+    frames = int(round(d.seconds * d.sample_rate / d.hop))            # its STFT frames
+    tokens = -(-frames // a.stride) if a.latent_channels > 0 else frames    # what the DiT patches
+    waves = a.latent_channels > 0 and a.decoder == "istft"
+    longest = lambda sizes: max(ae.fft_sizes(sizes, d.n_fft))
     return [
+        ("data.n_fft", d.n_fft, d.n_fft <= samples,
+         f"<= the samples of a clip ({samples}: data.seconds x data.sample_rate)"),
+        ("ae.stride", a.stride, a.latent_channels == 0 or tokens >= 2,
+         f"small enough to leave >= 2 latent frames per clip (a clip has {frames} STFT frames)"),
+        ("model.patch", m.patch, m.patch <= tokens, f"<= the frames the DiT sees per clip ({tokens})"),
+        ("ae.stft_sizes", a.stft_sizes, not waves or longest(a.stft_sizes) <= samples,
+         f"sizes whose FFT (x data.n_fft {d.n_fft}) fits in a clip ({samples} samples)"),
+        ("ae.adv_sizes", a.adv_sizes, not waves or a.adv_weight == 0 or longest(a.adv_sizes) <= samples,
+         f"sizes whose FFT (x data.n_fft {d.n_fft}) fits in a clip ({samples} samples)"),
+        ("train.device", cfg.train.device, bool(re.fullmatch(DEVICES, cfg.train.device)),
+         "auto, cpu, cuda, cuda:N or mps"),
         ("data.hop", d.hop, d.hop <= d.n_fft, f"in 1..data.n_fft ({d.n_fft})"),
         ("model.heads", heads, width % heads == 0, f"a divisor of the width ({width})"),
         ("model.text_heads", m.text_heads, m.text_width % m.text_heads == 0,
@@ -278,6 +296,7 @@ def cross_rules(cfg):
         ("ae.adv_weight", a.adv_weight, a.adv_weight == 0 or a.decoder == "istft",
          "0 with ae.decoder=griffin-lim (the adversarial term scores waveforms)"),
         ("layerdrop.method", ld.method, depth >= lo, f"usable at model.depth {depth} (it runs >= {lo} blocks)"),
+        ("layerdrop.jitter", ld.jitter, ld.jitter < depth, f"below model.depth ({depth})"),
     ]
 
 
@@ -300,9 +319,16 @@ def check(cfg, dataset=True):
 
 
 def config_from_dict(d):
-    """The Config a checkpoint stored (sections it predates get their defaults)."""
-    return Config(**{f.name: f.default_factory(**d.get(f.name, {}))
-                     for f in dataclasses.fields(Config)})
+    """The Config a checkpoint stored (sections and fields it predates get their defaults); a
+    ValueError for fields this code does not know."""
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    unknown = [s for s in d if s not in sections] + [
+        f"{s}.{k}" for s, v in d.items() if s in sections
+        for k in v if k not in {f.name for f in dataclasses.fields(sections[s].default_factory)}]
+    if unknown:
+        raise ValueError(f"the stored config has fields this code does not know: {', '.join(unknown)} "
+                         "(written by another version of the code?)")
+    return Config(**{name: f.default_factory(**d.get(name, {})) for name, f in sections.items()})
 
 
 def parse_sets(items):
@@ -310,7 +336,16 @@ def parse_sets(items):
     bad = [item for item in items or [] if "=" not in item]
     if bad:
         raise ValueError(f"--set expects key=value, got {bad[0]!r}")
-    return dict((k.strip(), v.strip()) for k, v in (item.split("=", 1) for item in items or []))
+    sets = dict((k.strip(), v.strip()) for k, v in (item.split("=", 1) for item in items or []))
+    for key in sets.keys() & DERIVED:
+        raise ValueError(f"{key} is filled in by the code, not set: {DERIVED[key]}")
+    return sets
+
+
+DERIVED = {"model.in_channels": "it is the latent's channels (set ae.latent_channels, or data.n_fft and "
+                                "data.channels without an autoencoder)",
+           "model.vocab_size": "it is the tokenizer's vocabulary (made from the data set's captions)",
+           "model.max_text_len": "set data.max_text_len"}
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -323,11 +358,16 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+DEVICES = r"auto|cpu|cuda(:\d+)?|mps"      # what pick_device (and train.device) accepts
+
+
 def pick_device(name):
     """torch.device for a name; "auto": this process's GPU (LOCAL_RANK under torchrun), else cpu.
     On CUDA, float32 matmuls (what runs outside bf16 autocast) may use TF32 tensor cores."""
     if name == "auto":
         name = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
+    if not re.fullmatch(DEVICES, name):
+        raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, got {name!r}")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"device {name} was asked for but CUDA is not available")
     if name.startswith("cuda"):

@@ -33,12 +33,12 @@ import synth
 class DataConfig:
     dataset: Annotated[str, "any"] = "synth"  # "synth" (built-in synthetic music), "corpus" (rendered scores,
                                               # corpus.py) or a path to a folder of audio + captions
-    sample_rate: Annotated[int, ">= 1"] = 8000  # Hz, everything is resampled to this
+    sample_rate: Annotated[int, "in [1000, 192000]"] = 8000  # Hz, everything is resampled to this
     seconds: Annotated[float, "in (0, 600]"] = 4.0  # clip length: audio is cut or zero-padded to this
     channels: Annotated[int, "1|2"] = 1  # 1 = mono, 2 = stereo (stereo is stacked into the latent's C axis)
     n_fft: Annotated[int, ">= 2"] = 256  # STFT size -> n_fft // 2 + 1 frequency bins per channel
     hop: Annotated[int, ">= 1"] = 128  # STFT hop -> sample_rate / hop frames per second
-    log_floor: Annotated[float, "> 0"] = 1e-4  # magnitudes are clamped to this before the log
+    log_floor: Annotated[float, "in (0, 0.1]"] = 1e-4  # magnitudes are clamped to this before the log
     drums: Annotated[float, "in [0, 1]"] = 0.5  # probability that a synthetic clip has drums
     val_fraction: Annotated[float, "in [0, 0.5)"] = 0.05  # folder / corpus: share of files (pieces) in val (and test)
     min_active: Annotated[float, "in [0, 1]"] = 0.1  # folder: skip clips with less of their 50 ms frames > -50 dBFS
@@ -46,7 +46,7 @@ class DataConfig:
     griffin_lim_iters: Annotated[int, ">= 1"] = 32  # decode quality vs time
     griffin_lim_momentum: Annotated[float, "in [0, 1)"] = 0.99  # fast Griffin-Lim (Perraudin et al. 2013); 0: plain
     max_text_len: Annotated[int, ">= 1"] = 32  # tokens per caption (longer captions are cut)
-    seed: Annotated[int, ">= 0"] = 0  # data seed: same seed -> same clips
+    seed: Annotated[int, "in [0, 9e18]"] = 0  # data seed: same seed -> same clips
     corpus_pieces: Annotated[int, ">= 1"] = 3000  # corpus: scores parsed into the cache (equal shares per collection)
     corpus_collections: Annotated[tuple, "any"] = ()  # corpus: which of corpus.COLLECTIONS (empty: all)
     corpus_cache: Annotated[str, "any"] = "~/.cache/presto"  # corpus: folder of the parsed-score cache

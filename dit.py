@@ -32,7 +32,7 @@ class DiTConfig:
     heads: Annotated[int, ">= 0"] = 0  # 0 = take it from `size`
     patch: Annotated[int, ">= 1"] = 2  # frames per token; keep patch * C <= width (a wider token cannot be
                                        # reproduced by the output Linear: that caps how much noise it removes)
-    mlp_ratio: Annotated[float, "> 0"] = 4.0
+    mlp_ratio: Annotated[float, "in [0.25, 16]"] = 4.0
     text_width: Annotated[int, ">= 1"] = 128  # the text encoder's width
     text_depth: Annotated[int, ">= 1"] = 2  # the text encoder's transformer layers
     text_heads: Annotated[int, ">= 1"] = 4  # the text encoder's attention heads (text_width must divide by it)

@@ -41,14 +41,14 @@ class DistillConfig:
     p_gan: Annotated[str, "train|inf"] = "train"  # sigmas at which real / generated latents are noised for the GAN
     gen_sigmas: Annotated[str, "continuous|discrete"] = "continuous"  # "continuous" (Presto) or "discrete" (the
                                                                       # few-step grid, DMD2-style)
-    grid_steps: Annotated[int, ">= 1"] = 4  # N of the discrete grid, and the default sampling steps
+    grid_steps: Annotated[int, "in [1, 1000]"] = 4  # N of the discrete grid, and the default sampling steps
     gen_inputs: Annotated[str, "real|backward"] = "real"  # what is noised to sigma_gen: "real" latents (the paper's
                                                           # Presto-S), or "backward": G's own 1-step sample (DMD2's
                                                           # backward simulation, one jump)
     gan_real: Annotated[str, "independent|shared"] = "independent"  # the discriminator's real clips: "independent"
                                                                     # (a batch of their own, as DMD2 draws them) or
                                                                     # "shared" (the clips noised into G's inputs)
-    cfg_w: Annotated[float, "finite"] = 4.0  # CFG weight on the real score only (x0-space convention, edm.py)
+    cfg_w: Annotated[float, "in [0, 50]"] = 4.0  # CFG weight on the real score only (x0-space convention, edm.py)
     nu1: Annotated[float, ">= 0"] = 3e-3  # generator loss = L_DMD + nu1 * L_G (LSGAN)
     nu2: Annotated[float, ">= 0"] = 1e-2  # fake-score loss = L_fake + nu2 * L_D (LSGAN)
     gen_every: Annotated[int, ">= 1"] = 5  # generator step every K iterations; fake score + D every iteration

@@ -23,12 +23,12 @@ import torch.nn as nn
 
 @dataclass
 class EDMConfig:
-    sigma_data: Annotated[float, "> 0"] = 0.5  # std of the (normalised) training latents (data.py scales them)
-    P_mean: Annotated[float, "finite"] = -1.2  # p_train: ln(sigma) ~ N(P_mean, P_std^2)  (EDM's image default)
-    P_std: Annotated[float, "> 0"] = 1.2
-    sigma_min: Annotated[float, "> 0"] = 0.002  # p_inf / sampling schedule range
-    sigma_max: Annotated[float, "> 0"] = 80.0
-    rho: Annotated[float, "> 0"] = 7.0  # Karras schedule curvature
+    sigma_data: Annotated[float, "in [0.001, 100]"] = 0.5  # std of the (normalised) training latents (data.py scales them)
+    P_mean: Annotated[float, "in [-5, 5]"] = -1.2  # p_train: ln(sigma) ~ N(P_mean, P_std^2)  (EDM's image default)
+    P_std: Annotated[float, "in (0, 5]"] = 1.2
+    sigma_min: Annotated[float, "in [1e-05, 10]"] = 0.002  # p_inf / sampling schedule range
+    sigma_max: Annotated[float, "in (0, 10000]"] = 80.0
+    rho: Annotated[float, "in [0.5, 100]"] = 7.0  # Karras schedule curvature
 
 
 # ----------------------------------------------------------------------------------------------

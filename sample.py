@@ -351,6 +351,10 @@ def main(argv=None):
             elif len(words) > cfg.data.max_text_len:
                 warnings.warn(f"prompt {i + 1} has {len(words)} words; the model reads only the "
                               f"first {cfg.data.max_text_len}")
+            odd = tok.unreadable(prompt)
+            if odd:
+                warnings.warn(f"prompt {i + 1}: the model reads only ASCII letters and digits; "
+                              f"{' '.join(odd)} split or drop the words they are in (write C# for C♯)")
             unknown = tok.unknown(prompt)
             if words and unknown:
                 warnings.warn(f"prompt {i + 1}: {len(unknown)} of {len(words)} words the model never "

@@ -815,6 +815,16 @@ RESUME_FREE = {"train.device", "train.threads", "train.workers", "train.compile"
                "train.ckpt_every", "train.val_batches", "clap.log_every", "clap.eval_every",
                "clap.ckpt_every", "clap.val_clips", "distill.val_every", "distill.val_clips",
                "data.corpus_cache"}
+# the config sections a stage computes with: on --resume, a --set in any other section cannot change
+# what the stage's checkpoint computes, so it is applied (it matters to later stages) and not refused
+USES = {"ae": {"data", "ae", "train"}, "base": {"data", "ae", "model", "edm", "train"},
+        "clap": {"data", "clap", "train"}, "presto-s": {"data", "ae", "model", "edm", "train", "distill"},
+        "presto-ls": {"data", "ae", "model", "edm", "train", "distill", "layerdrop"},
+        "ase": {"data", "ae", "model", "edm", "train", "layerdrop"},
+        "presto-l": {"data", "ae", "model", "edm", "train", "layerdrop"}}
+# the checkpoints a stage starts from (a newer one of these makes the stage's own checkpoint stale)
+STARTS_FROM = {"base": ("ae",), "presto-s": ("base",), "ase": ("base",), "presto-l": ("base",),
+               "presto-ls": ("base", "presto-l")}
 STEPS_OF = {"ae": "ae.steps", "base": "train.steps", "clap": "clap.steps", "presto-s": "distill.steps",
             "presto-ls": "distill.steps", "ase": "layerdrop.steps", "presto-l": "layerdrop.steps"}
 
@@ -824,14 +834,21 @@ def resume_config(stage, path, sets, quiet=False):
     path with --set values: a value that would change what the saved run computes is refused,
     naming the field (quiet: a changed step count is not announced)."""
     ckpt = config.read_checkpoint(path)
+    if ckpt.get("stage", "base") != stage:
+        raise ValueError(f"--resume: {path} holds a {ckpt.get('stage')} checkpoint, not {stage}")
     saved = config.config_from_dict(ckpt["config"])
     cfg = config.apply_overrides(config.config_from_dict(ckpt["config"]), sets)
     get = lambda c, key: getattr(getattr(c, key.split(".")[0]), key.split(".")[1])
     steps_key = STEPS_OF[stage]
     for key in sets:
-        if key not in RESUME_FREE and key != steps_key and get(cfg, key) != get(saved, key):
+        if (key not in RESUME_FREE and key != steps_key and key.split(".")[0] in USES[stage]
+                and get(cfg, key) != get(saved, key)):
             raise ValueError(f"--resume: {key}={get(cfg, key)} would change what {path} computes (it "
                              f"was trained with {get(saved, key)}); drop the --set, or start over with --force")
+    other = [k for k in sets if k.split(".")[0] not in USES[stage] and get(cfg, k) != get(saved, k)]
+    if other and not quiet:
+        say(f"--resume: {', '.join(other)} do(es) not change what {path} computes; kept in its config "
+            "for the stages that read it")
     step, total = ckpt.get("step", 0), get(cfg, steps_key)
     if step >= total:
         return cfg, (f"{path} is at step {step} and {steps_key} is {total}: nothing to do, nothing "
@@ -847,6 +864,14 @@ def run_stage(stage, out, preset, sets, resume=False, force=False):
     ckpt_name, stage_fn = STAGES[stage]
     check_stage_sets([stage], sets)
     path = os.path.join(out, ckpt_name)
+    student = os.path.join(out, "presto_l.pt")
+    if stage == "presto-ls" and os.path.exists(student):   # its layer drop is presto_l.pt's own
+        trained = config.config_from_dict(config.read_checkpoint(student)["config"]).layerdrop
+        for key in [k for k in sets if k.startswith("layerdrop.") and k != "layerdrop.steps"]:
+            value = getattr(config.apply_overrides(config.Config(), {key: sets[key]}).layerdrop, key[10:])
+            if value != getattr(trained, key[10:]):
+                raise ValueError(f"{key}={sets[key]} cannot apply to --stage presto-ls, whose generator "
+                                 f"is presto_l.pt's, trained with {key}={getattr(trained, key[10:])} (drop the --set)")
     if resume:
         if not os.path.exists(path):
             raise FileNotFoundError(f"--resume: no checkpoint at {path}")
@@ -889,15 +914,34 @@ def run_all(out, preset, sets, force=False):
         if stage == "ae" and not os.path.exists(path) and not wants_autoencoder(out, preset, sets):
             continue                           # no autoencoder: the DiT diffuses STFT frames
         ckpt = config.read_checkpoint(path) if os.path.exists(path) and not force else None
+        stale = [s for s, _ in todo if s in STARTS_FROM.get(stage, ())]
+        if ckpt is not None and stale:         # kept, it would not match what it was made from
+            raise ValueError(f"{path} was made from the {' and '.join(stale)} checkpoint(s) that --stage "
+                             "all is about to train: move it away, or pass --force to retrain every stage")
         if ckpt is not None and ckpt.get("done"):
             say(f"{stage}: {path} is complete, skipped (--force retrains it)")
             continue
         todo.append((stage, ckpt is None))     # the preset is for the stages that start fresh
+    kept = [f for f, _ in STAGES.values() if os.path.exists(os.path.join(out, f))]
+    if preset is None and kept and not force and any(fresh for _, fresh in todo):
+        raise ValueError(f"{out} holds {', '.join(kept)}: pass the --preset they were trained with, for "
+                         f"the stages that start fresh ({', '.join(s for s, fresh in todo if fresh)})")
     for stage, fresh in todo:                  # every stage's settings, before the first one trains
         config.check(config.make_config(preset or "cpu", sets) if fresh else
                      resume_config(stage, os.path.join(out, STAGES[stage][0]), sets, quiet=True)[0])
     for stage, fresh in todo:
         run_stage(stage, out, preset if fresh else None, sets, resume=not fresh, force=True)
+
+
+def check_out(out):
+    """A one-line error for a --out that cannot become a folder (empty, a file, or under one)."""
+    if not out.strip():
+        sys.exit("error: --out is empty")
+    up = os.path.abspath(out)
+    while not os.path.exists(up):
+        up = os.path.dirname(up)
+    if not os.path.isdir(up):
+        sys.exit(f"error: --out {out}: {up} is a file, not a folder")
 
 
 def main(argv=None):
@@ -933,6 +977,7 @@ def main(argv=None):
                         "--stage all: retrain every stage)")
     args = p.parse_args(argv)
     try:
+        check_out(args.out)
         init_distributed()
         sets = config.parse_sets(args.set)
         if args.compile:

@@ -89,14 +89,46 @@ def test_choices_match_the_code():
     ({"model.size": "XS", "model.heads": "3"}, "model.heads"),
     ({"model.text_heads": "3"}, "model.text_heads"),
     ({"clap.heads": "3"}, "clap.heads"),
-    ({"edm.sigma_min": "100"}, "edm.sigma_max"),
+    ({"edm.sigma_min": "5", "edm.sigma_max": "1"}, "edm.sigma_max"),
     ({"distill.disc_block": "4"}, "distill.disc_block"),        # tiny: XS, 4 blocks
     ({"layerdrop.schedule": "0.5,1"}, "layerdrop.schedule"),
     ({"layerdrop.st_weight": "0"}, "layerdrop.st_weight"),
     ({"ae.adv_weight": "0.1"}, "ae.adv_weight"),
     ({"model.depth": "1"}, "layerdrop.method"),
+    ({"data.n_fft": "16384"}, "data.n_fft"),                     # tiny: 1 s at 8 kHz
+    ({"ae.latent_channels": "8", "ae.stride": "64"}, "ae.stride"),  # 62 frames -> 1 latent frame
+    ({"model.patch": "100"}, "model.patch"),
+    ({"ae.latent_channels": "8", "ae.decoder": "istft", "ae.stft_sizes": "40"}, "ae.stft_sizes"),
+    ({"layerdrop.jitter": "4"}, "layerdrop.jitter"),
+    ({"train.device": "meta"}, "train.device"),
 ])
 def test_rules_between_fields(sets, field):
     cfg = config.make_config("tiny", sets)
     with pytest.raises(ValueError, match=rf"^{re.escape(field)} must be "):
         config.check(cfg)
+
+
+def test_a_value_of_another_type_is_named_as_such():
+    import numpy as np
+    cfg = config.make_config("tiny")
+    cfg.data.channels = "2"                          # a choice among numbers, given as text
+    with pytest.raises(ValueError, match=r"^data.channels must be 1 or 2, got '2'$"):
+        config.check(cfg)
+    cfg = config.make_config("tiny")
+    cfg.train.lr = np.float32(1e-3)
+    with pytest.raises(ValueError, match="a numpy.float32, not a Python number"):
+        config.check(cfg)
+
+
+def test_fields_the_code_fills_in_cannot_be_set():
+    for key in ("model.in_channels", "model.vocab_size", "model.max_text_len"):
+        with pytest.raises(ValueError, match=rf"^{re.escape(key)} is filled in by the code"):
+            config.parse_sets([f"{key}=3"])
+
+
+def test_a_stored_config_with_unknown_fields_is_one_line():
+    stored = dataclasses.asdict(config.make_config("tiny"))
+    assert config.config_from_dict(stored) == config.make_config("tiny")
+    stored["train"]["from_the_future"] = 1
+    with pytest.raises(ValueError, match="fields this code does not know: train.from_the_future"):
+        config.config_from_dict(stored)

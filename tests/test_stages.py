@@ -255,3 +255,41 @@ def test_list_fields_take_comma_separated_values():
     d = dataclasses.asdict(config.make_config("tiny"))
     del d["layerdrop"]                                 # checkpoints from before the section
     assert config.config_from_dict(d).layerdrop == layerdrop.LayerDropConfig()
+
+
+def test_stage_all_refuses_checkpoints_made_from_ones_it_would_retrain(run, tmp_path):
+    stale = str(tmp_path / "stale")              # presto_s.pt without the base.pt it was distilled from
+    os.makedirs(stale)
+    shutil.copy(os.path.join(run, "presto_s.pt"), stale)
+    with pytest.raises(SystemExit, match=r"presto_s.pt was made from the base checkpoint\(s\) that --stage all"):
+        train.main([*ALL, "--out", stale])
+    assert os.listdir(stale) == ["presto_s.pt"]
+    kept = str(tmp_path / "kept")                # complete base.pt and clap.pt, the rest to train
+    os.makedirs(kept)
+    for name in ("base.pt", "clap.pt"):
+        shutil.copy(os.path.join(run, name), kept)
+    with pytest.raises(SystemExit, match="pass the --preset they were trained with"):
+        train.main(["--stage", "all", "--out", kept])     # fresh stages would start from cpu
+    assert sorted(os.listdir(kept)) == ["base.pt", "clap.pt"]
+
+
+def test_resume_checks_the_stage_and_applies_other_sections(run, tmp_path, monkeypatch):
+    wrong = str(tmp_path / "wrong")
+    os.makedirs(wrong)
+    shutil.copy(os.path.join(run, "ase.pt"), os.path.join(wrong, "base.pt"))
+    with pytest.raises(SystemExit, match="holds a ase checkpoint, not base"):
+        train.main(["--stage", "base", "--resume", "--out", wrong])
+    out = str(tmp_path / "cut")
+    crash_after_first_checkpoint(monkeypatch, train.train_base, config.make_config("tiny", FAST), out)
+    train.main(["--stage", "base", "--resume", "--out", out, "--set", "distill.steps=7"])  # not base's
+    ckpt = load_ckpt(out, "base.pt")
+    assert ckpt["done"] and ckpt["config"]["distill"]["steps"] == 7
+
+
+def test_presto_ls_refuses_a_layer_drop_setting_other_than_presto_ls_own(run, tmp_path):
+    out = str(tmp_path)
+    for name in ("base.pt", "presto_l.pt"):
+        shutil.copy(os.path.join(run, name), out)
+    with pytest.raises(SystemExit, match="layerdrop.schedule=1,0.5 cannot apply to --stage presto-ls"):
+        train.main(["--stage", "presto-ls", "--preset", "tiny", "--out", out, "--set", "layerdrop.schedule=1,0.5"])
+    assert not os.path.exists(os.path.join(out, "presto_ls.pt"))

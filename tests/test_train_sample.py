@@ -113,6 +113,18 @@ def test_words_the_model_never_saw_are_named(tiny_run, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         sample.main(args + ["--prompt", "slow organ chords in c major", "--out", str(tmp_path / "b.wav")])
+    with pytest.warns(UserWarning, match=r"ß ü ♯ split or drop the words they are in"):
+        sample.main(args + ["--prompt", "Orgel für Straße in C♯ minor", "--out", str(tmp_path / "c.wav")])
+
+
+def test_an_out_or_device_that_cannot_work_is_one_line_before_work(tiny_run, tmp_path):
+    (tmp_path / "f").write_text("")
+    for out in (str(tmp_path / "f"), str(tmp_path / "f" / "sub")):
+        with pytest.raises(SystemExit, match="is a file, not a folder"):
+            train.main(["--stage", "base", "--preset", "tiny", "--out", out])
+    with pytest.raises(SystemExit, match="device must be auto, cpu, cuda, cuda:N or mps, got 'meta'"):
+        sample.main(["--ckpt", os.path.join(tiny_run, "base.pt"), "--prompt", "piano", "--device", "meta",
+                     "--out", str(tmp_path / "x.wav")])
 
 
 def test_sample_batch_from_file(tiny_run, tmp_path):
