@@ -228,6 +228,9 @@ def output_paths(out, n, many):
         if os.path.splitext(out)[1].lower() not in AUDIO_OUT:
             raise ValueError(f"--out {out}: give a {' or '.join(AUDIO_OUT)} file name")
         paths = [out]
+    taken = [p for p in paths if os.path.isdir(p)]
+    if taken:
+        raise ValueError(f"--out: {taken[0]} is a folder, so clip {paths.index(taken[0]) + 1} cannot be written there")
     for folder in {os.path.dirname(os.path.abspath(p)) for p in paths}:
         try:
             os.makedirs(folder, exist_ok=True)
@@ -331,8 +334,11 @@ def main(argv=None):
         if args.prompts:
             if not os.path.isfile(args.prompts):
                 raise FileNotFoundError(f"prompts file not found: {args.prompts}")
-            with open(args.prompts) as f:
-                prompts = [l.strip() for l in f if l.strip()]
+            try:
+                with open(args.prompts, encoding="utf-8") as f:
+                    prompts = [l.strip() for l in f if l.strip()]
+            except UnicodeDecodeError:
+                raise ValueError(f"--prompts {args.prompts} is not UTF-8 text (one prompt per line)") from None
         else:
             prompts = [args.prompt]
         device = config.pick_device(args.device)

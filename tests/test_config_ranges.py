@@ -101,6 +101,8 @@ def test_choices_match_the_code():
     ({"ae.latent_channels": "8", "ae.decoder": "istft", "ae.stft_sizes": "40"}, "ae.stft_sizes"),
     ({"layerdrop.jitter": "4"}, "layerdrop.jitter"),
     ({"train.device": "meta"}, "train.device"),
+    ({"data.dataset": " "}, "data.dataset"),
+    ({"distill.val_every": "5", "distill.val_clips": "1"}, "distill.val_clips"),
 ])
 def test_rules_between_fields(sets, field):
     cfg = config.make_config("tiny", sets)

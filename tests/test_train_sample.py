@@ -117,6 +117,18 @@ def test_words_the_model_never_saw_are_named(tiny_run, tmp_path):
         sample.main(args + ["--prompt", "Orgel für Straße in C♯ minor", "--out", str(tmp_path / "c.wav")])
 
 
+def test_a_prompts_file_that_is_not_text_or_an_out_that_is_a_folder_is_one_line(tiny_run, tmp_path):
+    ckpt = os.path.join(tiny_run, "base.pt")
+    (tmp_path / "p.bin").write_bytes(b"\xff\xfe\x00piano\n")
+    with pytest.raises(SystemExit, match="is not UTF-8 text"):
+        sample.main(["--ckpt", ckpt, "--prompts", str(tmp_path / "p.bin"), "--out", str(tmp_path / "o")])
+    (tmp_path / "p.txt").write_text("piano\norgan\n")
+    os.makedirs(tmp_path / "x_001.wav")                  # where the second clip would go
+    with pytest.raises(SystemExit, match="x_001.wav is a folder, so clip 2 cannot be written"):
+        sample.main(["--ckpt", ckpt, "--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "x.wav")])
+    assert not (tmp_path / "x_000.wav").exists()
+
+
 def test_an_out_or_device_that_cannot_work_is_one_line_before_work(tiny_run, tmp_path):
     (tmp_path / "f").write_text("")
     for out in (str(tmp_path / "f"), str(tmp_path / "f" / "sub")):
