@@ -128,7 +128,8 @@ def evaluate_run(run, opts, embed_fn, embed_text=None, predict_fn=None, device="
     too, as name_fad, name_fad_inf, name_mmd (e.g. {"aisfx": judge.Judge(...)}). examples: a dict
     that receives {row name: its first opts.spectrograms clips} (the real test clips first)."""
     device = torch.device(device)
-    present = [f for f in ROWS if os.path.isfile(os.path.join(run, f))]
+    wanted = getattr(opts, "checkpoints", None) or ROWS      # --checkpoints: only these files
+    present = [f for f in ROWS if f in wanted and os.path.isfile(os.path.join(run, f))]
     if not present:
         raise FileNotFoundError(f"no checkpoints in {run} (looked for {', '.join(ROWS)})")
     loaded = [load_rows(checkpoint_file(run, f, getattr(opts, "best", False)), ROWS[f], device, opts)
@@ -758,6 +759,9 @@ def main(argv=None):
                    help="steps of the Presto-LS row (with --latency-only: of the Presto-S row too)")
     p.add_argument("--cfg", type=float, default=4.0,
                    help="CFG weight of the base, ASE and Presto-L rows (x0-space)")
+    p.add_argument("--checkpoints", nargs="+", default=None, metavar="FILE",
+                   help=f"score only these checkpoint files of the run folder, of {', '.join(ROWS)} "
+                        "(default: every one present)")
     p.add_argument("--best", action="store_true",
                    help="score presto_s_best.pt / presto_ls_best.pt (lowest validation FAD during "
                         "distillation, distill.val_every) instead of the last checkpoints, where present")
@@ -847,6 +851,11 @@ def main(argv=None):
             raise FileNotFoundError(f"run folder not found: {opts.run}")
         if not any(os.path.isfile(os.path.join(opts.run, f)) for f in ROWS):
             raise FileNotFoundError(f"no checkpoints in {opts.run} (looked for {', '.join(ROWS)})")
+        for f in opts.checkpoints or ():
+            if f not in ROWS:
+                raise ValueError(f"--checkpoints: unknown {f}; choose from {', '.join(ROWS)}")
+            if not os.path.isfile(os.path.join(opts.run, f)):
+                raise FileNotFoundError(f"--checkpoints: {os.path.join(opts.run, f)} not found")
         if opts.collections:
             check_collections(opts)
         device = config.pick_device(opts.device)

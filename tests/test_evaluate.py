@@ -269,3 +269,23 @@ def test_a_checkpoint_in_the_wrong_role_is_named(eval_run, tmp_path):
     msg = str(e.value.code)
     assert msg.startswith("error:") and "holds a base checkpoint; this needs presto-l" in msg
 
+
+def test_checkpoints_scores_only_the_named_files(eval_run, tmp_path, monkeypatch):
+    """--checkpoints base.pt leaves the folder's other checkpoint unread (here a base model saved as
+    ase.pt, which would be refused if it were loaded); an unknown or missing name is one line before
+    anything loads."""
+    for name, target in (("clap.pt", "clap.pt"), ("base.pt", "base.pt"), ("ase.pt", "base.pt")):
+        os.symlink(os.path.join(eval_run, target), tmp_path / name)
+    monkeypatch.setattr(evaluate, "plot", lambda res, path: "no picture")   # not tested here; saves seconds
+    evaluate.main(["--run", str(tmp_path), "--checkpoints", "base.pt", "--n", "2", "--seeds", "2",
+                   "--prompts", "1", "--steps", "1", "--dpm-steps", "1", "--repeats", "1",
+                   "--spectrograms", "0", "--device", "cpu"])
+    res = json.load(open(tmp_path / "results.json"))
+    assert res["settings"]["checkpoints"] == ["base.pt"]
+    assert [r["name"] for r in res["rows"][1:]] == ["base Heun", "base DPM-Solver++(2M)"]
+    monkeypatch.setattr(evaluate.config, "load_checkpoint", lambda *a, **k: pytest.fail("loaded"))
+    for name, msg in (("base", "--checkpoints: unknown base; choose from base.pt, presto_s.pt"),
+                      ("presto_s.pt", f"--checkpoints: {tmp_path / 'presto_s.pt'} not found")):
+        with pytest.raises(SystemExit) as e:
+            evaluate.main(["--run", str(tmp_path), "--checkpoints", "base.pt", name])
+        assert str(e.value.code).startswith(f"error: {msg}") and "\n" not in str(e.value.code)

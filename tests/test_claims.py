@@ -1,0 +1,295 @@
+"""scripts/claims.py: the statistics worked by hand, arm folders and their cache, the commands it
+would run, one-line errors, and one claim end to end on a tiny run."""
+import dataclasses
+import json
+import math
+import os
+import sys
+
+import pytest
+
+import config
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+import claims  # noqa: E402
+
+# -----------------------------------------------------------------------------
+# Statistics
+
+
+def test_a_paired_difference_over_three_clips():
+    # the paper's arm beats the other by 1, 2 and 3 on three clips: mean 2, sd 1, SE 1 / sqrt(3)
+    mean, se = claims.paired([1.5, 2.5, 3.5], [0.5, 0.5, 0.5])
+    assert mean == pytest.approx(2.0) and se == pytest.approx(1 / math.sqrt(3))
+
+
+def test_across_seeds_takes_the_larger_standard_error():
+    # within sqrt(0.3^2 + 0.4^2) / 2 = 0.25; between sd(2, 4) / sqrt(2) = 1: the seeds' spread wins
+    assert claims.across_seeds([2.0, 4.0], [0.3, 0.4]) == pytest.approx((3.0, 1.0))
+    # within sqrt(0.6^2 + 0.8^2) / 2 = 0.5; between sd(1.0, 1.2) / sqrt(2) = 0.1: the clips' spread wins
+    assert claims.across_seeds([1.0, 1.2], [0.6, 0.8]) == pytest.approx((1.1, 0.5))
+    # one seed: its own SE; one seed of a set-level number (FAD): no error bar at all
+    assert claims.across_seeds([0.7], [0.2]) == pytest.approx((0.7, 0.2))
+    assert claims.across_seeds([0.7], [None]) == (0.7, None)
+    # FAD over two seeds: only the between-seed SE, sd(0.5, 0.4) / sqrt(2) = 0.05
+    assert claims.across_seeds([0.5, 0.4], [None, None]) == pytest.approx((0.45, 0.05))
+
+
+def test_verdicts():
+    seeds = [0, 1]
+    assert claims.verdict([2.0, 4.0], 3.0, 1.0, seeds) == "holds"
+    assert claims.verdict([-3.0, -3.2], -3.1, 0.1, seeds) == "does not hold"
+    # 2 SE exactly is not more than 2 SE: 0.9 and 1.1 with SEs 0.6 and 0.8 give mean 1.0, SE 0.5
+    mean, se = claims.across_seeds([0.9, 1.1], [0.6, 0.8])
+    assert (mean, se) == (1.0, 0.5) and claims.verdict([0.9, 1.1], mean, se, seeds) == "within noise"
+    assert claims.verdict([0.5, -0.2], 0.15, 0.35, seeds) == "seeds disagree: add --seeds 0 1 2"
+    assert claims.verdict([0.5, 0.6, -0.1], 0.33, 0.2, [0, 1, 2]) == "seeds disagree: add --seeds 0 1 2 3"
+    assert claims.verdict([0.5], 0.5, None, [3]) == "no error bar from one seed: add --seeds 3 4"
+    # a mean far on the paper's side is not "holds" while a seed sits exactly at zero
+    assert claims.verdict([0.0, 4.0], 2.0, 0.1, seeds) == "within noise"
+
+
+def test_one_seed_of_fad_nearness_and_speed():
+    paper = dict(fad=1.0, clap_score_by_clip=[0.30, 0.32], end_to_end_ms=20.0)
+    other = dict(fad=1.5, clap_score_by_clip=[0.20, 0.20], end_to_end_ms=500.0)
+    fad = claims.seed_difference(paper, other, "fad", -1)           # lower wins: -0.5 is the paper's side
+    assert fad == pytest.approx(dict(paper=1.0, other=1.5, difference=-0.5, se=None, side=0.5))
+    clap = claims.seed_difference(paper, other, "clap_score_by_clip", 1)
+    assert clap["difference"] == pytest.approx(0.11) and clap["se"] == pytest.approx(0.01)
+    # near: FAD 1.3 against a teacher's 1.0 is beyond 1.2x (side 0.2 - 0.3 < 0); 1.1 is within
+    assert claims.seed_difference(dict(fad=1.3), dict(fad=1.0), "fad", -1, 0.2)["side"] == pytest.approx(-0.1)
+    assert claims.seed_difference(dict(fad=1.1), dict(fad=1.0), "fad", -1, 0.2)["side"] == pytest.approx(0.1)
+    # near: a CLAP score 0.01 below a teacher's 0.4 is within 5% (0.02)
+    near = claims.seed_difference(dict(s_by_clip=[0.39, 0.39]), dict(s_by_clip=[0.4, 0.4]), "s_by_clip", 1, 0.05)
+    assert near["side"] == pytest.approx(0.01)
+    speed = claims.seed_difference(paper, other, "end_to_end_ms", 1)  # 500 ms / 20 ms: 25x
+    assert speed["difference"] == pytest.approx(25.0) and speed["side"] == pytest.approx(24.0)
+    both = claims.compare([dict(speed, seed=0), dict(speed, difference=23.0, side=22.0, seed=1)], [0, 1])
+    assert both["difference"] == pytest.approx(24.0) and both["se"] == pytest.approx(1.0)
+    assert both["verdict"] == "holds"
+
+
+# -----------------------------------------------------------------------------
+# Arm folders, the cache, the commands
+
+
+def test_arm_folders_are_named_by_recipe():
+    assert claims.arm_folder("presto-s", {}, 0) == "presto-s_seed0"
+    assert (claims.arm_folder("presto-s", {"distill.gen_sigmas": "discrete"}, 1)
+            == "presto-s_distill.gen_sigmas=discrete_seed1")
+    # sorted; speed settings (train.threads) and other stages' sections (distill.* for Presto-L) left out
+    sets = {"distill.steps": "10", "train.threads": "1", "layerdrop.steps": "5", "distill.nu1": "0"}
+    assert claims.arm_folder("presto-s", sets, 2) == "presto-s_distill.nu1=0_distill.steps=10_seed2"
+    assert claims.arm_folder("presto-l", sets, 2) == "presto-l_layerdrop.steps=5_seed2"
+    assert claims.arm_folder("base", sets, 2) == "base"
+
+
+def fake_run(tmp_path):
+    """A run folder whose base.pt is a checkpoint of the tiny preset without weights (the script
+    reads only its config) and whose clap.pt is any file."""
+    run = tmp_path / "run"
+    run.mkdir()
+    config.save_checkpoint(str(run / "base.pt"), {"stage": "base", "done": True, "model": {}, "vocab": {},
+                                                  "config": dataclasses.asdict(config.make_config("tiny"))})
+    (run / "clap.pt").write_text("an embedder")
+    return str(run)
+
+
+# what each stage's fake evaluation reports: Presto-LS a little worse than Presto-S but 2x faster
+FAKE = {"presto-s": dict(clap=[0.30, 0.32, 0.34, 0.36], fad=1.0, ms=20.0),
+        "presto-ls": dict(clap=[0.30, 0.31, 0.34, 0.35], fad=1.05, ms=10.0),
+        "base": dict(clap=[0.30, 0.32, 0.33, 0.36], fad=0.9, ms=400.0)}
+
+
+class Running:
+    """A subprocess that is still running at the first look and has finished, having written its
+    outputs (write()), at the second."""
+    def __init__(self, write, returncode=0):
+        self.write, self.returncode, self.looks = write, returncode, 0
+
+    def poll(self):
+        self.looks += 1
+        if self.looks == 1:
+            return None
+        if self.looks == 2 and self.returncode == 0:
+            self.write()
+        return self.returncode
+
+    def terminate(self):
+        pass
+
+
+def fake_spawn(asked, fail=None):
+    """A stand-in for claims.spawn that records each command and, when the process finishes,
+    writes what train.py / evaluate.py would: a finished checkpoint without weights, or a
+    results.json with FAKE's numbers."""
+    def spawn(argv, log):
+        asked.append(argv)
+        value = lambda flag: argv[argv.index(flag) + 1]
+        if argv[1].endswith("train.py"):
+            stage, out = value("--stage"), value("--out")
+
+            def write():
+                if stage == "presto-ls":        # its Presto-L arm's checkpoint, linked in
+                    assert os.path.isfile(os.path.join(out, "presto_l.pt"))
+                config.save_checkpoint(os.path.join(out, claims.FILE[stage]), {
+                    "stage": stage, "done": True, "model": {}, "vocab": {}, "config": {}})
+        else:
+            out, stage = value("--run"), {v: k for k, v in claims.FILE.items()}[value("--checkpoints")]
+
+            def write():
+                seed = 0.01 * int(out[-1]) if out[-1].isdigit() else 0.0
+                f = FAKE[stage]
+                row = dict(name=claims.ROW[stage], clap_score_by_clip=f["clap"], fad=f["fad"] + seed,
+                           end_to_end_ms=f["ms"] + seed, diversity_by_prompt=[0.2, 0.3])
+                with open(os.path.join(out, "results.json"), "w") as fh:
+                    json.dump({"rows": [{"name": "real data (test vs train)"}, row]}, fh)
+        return Running(write, 1 if fail and fail in " ".join(argv) else 0)
+    return spawn
+
+
+def commands(asked):
+    """(script, the arm folder's name) of each command asked for."""
+    return [(os.path.basename(a[1]), os.path.basename(a[a.index("--out" if "--out" in a else "--run") + 1]))
+            for a in asked]
+
+
+def test_arms_are_trained_once_and_reused(tmp_path, monkeypatch, capsys):
+    run = fake_run(tmp_path)
+    monkeypatch.setattr(claims, "POLL", 0)
+    asked = []
+    monkeypatch.setattr(claims, "spawn", fake_spawn(asked))
+    argv = ["--run", run, "--claim", "ls-vs-s", "--embedder", os.path.join(run, "clap.pt"), "--n", "4"]
+    claims.main(argv)
+    # Presto-LS starts from the Presto-L arm of its own seed, trained first
+    assert sorted(commands(asked)) == sorted([
+        ("train.py", "presto-l_seed0"), ("train.py", "presto-ls_seed0"), ("evaluate.py", "presto-ls_seed0"),
+        ("train.py", "presto-l_seed1"), ("train.py", "presto-ls_seed1"), ("evaluate.py", "presto-ls_seed1"),
+        ("train.py", "presto-s_seed0"), ("evaluate.py", "presto-s_seed0"),
+        ("train.py", "presto-s_seed1"), ("evaluate.py", "presto-s_seed1")])
+    order = commands(asked)
+    assert order.index(("train.py", "presto-l_seed0")) < order.index(("train.py", "presto-ls_seed0"))
+    train_s0 = next(a for a in asked if a[1].endswith("train.py") and a[a.index("--out") + 1].endswith("presto-s_seed0"))
+    assert train_s0[train_s0.index("--preset") + 1] == "tiny" and "train.seed=0" in train_s0
+    assert "train.threads=1" in train_s0
+    out = capsys.readouterr().out
+    assert "claims: presto-s_seed0: train started" in out and "claims: presto-s_seed0: evaluate finished in" in out
+    res = json.load(open(os.path.join(run, "claims", "ls-vs-s.json")))
+    verdicts = {c["metric"]: c["verdict"] for c in res["comparisons"]}
+    # Presto-LS 10 ms against Presto-S's 20 (+0.01 ms in seed 1): 2x in both seeds, a tiny spread
+    assert verdicts["end-to-end speed-up"] == "holds"
+    # CLAP score 0.325 vs 0.33 (-0.005 paired over 4 clips) is within 5% of 0.33 by more than 2 SE
+    assert verdicts["CLAP score (within 5%)"] == "holds"
+    assert verdicts["FAD (within 1.2x)"] == "holds"          # 1.05 and 1.06 against 1.0 and 1.01
+    assert set(res["arms"]) == {"presto-ls", "presto-s"} and len(res["arms"]["presto-ls"]["minutes"]) == 2
+    assert "presto-l train" in res["arms"]["presto-ls"]["minutes"][0]
+    md = open(os.path.join(run, "claims", "ls-vs-s.md")).read()
+    assert "| claim | what the paper says | our measure (synth) |" in md and "| ls-vs-s |" in md
+
+    # again: every checkpoint is complete and every results.json came from the same command
+    asked.clear()
+    claims.main(argv)
+    assert asked == []
+    assert "# presto-s_seed0: presto_s.pt is complete, reused" in capsys.readouterr().out
+    # a results.json gone (or scored with another --n): that arm is scored again, nothing retrained
+    os.remove(os.path.join(run, "claims", "presto-s_seed1", "results.json"))
+    claims.main(argv)
+    claims.main([*argv[:-1], "3"])
+    assert commands(asked) == [("evaluate.py", "presto-s_seed1"), *[("evaluate.py", f"presto-{s}_seed{k}")
+                               for s in ("ls", "s") for k in (0, 1)]]
+
+
+def test_dry_run_prints_the_commands_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    run = fake_run(tmp_path)
+    monkeypatch.setattr(claims, "spawn", lambda *a: pytest.fail("ran"))
+    before = sorted(os.listdir(run))
+    claims.main(["--run", run, "--claim", "presto-s", "--seeds", "0", "--extra-set", "distill.steps=2", "--dry-run"])
+    lines = capsys.readouterr().out.splitlines()
+    arm = os.path.join(run, "claims", "presto-s_distill.steps=2_seed0")
+    assert lines == [
+        f"python {claims.script('train.py')} --stage presto-s --out {arm} "
+        "--preset tiny --set train.seed=0 train.threads=1 distill.steps=2",
+        f"python {claims.script('evaluate.py')} --run {arm} --checkpoints presto_s.pt --embedder both "
+        "--few-steps 4 --ls-steps 4 --n 64 --prompts 64 --seeds 4 --spectrograms 0 --threads 1",
+        f"python {claims.script('evaluate.py')} --run {os.path.join(run, 'claims', 'base')} --checkpoints "
+        "base.pt --embedder both --few-steps 4 --ls-steps 4 --n 64 --prompts 2 --seeds 2 --spectrograms 0 "
+        "--threads 1"]
+    assert sorted(os.listdir(run)) == before
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--claim", "p-foo"], "unknown claim 'p-foo'; choose from presto-s, gen-sigmas"),
+    (["--claim", "p-dmd", "--seeds", "0", "-1"], "--seeds must be different integers >= 0, got 0 -1"),
+    (["--claim", "p-dmd", "--seeds", "1", "1"], "--seeds must be different integers >= 0, got 1 1"),
+    (["--claim", "p-dmd", "--n", "1"], "--n must be >= 2"),
+    (["--claim", "p-dmd", "--extra-set", "distill.p_dmd=train"], "--extra-set distill.p_dmd: the arms of p-dmd set it"),
+    (["--claim", "p-dmd", "--extra-set", "train.seed=3"], "--extra-set train.seed: only train.*"),
+    (["--claim", "p-dmd", "--extra-set", "model.size=S"], "--extra-set model.size: only train.*"),
+    (["--claim", "p-dmd", "--extra-set", "distill.steps=0"], "distill.steps must be"),
+    (["--claim", "presto-s", "--no-base"], "no teacher"),
+    (["--claim", "presto-s", "--no-clap"], "no evaluation embedder"),
+    (["--claim", "presto-s", "--embedder", "nowhere/clap.pt"], "--embedder: nowhere/clap.pt not found"),
+])
+def test_bad_input_is_one_line_before_any_work(tmp_path, monkeypatch, args, msg):
+    run = fake_run(tmp_path)
+    for flag, name in (("--no-base", "base.pt"), ("--no-clap", "clap.pt")):
+        if flag in args:
+            os.remove(os.path.join(run, name))
+            args = [a for a in args if a != flag]
+    monkeypatch.setattr(claims, "spawn", lambda *a: pytest.fail("ran"))
+    with pytest.raises(SystemExit) as e:
+        claims.main(["--run", run, *args])
+    assert str(e.value.code).startswith(f"error: {msg}") and "\n" not in str(e.value.code)
+    assert not os.path.exists(os.path.join(run, "claims"))
+
+
+def test_an_arm_trained_from_another_teacher_is_not_reused(tmp_path, monkeypatch):
+    run = fake_run(tmp_path)
+    arm = os.path.join(run, "claims", "presto-s_seed0")
+    os.makedirs(arm)
+    with open(os.path.join(arm, "base.pt"), "w") as f:
+        f.write("an older teacher")
+    monkeypatch.setattr(claims, "spawn", lambda *a: pytest.fail("ran"))
+    with pytest.raises(SystemExit) as e:
+        claims.main(["--run", run, "--claim", "gan", "--seeds", "0"])
+    assert str(e.value.code) == (f"error: {os.path.join(arm, 'base.pt')} is not {os.path.join(run, 'base.pt')}: "
+                                 f"move {arm} away to train and score this arm again")
+
+
+def test_a_failing_arm_names_its_log_and_writes_no_row(tmp_path, monkeypatch):
+    run = fake_run(tmp_path)
+    monkeypatch.setattr(claims, "POLL", 0)
+    asked = []
+    monkeypatch.setattr(claims, "spawn", fake_spawn(asked, fail="presto-s_seed1"))
+    with pytest.raises(SystemExit) as e:
+        claims.main(["--run", run, "--claim", "presto-s", "--lanes", "1", "--embedder", os.path.join(run, "clap.pt")])
+    log = os.path.join(run, "claims", "presto-s_seed1", "train.log")
+    assert str(e.value.code) == f"error: train of presto-s_seed1 failed: see {log}"
+    assert open(log).readline().startswith(f"$ python {claims.script('train.py')} --stage presto-s")
+    assert not os.path.exists(os.path.join(run, "claims", "presto-s.json"))
+    assert not os.path.exists(os.path.join(run, "claims", "presto-s.md"))
+    # with one lane, nothing started after the failure
+    assert commands(asked)[-1] == ("train.py", "presto-s_seed1")
+
+
+# -----------------------------------------------------------------------------
+# End to end
+
+
+def test_one_claim_end_to_end_on_a_tiny_run(eval_run, tmp_path, capsys):
+    """The presto-s claim on the shared tiny run (base.pt, clap.pt): two 2-iteration Presto-S arms
+    and the teacher, every train.py and evaluate.py a real subprocess; a row with a verdict for
+    each metric of our embedder (--embedder clap.pt: no aisfx judge, whose 512-d FAD is slow)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("base.pt", "clap.pt"):
+        os.link(os.path.join(eval_run, name), run / name)
+    claims.main(["--run", str(run), "--claim", "presto-s", "--extra-set", "distill.steps=2", "--n", "2",
+                 "--embedder", str(run / "clap.pt")])
+    res = json.load(open(run / "claims" / "presto-s.json"))
+    assert [c["metric"] for c in res["comparisons"]] == ["CLAP score (within 5%)", "FAD (within 1.2x)"]
+    for c in res["comparisons"]:
+        assert [p["seed"] for p in c["per_seed"]] == [0, 1] and c["se"] is not None and c["verdict"]
+    assert res["dataset"] == "synth" and res["minutes"] > 0
+    out = capsys.readouterr().out
+    assert "\n| presto-s | Presto-S at 4 steps" in out and "wrote " in out
