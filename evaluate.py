@@ -835,10 +835,21 @@ def main(argv=None):
     latency_flags = [flag for flag, given in (      # options that only mean something with --latency-only
         ("--preset", opts.preset), ("--set", opts.sets), ("--channels", opts.channels != [1, 2]),
         ("--rows", opts.rows != list(LATENCY_ROWS)), ("--compile", opts.compile), ("--out", opts.out)) if given]
+    if len(set(opts.few_steps)) < len(opts.few_steps):
+        sys.exit(f"error: --few-steps names a step count twice: {' '.join(map(str, opts.few_steps))}")
+    ignored = [f"--{k.replace('_', '-')}" for k in ("best", "embedder", "n", "seeds", "prompts", "steps",
+               "dpm_steps", "few_steps", "ls_steps", "cfg", "spectrograms", "collections", "checkpoints")
+               if getattr(opts, k) != p.get_default(k)] + (["--run"] if opts.latency_only and opts.run else [])
+    if (opts.variance or opts.latency_only) and ignored:        # options of the results table only
+        warnings.warn(f"{', '.join(ignored)} do(es) not apply to "
+                      f"{'--latency-only' if opts.latency_only else '--variance'}: ignored")
     if opts.latency_only:
         try:
             if opts.preset is None:
                 raise ValueError(f"--latency-only needs --preset (one of {', '.join(config.PRESETS)})")
+            out = opts.out or os.path.join("runs", f"latency_{opts.preset}")
+            if os.path.exists(out) and not os.path.isdir(out):
+                raise ValueError(f"--out {out} is a file, not a folder")
             return write_latency(opts, config.pick_device(opts.device))
         except (ValueError, FileNotFoundError, RuntimeError) as e:
             sys.exit(f"error: {e}")

@@ -289,3 +289,15 @@ def test_checkpoints_scores_only_the_named_files(eval_run, tmp_path, monkeypatch
         with pytest.raises(SystemExit) as e:
             evaluate.main(["--run", str(tmp_path), "--checkpoints", "base.pt", name])
         assert str(e.value.code).startswith(f"error: {msg}") and "\n" not in str(e.value.code)
+
+
+def test_options_that_do_not_apply_are_named_and_repeats_refused(eval_run, tmp_path, monkeypatch):
+    monkeypatch.setattr(evaluate, "write_variance", lambda *a: None)
+    with pytest.warns(UserWarning, match="--best, --n do\\(es\\) not apply to --variance: ignored"):
+        evaluate.main(["--run", eval_run, "--variance", "--best", "--n", "5"])
+    with pytest.raises(SystemExit, match="--few-steps names a step count twice: 2 2"):
+        evaluate.main(["--run", eval_run, "--few-steps", "2", "2"])
+    (tmp_path / "f").write_text("")
+    monkeypatch.setattr(evaluate, "write_latency", lambda *a: pytest.fail("timed"))
+    with pytest.raises(SystemExit, match="is a file, not a folder"):
+        evaluate.main(["--latency-only", "--preset", "tiny", "--out", str(tmp_path / "f")])
