@@ -277,19 +277,21 @@ def test_a_failing_arm_names_its_log_and_writes_no_row(tmp_path, monkeypatch):
 
 
 def test_one_claim_end_to_end_on_a_tiny_run(eval_run, tmp_path, capsys):
-    """The presto-s claim on the shared tiny run (base.pt, clap.pt): two 2-iteration Presto-S arms
-    and the teacher, every train.py and evaluate.py a real subprocess; a row with a verdict for
-    each metric of our embedder (--embedder clap.pt: no aisfx judge, whose 512-d FAD is slow)."""
+    """The presto-s claim on the shared tiny run (base.pt, clap.pt): a 2-iteration Presto-S arm and
+    the teacher, every train.py and evaluate.py a real subprocess; a row with a verdict for each
+    metric of our embedder (--embedder clap.pt: no aisfx judge, whose 512-d FAD is slow). One seed
+    keeps it to three subprocesses; the statistics across seeds are tested above."""
     run = tmp_path / "run"
     run.mkdir()
     for name in ("base.pt", "clap.pt"):
         os.link(os.path.join(eval_run, name), run / name)
     claims.main(["--run", str(run), "--claim", "presto-s", "--extra-set", "distill.steps=2", "--n", "2",
-                 "--embedder", str(run / "clap.pt")])
+                 "--embedder", str(run / "clap.pt"), "--seeds", "0"])
     res = json.load(open(run / "claims" / "presto-s.json"))
     assert [c["metric"] for c in res["comparisons"]] == ["CLAP score (within 5%)", "FAD (within 1.2x)"]
-    for c in res["comparisons"]:
-        assert [p["seed"] for p in c["per_seed"]] == [0, 1] and c["se"] is not None and c["verdict"]
+    clap_score, fad = res["comparisons"]
+    assert [p["seed"] for p in clap_score["per_seed"]] == [0] and clap_score["se"] is not None
+    assert clap_score["verdict"] and "no error bar from one seed" in fad["verdict"]
     assert res["dataset"] == "synth" and res["minutes"] > 0
     out = capsys.readouterr().out
     assert "\n| presto-s | Presto-S at 4 steps" in out and "wrote " in out
