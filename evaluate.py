@@ -431,6 +431,10 @@ def embedders(opts, device):
         return dict(embed_fn=judge.Judge(run_rate(), device), embedder=judge.DESCRIPTION)
     path = embedder_path(opts)
     clap_cfg, model = load_embedder(path, device)
+    if clap_cfg.data.sample_rate != run_rate():       # its features mean nothing at another rate
+        raise ValueError(f"{path} embeds {clap_cfg.data.sample_rate} Hz audio and {opts.run} makes "
+                         f"{run_rate()} Hz: score with an embedder trained on the run's data "
+                         "(python train.py --stage clap --preset P --out DIR; --embedder DIR/clap.pt)")
     judges = {"aisfx": judge.Judge(run_rate(), device)} if opts.embedder == "both" else None
     return dict(embed_fn=model.embed_audio, embed_text=model.embed_text, judges=judges,
                 predict_fn=model.predict_attributes if model.heads else None,

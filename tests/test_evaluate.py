@@ -12,8 +12,10 @@ import torch
 import clap
 import config
 import evaluate
-import synth
 import metrics
+import synth
+import train
+from conftest import EVAL_FAST
 from metrics import frechet_distance, mmd
 
 # -----------------------------------------------------------------------------
@@ -301,3 +303,11 @@ def test_options_that_do_not_apply_are_named_and_repeats_refused(eval_run, tmp_p
     monkeypatch.setattr(evaluate, "write_latency", lambda *a: pytest.fail("timed"))
     with pytest.raises(SystemExit, match="is a file, not a folder"):
         evaluate.main(["--latency-only", "--preset", "tiny", "--out", str(tmp_path / "f")])
+
+
+def test_an_embedder_of_another_sample_rate_is_refused(eval_run, tmp_path, monkeypatch):
+    train.train_clap(config.make_config("tiny", {**EVAL_FAST, "clap.steps": "2", "data.sample_rate": "16000"}),
+                     str(tmp_path))
+    monkeypatch.setattr(evaluate, "evaluate_run", lambda *a, **k: pytest.fail("ran"))
+    with pytest.raises(SystemExit, match="embeds 16000 Hz audio and .* makes 8000 Hz"):
+        evaluate.main(["--run", eval_run, "--embedder", str(tmp_path / "clap.pt")])
