@@ -87,7 +87,8 @@ _ACCELERATOR = {"ae.latent_channels": 64, "ae.stride": 4, "ae.width": 512, "ae.d
                 "clap.ckpt_every": 1000, "clap.val_clips": 256}
 
 # Presets: small named overrides of the defaults above.
-_CPU = {"ae.latent_channels": 32, "ae.stride": 4, "ae.decoder": "istft", "model.size": "S", "model.patch": 1,
+_CPU = {"ae.latent_channels": 32, "ae.stride": 4, "ae.decoder": "istft", "ae.steps": 5000,
+        "model.size": "S", "model.patch": 1,
         "edm.P_mean": -0.6, "train.steps": 15_200, "train.batch_size": 16, "train.lr": 5e-4,
         "distill.steps": 300, "distill.batch_size": 8, "distill.lr_gen": 2e-4,
         "distill.lr_fake": 2e-4,                                 # ~7-9 min on one core
@@ -103,16 +104,16 @@ PRESETS = {
              "data.corpus_collections": ("bach", "fiddle", "irish"),  # on the corpus: ~6 s to parse
              "distill.steps": 10, "distill.batch_size": 4, "distill.disc_width": 16,
              "layerdrop.steps": 10, "layerdrop.batch_size": 4},
-    # the default, ~2 h on 2 CPU cores (Intel Xeon with AMX): the autoencoder (129 STFT bins at 62.5
-    # frames/s -> 32 channels at 15.6/s, decoding to waveforms: ~17 min), a DiT-S over its 63 latent
-    # frames (~110 min) at P_mean -0.6; train.steps=2750 for the 30-minute teacher (EXPERIMENTS.md,
-    # "The teacher at equal wall-clock", "A decoder that ends in waveforms")
+    # the default, ~2.5 h on 2 CPU cores (Intel Xeon with AMX): the autoencoder (129 STFT bins at 62.5
+    # frames/s -> 32 channels at 15.6/s, decoding to waveforms: 5000 steps, ~45 min), a DiT-S over
+    # its 63 latent frames (~110 min) at P_mean -0.6; train.steps=2750 for the 30-minute teacher
+    # (EXPERIMENTS.md, "The teacher at equal wall-clock", "A decoder that ends in waveforms")
     "cpu": _CPU,
     # cpu's recipe on the rendered-score corpus at 16 kHz: 257 bins -> the same 32x63 latent, so the
     # DiT costs the same and the step only pays for rendering and the autoencoder's ends (27 against
     # 31.6 clips/s at 8 kHz); the 30-minute teacher, as measured in EXPERIMENTS.md, "Real music, offline"
     "corpus": {**_CPU, "data.dataset": "corpus", "data.sample_rate": 16000, "data.n_fft": 512,
-               "data.hop": 256, "train.steps": 2750},
+               "data.hop": 256, "train.steps": 2750, "ae.steps": 2000},   # its ae curve: not yet measured
     # one GPU: 16 kHz, 8 s clips, a bigger model; the latent scaled from cpu's: 257 bins at 62.5
     # frames/s -> 64 channels at 15.6/s, so 125 tokens of DiT-B for 8 s (memory per stage:
     # EXPERIMENTS.md, "One GPU at full speed")
@@ -132,7 +133,7 @@ PRESETS = {
               "train.ckpt_every": 2000, "clap.steps": 20_000, "distill.steps": 20_000,
               "distill.batch_size": 64, "layerdrop.steps": 20_000, "layerdrop.batch_size": 128},
 }
-PRESET_HELP = ("tiny: tests, seconds per stage; cpu (the default): 2 CPU cores, a latent teacher in ~2 h; "
+PRESET_HELP = ("tiny: tests, seconds per stage; cpu (the default): 2 CPU cores, a latent teacher in ~2.5 h; "
                "corpus: cpu's recipe on rendered scores at 16 kHz, 2750 teacher steps; gpu: one GPU, 16 kHz 8 s clips, "
                "DiT-B; paper: 32 s of 44.1 kHz and a DiT-L (latency, many GPUs)")
 
