@@ -374,6 +374,9 @@ def pick_device(name):
         raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, got {name!r}")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"device {name} was asked for but CUDA is not available")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise RuntimeError(f"device {name} was asked for but this machine has {torch.cuda.device_count()} "
+                           "GPU(s), numbered from 0")
     if name.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return torch.device(name)

@@ -129,6 +129,13 @@ def test_a_prompts_file_that_is_not_text_or_an_out_that_is_a_folder_is_one_line(
     assert not (tmp_path / "x_000.wav").exists()
 
 
+def test_a_gpu_number_past_the_machines_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(RuntimeError, match="device cuda:1 was asked for but this machine has 1 GPU"):
+        config.pick_device("cuda:1")
+
+
 def test_an_out_or_device_that_cannot_work_is_one_line_before_work(tiny_run, tmp_path):
     (tmp_path / "f").write_text("")
     for out in (str(tmp_path / "f"), str(tmp_path / "f" / "sub")):
