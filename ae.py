@@ -143,6 +143,13 @@ def stft_loss(pred, target, sizes):
     return total / len(sizes)
 
 
+def latent_frames(data_cfg, ae_cfg, seconds):
+    """Frames of the latent for `seconds` of audio: the STFT's frames, or with an autoencoder
+    ceil(STFT frames / ae.stride) (what the DiT patches; sample.py generates this many)."""
+    T = int(round(seconds * data_cfg.sample_rate / data_cfg.hop))
+    return -(-T // ae_cfg.stride) if ae_cfg.latent_channels > 0 else T
+
+
 def fft_sizes(fractions, n_fft):
     """FFT sizes in units of data.n_fft (ae.stft_sizes, ae.adv_sizes) -> samples, even and >= 16."""
     return [max(16, 2 * round(f * n_fft / 2)) for f in fractions]

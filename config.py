@@ -265,7 +265,7 @@ def cross_rules(cfg):
     lo = layerdrop.min_budget(ld.method)
     samples = int(round(d.seconds * d.sample_rate))                   # one clip
     frames = int(round(d.seconds * d.sample_rate / d.hop))            # its STFT frames
-    tokens = -(-frames // a.stride) if a.latent_channels > 0 else frames    # what the DiT patches
+    tokens = ae.latent_frames(d, a, d.seconds)                        # what the DiT patches
     waves = a.latent_channels > 0 and a.decoder == "istft"
     longest = lambda sizes: max(ae.fft_sizes(sizes, d.n_fft))
     return [

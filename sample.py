@@ -28,6 +28,7 @@ import soundfile as sf
 import torch
 from tqdm import tqdm
 
+import ae
 import config
 import dmd
 import edm
@@ -51,8 +52,7 @@ def frame_hop(cfg):
 def latent_frames(cfg, seconds):
     """Frames T of the latent the samplers generate for `seconds` of audio (STFT frames, or with
     an autoencoder its latent frames: ceil(STFT frames / ae.stride), as ae.LatentRepresentation)."""
-    T = int(round(seconds * cfg.data.sample_rate / cfg.data.hop))
-    return -(-T // cfg.ae.stride) if cfg.ae.latent_channels > 0 else T
+    return ae.latent_frames(cfg.data, cfg.ae, seconds)
 
 
 def _setup(denoiser, tok, cfg, prompts, seeds, seconds):
