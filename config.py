@@ -22,18 +22,18 @@ from typing import Annotated
 import torch
 
 import ae
-import clap
 import data
 import dit
 import edm
 import layerdrop
 from ae import AEConfig
-from clap import ClapConfig
 from data import DataConfig
 from dit import DiTConfig
 from dmd import DistillConfig
 from edm import EDMConfig
 from layerdrop import LayerDropConfig
+from embedders import clap
+from embedders.clap import ClapConfig
 
 
 @dataclass
@@ -318,7 +318,8 @@ def check(cfg, dataset=True):
         if not ok:
             raise ValueError(f"{name} must be {want}, got {_show(value)}")
     if dataset and cfg.data.dataset == "corpus":  # optional packages, collections, soundfont
-        __import__("corpus").check(cfg.data)
+        from sources import corpus
+        corpus.check(cfg.data)
     return cfg
 
 

@@ -7,9 +7,8 @@ Griffin-Lim; with ae.latent_channels > 0 a small learned autoencoder (ae.py) com
 frames further, behind the same `encode` / `.decode` interface.
 
 Read first: `Representation` (the latent everything else works on), then `make_dataset` (the
-synthetic set of synth.py or the rendered scores of corpus.py, whose captions are exactly true,
-or a folder of real audio), then
-`batch_indices` (stateless batching, which makes --resume exact), then `Tokenizer`.
+synthetic set of sources/synth.py or the rendered scores of sources/corpus.py, whose captions
+are exactly true, or a folder of real audio), then `batch_indices` (stateless batching, which makes --resume exact), then `Tokenizer`.
 """
 import csv
 import hashlib
@@ -26,13 +25,13 @@ import numpy as np
 import soundfile as sf
 import torch
 
-import synth
+from sources import synth
 
 
 @dataclass
 class DataConfig:
     dataset: Annotated[str, "any"] = "synth"  # "synth" (built-in synthetic music), "corpus" (rendered scores,
-                                              # corpus.py) or a path to a folder of audio + captions
+                                              # sources/corpus.py) or a path to a folder of audio + captions
     sample_rate: Annotated[int, "in [1000, 192000]"] = 8000  # Hz, everything is resampled to this
     seconds: Annotated[float, "in (0, 600]"] = 4.0  # clip length: audio is cut or zero-padded to this
     channels: Annotated[int, "1|2"] = 1  # 1 = mono, 2 = stereo (stereo is stacked into the latent's C axis)
@@ -78,10 +77,11 @@ class SynthDataset:
 
 
 class CorpusDataset:
-    """Endless set of rendered scores (corpus.py): clip(i) is rendered on the fly from the split's pieces."""
+    """Endless set of rendered scores (sources/corpus.py): clip(i) is rendered on the fly from the
+    split's pieces."""
 
     def __init__(self, cfg, split):
-        import corpus
+        from sources import corpus
         self.cfg, self.split = cfg, split
         pieces = corpus.build_cache(cfg)[0]
         self.pieces = []  # split by piece within each collection, so every split has every style
@@ -95,7 +95,7 @@ class CorpusDataset:
         return ENDLESS
 
     def clip(self, i):
-        import corpus
+        from sources import corpus
         wave, caption, labels = corpus.render_clip(self.cfg, self.pieces, SPLITS[self.split], i)
         wave = resample(wave, corpus.render_rate(self.cfg), self.cfg.sample_rate)
         wave = wave[:, :int(round(self.cfg.seconds * self.cfg.sample_rate))]
@@ -292,7 +292,7 @@ def attributes(cfg):
     if cfg.dataset == "synth":
         return synth.ATTRIBUTES
     if cfg.dataset == "corpus":
-        import corpus
+        from sources import corpus
         return corpus.ATTRIBUTES
     return {}
 
@@ -477,7 +477,7 @@ class Tokenizer:
     @classmethod
     def for_dataset(cls, name="synth"):
         """Every word the captions of the synth or corpus set can contain, whichever clips are drawn."""
-        import corpus
+        from sources import corpus
         phrases = {"synth": synth.caption_words, "corpus": corpus.caption_words}[name]()
         return cls(sorted({w for p in phrases for w in cls.split(p)}))
 

@@ -8,8 +8,8 @@
                                                    # random weights -> runs/latency_paper/latency.{md,json}
 
 Pretrained CLAP / VGGish weights cannot be downloaded here, so the project trains its own embedder
-(clap.py, `--stage clap`) and can ask a pretrained one nobody here trained (judge.py) for FAD and
-MMD. Every metric (metrics.py) only sees embeddings, so a user with real CLAP passes their own
+(embedders/clap.py, `--stage clap`) and can ask a pretrained one nobody here trained
+(embedders/judge.py) for FAD and MMD. Every metric (metrics.py) only sees embeddings, so a user with real CLAP passes their own
 `embed_fn`.
 
 Read first: `evaluate_run` (what is compared with what). `FewStepValidator` scores a generator on
@@ -35,15 +35,14 @@ import torch
 from tqdm import tqdm
 
 import ae
-import clap
 import config
 import data
 import dit
 import edm
-import judge
 import layerdrop
 import metrics
 import sample
+from embedders import clap, judge
 
 
 # ----------------------------------------------------------------------------------------------
@@ -395,7 +394,7 @@ def check_collections(opts):
     """A one-line error, before any model is loaded, for a --collections that the run or its
     embedder cannot be scored on: not a corpus run, an unknown name, or an embedder trained without
     them (it has never seen their attribute vocabulary: their styles, composers, ensembles)."""
-    import corpus
+    from sources import corpus
     unknown = [c for c in opts.collections if c not in corpus.COLLECTIONS]
     if unknown:
         raise ValueError(f"--collections: unknown {', '.join(unknown)}; choose from {', '.join(corpus.COLLECTIONS)}")
@@ -771,7 +770,7 @@ def main(argv=None):
                         "distillation, distill.val_every) instead of the last checkpoints, where present")
     p.add_argument("--embedder", default=None,
                    help="who scores the clips: a clap.pt (default: RUN/clap.pt, our miniature CLAP); "
-                        "aisfx (the pretrained judge of judge.py: FAD and MMD only); or both (CLAP "
+                        "aisfx (the pretrained judge of embedders/judge.py: FAD and MMD only); or both (CLAP "
                         "score and adherence from RUN/clap.pt, FAD and MMD from both)")
     p.add_argument("--mmd-sigma", type=float, default=10.0, help="RBF bandwidth of MMD (CMMD's 10)")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per latency (median)")

@@ -5,7 +5,7 @@
 Stages, each writing one checkpoint in OUT (later stages read earlier ones):
     ae         optional: the latent autoencoder (ae.py), when ae.latent_channels > 0   -> ae.pt
     base       the EDM + DiT teacher (the paper's base model; edm.py, dit.py)          -> base.pt
-    clap       the evaluation embedder (clap.py; the paper scores with pretrained CLAP) -> clap.pt
+    clap       the evaluation embedder (embedders/clap.py; the paper scores with pretrained CLAP) -> clap.pt
     presto-s   step distillation of base.pt (Sec. 3.1-3.2, Algorithm 1; dmd.py, gan.py) -> presto_s.pt
     ase        the layer-drop baseline: base.pt fine-tuned to exit after b blocks      -> ase.pt
     presto-l   layer distillation of base.pt (Sec. 3.3; layerdrop.py)                  -> presto_l.pt
@@ -36,7 +36,6 @@ import torch
 from tqdm import tqdm
 
 import ae
-import clap
 import config
 import data
 import dit
@@ -45,8 +44,9 @@ import edm
 import evaluate
 import gan
 import layerdrop
-from dist import (DIST, Feed, average_gradients, barrier, check_memory, gather_rows, global_mean,
-                  init_distributed, micro_split)
+from embedders import clap
+from parallel.dist import (DIST, Feed, average_gradients, barrier, check_memory, gather_rows,
+                           global_mean, init_distributed, micro_split)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,7 +193,7 @@ def train_ae(cfg, out, resume=False):
 
 
 # ----------------------------------------------------------------------------------------------
-# The clap stage: the evaluation embedder (model and losses in clap.py)
+# The clap stage: the evaluation embedder (model and losses in embedders/clap.py)
 
 def train_clap(cfg, out, resume=False):
     """Train the miniature CLAP (contrastive + attribute heads); returns the path of clap.pt."""
@@ -760,7 +760,7 @@ def load_teacher(cfg, out, device):
 
 
 # ----------------------------------------------------------------------------------------------
-# Batches of a step (data parallelism itself, under torchrun, is in dist.py)
+# Batches of a step (data parallelism itself, under torchrun, is in parallel/dist.py)
 
 def say(msg):
     """print, on rank 0 only (and through tqdm, so progress bars are not broken)."""

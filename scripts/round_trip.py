@@ -109,7 +109,7 @@ def main(argv=None):
     if args.clap:
         judges["our FAD"] = config.load_checkpoint(args.clap, stages=("clap",))[4].embed_audio
     try:
-        import judge
+        from embedders import judge
         judges["aisfx FAD"] = judge.Judge(dcfg.sample_rate)
     except (ImportError, FileNotFoundError) as e:
         print(f"aisfx not available ({e}); its columns are left out")

@@ -1,4 +1,4 @@
-"""The corpus data set (corpus.py): rendered scores whose captions are true by construction."""
+"""The corpus data set (sources/corpus.py): rendered scores whose captions are true by construction."""
 import json
 import os
 import sys
@@ -6,9 +6,9 @@ import sys
 import numpy as np
 import pytest
 
-import clap
 import config
 import data
+from embedders import clap
 
 corpus = pytest.importorskip("corpus")
 for name in ("music21", "pretty_midi", "tinysoundfont"):

@@ -10,7 +10,7 @@ import soundfile as sf
 import torch
 
 import data
-import synth
+from sources import synth
 from data import DataConfig, Representation, Tokenizer, batch_indices, get_batch, make_dataset
 
 

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-import clap
 import config
 import evaluate
 import metrics
-import synth
 import train
+from embedders import clap
+from sources import synth
 from conftest import EVAL_FAST
 from metrics import frechet_distance, mmd
 

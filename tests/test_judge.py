@@ -1,4 +1,4 @@
-"""The independent judge (judge.py) and the metrics that make judges comparable: our loader against
+"""The independent judge (embedders/judge.py) and the metrics that make judges comparable: our loader against
 the aisfx wheel's own module, the mel front-end against the HTK mel scale, FAD-infinity against a
 closed-form Frechet distance, rank agreement on a known ordering, and evaluate.py --embedder both."""
 import importlib.util
@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import evaluate
-import judge
 import metrics
+from embedders import judge
 
 HAVE_AISFX = importlib.util.find_spec("aisfx") is not None
 needs_aisfx = pytest.mark.skipif(not HAVE_AISFX, reason=f"the judge's weights: {judge.INSTALL}")

@@ -13,10 +13,11 @@ import torch
 
 import config
 import data
-import dist
 import edm
 import sample
 import train
+from parallel import dist
+from sources import corpus
 from conftest import crash_after_first_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -555,7 +556,7 @@ def test_a_missing_optional_package_is_one_line(tmp_path, monkeypatch):
     """data.dataset=corpus without music21 (here: made to look missing) is a one-line error."""
     def missing():
         raise ModuleNotFoundError("the corpus data set needs music21: pip install ...", name="music21")
-    monkeypatch.setattr(__import__("corpus"), "require", missing)
+    monkeypatch.setattr(corpus, "require", missing)
     with pytest.raises(SystemExit) as e:
         train.main(["--stage", "base", "--preset", "tiny", "--out", str(tmp_path), "--set", "data.dataset=corpus"])
     assert str(e.value.code) == "error: the corpus data set needs music21: pip install ..."

@@ -1,4 +1,4 @@
-"""clap.py: the evaluation embedder, a miniature CLAP trained by this project.
+"""embedders/clap.py: the evaluation embedder, a miniature CLAP trained by this project.
 
 The paper scores its models with FAD, MMD and CLAP score on the embeddings of a pretrained
 audio-text model (CLAP). Pretrained CLAP cannot be downloaded here, so `--stage clap` trains a

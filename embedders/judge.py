@@ -1,8 +1,9 @@
-"""judge.py: an independent judge: a pretrained audio embedding for FAD and MMD, beside our own.
+"""embedders/judge.py: an independent judge: a pretrained audio embedding for FAD and MMD, beside
+our own.
 
 The paper scores its models with FAD and MMD on embeddings of a pretrained model (CLAP). Our
-miniature CLAP (clap.py) is trained on the same synthetic data the models learn from, so its FAD
-partly measures what that small embedder happened to learn. This file gives a second, independent
+miniature CLAP (embedders/clap.py) is trained on the same synthetic data the models learn from, so
+its FAD partly measures what that small embedder happened to learn. This file gives a second, independent
 judge that nobody here trained: the audio embedding of aisfx 0.1.2 (Ma & Lerch, "Representation
 Learning for the Automatic Indexing of Sound Effects Libraries", ISMIR 2022; weights CC-BY-4.0), a
 6.2M-parameter CNN trained on real sound-effect libraries. Its wheel ships the weights, so it works

@@ -1,4 +1,5 @@
-"""synth.py: the built-in synthetic music data set: captioned clips whose captions are exactly true.
+"""sources/synth.py: the built-in synthetic music data set: captioned clips whose captions are
+exactly true.
 
 Not a paper idea: the paper trains on licensed recordings (3.6k hours of instrumental music). Here
 every clip is synthesised on the fly from a random "score", so training runs offline, endlessly and

@@ -1,4 +1,4 @@
-"""corpus.py: real compositions rendered with real instrument samples: the `corpus` data set.
+"""sources/corpus.py: real compositions rendered with real instrument samples: the `corpus` data set.
 
 Not a paper idea: the paper trains on licensed recordings, which cannot be downloaded here. Real
 *scores* can be installed: music21 ships a corpus of public-domain compositions (Bach chorales,
