@@ -4,6 +4,7 @@
     python scripts/claims.py --run runs/cpu --claim p-dmd [--seeds 0 1] [--n 64] [--lanes 2]
     python scripts/claims.py --run runs/cpu --claim all                  # every row, in order
     python scripts/claims.py --run runs/cpu --claim gen-sigmas --extra-set distill.steps=10 --dry-run
+    python scripts/claims.py --run runs/cpu --claim p-dmd --plot p-dmd.png   # its arms as a picture
 
 RUN holds a teacher (base.pt) and the evaluation embedder (clap.pt). For one claim of the table
 CLAIMS below, the script trains every arm once per training seed into RUN/claims/ARM (`train.py`
@@ -49,6 +50,15 @@ Statistics (pure functions below, tests/test_claims.py works them by hand):
   against 1. The lanes run side by side, so an arm is timed while another process works: compare
   speeds from one claims run, not across machines or loads.
 
+Pictures: `--plot FILE.png` trains and scores nothing; it draws what a claims run wrote
+(RUN/claims/CLAIM.json and its arms' results.json), one row of panels per claim (`--claim all`: every
+claim run so far): per arm, its CLAP score and FAD (our CLAP, and the aisfx judge where scored; plus
+end-to-end ms or diversity where the claim measures them) as the mean over training seeds with a bar
+of +-1 standard error, each arm's SE as above (the larger of within- and between-seed), each seed a
+cross; the arm the paper says wins in orange, a "near" claim's target dashed. The paper's own numbers
+are not drawn: its FAD and CLAP score come from other embedders on other data. Needs matplotlib
+(requirements-demo.txt).
+
 Add a row for your own ablation: one entry in CLAIMS, e.g.
     "ema": Claim("...", {"ema": ("presto-s", {"distill.ema": "0.99"}), "plain": PRESTO_S},
                  pairs=(("ema", "plain"),), measures=("quality",)),
@@ -65,6 +75,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import textwrap
 import time
 from dataclasses import dataclass
 
@@ -457,14 +468,22 @@ def run_tasks(tasks, lanes):
 # ----------------------------------------------------------------------------------------------
 # A claim's row
 
-def arm_rows(arm):
-    """The evaluated row of the arm's checkpoint in each seed's results.json."""
+def arm_rows(arm, n=None):
+    """The evaluated row of the arm's checkpoint in each seed's results.json; with n, a results.json
+    scored with another --n (by a later claims run) is refused."""
     rows = []
     for folder in arm["folders"]:
-        res = json.load(open(os.path.join(folder, "results.json")))
+        path = os.path.join(folder, "results.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} not found: this arm is not scored")
+        with open(path) as f:
+            res = json.load(f)
+        if n is not None and res.get("settings", {}).get("n", n) != n:
+            raise ValueError(f"{path} was scored with --n {res['settings']['n']}, not {n}: run the claim "
+                             "again")
         row = next((r for r in res["rows"] if r["name"] == ROW[arm["stage"]]), None)
         if row is None:
-            raise ValueError(f"{os.path.join(folder, 'results.json')} has no row {ROW[arm['stage']]!r}")
+            raise ValueError(f"{path} has no row {ROW[arm['stage']]!r}")
         rows.append(row)
     return rows
 
@@ -567,6 +586,137 @@ def write_claim(run, res):
 
 
 # ----------------------------------------------------------------------------------------------
+# Pictures: each arm of a claim, from the results a claims run wrote (nothing trained or scored)
+
+PANELS = (("CLAP score", "clap_score_by_clip", 1), ("FAD, our CLAP", "fad", -1),
+          ("FAD, aisfx judge", "aisfx_fad", -1))
+MEASURE_PANELS = {"speed": ("end-to-end ms", "end_to_end_ms", -1),       # only in the claims that
+                  "diversity": ("diversity", "diversity_by_prompt", 1)}  # measure them
+TARGETS = {"clap_score_by_clip": NEAR["CLAP score"], "fad": NEAR["FAD"], "aisfx_fad": NEAR["FAD"]}
+
+
+def cached_claim(run, name):
+    """RUN/claims/NAME.json, the claim's row a claims run wrote; FileNotFoundError if none."""
+    path = os.path.join(run, "claims", f"{name}.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no {path}: run python scripts/claims.py --run {run} --claim {name} first "
+                                "(--plot draws what it wrote)")
+    with open(path) as f:
+        return json.load(f)
+
+
+def cached_rows(res):
+    """{arm: its evaluated row per distinct folder}, each scored with the claim's --n. The teacher's
+    arm is one folder shared by every seed, so it counts once."""
+    return {label: arm_rows(dict(arm, folders=list(dict.fromkeys(arm["folders"]))), res["n"])
+            for label, arm in res["arms"].items()}
+
+
+def arm_point(rows, key):
+    """One metric of one arm: (mean over seeds, its SE or None, each seed's value). A seed's value is
+    the mean over items (key _by_clip / _by_prompt, with its SE) or a set-level number (no SE);
+    across seeds as across_seeds combines them."""
+    per_seed = [metrics.mean_and_se(r[key]) if "_by_" in key else (float(r[key]), None) for r in rows]
+    mean, se = across_seeds([m for m, _ in per_seed], [s for _, s in per_seed])
+    return mean, se, [m for m, _ in per_seed]
+
+
+def claim_panels(res, rows):
+    """[(title, key, sign, {arm: arm_point})] of the metrics every arm's rows carry: CLAP score and
+    each judge's FAD, plus end-to-end ms / diversity where the claim measures them."""
+    specs = list(PANELS) + [MEASURE_PANELS[m] for m in res["measures"] if m in MEASURE_PANELS]
+    return [(title, key, sign, {arm: arm_point(r, key) for arm, r in rows.items()})
+            for title, key, sign in specs if all(row.get(key) is not None for r in rows.values() for row in r)]
+
+
+def draw_panel(ax, res, title, key, sign, points):
+    """Each arm's mean with its SE bar (the paper's arm in orange), each seed as a cross
+    where there are several, and for a "near" claim the target the paper's arm must beat."""
+    pairs = list(dict.fromkeys((c["paper"], c["other"]) for c in res["comparisons"]))
+    winners = {paper for paper, _ in pairs}
+    for i, (arm, (mean, se, seeds)) in enumerate(points.items()):
+        colour = "tab:orange" if arm in winners else "tab:blue"
+        ax.errorbar(i, mean, yerr=se, fmt="o", color=colour, capsize=4)
+        if len(seeds) > 1:
+            ax.scatter([i] * len(seeds), seeds, marker="x", s=14, color=colour, alpha=0.6, lw=0.8)
+    if "near" in res["measures"] and key in TARGETS:
+        allowance, words = TARGETS[key]
+        for other in dict.fromkeys(other for _, other in pairs):
+            ax.axhline(points[other][0] * (1 - sign * allowance), ls="--", lw=0.8, color="gray")
+            ax.annotate(f"{words} of {other}", (-0.55, points[other][0] * (1 - sign * allowance)),
+                        fontsize=6, color="gray", va="bottom")
+    ax.set_xticks(range(len(points)), list(points), fontsize=7, rotation=15)
+    ax.set_xlim(-0.6, len(points) - 0.4)
+    ax.set_title(f"{title} ({'higher' if sign > 0 else 'lower'} wins)", fontsize=8)
+    ax.tick_params(axis="y", which="both", labelsize=7)
+    if key == "end_to_end_ms":                  # the teacher is 10-100x slower: a log axis, plain numbers
+        from matplotlib.ticker import LogFormatter
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(LogFormatter())
+        ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
+
+
+def caption(results, width):
+    """What the points and bars are, under the figure, in lines of width characters."""
+    seeds = "; ".join(sorted({" ".join(map(str, r["seeds"])) for r in results}))
+    n = ", ".join(sorted({str(r["n"]) for r in results}))
+    teacher = any(arm["stage"] == "base" for r in results for arm in r["arms"].values())
+    return textwrap.fill(
+        f"Dots: each arm's mean over its training seeds ({seeds}"
+        f"{'; the teacher, trained by nobody, is one evaluation' if teacher else ''}), scored on {n} test "
+        "captions. Bars: +-1 standard error, the larger of the within-seed one (over clips or prompts) and "
+        "the between-seed one (sd / sqrt(seeds)), as the claim's verdict uses; a FAD or latency of one seed "
+        "has none. Crosses: each seed. Orange: the paper's arm (the one it says wins, or is near the "
+        "other); dashed: a near claim's target. The paper's own values are not drawn: it reports other "
+        "embedders on other data.", width)
+
+
+def pyplot():
+    """matplotlib.pyplot for file output (imported here: an optional extra); ImportError naming the
+    requirements file where it is not installed."""
+    plt = evaluate._pyplot()
+    if plt is None:
+        raise ImportError("--plot needs matplotlib: pip install -r requirements-demo.txt")
+    return plt
+
+
+def figure(run, names):
+    """One row of panels per claim, headed by its name and what the paper says, from the cached
+    results, and the caption under them; returns the matplotlib figure."""
+    plt = pyplot()
+    results = [cached_claim(run, name) for name in names]
+    drawn = [(res, claim_panels(res, cached_rows(res))) for res in results]
+    cols = max(len(panels) for _, panels in drawn)
+    fig = plt.figure(figsize=(3.2 * cols, 3.0 * len(drawn) + 0.6), layout="constrained")
+    *rows, foot = fig.subfigures(len(drawn) + 1, 1, height_ratios=[3.0] * len(drawn) + [0.6])
+    for sub, (res, panels) in zip(rows, drawn):
+        sub.suptitle(textwrap.shorten(f"{res['claim']}: {res['says']}", int(22 * 3.2 * cols)), fontsize=9)
+        for ax, panel in zip(sub.subplots(1, cols, squeeze=False)[0], panels + [None] * cols):
+            if panel is None:
+                ax.axis("off")
+            else:
+                draw_panel(ax, res, *panel)
+    foot.text(0.01, 0.95, caption(results, int(19 * 3.2 * cols)), fontsize=6.5, va="top")
+    return fig
+
+
+def write_plot(run, names, path):
+    """Draw the claims whose row RUN/claims holds into path; with several names, those not run yet
+    are skipped (and named). Returns the note to print."""
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise FileNotFoundError(f"folder of --plot not found: {os.path.dirname(path)}")
+    have = [n for n in names if os.path.isfile(os.path.join(run, "claims", f"{n}.json"))]
+    if len(names) > 1 and not have:
+        raise FileNotFoundError(f"no claim rows in {os.path.join(run, 'claims')}: run python "
+                                f"scripts/claims.py --run {run} --claim NAME first (--plot draws what it wrote)")
+    fig = figure(run, have if len(names) > 1 else names)
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+    skipped = [n for n in names if n not in have]
+    return f"wrote {path} ({', '.join(have)})" + (f"; not run yet: {', '.join(skipped)}" if skipped else "")
+
+
+# ----------------------------------------------------------------------------------------------
 # The command line
 
 def run_preset(cfg):
@@ -578,11 +728,17 @@ def run_preset(cfg):
     return fits[0] if fits else None
 
 
+def claim_names(claim):
+    """The claims --claim names: one of CLAIMS, or all of them."""
+    if claim != "all" and claim not in CLAIMS:
+        raise ValueError(f"unknown claim {claim!r}; choose from {', '.join(CLAIMS)} or all (--list)")
+    return list(CLAIMS) if claim == "all" else [claim]
+
+
 def check(opts):
     """Every input checked before any work: one-line ValueError / FileNotFoundError. Fills in
     opts.extra, opts.preset, opts.links and returns (claim names, the run's data set)."""
-    if opts.claim != "all" and opts.claim not in CLAIMS:
-        raise ValueError(f"unknown claim {opts.claim!r}; choose from {', '.join(CLAIMS)} or all (--list)")
+    names = claim_names(opts.claim)
     if min(opts.seeds) < 0 or len(set(opts.seeds)) < len(opts.seeds):
         raise ValueError(f"--seeds must be different integers >= 0, got {' '.join(map(str, opts.seeds))}")
     if opts.n < 2 or opts.lanes < 1:
@@ -596,7 +752,6 @@ def check(opts):
     if opts.embedder != "both" and not os.path.isfile(opts.embedder):
         raise FileNotFoundError(f"--embedder: {opts.embedder} not found (both, or a clap.pt)")
     opts.links = tuple((f, os.path.basename(f)) for f in (clap_pt, base) if os.path.isfile(f))
-    names = list(CLAIMS) if opts.claim == "all" else [opts.claim]
     opts.extra = config.parse_sets(opts.extra_set)
     for key in opts.extra:
         if key.split(".")[0] not in ("train", "distill", "layerdrop") or key == "train.seed":
@@ -621,6 +776,19 @@ def check(opts):
     return names, cfg.data.dataset
 
 
+def plot_main(parser, opts):
+    """--plot: the claims' seeds, --n and arms are those their cached rows were run with, so the
+    options that choose them are refused rather than ignored."""
+    given = [f"--{k.replace('_', '-')}" for k in ("seeds", "n", "lanes", "embedder", "extra_set", "preset",
+                                                  "dry_run") if getattr(opts, k) != parser.get_default(k)]
+    if given:
+        parser.error(f"--plot draws the cached rows as they were run: {', '.join(given)} do(es) not apply")
+    try:
+        print(write_plot(opts.run, claim_names(opts.claim), opts.plot))
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        sys.exit(f"error: {e}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Train, score and judge the arms of one claim of the paper "
                                 "(see the top of scripts/claims.py).", formatter_class=config.HelpFormatter)
@@ -638,6 +806,11 @@ def main(argv=None):
     p.add_argument("--preset", choices=list(config.PRESETS), default=None,
                    help="the preset the arms train from (default: the one base.pt was trained with)")
     p.add_argument("--dry-run", action="store_true", help="print the commands; run and write nothing")
+    p.add_argument("--plot", metavar="FILE.png", default=None,
+                   help="instead of training: draw the claim's arms (every claim run so far with --claim "
+                        "all) from RUN/claims/CLAIM.json and its arms' results.json: per arm its CLAP score "
+                        "and FAD (our CLAP; the aisfx judge where scored), mean over seeds +- SE (needs "
+                        "matplotlib: requirements-demo.txt)")
     opts = p.parse_args(argv)
     if opts.list:
         for name, claim in CLAIMS.items():
@@ -647,6 +820,8 @@ def main(argv=None):
         return
     if opts.run is None or opts.claim is None:
         p.error("--run and --claim are required (or --list)")
+    if opts.plot:
+        return plot_main(p, opts)
     try:
         names, dataset = check(opts)
         tasks, notes, arms = {}, [], {}

@@ -143,7 +143,8 @@ def fake_spawn(asked, fail=None):
                 row = dict(name=claims.ROW[stage], clap_score_by_clip=f["clap"], fad=f["fad"] + seed,
                            end_to_end_ms=f["ms"] + seed, diversity_by_prompt=[0.2, 0.3])
                 with open(os.path.join(out, "results.json"), "w") as fh:
-                    json.dump({"rows": [{"name": "real data (test vs train)"}, row]}, fh)
+                    json.dump({"settings": {"n": int(value("--n"))},
+                               "rows": [{"name": "real data (test vs train)"}, row]}, fh)
         return Running(write, 1 if fail and fail in " ".join(argv) else 0)
     return spawn
 
@@ -270,6 +271,94 @@ def test_a_failing_arm_names_its_log_and_writes_no_row(tmp_path, monkeypatch):
     assert not os.path.exists(os.path.join(run, "claims", "presto-s.md"))
     # with one lane, nothing started after the failure
     assert commands(asked)[-1] == ("train.py", "presto-s_seed1")
+
+
+# -----------------------------------------------------------------------------
+# Pictures of the cached arms
+
+
+def run_claims(tmp_path, monkeypatch, *names):
+    """A fake run whose claims `names` were trained and scored by fake_spawn (2 seeds, --n 4)."""
+    run = fake_run(tmp_path)
+    monkeypatch.setattr(claims, "POLL", 0)
+    monkeypatch.setattr(claims, "spawn", fake_spawn([]))
+    for name in names:
+        claims.main(["--run", run, "--claim", name, "--embedder", os.path.join(run, "clap.pt"), "--n", "4"])
+    return run
+
+
+def test_an_arm_point_is_the_mean_over_seeds_with_the_verdicts_standard_error(tmp_path, monkeypatch):
+    run = run_claims(tmp_path, monkeypatch, "presto-s")
+    res = claims.cached_claim(run, "presto-s")
+    panels = {title: points for title, _, _, points in claims.claim_panels(res, claims.cached_rows(res))}
+    assert list(panels) == ["CLAP score", "FAD, our CLAP"]       # no aisfx judge scored, no speed measured
+    # CLAP score: both seeds score 0.30 .. 0.36 (SE sd / sqrt(4) each); within sqrt(2 se^2) / 2 wins over
+    # the seeds' zero spread
+    se = math.sqrt(sum((v - 0.33) ** 2 for v in (0.30, 0.32, 0.34, 0.36)) / 3) / 2
+    mean, got_se, seeds = panels["CLAP score"]["presto-s"]
+    assert (mean, got_se) == pytest.approx((0.33, se / math.sqrt(2))) and seeds == pytest.approx([0.33, 0.33])
+    # FAD 1.00 and 1.01: between-seed SE sd / sqrt(2) = 0.005; the teacher, one folder for both seeds,
+    # is one evaluation: its FAD has no error bar
+    mean, got_se, seeds = panels["FAD, our CLAP"]["presto-s"]
+    assert (mean, got_se) == pytest.approx((1.005, 0.005)) and seeds == pytest.approx([1.0, 1.01])
+    assert panels["FAD, our CLAP"]["teacher"] == (0.9, None, [0.9])
+
+
+def test_plot_draws_every_arm_from_the_cache_and_trains_nothing(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("matplotlib")
+    run = run_claims(tmp_path, monkeypatch, "presto-s", "ls-vs-s")
+    monkeypatch.setattr(claims, "spawn", lambda *a: pytest.fail("ran"))
+    png = tmp_path / "presto-s.png"
+    claims.main(["--run", run, "--claim", "presto-s", "--plot", str(png)])
+    assert png.stat().st_size > 0 and f"wrote {png} (presto-s)" in capsys.readouterr().out
+    fig = claims.figure(run, ["ls-vs-s"])
+    ticks = [[t.get_text() for t in ax.get_xticklabels()] for ax in fig.axes if ax.axison]
+    # CLAP score, FAD and, as the claim measures speed, end-to-end ms: Presto-LS and Presto-S in each
+    assert ticks == [["presto-ls", "presto-s"]] * 3
+    assert [ax.get_title() for ax in fig.axes][:3] == ["CLAP score (higher wins)", "FAD, our CLAP (lower wins)",
+                                                       "end-to-end ms (lower wins)"]
+    # every claim run so far in one figure, the others named
+    claims.main(["--run", run, "--claim", "all", "--plot", str(tmp_path / "all.png")])
+    assert (tmp_path / "all.png").stat().st_size > 0
+    assert "(presto-s, ls-vs-s); not run yet: gen-sigmas, p-gen" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--claim", "gan"], "error: no {run}/claims/gan.json: run python scripts/claims.py --run {run} --claim gan first"),
+    (["--claim", "all"], "error: no claim rows in {run}/claims"),
+    (["--claim", "p-foo"], "error: unknown claim 'p-foo'"),
+    (["--claim", "gan", "--no-matplotlib"], "error: --plot needs matplotlib: pip install -r requirements-demo.txt"),
+])
+def test_plot_without_a_cache_is_one_line(tmp_path, monkeypatch, args, msg):
+    run = fake_run(tmp_path)
+    if "--no-matplotlib" in args:
+        monkeypatch.setitem(sys.modules, "matplotlib", None)      # import matplotlib fails
+        args = [a for a in args if a != "--no-matplotlib"]
+    else:
+        pytest.importorskip("matplotlib")
+    with pytest.raises(SystemExit) as e:
+        claims.main(["--run", run, *args, "--plot", str(tmp_path / "x.png")])
+    assert str(e.value.code).startswith(msg.format(run=run)) and "\n" not in str(e.value.code)
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_plot_refuses_a_rescored_arm_and_options_it_would_ignore(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("matplotlib")
+    run = run_claims(tmp_path, monkeypatch, "presto-s")
+    results = os.path.join(run, "claims", "presto-s_seed1", "results.json")
+    os.remove(results)
+    with pytest.raises(SystemExit) as e:
+        claims.main(["--run", run, "--claim", "presto-s", "--plot", str(tmp_path / "x.png")])
+    assert str(e.value.code) == f"error: {results} not found: this arm is not scored"
+    claims.main(["--run", run, "--claim", "presto-s", "--embedder", os.path.join(run, "clap.pt"), "--n", "3"])
+    claims.main(["--run", run, "--claim", "gan", "--seeds", "0", "--embedder", os.path.join(run, "clap.pt"), "--n", "4"])
+    with pytest.raises(SystemExit) as e:         # gan's presto-s_seed0 was scored again with --n 4 since
+        claims.main(["--run", run, "--claim", "presto-s", "--plot", str(tmp_path / "x.png")])
+    assert "presto-s_seed0/results.json was scored with --n 4, not 3: run the claim again" in str(e.value.code)
+    with pytest.raises(SystemExit) as e:
+        claims.main(["--run", run, "--claim", "presto-s", "--seeds", "0", "--plot", str(tmp_path / "x.png")])
+    assert e.value.code == 2 and "--plot draws the cached rows as they were run: --seeds" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
 
 
 # -----------------------------------------------------------------------------
