@@ -466,6 +466,9 @@ def save_checkpoint(path, ckpt):
     os.replace(tmp, path)
 
 
+RENAMED = {"fake": "mu_fake", "opt_fake": "opt_mu_fake"}   # checkpoint key before -> now
+
+
 def read_checkpoint(path):
     """The raw dict of a checkpoint file (for resuming); one-line errors for a missing or unreadable
     file. Read with weights_only=True: a checkpoint holds tensors and plain Python values only, so
@@ -494,6 +497,9 @@ def read_checkpoint(path):
     elif not stored.startswith(ALL) and checksum(ckpt, tensors_only=True) != stored:
         raise ValueError(f"{path} is damaged or was modified: its weights do not match the checksum "
                          "written with them")
+    for before, now in RENAMED.items():     # keys of checkpoints written before a rename
+        if before in ckpt and now not in ckpt:
+            ckpt[now] = ckpt.pop(before)
     return ckpt
 
 

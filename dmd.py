@@ -190,17 +190,17 @@ def fake_score_loss(x_real, x_hat, ids, mu_fake, head, draws, nu2, block, real_i
                                 "D_fake": logits_fake.mean()}
 
 
-def generator_loss(x_hat, ids, null_ids, mu_real, mu_fake, head, draws, cfg_w, nu1, block):
+def generator_loss(x_hat, ids, mu_real, mu_fake, head, draws, cfg_w, nu1, block):
     """The generator's update: L_DMD + nu1 * L_G, and its parts (L_DMD, L_G, and g: the DMD gradient).
 
-    L_DMD: the surrogate loss of the DMD gradient g at sigma_dmd, with CFG (weight cfg_w, null
-    caption null_ids) on the real score only. L_G: the least-squares generator loss of the
+    L_DMD: the surrogate loss of the DMD gradient g at sigma_dmd, with CFG (weight cfg_w; the null
+    caption is all PAD, as edm.drop_captions trains it) on the real score only. L_G: the least-squares generator loss of the
     discriminator at sigma_gan; mu_fake and head must be frozen by the caller (requires_grad off),
     so L_G's gradient flows through them into x_hat and on into G without changing them.
     """
     cond = mu_fake.encode(ids)
-    real_fn = edm.guided(mu_real, mu_real.encode(ids),
-                         mu_real.encode(null_ids) if cfg_w != 1.0 else None, cfg_w)
+    null = mu_real.encode(torch.zeros_like(ids)) if cfg_w != 1.0 else None    # the null caption
+    real_fn = edm.guided(mu_real, mu_real.encode(ids), null, cfg_w)
     g = dmd_gradient(x_hat.detach(), real_fn, lambda x, s: mu_fake(x, s, cond),
                      draws["sigma_dmd"], draws["eps_dmd"])
     L_DMD = dmd_loss(x_hat, g)

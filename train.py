@@ -31,6 +31,7 @@ import os
 import sys
 import time
 import warnings
+from typing import Callable, NamedTuple
 
 import torch
 from tqdm import tqdm
@@ -257,17 +258,25 @@ def train_clap(cfg, out, resume=False):
 # Presto-S (Sec. 3.1-3.2, Algorithm 1) and Presto-LS. One iteration is a function, so the
 # 2-D toy test runs exactly this code path with tiny MLP denoisers.
 
+class MicroBatch(NamedTuple):
+    """One micro-batch of a Presto-S iteration."""
+    x: torch.Tensor           # real latents (B, C, T); G's inputs are made from them
+    ids: torch.Tensor         # their caption ids (B, L)
+    make_rng: Callable        # make_rng() -> a fresh RNG of the step; the generator turn calls it
+                              # again to replay the first half's draws
+    x_gan: torch.Tensor       # the discriminator's real latents (distill.gan_real: x itself, or a
+    ids_gan: torch.Tensor     # batch of their own) and their caption ids
+
+
 def presto_s_iteration(step, nets, opts, batches, distill, edm_cfg, block, grad_clip=1.0,
                        autocast=contextlib.nullcontext(), gen_fn=None):
-    """One Presto-S iteration; returns detached losses and diagnostics (means over the batch).
+    """One Presto-S iteration (Algorithm 1); returns detached losses and diagnostics (means over
+    the batch).
 
     nets: {"G", "mu_fake", "mu_real", "head"}, opts: {"G", "mu_fake"} (the mu_fake optimizer also
-    owns the discriminator head). batches: this process's micro-batches, each (x_real, ids,
-    null_ids, make_rng, gan_real): real latents, caption ids, the null caption's ids, make_rng() -> a
-    fresh RNG of the step (called twice: the generator turn replays the first half's draws), and
-    the discriminator's real clips (x, ids) (distill.gan_real: a batch of their own, or x_real, ids).
-    block: the mu_fake block the discriminator reads. gen_fn(x, sigma, cond): how the generator is
-    called (default G itself; Presto-LS passes G layer-dropped at the budget b(sigma_gen)).
+    owns the discriminator head). batches: this process's micro-batches (MicroBatch). block: the
+    mu_fake block the discriminator reads. gen_fn(x, sigma, cond): how the generator is called
+    (default G itself; Presto-LS passes G layer-dropped at the budget b(sigma_gen)).
 
     Two halves, each accumulating gradients over the micro-batches before one optimizer step:
     1. mu_fake + discriminator on L_fake + nu2 L_D (dmd.fake_score_loss), every iteration;
@@ -275,45 +284,41 @@ def presto_s_iteration(step, nets, opts, batches, distill, edm_cfg, block, grad_
     """
     G, mu_fake, mu_real, head = nets["G"], nets["mu_fake"], nets["mu_real"], nets["head"]
     G_fn = G if gen_fn is None else gen_fn
-    gen_turn = step % distill.gen_every == 0
     weight = 1 / len(batches)
-    out, kept = {}, None
+    out = {}
 
     def add(parts):
         for k, v in parts.items():
             out[k] = out.get(k, 0) + v.detach() * weight
 
-    def sample_G(x_real, ids, draws):        # x_hat: G's sample of its input at sigma_gen
-        cond = G.encode(ids)
-        return G_fn(dmd.generator_input(G_fn, x_real, draws, cond, distill, edm_cfg),
+    def sample_G(b, draws):                 # x_hat: G's sample of its input at sigma_gen
+        cond = G.encode(b.ids)
+        return G_fn(dmd.generator_input(G_fn, b.x, draws, cond, distill, edm_cfg),
                     draws["sigma_gen"], cond)
 
-    for x_real, ids, _, make_rng, (x_gan, ids_gan) in batches:    # 1. fake score + discriminator
-        draws = dmd.iteration_draws(make_rng(), x_real, distill, edm_cfg)
-        # with one micro-batch x_hat's graph is kept for the generator turn, else recomputed there
-        keep = gen_turn and len(batches) == 1
-        with autocast, torch.set_grad_enabled(keep):
-            x_hat = sample_G(x_real, ids, draws)
-        kept = x_hat if keep else None
+    for b in batches:                                       # 1. fake score + discriminator
+        draws = dmd.iteration_draws(b.make_rng(), b.x, distill, edm_cfg)
+        with autocast, torch.no_grad():
+            x_hat = sample_G(b, draws)
         with autocast:
-            loss, parts = dmd.fake_score_loss(x_gan, x_hat, ids, mu_fake, head, draws,
-                                              distill.nu2, block, real_ids=ids_gan)
+            loss, parts = dmd.fake_score_loss(b.x_gan, x_hat, b.ids, mu_fake, head, draws,
+                                              distill.nu2, block, real_ids=b.ids_gan)
         (loss * weight).backward()
         add(parts)
     optimizer_step(opts["mu_fake"], grad_clip)
-    if not gen_turn:
+    if step % distill.gen_every != 0:
         return out
 
     mu_fake.requires_grad_(False)                           # 2. generator, through frozen mu_fake
     head.requires_grad_(False)
     sigmas, g_abs = [], []
-    for x_real, ids, null_ids, make_rng, _ in batches:
-        rng = make_rng()
-        draws = dmd.iteration_draws(rng, x_real, distill, edm_cfg)   # replay: same sigma_gen, eps_gen
-        turn = dmd.generator_turn_draws(rng, x_real, distill, edm_cfg)
+    for b in batches:
+        rng = b.make_rng()
+        draws = dmd.iteration_draws(rng, b.x, distill, edm_cfg)   # replay: same sigma_gen, eps_gen
+        turn = dmd.generator_turn_draws(rng, b.x, distill, edm_cfg)
         with autocast:
-            x_hat = kept if kept is not None else sample_G(x_real, ids, draws)
-            loss, parts = dmd.generator_loss(x_hat, ids, null_ids, mu_real, mu_fake, head, turn,
+            x_hat = sample_G(b, draws)
+            loss, parts = dmd.generator_loss(x_hat, b.ids, mu_real, mu_fake, head, turn,
                                              distill.cfg_w, distill.nu1, block)
         (loss * weight).backward()
         g = parts.pop("g")
@@ -337,6 +342,27 @@ def train_presto_ls(cfg, out, resume=False):
     return train_distill(cfg, out, resume, "presto-ls")
 
 
+def distill_networks(cfg, out, stage, mu_real, device):
+    """The networks of Presto-S / Presto-LS around the frozen teacher mu_real: the generator G (a
+    copy of the teacher, or for presto-ls the Presto-L student of OUT/presto_l.pt) and gen_fn, how
+    G is called (None: G itself; presto-ls: layer-dropped at the budget b(sigma_gen)); G's EMA
+    (None when distill.ema = 0); the fake score mu_fake (a copy of the teacher) and the
+    discriminator head on its block `block`. Returns (nets, gen_fn, G_ema, block)."""
+    G = copy.deepcopy(mu_real).train().requires_grad_(True)
+    gen_fn = None
+    if stage == "presto-ls":
+        student_cfg, _, _, _, student = config.load_checkpoint(earlier(out, "presto_l.pt"), device,
+                                                               stages=("presto-l",))
+        G.net.load_state_dict(student.net.state_dict())
+        cfg.layerdrop = student_cfg.layerdrop      # the schedule and method G was trained for
+        gen_fn = layerdrop.scheduled(G, cfg.layerdrop, cfg.edm, masked=True)
+    G_ema = copy.deepcopy(G).eval().requires_grad_(False) if cfg.distill.ema > 0 else None
+    mu_fake = copy.deepcopy(mu_real).train().requires_grad_(True)
+    block = gan.disc_block(cfg.distill.disc_block, len(mu_fake.net.blocks))
+    head = gan.Head(cfg.model.width, cfg.distill.disc_width).to(device)
+    return {"G": G, "mu_fake": mu_fake, "mu_real": mu_real, "head": head}, gen_fn, G_ema, block
+
+
 def train_distill(cfg, out, resume, stage):
     """Presto-S or Presto-LS. Both distil the frozen full-depth teacher OUT/base.pt (mu_real;
     mu_fake is a full-depth copy of it); they differ only in the generator: a copy of the teacher
@@ -346,31 +372,18 @@ def train_distill(cfg, out, resume, stage):
     name = stage.replace("-", "_")
     device, path, ckpt = stage_setup(cfg, out, f"{name}.pt", resume)
     rep, tok, mu_real = load_teacher(cfg, out, device)
-    G = copy.deepcopy(mu_real).train().requires_grad_(True)       # generator <- teacher
-    gen_fn = None
-    if stage == "presto-ls":                                       # ... <- Presto-L, layer-dropped
-        student_cfg, _, _, _, student = config.load_checkpoint(earlier(out, "presto_l.pt"), device,
-                                                               stages=("presto-l",))
-        G.net.load_state_dict(student.net.state_dict())
-        cfg.layerdrop = student_cfg.layerdrop      # the schedule and method G was trained for
-        gen_fn = layerdrop.scheduled(G, cfg.layerdrop, cfg.edm, masked=True)
-    # the generator that samples (and is saved as "model"): an EMA of G, or G itself
-    G_ema = copy.deepcopy(G).eval().requires_grad_(False) if distill.ema > 0 else None
-    sampler = G_ema if G_ema is not None else G
-    mu_fake = copy.deepcopy(mu_real).train().requires_grad_(True)  # fake score <- teacher
-    block = gan.disc_block(distill.disc_block, len(mu_fake.net.blocks))
-    head = gan.Head(cfg.model.width, distill.disc_width).to(device)
+    nets, gen_fn, G_ema, block = distill_networks(cfg, out, stage, mu_real, device)
+    G, mu_fake, head = nets["G"], nets["mu_fake"], nets["head"]
+    sampler = G_ema if G_ema is not None else G       # the generator that samples, saved as "model"
     opts = {"G": adamw(G.parameters(), distill.lr_gen, train_cfg, device),
             "mu_fake": adamw([*mu_fake.parameters(), *head.parameters()], distill.lr_fake,
                              train_cfg, device)}
-    nets = {"G": G, "mu_fake": mu_fake, "mu_real": mu_real, "head": head}
     start, best = 0, None                  # best: the validation numbers of *_best.pt
-    if ckpt is not None:                   # (checkpoints before the rename say "fake")
-        G.net.load_state_dict(ckpt["G"])
-        mu_fake.net.load_state_dict(ckpt.get("mu_fake", ckpt.get("fake")))
-        head.load_state_dict(ckpt["head"])
-        opts["G"].load_state_dict(ckpt["opt_G"])
-        opts["mu_fake"].load_state_dict(ckpt.get("opt_mu_fake", ckpt.get("opt_fake")))
+    if ckpt is not None:
+        for key, net in (("G", G.net), ("mu_fake", mu_fake.net), ("head", head)):
+            net.load_state_dict(ckpt[key])
+        for key in ("G", "mu_fake"):
+            opts[key].load_state_dict(ckpt[f"opt_{key}"])
         if G_ema is not None:
             G_ema.net.load_state_dict(ckpt.get("G_ema", ckpt["G"]))
         start, best = ckpt["step"], ckpt.get("best_val")
@@ -411,16 +424,17 @@ def train_distill(cfg, out, resume, stage):
     loop = StageLoop(stage, path, start, distill.steps, resume, "distill.lr_gen / distill.lr_fake",
                      train_cfg.ckpt_every)
     sums, counts, g_by_sigma = {}, {}, []
-    two = distill.gan_real == "independent"        # the discriminator's real clips: a second stream
-    feed = Feed(train_ds, distill.batch_size, cfg, start, distill.steps, device, share=0.5 if two else 1)
-    if two:
-        feed_gan = Feed(train_ds, distill.batch_size, cfg, start, distill.steps, device, stream=1, share=0.5)
+    separate = distill.gan_real == "independent"   # the discriminator's real clips: a second stream
+    feed = Feed(train_ds, distill.batch_size, cfg, start, distill.steps, device,
+                share=0.5 if separate else 1)
+    feed_gan = (Feed(train_ds, distill.batch_size, cfg, start, distill.steps, device, stream=1, share=0.5)
+                if separate else None)
     for step in loop:
-        batches = [(x, ids, torch.zeros_like(ids), make_rng, (x, ids)) for x, ids, _, make_rng, _ in
-                   micro_batches(feed, rep, tok, cfg, step, device, distill.batch_size)]
-        if distill.gan_real == "independent":
-            gan_real = micro_batches(feed_gan, rep, tok, cfg, step, device, distill.batch_size)
-            batches = [b[:4] + ((x, ids),) for b, (x, ids, *_) in zip(batches, gan_real)]
+        batch = list(micro_batches(feed, rep, tok, cfg, step, device, distill.batch_size))
+        gan_real = (micro_batches(feed_gan, rep, tok, cfg, step, device, distill.batch_size)
+                    if separate else batch)
+        batches = [MicroBatch(x, ids, make_rng, x_gan, ids_gan)
+                   for (x, ids, _, make_rng, _), (x_gan, ids_gan, *_) in zip(batch, gan_real)]
         losses = presto_s_iteration(step, nets, opts, batches, distill, cfg.edm, block,
                                     train_cfg.grad_clip, autocast, gen_fn=gen_fn)
         if "g_abs" in losses:                               # a generator turn

@@ -19,7 +19,6 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repo
 import config  # noqa: E402
 
-RENAME = {"fake": "mu_fake", "opt_fake": "opt_mu_fake"}     # checkpoint keys before the rename
 WEIGHTS = ("model", "ema", "G", "G_ema", "mu_fake", "head", "latent_stats", "feature_stats")
 TIMING = ("clips_per_s", "mfu", "data_wait")                                # differ from run to run
 
@@ -29,7 +28,7 @@ def digest(run):
     out = {}
     for path in sorted(glob.glob(os.path.join(run, "*.pt"))):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        ckpt = {RENAME.get(k, k): v for k, v in ckpt.items()}
+        ckpt = {config.RENAMED.get(k, k): v for k, v in ckpt.items()}
         for key in WEIGHTS:
             if key in ckpt:
                 out[f"{os.path.basename(path)}:{key}"] = config.checksum({key: ckpt[key]})[:16]

@@ -24,9 +24,9 @@ TESTS = ["tests/test_dmd.py", "tests/test_presto_s.py", "tests/test_layerdrop.py
 # (bug, file, [(text as it is, text with the bug), ...]); each text must occur in the file
 MUTANTS = [
     ("CFG applied to the fake score too", "dmd.py",
-     [("lambda x, s: mu_fake(x, s, cond)", "edm.guided(mu_fake, cond, mu_fake.encode(null_ids), cfg_w)")]),
+     [("lambda x, s: mu_fake(x, s, cond)", "edm.guided(mu_fake, cond, null, cfg_w)")]),
     ("real score evaluated without CFG (weight ignored)", "dmd.py",
-     [("mu_real.encode(null_ids) if cfg_w != 1.0 else None, cfg_w)", "None, 1.0)")]),
+     [("mu_real.encode(ids), null, cfg_w)", "mu_real.encode(ids), None, 1.0)")]),
     ("generator input sigma drawn from p_dmd", "dmd.py",
      [("return sample_sigma(cfg.p_gen, n", "return sample_sigma(cfg.p_dmd, n")]),
     ("fake score's DSM sigma drawn from p_gan", "dmd.py",

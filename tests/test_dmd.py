@@ -158,8 +158,7 @@ def test_L_fake_is_denoising_on_the_generated_clips_not_the_real_ones():
 @torch.no_grad()
 def test_generator_update_uses_the_dmd_draws_for_L_DMD_and_the_gan_draws_for_L_G():
     mu_real, mu_fake, head, x_real, x_hat, ids, _, turn = _iteration()
-    null = torch.zeros_like(ids)
-    parts = lambda d: dmd.generator_loss(x_hat, ids, null, mu_real, mu_fake, head, d, 4.0, 0.01, 2)[1]
+    parts = lambda d: dmd.generator_loss(x_hat, ids, mu_real, mu_fake, head, d, 4.0, 0.01, 2)[1]
     base = parts(turn)
     for key, changes in (("sigma_dmd", "L_DMD"), ("eps_dmd", "L_DMD"), ("sigma_gan", "L_G"),
                          ("eps_gan", "L_G")):
@@ -181,12 +180,11 @@ def test_guidance_goes_to_the_real_score_only():
     2B) and its guidance changes the DMD gradient; the fake score always runs the B samples with
     their captions only (guidance on it would double its batch too)."""
     mu_real, mu_fake, head, x_real, x_hat, ids, _, turn = _iteration()
-    null = torch.zeros_like(ids)
     real_calls, fake_calls = _batch_sizes(mu_real), _batch_sizes(mu_fake)
-    guided = dmd.generator_loss(x_hat, ids, null, mu_real, mu_fake, head, turn, 4.0, 0.01, 2)[1]
+    guided = dmd.generator_loss(x_hat, ids, mu_real, mu_fake, head, turn, 4.0, 0.01, 2)[1]
     assert real_calls == [4] and fake_calls == [2, 2]           # DMD's real and fake; L_G's features
     real_calls.clear(), fake_calls.clear()
-    plain = dmd.generator_loss(x_hat, ids, null, mu_real, mu_fake, head, turn, 1.0, 0.01, 2)[1]
+    plain = dmd.generator_loss(x_hat, ids, mu_real, mu_fake, head, turn, 1.0, 0.01, 2)[1]
     assert real_calls == [2] and fake_calls == [2, 2]
     assert not torch.equal(guided["g"], plain["g"])             # the weight is used, not ignored
 
@@ -199,7 +197,7 @@ def test_the_discriminator_reads_the_configured_block():
                                           with_kwargs=True)
     L_D = {b: dmd.fake_score_loss(x_real, x_hat, ids, mu_fake, head, draws, 0.01, b)[1]["L_D"]
            for b in (1, 2)}
-    dmd.generator_loss(x_hat, ids, torch.zeros_like(ids), mu_real, mu_fake, head, turn, 4.0, 0.01, 1)
+    dmd.generator_loss(x_hat, ids, mu_real, mu_fake, head, turn, 4.0, 0.01, 1)
     assert [b for b in blocks if b is not None] == [1, 2, 1] and not torch.equal(L_D[1], L_D[2])
 
 
@@ -280,7 +278,7 @@ def test_each_update_weighs_its_gan_term_by_its_own_nu():
     with torch.no_grad():
         loss, parts = dmd.fake_score_loss(x_real, x_hat, ids, mu_fake, head, draws, 0.5, 2)
         torch.testing.assert_close(loss, parts["L_fake"] + 0.5 * parts["L_D"])
-        loss, parts = dmd.generator_loss(x_hat, ids, torch.zeros_like(ids), mu_real, mu_fake, head,
+        loss, parts = dmd.generator_loss(x_hat, ids, mu_real, mu_fake, head,
                                          turn, 4.0, 0.25, 2)
         torch.testing.assert_close(loss, parts["L_DMD"] + 0.25 * parts["L_G"])
 

@@ -68,8 +68,7 @@ def _tiny_nets(base_run, teacher_trainable=False):
     x, ids = train.encode_batch(rep, tok, cfg, waves, captions, "cpu")
     nets = {"G": G, "mu_fake": mu_fake, "mu_real": mu_real, "head": head}
     block, distill = len(mu_fake.net.blocks) // 2, cfg.distill
-    batch = lambda step: [(x, ids, torch.zeros_like(ids), lambda: torch.Generator().manual_seed(step),
-                           (x, ids))]
+    batch = lambda step: [train.MicroBatch(x, ids, lambda: torch.Generator().manual_seed(step), x, ids)]
     run = lambda step: train.presto_s_iteration(step, nets, opts, batch(step), distill, cfg.edm, block)
     return nets, opts, distill, run
 
@@ -153,8 +152,10 @@ def test_the_gan_real_batch_is_independent_of_the_generator_inputs_by_default(ba
     shutil.copy(os.path.join(base_run, "base.pt"), tmp_path)
     train.train_presto_s(config.make_config("tiny", {**FAST, "distill.steps": "2",
                                                      "distill.gan_real": gan_real}), str(tmp_path))
-    assert len(seen["gan"]) == len(seen["gen"]) == 2     # 2 fake turns (the generator turn reuses x_hat)
-    for x_gen, (x_gan, ids, real_ids) in zip(seen["gen"], seen["gan"]):
+    # 2 fake turns; G's inputs are made 3 times (step 0's generator turn makes them again)
+    assert len(seen["gan"]) == 2 and len(seen["gen"]) == 3
+    assert torch.equal(seen["gen"][0], seen["gen"][1])
+    for x_gen, (x_gan, ids, real_ids) in zip(seen["gen"][::2], seen["gan"]):
         independent = not torch.equal(x_gen, x_gan) and not torch.equal(ids, real_ids)
         assert independent == (gan_real == "independent"), gan_real
         assert x_gan.shape == x_gen.shape and real_ids.shape == ids.shape

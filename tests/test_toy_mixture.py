@@ -100,7 +100,7 @@ def distil(teacher, distill, rng, iters):
         x_gan = mixture(distill.batch_size, rng) if distill.gan_real == "independent" else x
         state = rng.get_state()
         replay = lambda: rng.set_state(state) or rng     # the iteration's draws, from where they start
-        train.presto_s_iteration(step, nets, opts, [(x, None, None, replay, (x_gan, None))], distill,
+        train.presto_s_iteration(step, nets, opts, [train.MicroBatch(x, None, replay, x_gan, None)], distill,
                                  TOY_EDM, block=2)
     return G.eval()
 
