@@ -421,14 +421,14 @@ class Representation:
         # whatever else is in the batch; it converges better than zero phase
         rng = torch.Generator().manual_seed(0)
         phase = torch.rand(mag.shape[1:], generator=rng).to(mag.device) * 2 * math.pi
-        c = torch.polar(mag, phase.expand_as(mag))
-        t_prev = torch.zeros_like(c)
+        spec = torch.polar(mag, phase.expand_as(mag))
+        t_prev = torch.zeros_like(spec)
         for _ in range(iters):
-            rebuilt = self.spectrum(self.inverse(c, length))                  # nearest consistent STFT
+            rebuilt = self.spectrum(self.inverse(spec, length))               # nearest consistent STFT
             t = mag * rebuilt / rebuilt.abs().clamp_min(1e-8)                 # ... with the target magnitude
-            c = t + cfg.griffin_lim_momentum * (t - t_prev)                   # fast GL: extrapolate
+            spec = t + cfg.griffin_lim_momentum * (t - t_prev)                # fast GL: extrapolate
             t_prev = t
-        return self.waves((t_prev if iters else c)[..., :-1])
+        return self.waves((t_prev if iters else spec)[..., :-1])
 
     def state_dict(self):
         self._stats("cpu")

@@ -11,7 +11,7 @@ caption with every checkpoint the folder holds (base, Presto-S, ASE, Presto-L, P
 missing are simply absent) and shows each clip's player, spectrogram and times.
 
 Nothing here is new sampling code: `load_models` reads the checkpoints as sample.py does, and
-`generate_all` builds each row with evaluate.row_ways and sample.sampling_fn, the way evaluate.py
+`generate_all` builds each row with evaluate.row_samplers and sample.sampling_fn, the way evaluate.py
 scores it, then times one batch-1 clip (generation, then decode) with evaluate.median_time.
 Read `generate_all` first, then `build_app` (the page). The page reads only the run folder it was
 started with; nothing typed into it is a path.
@@ -113,14 +113,14 @@ def check_settings(seed, steps, cfg_w, few_steps):
 
 
 def row_options(steps, cfg_w, few_steps):
-    """The options evaluate.row_ways reads, for one base setting and one distilled step count."""
-    return SimpleNamespace(steps=steps, cfg=cfg_w, dpm_steps=steps, few_steps=[few_steps], ls_steps=few_steps)
+    """The options evaluate.row_samplers reads, for one base setting and one distilled step count."""
+    return SimpleNamespace(steps=steps, guidance=cfg_w, dpm_steps=steps, few_steps=[few_steps], ls_steps=few_steps)
 
 
 def generate_all(models, caption, seed, steps, cfg_w, few_steps, folder, precision="auto"):
     """Generate `caption` with every model, seed `seed`, one clip each (batch 1): the base model
     and ASE / Presto-L with Heun at `steps` steps and CFG `cfg_w`, Presto-S and Presto-LS at
-    `few_steps` steps (evaluate.row_ways). Each clip is written to FOLDER as a WAV (sample.write_wav)
+    `few_steps` steps (evaluate.row_samplers). Each clip is written to FOLDER as a WAV (sample.write_wav)
     and drawn as a spectrogram PNG (evaluate.spectrograms; none without matplotlib).
     Returns one dict per model: name, file, steps, network_calls, blocks, wav, png, seconds,
     generation_ms, decode_ms, end_to_end_ms, nonfinite, speedup and gen_speedup (against the base row)."""
@@ -129,7 +129,7 @@ def generate_all(models, caption, seed, steps, cfg_w, few_steps, folder, precisi
     sample.check_request(models[0].cfg, [caption], seconds, min(steps, few_steps))
     rows = []
     for m in models:
-        name, sampler, n, w = evaluate.row_ways(m.stage, opts)[0]     # base: its Heun row
+        name, sampler, n, w = evaluate.row_samplers(m.stage, opts)[0]     # base: its Heun row
         gen, blocks = sample.sampling_fn(m.den, m.tok, m.cfg, m.stage, n, sampler, w, precision=precision)
         device = next(m.den.parameters()).device
         out = {}                                                # one timed call each (no repeats)
@@ -248,7 +248,7 @@ def build_app(run, models, problems, folder, device_name="cpu", precision="auto"
         with gr.Row():
             for m in models:
                 with gr.Column(min_width=160, elem_id=f"model-{m.stage}"):
-                    players += [gr.Audio(label=evaluate.row_ways(m.stage, first)[0][0], type="filepath",
+                    players += [gr.Audio(label=evaluate.row_samplers(m.stage, first)[0][0], type="filepath",
                                          interactive=False),
                                 gr.Image(type="filepath", format="png", show_label=False, interactive=False),
                                 gr.Markdown()]

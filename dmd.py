@@ -11,13 +11,14 @@ Three networks, all EDM denoisers of the same shape (edm.Denoiser):
   mu_real  the frozen teacher; its score, with CFG, is the target distribution's score
   mu_fake  a copy of the teacher trained online (denoising score matching on generator samples),
            so its score tracks the generator's current output distribution
-  G        the rng, also initialised from the teacher: x_hat = G(x + sigma * eps, sigma, c)
+  G        the generator, also initialised from the teacher: x_hat = G(x + sigma * eps, sigma, c)
 
 Since score = (D(x; s) - x) / s^2, the KL gradient (score_fake - score_real) at a noised generator
-sample is proportional to D_fake - D_real: moving x_hat along -(D_fake - D_real) moves the
-generator's distribution toward the teacher's. The fake score's DSM loss L_fake is the ordinary
-EDM loss (`edm.edm_loss`) on detached generator samples; the adversarial terms L_D and L_G are
-gan.py's least-squares GAN on mu_fake's hidden states.
+sample is proportional to x0_fake - x0_real (each score's denoised estimate D(x_t; sigma)):
+moving x_hat along -(x0_fake - x0_real) moves the generator's distribution toward the teacher's.
+The fake score's DSM loss L_fake is the ordinary EDM loss (`edm.edm_loss`) on detached generator
+samples; the adversarial terms L_D and L_G are gan.py's least-squares GAN on mu_fake's hidden
+states (logged as D_real / D_fake: the discriminator's mean output on real and generated latents).
 
 The paper's central ablation is *which* sigma distribution each part draws from (the four settings
 p_gen, p_dmd, p_dsm, p_gan, each "train" = EDM's log-normal or "inf" = the Karras inference
@@ -97,16 +98,16 @@ def generator_sigmas(n, cfg, edm_cfg, rng=None, device="cpu"):
 
 @torch.no_grad()
 def dmd_gradient(x_hat, real_fn, fake_fn, sigma, eps):
-    """g = (D_fake - D_real) / mean|x_hat - D_real| at x_t = x_hat + sigma eps. Shape of x_hat.
+    """g = (x0_fake - x0_real) / mean|x_hat - x0_real| at x_t = x_hat + sigma eps. Shape of x_hat.
 
     real_fn / fake_fn are denoise functions (x, sigma) -> D; real_fn carries the CFG (edm.guided).
     The per-sample normaliser is DMD's: it makes the step size independent of how far the sample
     is from the teacher's denoised estimate. Both scores are evaluated on the same noised sample.
     """
     x_t = x_hat + edm.bcast(sigma, x_hat) * eps
-    D_real, D_fake = real_fn(x_t, sigma), fake_fn(x_t, sigma)
-    norm = (x_hat - D_real).abs().flatten(1).mean(1)                       # (B,)
-    g = (D_fake - D_real) / edm.bcast(norm, x_hat)
+    x0_real, x0_fake = real_fn(x_t, sigma), fake_fn(x_t, sigma)          # the denoised estimates
+    norm = (x_hat - x0_real).abs().flatten(1).mean(1)                       # (B,)
+    g = (x0_fake - x0_real) / edm.bcast(norm, x_hat)
     return torch.nan_to_num(g)
 
 

@@ -3,7 +3,7 @@
 The paper's base model is an EDM-family diffusion model (its background section on EDM; the
 experimental setup in Section 4.1). This file implements that formulation, following Karras et al.,
 "Elucidating the Design Space of Diffusion-Based Generative Models" (EDM, NeurIPS 2022), Table 1
-and Algorithm 2. Read `precond` first: every other file only ever talks to the network through
+and Algorithm 1 (deterministic Heun sampling). Read `precond` first: every other file only ever talks to the network through
 the denoiser D(x; sigma, c) that it defines, and through sigma values.
 
 Conventions used everywhere in the project:
@@ -266,7 +266,8 @@ def euler(denoise_fn, x, sigmas, progress=None):
 
 @torch.no_grad()
 def heun(denoise_fn, x, sigmas, progress=None):
-    """EDM Algorithm 2 (deterministic, S_churn = 0): Euler step plus a 2nd-order correction."""
+    """EDM Algorithm 1 (deterministic; Algorithm 2 with S_churn = 0): an Euler step plus a
+    2nd-order correction."""
     x = x.double()
     for i in range(len(sigmas) - 1):
         t_cur, t_next = sigmas[i], sigmas[i + 1]

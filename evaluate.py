@@ -52,16 +52,16 @@ ROWS = {"base.pt": "base", "presto_s.pt": "presto-s", "ase.pt": "ase", "presto_l
 SPEEDUP_REFERENCE = "base Heun"
 
 
-def row_ways(stage, opts):
+def row_samplers(stage, opts):
     """(name, sampler or None for few-step, steps, CFG weight) of each row a checkpoint adds: the
     teacher with Heun and DPM-Solver++(2M) (CFG doubles each call's batch); ASE / Presto-L with the
     base Heun settings, each call running its sigma's budget; the distilled generators at
     opts.few_steps steps and Presto-LS at opts.ls_steps, without CFG (it is distilled in)."""
     if stage == "base":
-        return [("base Heun", "heun", opts.steps, opts.cfg),
-                ("base DPM-Solver++(2M)", "dpmpp_2m", opts.dpm_steps, opts.cfg)]
+        return [("base Heun", "heun", opts.steps, opts.guidance),
+                ("base DPM-Solver++(2M)", "dpmpp_2m", opts.dpm_steps, opts.guidance)]
     if stage in ("ase", "presto-l"):
-        return [({"ase": "ASE", "presto-l": "Presto-L"}[stage], "heun", opts.steps, opts.cfg)]
+        return [({"ase": "ASE", "presto-l": "Presto-L"}[stage], "heun", opts.steps, opts.guidance)]
     if stage == "presto-ls":
         return [(f"Presto-LS {opts.ls_steps}-step", None, opts.ls_steps, None)]
     return [(f"Presto-S {steps}-step", None, steps, None) for steps in opts.few_steps]
@@ -72,7 +72,7 @@ def load_rows(path, stage, device, opts):
     generates (a checkpoint of another stage under this file name is a one-line error)."""
     cfg, ckpt, rep, tok, den = config.load_checkpoint(path, device, (stage,))
     rows = []
-    for name, sampler, steps, cfg_w in row_ways(ckpt["stage"], opts):
+    for name, sampler, steps, cfg_w in row_samplers(ckpt["stage"], opts):
         gen, blocks = sample.sampling_fn(den, tok, cfg, ckpt["stage"], steps, sampler, cfg_w,
                                          precision=opts.precision)
         calls = steps if sampler is None else edm.network_calls(sampler, steps)
@@ -232,7 +232,7 @@ def evaluate_run(run, opts, embed_fn, embed_text=None, predict_fn=None, device="
                     mmd="biased MMD^2 x1000, RBF on L2-normalised embeddings", mmd_sigma=opts.mmd_sigma,
                     fad="Gaussian fit of one embedding per clip, float64 eigen square roots",
                     fad_inf="FAD(N) = FAD_inf + slope/N fitted on random subsets of N = n/4..n clips",
-                    steps=opts.steps, dpm_steps=opts.dpm_steps, few_steps=opts.few_steps, ls_steps=opts.ls_steps, cfg=opts.cfg, latency_repeats=opts.repeats,
+                    steps=opts.steps, dpm_steps=opts.dpm_steps, few_steps=opts.few_steps, ls_steps=opts.ls_steps, cfg=opts.guidance, latency_repeats=opts.repeats,
                     latency_batch=1, sample_rate=cfg.data.sample_rate, seconds=cfg.data.seconds,
                     collections=list(scored.corpus_collections) if scored.dataset == "corpus" else None,
                     trained_on=list(cfg.data.corpus_collections) if cfg.data.dataset == "corpus" else None,
@@ -635,9 +635,9 @@ def count_calls(net, fn):
 def latency_section(cfg, rows, opts, device):
     """Batch-1 latency of the requested rows for one config (one channel count), random weights.
 
-    base: the teacher's default sampler (Heun, opts.steps, CFG opts.cfg: each call is a batch of
+    base: the teacher's default sampler (Heun, opts.steps, CFG opts.guidance: each call is a batch of
     2); presto-s: the few-step generator at opts.ls_steps steps, no CFG; presto-ls: the same with
-    Presto-L's budget schedule (layerdrop.Planned, method presto-l). Each row samples through
+    Presto-L's budget schedule (layerdrop.PlannedDenoiser, method presto-l). Each row samples through
     sample.sampling_fn, the code path of sample.py and of the full evaluation. Generation,
     decode and the two together are timed separately: the median of opts.repeats
     after a warm-up (the counting pass; with --compile two more calls, which compile and, on
@@ -649,15 +649,15 @@ def latency_section(cfg, rows, opts, device):
     T = sample.latent_frames(cfg, seconds)
     per_call = lambda b: dit.flops_per_sample(cfg.model, T, cfg.data.max_text_len, b, text_encoder=False)
     text_flops = dit.flops_per_sample(cfg.model, T, cfg.data.max_text_len) - per_call(None)
-    ways = {"base": (f"base Heun {opts.steps}-step, CFG {opts.cfg:g}", cfg, "base", "heun", opts.steps,
-                     opts.cfg),
+    row_settings = {"base": (f"base Heun {opts.steps}-step, CFG {opts.guidance:g}", cfg, "base", "heun", opts.steps,
+                     opts.guidance),
             "presto-s": (f"Presto-S {opts.ls_steps}-step", cfg, "presto-s", None, opts.ls_steps, None),
             "presto-ls": (f"Presto-LS {opts.ls_steps}-step",
                           replace(cfg, layerdrop=replace(cfg.layerdrop, method="presto-l")),
                           "presto-ls", None, opts.ls_steps, None)}
     planned = []                      # (row, generate one clip, its latent)
     for key in rows:                  # count calls and blocks on the eager model first
-        name, row_cfg, stage, sampler, steps, cfg_w = ways[key]
+        name, row_cfg, stage, sampler, steps, cfg_w = row_settings[key]
         gen, expected_blocks = sample.sampling_fn(den, tok, row_cfg, stage, steps, sampler, cfg_w,
                                                   precision=opts.precision)
         one = functools.partial(gen, [LATENCY_PROMPT], [0], seconds)
@@ -701,7 +701,7 @@ def latency_report(opts, device):
         print(f"{label}: building a random-weight DiT-{cfg.model.size} for {cfg.data.seconds:g} s "
               f"of {cfg.data.sample_rate} Hz audio", flush=True)
         sections[label] = latency_section(cfg, rows, opts, device)
-    settings = dict(preset=opts.preset, sets=sets, rows=rows, steps=opts.steps, cfg=opts.cfg,
+    settings = dict(preset=opts.preset, sets=sets, rows=rows, steps=opts.steps, cfg=opts.guidance,
                     presto_steps=opts.ls_steps, repeats=opts.repeats, compile=opts.compile,
                     compile_mode=("reduce-overhead" if device.type == "cuda" else "default")
                     if opts.compile else None, batch=1, prompt=LATENCY_PROMPT,
@@ -760,8 +760,9 @@ def main(argv=None):
                    help="step counts of the distilled generators' rows")
     p.add_argument("--ls-steps", type=int, default=4,
                    help="steps of the Presto-LS row (with --latency-only: of the Presto-S row too)")
-    p.add_argument("--cfg", type=float, default=4.0,
-                   help="CFG weight of the base, ASE and Presto-L rows (x0-space)")
+    p.add_argument("--guidance", "--cfg", type=float, default=4.0,
+                   help="classifier-free guidance (CFG) weight of the base, ASE and Presto-L rows "
+                        "(x0-space; --cfg is the same option)")
     p.add_argument("--checkpoints", nargs="+", default=None, metavar="FILE",
                    help=f"score only these checkpoint files of the run folder, of {', '.join(ROWS)} "
                         "(default: every one present)")
@@ -823,7 +824,7 @@ def main(argv=None):
         sys.exit(f"error: {', '.join(small)}: --n must be >= 2, --threads >= 0 (0 = torch's "
                  "default), every other count >= 1")
     try:
-        sample.check_guidance(opts.cfg)
+        sample.check_guidance(opts.guidance)
     except ValueError as e:
         sys.exit(f"error: {e}")
     if not (math.isfinite(opts.mmd_sigma) and opts.mmd_sigma > 0):
@@ -841,7 +842,7 @@ def main(argv=None):
     if len(set(opts.few_steps)) < len(opts.few_steps):
         sys.exit(f"error: --few-steps names a step count twice: {' '.join(map(str, opts.few_steps))}")
     ignored = [f"--{k.replace('_', '-')}" for k in ("best", "embedder", "n", "seeds", "prompts", "steps",
-               "dpm_steps", "few_steps", "ls_steps", "cfg", "spectrograms", "collections", "checkpoints")
+               "dpm_steps", "few_steps", "ls_steps", "guidance", "spectrograms", "collections", "checkpoints")
                if getattr(opts, k) != p.get_default(k)] + (["--run"] if opts.latency_only and opts.run else [])
     if (opts.variance or opts.latency_only) and ignored:        # options of the results table only
         warnings.warn(f"{', '.join(ignored)} do(es) not apply to "

@@ -153,7 +153,7 @@ def forward(denoiser, x, sigma, cond, budgets, method, budget_cond=True, masked=
     return denoiser(x, sigma, cond, budget=budget, block_mask=block_mask(budgets, depth, method))
 
 
-def scheduled(denoiser, cfg, edm_cfg, budget=None, masked=False):
+def scheduled_denoiser(denoiser, cfg, edm_cfg, budget=None, masked=False):
     """A denoiser(x, sigma, cond) that picks each call's budget from the schedule: a drop-in for
     the full model in edm.guided and the samplers (one sigma per call, so blocks really skip).
     budget: a fixed number of blocks for every call instead of the schedule. masked: see forward
@@ -168,7 +168,7 @@ def scheduled(denoiser, cfg, edm_cfg, budget=None, masked=False):
     return denoise
 
 
-class Planned:
+class PlannedDenoiser:
     """The layer-dropped denoiser(x, sigma, cond) of a sampler whose network calls are known in
     advance: call k runs budget plan[k], host integers worked out from the sampling grid (or one
     fixed budget), so no budget is read back from the device (a GPU sync per call otherwise).

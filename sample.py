@@ -1,7 +1,7 @@
 """sample.py: text -> music from a trained checkpoint.
 
     python sample.py --ckpt runs/cpu/base.pt --prompt "an upbeat plucked arpeggio in D minor at 140 bpm" \
-        --seconds 4 --steps 32 --sampler heun --cfg 4 --seed 0 --out out.wav
+        --seconds 4 --steps 32 --sampler heun --guidance 4 --seed 0 --out out.wav
     python sample.py --ckpt runs/cpu/base.pt --prompts prompts.txt --out samples/   # one per line
     python sample.py --ckpt runs/cpu/presto_ls.pt --prompt "..." [--steps 4] [--budget 6]
 
@@ -67,7 +67,7 @@ def generate(denoiser, tok, cfg, prompts, seeds, seconds, steps=32, sampler="heu
              progress=None, denoise=None):
     """Latents (B, C, T) for prompts, one seed each, with the base model and an ODE sampler.
 
-    denoise(x, sigma, cond): called instead of the denoiser (e.g. layerdrop.Planned); the
+    denoise(x, sigma, cond): called instead of the denoiser (e.g. layerdrop.PlannedDenoiser); the
     denoiser still encodes the captions.
     """
     device, ids, noise_fn = _setup(denoiser, tok, cfg, prompts, seeds, seconds)
@@ -141,7 +141,7 @@ def sampling_fn(denoiser, tok, cfg, stage, steps, sampler="heun", cfg_w=4.0, bud
         depth = len(denoiser.net.blocks)
         plan = ([budget] * len(sigmas) if budget is not None else layerdrop.budget_for_sigma(
             torch.tensor(sigmas, dtype=torch.float32), depth, cfg.layerdrop, cfg.edm).tolist())
-        denoise = layerdrop.Planned(denoiser, cfg.layerdrop.method, cfg.layerdrop.budget_cond, plan)
+        denoise = layerdrop.PlannedDenoiser(denoiser, cfg.layerdrop.method, cfg.layerdrop.budget_cond, plan)
         blocks = sum(plan) / len(plan) / depth
     gen = (functools.partial(generate_few_step, denoiser, tok, cfg, steps=steps, denoise=denoise)
            if few_step else functools.partial(generate, denoiser, tok, cfg, steps=steps, sampler=sampler,
@@ -169,7 +169,7 @@ def check_options(args):
         raise ValueError(f"--batch must be >= 1, got {args.batch}")
     if not 0 <= args.seed < 2**63:
         raise ValueError(f"--seed must be in 0..2^63-1 (a torch seed), got {args.seed}")
-    check_guidance(args.cfg)
+    check_guidance(args.guidance)
     if args.gl_iters is not None and args.gl_iters < 1:
         raise ValueError(f"--gl-iters must be >= 1, got {args.gl_iters}")
 
@@ -177,15 +177,15 @@ def check_options(args):
 STRONGEST_USEFUL_CFG = 20.0   # well past where guidance helps (the presets use 4)
 
 
-def check_guidance(cfg_w):
+def check_guidance(w):
     """ValueError for a guidance weight that is not a number; a warning for one outside the
-    range where it means something (sample.py's and evaluate.py's --cfg)."""
-    if not math.isfinite(cfg_w):
-        raise ValueError(f"--cfg must be a finite number, got {cfg_w}")
-    if cfg_w < 0:
-        warnings.warn(f"--cfg {cfg_w:g} < 0 steers away from the prompt (1 = no guidance)")
-    elif cfg_w > STRONGEST_USEFUL_CFG:
-        warnings.warn(f"--cfg {cfg_w:g} is far above the useful range (about 1-10): the guidance "
+    range where it means something (sample.py's and evaluate.py's --guidance)."""
+    if not math.isfinite(w):
+        raise ValueError(f"--guidance must be a finite number, got {w}")
+    if w < 0:
+        warnings.warn(f"--guidance {w:g} < 0 steers away from the prompt (1 = no guidance)")
+    elif w > STRONGEST_USEFUL_CFG:
+        warnings.warn(f"--guidance {w:g} is far above the useful range (about 1-10): the guidance "
                       "term swamps the noise, so clips hardly change with the seed")
 
 
@@ -195,7 +195,7 @@ def check_request(cfg, prompts, seconds, steps):
         raise ValueError("no prompts given")
     for i, p in enumerate(prompts):
         if not p.strip():
-            raise ValueError(f"prompt {i + 1} is empty (give some text; --cfg 0 ignores it)")
+            raise ValueError(f"prompt {i + 1} is empty (give some text; --guidance 0 ignores it)")
     # one latent frame, and at least two STFT frames (Griffin-Lim's STFT of one frame has nothing
     # to pad from)
     hop = max(frame_hop(cfg), 2 * cfg.data.hop)
@@ -286,7 +286,7 @@ def write_batches(args, cfg, rep, gen, few_step, steps, prompts, seeds, seconds,
             i = b + j
             if not np.isfinite(wave).all():       # never write NaN / inf as audio
                 raise ValueError(f"the model produced non-finite audio for prompt {i + 1} "
-                                 f"(seed {seeds[i]}); nothing written for it (try a lower --cfg or more --steps)")
+                                 f"(seed {seeds[i]}); nothing written for it (try a lower --guidance or more --steps)")
             write_wav(paths[i], wave, cfg.data.sample_rate)
             tqdm.write(f"{paths[i]}  seed {seeds[i]}  \"{prompts[i]}\"")   # above the bar
     return t_gen, t_dec
@@ -305,9 +305,10 @@ def main(argv=None):
                    help="sampling steps (default: 32 for base.pt, 4 for a distilled generator)")
     p.add_argument("--sampler", choices=list(edm.SAMPLERS), default="heun",
                    help="ODE sampler of the base model (distilled generators use their own)")
-    p.add_argument("--cfg", type=float, default=4.0,
-                   help="classifier-free guidance weight w of the base model (1 = no guidance, "
-                        "x0-space convention); distilled generators have it built in")
+    p.add_argument("--guidance", "--cfg", type=float, default=4.0,
+                   help="classifier-free guidance (CFG) weight w of the base model (1 = no "
+                        "guidance, x0-space convention); distilled generators have it built in. "
+                        "--cfg is the same option")
     p.add_argument("--budget", type=int, default=None,
                    help="layer-dropped checkpoints (ase, presto-l, presto-ls): run this many blocks "
                         "at every step instead of the checkpoint's schedule")
@@ -366,7 +367,7 @@ def main(argv=None):
                 warnings.warn(f"prompt {i + 1}: {len(unknown)} of {len(words)} words the model never "
                               f"saw in training, read as 'unknown': {', '.join(unknown)}")
         gen, blocks = sampling_fn(denoiser, tok, cfg, ckpt.get("stage", "base"), steps,
-                                  args.sampler, args.cfg, args.budget, args.precision)
+                                  args.sampler, args.guidance, args.budget, args.precision)
         if args.compile:
             config.compile_network(denoiser, "reduce-overhead" if device.type == "cuda" else None)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
@@ -375,8 +376,8 @@ def main(argv=None):
     decoder = "inverse STFT" if cfg.ae.latent_channels > 0 and cfg.ae.decoder == "istft" else "Griffin-Lim"
     if decoder == "inverse STFT" and args.gl_iters is not None:
         warnings.warn("--gl-iters does not apply: this model decodes by its learned inverse STFT (ae.decoder=istft)")
-    if few_step and (args.cfg != 4.0 or args.sampler != "heun"):
-        warnings.warn(f"--cfg and --sampler do not apply to a {ckpt['stage']} generator "
+    if few_step and (args.guidance != 4.0 or args.sampler != "heun"):
+        warnings.warn(f"--guidance and --sampler do not apply to a {ckpt['stage']} generator "
                       "(guidance is distilled in; it samples in its own few steps)")
     seeds = [args.seed + i for i in range(len(prompts))]
     bar = tqdm(total=-(-len(prompts) // args.batch) * (1 if few_step else steps), desc="sampling",
@@ -390,7 +391,7 @@ def main(argv=None):
         bar.close()           # before any message, so that it is not printed on the bar's line
     how = (f"{ckpt['stage']} generator, {steps} steps = {steps} network calls" if few_step else
            f"{args.sampler}, {steps} steps = {edm.network_calls(args.sampler, steps)} network "
-           f"calls, cfg {args.cfg:g}")
+           f"calls, guidance {args.guidance:g}")
     print(f"{len(prompts)} clip(s) of {seconds:g} s on {device}: generation {t_gen:.2f} s "
           f"({how}; {1e3 * t_gen / steps:.0f} ms per step), {decoder} decode {t_dec:.2f} s "
           f"(first call includes warm-up{' and compilation' if args.compile else ''}; "

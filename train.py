@@ -59,7 +59,7 @@ def train_base(cfg, out, resume=False):
     device, path, ckpt = stage_setup(cfg, out, "base.pt", resume)
     stats = ckpt and ckpt["latent_stats"]
     if stats is None and cfg.ae.latent_channels > 0:       # a latent model: OUT/ae.pt's autoencoder
-        stats = config.load_checkpoint(earlier(out, "ae.pt"), stages=("ae",))[2].state_dict()
+        stats = config.load_checkpoint(earlier_checkpoint(out, "ae.pt"), stages=("ae",))[2].state_dict()
     rep, tok, denoiser = config.build(cfg, "denoiser", stats, ckpt and ckpt["vocab"])
     denoiser.to(device)
     ema = copy.deepcopy(denoiser).eval().requires_grad_(False)
@@ -351,11 +351,11 @@ def distill_networks(cfg, out, stage, mu_real, device):
     G = copy.deepcopy(mu_real).train().requires_grad_(True)
     gen_fn = None
     if stage == "presto-ls":
-        student_cfg, _, _, _, student = config.load_checkpoint(earlier(out, "presto_l.pt"), device,
+        student_cfg, _, _, _, student = config.load_checkpoint(earlier_checkpoint(out, "presto_l.pt"), device,
                                                                stages=("presto-l",))
         G.net.load_state_dict(student.net.state_dict())
         cfg.layerdrop = student_cfg.layerdrop      # the schedule and method G was trained for
-        gen_fn = layerdrop.scheduled(G, cfg.layerdrop, cfg.edm, masked=True)
+        gen_fn = layerdrop.scheduled_denoiser(G, cfg.layerdrop, cfg.edm, masked=True)
     G_ema = copy.deepcopy(G).eval().requires_grad_(False) if cfg.distill.ema > 0 else None
     mu_fake = copy.deepcopy(mu_real).train().requires_grad_(True)
     block = gan.disc_block(cfg.distill.disc_block, len(mu_fake.net.blocks))
@@ -483,7 +483,7 @@ def train_ase(cfg, out, resume=False):
 
 
 def train_presto_l(cfg, out, resume=False):
-    """Presto-L: fine-tune OUT/base.pt to run blocks 1..b-1 plus the final block, conditioned on
+    """Presto-L: fine-tune OUT/base.pt to run the first b-1 blocks plus the final one, conditioned on
     the budget, regressing onto the frozen full-depth model (L_st) at budgets drawn around the
     schedule; returns the path of presto_l.pt."""
     cfg.layerdrop.method = "presto-l"
@@ -494,49 +494,49 @@ def train_layerdrop(cfg, out, resume=False):
     """The loop both layer-drop stages share (cfg.layerdrop.method picks one): the student and its
     EMA start from the base EMA weights; layerdrop.training_loss is DSM for ASE and L_st against
     the frozen base model for Presto-L."""
-    drop, train_cfg = cfg.layerdrop, cfg.train
-    layerdrop.check_method(drop.method)
-    if drop.method == "presto-l":
-        layerdrop.check_loss_weights(drop.st_weight, drop.dsm_weight)
-    name = drop.method.replace("-", "_")
+    drop_cfg, train_cfg = cfg.layerdrop, cfg.train
+    layerdrop.check_method(drop_cfg.method)
+    if drop_cfg.method == "presto-l":
+        layerdrop.check_loss_weights(drop_cfg.st_weight, drop_cfg.dsm_weight)
+    name = drop_cfg.method.replace("-", "_")
     device, path, ckpt = stage_setup(cfg, out, f"{name}.pt", resume)
     rep, tok, teacher = load_teacher(cfg, out, device)
     student = copy.deepcopy(teacher).train().requires_grad_(True)
     ema = copy.deepcopy(teacher)                      # eval mode, no grad, like the teacher
     # only L_st needs the frozen teacher (ASE's DSM, and Presto-L with st_weight=0, do not)
-    teacher = teacher if drop.method == "presto-l" and drop.st_weight else None
-    opt = adamw(student.parameters(), drop.lr, train_cfg, device)
+    teacher = teacher if drop_cfg.method == "presto-l" and drop_cfg.st_weight else None
+    opt = adamw(student.parameters(), drop_cfg.lr, train_cfg, device)
     start = config.restore(ckpt, student, ema, opt)
     autocast = config.autocast_for(device, train_cfg.precision)
     train_ds, val_ds = data.make_dataset(cfg.data, "train"), data.make_dataset(cfg.data, "val")
     depth = len(student.net.blocks)
-    budgets = layerdrop.schedule_budgets(depth, drop).tolist()
+    budgets = layerdrop.schedule_budgets(depth, drop_cfg).tolist()
 
     def val_loss(den, x, cond, sigma, rng):          # DSM of the model at the schedule's budgets
-        b = layerdrop.budget_for_sigma(sigma, depth, drop, cfg.edm)
-        return layerdrop.dsm_loss(den, x, cond, sigma, b, drop.method, rng, drop.budget_cond)
-    say(f"{drop.method}: fine-tuning DiT-{cfg.model.size} ({depth} blocks) at budgets {budgets} "
-        f"(low -> high noise, jitter {drop.jitter}), {drop.steps} steps of {drop.batch_size} clips "
+        b = layerdrop.budget_for_sigma(sigma, depth, drop_cfg, cfg.edm)
+        return layerdrop.dsm_loss(den, x, cond, sigma, b, drop_cfg.method, rng, drop_cfg.budget_cond)
+    say(f"{drop_cfg.method}: fine-tuning DiT-{cfg.model.size} ({depth} blocks) at budgets {budgets} "
+        f"(low -> high noise, jitter {drop_cfg.jitter}), {drop_cfg.steps} steps of {drop_cfg.batch_size} clips "
         f"on {device}")
     say(check_memory(student, rep, cfg, device, autocast,   # the masked path runs every block
-                     micro_split(drop.batch_size, train_cfg.micro_batch)[0], drop.batch_size))
+                     micro_split(drop_cfg.batch_size, train_cfg.micro_batch)[0], drop_cfg.batch_size))
     if train_cfg.compile:
         config.compile_network(student)
-    loop = StageLoop(drop.method, path, start, drop.steps, resume, "layerdrop.lr",
+    loop = StageLoop(drop_cfg.method, path, start, drop_cfg.steps, resume, "layerdrop.lr",
                      train_cfg.ckpt_every)
-    feed = Feed(train_ds, drop.batch_size, cfg, start, drop.steps, device)
+    feed = Feed(train_ds, drop_cfg.batch_size, cfg, start, drop_cfg.steps, device)
     speed = Speed(cfg, rep, device, feed)
     for step in loop:
         loss, blocks = torch.zeros((), device=device), torch.zeros((), device=device)
         for x, ids, _, make_rng, weight in micro_batches(feed, rep, tok, cfg, step, device,
-                                                         drop.batch_size):
+                                                         drop_cfg.batch_size):
             rng = make_rng()
             ids = edm.drop_captions(ids, train_cfg.p_uncond, rng, data.Tokenizer.PAD)  # CFG works
             sigma = edm.sample_p_train(ids.shape[0], cfg.edm, rng, device)
             with autocast:
                 cond_teacher = teacher.encode(ids) if teacher is not None else None
                 micro, b = layerdrop.training_loss(student, teacher, x, student.encode(ids),
-                                                   cond_teacher, sigma, drop, cfg.edm, rng)
+                                                   cond_teacher, sigma, drop_cfg, cfg.edm, rng)
                 micro = micro.mean() * weight
             micro.backward()
             loss += micro.detach()
@@ -544,7 +544,7 @@ def train_layerdrop(cfg, out, resume=False):
         grad_norm = optimizer_step(opt, train_cfg.grad_clip)
         loop.watch(step, loss=loss, grad_norm=grad_norm)
         ema_update(ema, student, min(train_cfg.ema, (1 + step) / (10 + step)))
-        speed.count(drop.batch_size)
+        speed.count(drop_cfg.batch_size)
         done = step + 1
         row = loop.logged(done, train_cfg.log_every, loss=loss, grad_norm=grad_norm, blocks=blocks)
         if row is not None:
@@ -557,7 +557,7 @@ def train_layerdrop(cfg, out, resume=False):
             say(f"step {done}: train loss {loss.item():.4f}, val DSM loss (EMA, layer-dropped) "
                 f"{val:.4f}")
         loop.checkpoint(done, lambda done: write_checkpoint(path, config.model_checkpoint(
-            drop.method, done, drop.steps, cfg, student, ema, opt, tok, rep, val_loss=val)))
+            drop_cfg.method, done, drop_cfg.steps, cfg, student, ema, opt, tok, rep, val_loss=val)))
     return path
 
 
@@ -748,7 +748,7 @@ def adamw(params, lr, train_cfg, device):
                              weight_decay=train_cfg.weight_decay, fused=device.type == "cuda")
 
 
-def earlier(out, name):
+def earlier_checkpoint(out, name):
     """Path of a checkpoint that an earlier stage wrote in out; a clear error when it is missing."""
     path = os.path.join(out, name)
     if not os.path.isfile(path):
@@ -760,7 +760,7 @@ def load_teacher(cfg, out, device):
     """The frozen teacher OUT/base.pt (EMA weights, eval mode, no grad) of a stage that starts
     from the base model; its data, autoencoder, model and EDM settings are the ones the student
     must keep, so they replace cfg's. Returns (rep, tok, teacher)."""
-    teacher_cfg, _, rep, tok, teacher = config.load_checkpoint(earlier(out, "base.pt"), device,
+    teacher_cfg, _, rep, tok, teacher = config.load_checkpoint(earlier_checkpoint(out, "base.pt"), device,
                                                                stages=("base",))
     flat = lambda c: {f"{s}.{k}": v for s in ("data", "ae", "model", "edm")
                       for k, v in dataclasses.asdict(getattr(c, s)).items()}

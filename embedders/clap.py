@@ -54,26 +54,26 @@ class ClapModel(nn.Module):
     """Audio tower (conv over normalised log|STFT| frames, mean-pooled) and text tower
     (dit.TextEncoder, pooled), both projected to d and L2-normalised; optional attribute heads."""
 
-    def __init__(self, c, rep, tok, max_len, attributes):
+    def __init__(self, clap_cfg, rep, tok, max_len, attributes):
         super().__init__()
         self.rep, self.tok, self.max_len = rep, tok, max_len  # features and words, not parameters
-        W = c.width
+        W = clap_cfg.width
         self.stem = nn.Sequential(  # two stride-2 convs: ~16 tokens per second at 8 kHz / hop 128
             nn.Conv1d(rep.latent_channels, W, 5, stride=2, padding=2), nn.GELU(),
             nn.Conv1d(W, W, 5, stride=2, padding=2))
         self.blocks = nn.ModuleList(  # dilated residual blocks: a receptive field of a few beats
             nn.Sequential(nn.GroupNorm(1, W), nn.GELU(), nn.Conv1d(W, W, 3, padding=2**i, dilation=2**i),
-                          nn.GELU(), nn.Conv1d(W, W, 1)) for i in range(c.audio_depth))
+                          nn.GELU(), nn.Conv1d(W, W, 1)) for i in range(clap_cfg.audio_depth))
         # tempo is a period, which mean-pooled local features hardly see: add the autocorrelation
         # of the onset envelope (positive spectral flux) over lags up to 1.2 s (below 50 bpm)
         self.lags = max(2, int(1.2 * rep.frames_per_second))
         self.rhythm = nn.Linear(self.lags, W)
-        self.audio_proj = nn.Sequential(nn.LayerNorm(W), nn.Linear(W, c.dim))
-        self.text = dit.TextEncoder(tok.vocab_size, W, c.text_depth, c.heads, max_len)
-        self.text_proj = nn.Linear(W, c.dim)
+        self.audio_proj = nn.Sequential(nn.LayerNorm(W), nn.Linear(W, clap_cfg.dim))
+        self.text = dit.TextEncoder(tok.vocab_size, W, clap_cfg.text_depth, clap_cfg.heads, max_len)
+        self.text_proj = nn.Linear(W, clap_cfg.dim)
         self.log_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature
         self.attributes = dict(attributes or {})  # {attribute: classes}: one linear head each
-        self.heads = nn.ModuleDict({k: nn.Linear(c.dim, len(v)) for k, v in self.attributes.items()})
+        self.heads = nn.ModuleDict({k: nn.Linear(clap_cfg.dim, len(v)) for k, v in self.attributes.items()})
 
     def embed_audio(self, waves):
         """waves (B, ch, N) at cfg.data.sample_rate -> unit embeddings (B, d)."""

@@ -45,7 +45,7 @@ MUTANTS = [
     ("real and generated GAN inputs noised with different noise", "gan.py",
      [("x_fake + s * eps", "x_fake - s * eps")]),
     ("DMD normaliser computed at the noised sample instead of x_hat", "dmd.py",
-     [("norm = (x_hat - D_real).abs()", "norm = (x_t - D_real).abs()")]),
+     [("norm = (x_hat - x0_real).abs()", "norm = (x_t - x0_real).abs()")]),
     ("L_G's gradient does not flow through the frozen fake network into G", "dmd.py",
      [("x_s = x_hat + edm.bcast(sigma, x_hat)", "x_s = x_hat.detach() + edm.bcast(sigma, x_hat)")]),
     ("L_G's gradient flows into the fake network (not frozen)", "train.py",

@@ -22,7 +22,7 @@ def test_dmd_gradient_points_from_fake_toward_real():
     x_hat = m + s * torch.randn(256, 4, 8)
     sigma = edm.sample_p_train(256, CFG)
     g = dmd.dmd_gradient(x_hat, gaussian_D(0.0, s), gaussian_D(m, s), sigma, torch.randn_like(x_hat))
-    # closed form: D_fake - D_real = m sigma^2 / (s^2 + sigma^2) > 0 everywhere, the same sign as m
+    # closed form: x0_fake - x0_real = m sigma^2 / (s^2 + sigma^2) > 0 everywhere, the same sign as m
     assert (g > 0).all()
     for _ in range(200):       # a few hundred plain gradient steps on the samples themselves
         sigma = edm.sample_p_train(256, CFG)

@@ -210,7 +210,7 @@ def test_bad_counts_fail_before_any_work(eval_run, monkeypatch, flag, value):
     assert msg.startswith("error:") and f"{flag} {value}" in msg and "\n" not in msg
 
 
-@pytest.mark.parametrize("flag,value,msg", [("--cfg", "nan", "--cfg must be a finite number"),
+@pytest.mark.parametrize("flag,value,msg", [("--cfg", "nan", "--guidance must be a finite number"),
                                             ("--mmd-sigma", "0", "--mmd-sigma must be a finite number > 0"),
                                             ("--mmd-sigma", "nan", "--mmd-sigma must be a finite number > 0"),
                                             ("--variance-budget", "1", "--variance-budget must be >= 2")])

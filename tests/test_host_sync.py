@@ -88,12 +88,12 @@ def test_no_conversions_while_sampling(tmp_path):
 
 def test_planned_budgets_are_the_schedules_budgets(tmp_path):
     """The host-side plan runs each network call at the budget the device-side schedule gives its
-    sigma: the same latents as layerdrop.scheduled, for the ODE sampler and the few-step one."""
+    sigma: the same latents as layerdrop.scheduled_denoiser, for the ODE sampler and the few-step one."""
     train.train_base(config.make_config("tiny", QUIET), str(tmp_path))
     cfg, _, _, tok, den = config.load_checkpoint(os.path.join(tmp_path, "base.pt"))
     cfg.layerdrop.method = "presto-l"
     prompts, seeds = ["slow organ chords", "fast bass melody"], [0, 1]
-    on_device = layerdrop.scheduled(den, cfg.layerdrop, cfg.edm)
+    on_device = layerdrop.scheduled_denoiser(den, cfg.layerdrop, cfg.edm)
     for stage, direct in (("presto-l", lambda: sample.generate(den, tok, cfg, prompts, seeds, 0.5, steps=6,
                                                                denoise=on_device)),
                           ("presto-ls", lambda: sample.generate_few_step(den, tok, cfg, prompts, seeds, 0.5,

@@ -209,7 +209,7 @@ def test_scheduled_denoiser_uses_the_budget_of_each_sigma():
     x, _, ids = inputs()
     cond = den.net.encode_text(ids)
     e, cfg = edm.EDMConfig(), layerdrop.LayerDropConfig()
-    fn = layerdrop.scheduled(den, cfg, e)
+    fn = layerdrop.scheduled_denoiser(den, cfg, e)
     for s in (0.005, 60.0):
         sigma = torch.full((4,), s)
         b = layerdrop.budget_for_sigma(sigma, DEPTH, cfg, e)

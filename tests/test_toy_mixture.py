@@ -2,7 +2,7 @@
 
 The data: a mixture of 4 Gaussians (std 0.1) on a circle of radius 0.7. A "clip" is a sequence of
 POINTS independent 2-D points shaped (B, 2, POINTS), like a (B, C, T) spectrogram, so the DMD
-normaliser mean|x_hat - D_real| averages over many numbers as it does for audio. Every network is a
+normaliser mean|x_hat - x0_real| averages over many numbers as it does for audio. Every network is a
 pointwise MLP wrapped in edm.Denoiser, so preconditioning, noise levels, losses and the optimiser
 steps are the project's own; only the network and the data are small.
 
