@@ -12,7 +12,7 @@ missing are simply absent) and shows each clip's player, spectrogram and times.
 
 Nothing here is new sampling code: `load_models` reads the checkpoints as sample.py does, and
 `generate_all` builds each row with evaluate.row_samplers and sample.sampling_fn, the way evaluate.py
-scores it, then times one batch-1 clip (generation, then decode) with evaluate.median_time.
+scores it, then times one batch-1 clip (generation, then decode) with benchmarks.latency.median_time.
 Read `generate_all` first, then `build_app` (the page). The page reads only the run folder it was
 started with; nothing typed into it is a path.
 """
@@ -36,6 +36,7 @@ import data
 import edm
 import evaluate
 import sample
+from benchmarks.latency import median_time
 
 try:
     import gradio as gr
@@ -133,9 +134,9 @@ def generate_all(models, caption, seed, steps, cfg_w, few_steps, folder, precisi
         gen, blocks = sample.sampling_fn(m.den, m.tok, m.cfg, m.stage, n, sampler, w, precision=precision)
         device = next(m.den.parameters()).device
         out = {}                                                # one timed call each (no repeats)
-        t_gen = evaluate.median_time(lambda: out.update(latent=gen([caption], [seed], seconds)),
+        t_gen = median_time(lambda: out.update(latent=gen([caption], [seed], seconds)),
                                      device, repeats=1, warmup=0)
-        t_dec = evaluate.median_time(lambda: out.update(waves=m.rep.decode(out["latent"]).cpu()),
+        t_dec = median_time(lambda: out.update(waves=m.rep.decode(out["latent"]).cpu()),
                                      device, repeats=1, warmup=0)
         waves = out["waves"]
         stem = os.path.join(folder, m.file.replace(".pt", ""))

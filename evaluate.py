@@ -12,29 +12,26 @@ Pretrained CLAP / VGGish weights cannot be downloaded here, so the project train
 (embedders/judge.py) for FAD and MMD. Every metric (metrics.py) only sees embeddings, so a user with real CLAP passes their own
 `embed_fn`.
 
-Read first: `evaluate_run` (what is compared with what). `FewStepValidator` scores a generator on
-the val split while Presto-S trains (checkpoint selection). `variance_report`: the paper's
-hidden-state variance figure (why Presto-L keeps the final block). `latency_section` times the
-samplers at a preset's full output size on random weights, so no training is needed.
+Read first: `evaluate_run` (what is compared with what: the real clips, then each row's quality,
+diversity and latency, each a named step). `variance_report`: the paper's hidden-state variance
+figure (why Presto-L keeps the final block). Elsewhere: the latency benchmark on random weights
+(`--latency-only`) is benchmarks/latency.py; the validation FAD that picks Presto-S checkpoints
+while it trains is train.FewStepValidator.
 """
 import argparse
-import functools
 import json
 import math
 import os
-import platform
-import statistics
 import sys
 import textwrap
 import time
 import warnings
-from dataclasses import asdict, replace
+from dataclasses import replace
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-import ae
 import config
 import data
 import dit
@@ -42,6 +39,8 @@ import edm
 import layerdrop
 import metrics
 import sample
+from benchmarks import latency
+from benchmarks.latency import machine, median_time
 from embedders import clap, judge
 
 
@@ -97,25 +96,120 @@ def checkpoint_file(run, name, best=False):
 # ----------------------------------------------------------------------------------------------
 # The evaluation
 
-def median_time(fn, device, repeats, warmup=1):
-    """Median wall seconds of fn() over repeats, after warm-up calls; CUDA synchronised."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda device: None
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
+class Scorer:
+    """What every row is scored with: the main embedder (FAD, FAD_inf, MMD; with embed_text the CLAP
+    score, with predict_fn the attribute adherence), further judges {name: embed_fn} (FAD, FAD_inf
+    and MMD only, as name_fad, ...), and the real test clips' embeddings they are measured against."""
+
+    def __init__(self, opts, device, scored, embed_fn, embed_text=None, predict_fn=None, judges=None):
+        self.opts, self.device, self.scored = opts, device, scored
+        self.judges = {"": embed_fn, **(judges or {})}   # "" is the main embedder (no column prefix)
+        self.embed_text, self.predict_fn = embed_text, predict_fn
+        self.seconds_per_clip, self.real = {}, {}
+
+    def embed(self, waves, name=""):
         t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        emb = embed_chunks(self.judges[name], waves, self.opts.batch, self.device)
+        self.seconds_per_clip.setdefault(name or "main", (time.perf_counter() - t0) / len(waves))
+        return emb
+
+    def set_reference(self, test_waves):
+        """Embed the real test clips, the reference every distance is measured against."""
+        self.real = {name: self.embed(test_waves, name) for name in self.judges}
+
+    def distances(self, emb, ref, prefix=""):
+        """FAD, FAD_inf (with its fit) and MMD of embeddings emb against ref."""
+        inf, slope, r2 = metrics.fad_inf(emb, ref)
+        return {f"{prefix}fad": metrics.frechet_distance(emb, ref), f"{prefix}fad_inf": inf,
+                f"{prefix}fad_inf_fit": dict(slope=slope, r2=r2),
+                f"{prefix}mmd": metrics.mmd(emb, ref, self.opts.mmd_sigma)}
+
+    def judged(self, waves, audio):
+        """Every judge's distances of clips `waves` (audio: their main embeddings) to the real ones."""
+        out = {}
+        for name in self.judges:
+            emb = audio if name == "" else self.embed(waves, name)
+            out.update(self.distances(emb, self.real[name], f"{name}_" if name else ""))
+        return out
+
+    def prompt_metrics(self, audio, captions, labels):
+        """CLAP score (per clip too) and attribute adherence of embedded clips against their captions."""
+        text = self.embed_text(captions).float().cpu() if self.embed_text else None
+        adh = (clap.attribute_accuracy(self.predict_fn(audio.to(self.device)),
+                                       clap.attribute_targets(labels, data.attributes(self.scored)))
+               if self.predict_fn and labels[0] else None)
+        by_clip = metrics.clap_score(audio, text, per_clip=True) if text is not None else None
+        score, score_se = metrics.mean_and_se(by_clip) if by_clip is not None else (None, None)
+        return dict(clap_score=score, clap_score_se=score_se, adherence=adh and adh["mean"],
+                    clap_score_by_clip=None if by_clip is None else by_clip.tolist(),
+                    adherence_by_attribute=adh)
 
 
-def machine(device):
-    return dict(platform=platform.platform(), processor=platform.processor() or platform.machine(),
-                cpus=os.cpu_count(), torch=torch.__version__, threads=torch.get_num_threads(),
-                device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
+def real_clips(scored, n, run):
+    """The first n clips of the test split (captions, labels, waves) and of the train split
+    (waves): the prompts, the reference set, and the real-vs-real row."""
+    test, train_ds = data.make_dataset(scored, "test"), data.make_dataset(scored, "train")
+    n = min(n, len(test), len(train_ds))
+    if n < 2:                              # a Gaussian fit (FAD) and MMD need two clips a side
+        raise ValueError(f"the data set of {run} has {len(test)} test and {len(train_ds)} training "
+                         "clips; FAD and MMD need at least 2 of each")
+    clips = [test.clip(i) for i in range(n)]
+    stack = lambda waves: torch.from_numpy(np.stack(waves))
+    return ([c.caption for c in clips], [c.labels for c in clips], stack([c.wave for c in clips]),
+            stack([train_ds.clip(i).wave for i in range(n)]))
+
+
+def score_real(scorer, captions, labels, train_waves):
+    """The real-data row (train vs test clips: the floor of FAD / MMD; the test clips' CLAP score
+    and adherence: the ceiling) and the embedder's own quality (retrieval R@1, attributes)."""
+    real = scorer.real[""]
+    row = dict(name="real data (test vs train)", **scorer.prompt_metrics(real, captions, labels),
+               **scorer.judged(train_waves, scorer.embed(train_waves)))
+    text = scorer.embed_text(captions).cpu() if scorer.embed_text else None
+    quality = dict(retrieval_r1=clap.retrieval_r1(real, text) if text is not None else None,
+                   candidates=len(captions), attributes=row["adherence_by_attribute"])
+    return row, quality
+
+
+def score_quality(scorer, gen, rep, captions, labels, seconds):
+    """One clip per test caption (seed i for caption i): the row's distances, CLAP score and
+    adherence, and its clips (non-finite samples counted, then made listenable)."""
+    waves = sample.generate_waves(gen, rep, captions, seconds, scorer.opts.batch)
+    bad = int((~torch.isfinite(waves)).flatten(1).any(1).sum())
+    waves = sample.listenable(waves)
+    audio = scorer.embed(waves)
+    return dict(**scorer.prompt_metrics(audio, captions, labels), **scorer.judged(waves, audio),
+                nonfinite_clips=bad), waves
+
+
+def score_diversity(scorer, gen, rep, captions, seconds):
+    """Diversity over opts.seeds seeds for each of the first opts.prompts captions (None for 1 seed)."""
+    P, S = min(scorer.opts.prompts, len(captions)), scorer.opts.seeds
+    if S <= 1:
+        return dict(diversity=None)
+    waves = rep.decode(gen([c for c in captions[:P] for _ in range(S)], list(range(P * S)), seconds))
+    emb = scorer.embed(sample.listenable(waves.cpu())).reshape(P, S, -1)
+    by_prompt = metrics.diversity(emb, per_prompt=True)
+    mean, se = metrics.mean_and_se(by_prompt)
+    return dict(diversity=mean, diversity_se=se, diversity_by_prompt=by_prompt.tolist())
+
+
+def score_latency(gen, rep, caption, seconds, device, repeats):
+    """Batch-1 median times of generation, decoding and both together, with the row's settings."""
+    latent = gen([caption], [0], seconds)
+    t_gen = median_time(lambda: gen([caption], [0], seconds), device, repeats)
+    t_dec = median_time(lambda: rep.decode(latent), device, repeats)
+    t_e2e = median_time(lambda: rep.decode(gen([caption], [0], seconds)), device, repeats)
+    return dict(generation_ms=1e3 * t_gen, decode_ms=1e3 * t_dec, end_to_end_ms=1e3 * t_e2e,
+                rtf=seconds / t_e2e, audio_seconds=seconds)
+
+
+def add_speedups(rows):
+    """Each row's speed-up over the base Heun row (end to end and generation alone)."""
+    ref = next((r for r in rows if r["name"] == SPEEDUP_REFERENCE), None)
+    for r in rows:
+        r["speedup"] = ref["end_to_end_ms"] / r["end_to_end_ms"] if ref else None
+        r["gen_speedup"] = ref["generation_ms"] / r["generation_ms"] if ref else None
 
 
 @torch.no_grad()
@@ -132,113 +226,53 @@ def evaluate_run(run, opts, embed_fn, embed_text=None, predict_fn=None, device="
     if not present:
         raise FileNotFoundError(f"no checkpoints in {run} (looked for {', '.join(ROWS)})")
     loaded = [load_rows(checkpoint_file(run, f, getattr(opts, "best", False)), ROWS[f], device, opts)
-              for f in present]
+              for f in present]                             # [(cfg, rep, [(name, settings, gen)])]
     cfg = loaded[0][0]
     scored = scored_data(cfg.data, getattr(opts, "collections", None))
-    test, train_ds = data.make_dataset(scored, "test"), data.make_dataset(scored, "train")
-    n = min(opts.n, len(test), len(train_ds))
-    if n < 2:                              # a Gaussian fit (FAD) and MMD need two clips a side
-        raise ValueError(f"the data set of {run} has {len(test)} test and {len(train_ds)} training "
-                         "clips; FAD and MMD need at least 2 of each")
-    rows = [r for _, _, rs in loaded for r in rs]
-    bar = tqdm(total=2 + 3 * len(rows), desc="evaluate", dynamic_ncols=True)
-
-    judge_fns = {"": embed_fn, **(judges or {})}      # "" is the main embedder (no column prefix)
-    seconds_per_clip = {}
-
-    def embed(waves, name=""):
-        t0 = time.perf_counter()
-        emb = embed_chunks(judge_fns[name], waves, opts.batch, device)
-        seconds_per_clip.setdefault(name or "main", (time.perf_counter() - t0) / len(waves))
-        return emb
-
-    def distances(emb, ref, prefix=""):           # FAD, FAD_inf, MMD of emb against ref
-        inf, slope, r2 = metrics.fad_inf(emb, ref)
-        return {f"{prefix}fad": metrics.frechet_distance(emb, ref), f"{prefix}fad_inf": inf,
-                f"{prefix}fad_inf_fit": dict(slope=slope, r2=r2),
-                f"{prefix}mmd": metrics.mmd(emb, ref, opts.mmd_sigma)}
-
-    def prompt_metrics(audio, captions, labels):   # CLAP score and adherence of embedded clips
-        text = embed_text(captions).float().cpu() if embed_text else None
-        adh = (clap.attribute_accuracy(predict_fn(audio.to(device)), clap.attribute_targets(labels, data.attributes(scored)))
-               if predict_fn and labels[0] else None)
-        by_clip = metrics.clap_score(audio, text, per_clip=True) if text is not None else None
-        score, score_se = metrics.mean_and_se(by_clip) if by_clip is not None else (None, None)
-        return dict(clap_score=score, clap_score_se=score_se, adherence=adh and adh["mean"],
-                    clap_score_by_clip=None if by_clip is None else by_clip.tolist(),
-                    adherence_by_attribute=adh)
-
-    def judged(waves, audio):                      # every judge's distances to the real test clips
-        out = {}
-        for name in judge_fns:
-            emb = audio if name == "" else embed(waves, name)
-            out.update(distances(emb, real[name], f"{name}_" if name else ""))
-        return out
-
-    # real test clips: the reference set, the prompts, and the embedder's own quality
-    clips = [test.clip(i) for i in range(n)]
-    captions, labels = [c.caption for c in clips], [c.labels for c in clips]
-    test_waves = torch.from_numpy(np.stack([c.wave for c in clips]))
-    real = {name: embed(test_waves, name) for name in judge_fns}
+    captions, labels, test_waves, train_waves = real_clips(scored, opts.n, run)
+    n_rows = sum(len(rows) for _, _, rows in loaded)
+    bar = tqdm(total=2 + 3 * n_rows, desc="evaluate", dynamic_ncols=True)
     keep = lambda name, waves: examples.__setitem__(name, waves[:opts.spectrograms]) if examples is not None else None
+
+    # 1. the real clips: the reference set, the prompts, and the embedder's own quality
+    scorer = Scorer(opts, device, scored, embed_fn, embed_text, predict_fn, judges)
+    scorer.set_reference(test_waves)
     keep("real test clips", test_waves)
     bar.update()
-    train_waves = torch.from_numpy(np.stack([train_ds.clip(i).wave for i in range(n)]))
-    # CLAP score and adherence of the real test clips are the ceiling; FAD / MMD: train vs test
-    real_row = dict(name="real data (test vs train)", **prompt_metrics(real[""], captions, labels),
-                    **judged(train_waves, embed(train_waves)))
-    embedder_quality = dict(
-        retrieval_r1=clap.retrieval_r1(real[""], embed_text(captions).cpu()) if embed_text else None,
-        candidates=n, attributes=real_row["adherence_by_attribute"])
+    real_row, embedder_quality = score_real(scorer, captions, labels, train_waves)
     bar.update()
 
-    results = [real_row]
-    for (row_cfg, rep, _), (name, settings, gen) in ((l, r) for l in loaded for r in l[2]):
+    # 2. every row: quality on the test captions, diversity across seeds, batch-1 latency
+    rows = []
+    for row_cfg, rep, row_list in loaded:
         seconds = row_cfg.data.seconds
-        bar.set_description(f"evaluate: {name}")
-        waves = sample.generate_waves(gen, rep, captions, seconds, opts.batch)
-        bad = int((~torch.isfinite(waves)).flatten(1).any(1).sum())
-        waves = sample.listenable(waves)
-        keep(name, waves)
-        audio = embed(waves)
-        row = dict(name=name, **settings, **prompt_metrics(audio, captions, labels),
-                   **judged(waves, audio), nonfinite_clips=bad)
-        bar.update()
-        P, S = min(opts.prompts, n), opts.seeds  # diversity: P prompts x S seeds each
-        div_waves = rep.decode(gen([c for c in captions[:P] for _ in range(S)], list(range(P * S)), seconds))
-        if S > 1:
-            by_prompt = metrics.diversity(embed(sample.listenable(div_waves.cpu())).reshape(P, S, -1), per_prompt=True)
-            row["diversity"], row["diversity_se"] = metrics.mean_and_se(by_prompt)
-            row["diversity_by_prompt"] = by_prompt.tolist()
-        else:
-            row["diversity"] = None
-        bar.update()
-        latent = gen(captions[:1], [0], seconds)  # latency: batch 1, the row's own settings
-        t_gen = median_time(lambda: gen(captions[:1], [0], seconds), device, opts.repeats)
-        t_dec = median_time(lambda: rep.decode(latent), device, opts.repeats)
-        t_e2e = median_time(lambda: rep.decode(gen(captions[:1], [0], seconds)), device, opts.repeats)
-        row.update(generation_ms=1e3 * t_gen, decode_ms=1e3 * t_dec, end_to_end_ms=1e3 * t_e2e,
-                   rtf=seconds / t_e2e, audio_seconds=seconds)
-        results.append(row)
-        bar.update()
+        for name, settings, gen in row_list:
+            bar.set_description(f"evaluate: {name}")
+            quality, waves = score_quality(scorer, gen, rep, captions, labels, seconds)
+            keep(name, waves)
+            bar.update()
+            diversity = score_diversity(scorer, gen, rep, captions, seconds)
+            bar.update()
+            speed = score_latency(gen, rep, captions[0], seconds, device, opts.repeats)
+            rows.append(dict(name=name, **settings, **quality, **diversity, **speed))
+            bar.update()
     bar.close()
-    ref = next((r for r in results if r["name"] == SPEEDUP_REFERENCE), None)
-    for r in results[1:]:
-        r["speedup"] = ref["end_to_end_ms"] / r["end_to_end_ms"] if ref else None
-        r["gen_speedup"] = ref["generation_ms"] / r["generation_ms"] if ref else None
-    settings = dict(run=run, checkpoints=sorted({r["checkpoint"] for r in results[1:]}),
+    add_speedups(rows)
+    n = len(captions)
+    settings = dict(run=run, checkpoints=sorted({r["checkpoint"] for r in rows}),
                     embedder=embedder, judges=list(judges or {}), n=n, seeds=opts.seeds,
-                    diversity_prompts=min(opts.prompts, n), embed_seconds_per_clip=seconds_per_clip,
+                    diversity_prompts=min(opts.prompts, n), embed_seconds_per_clip=scorer.seconds_per_clip,
                     mmd="biased MMD^2 x1000, RBF on L2-normalised embeddings", mmd_sigma=opts.mmd_sigma,
                     fad="Gaussian fit of one embedding per clip, float64 eigen square roots",
                     fad_inf="FAD(N) = FAD_inf + slope/N fitted on random subsets of N = n/4..n clips",
-                    steps=opts.steps, dpm_steps=opts.dpm_steps, few_steps=opts.few_steps, ls_steps=opts.ls_steps, cfg=opts.guidance, latency_repeats=opts.repeats,
+                    steps=opts.steps, dpm_steps=opts.dpm_steps, few_steps=opts.few_steps,
+                    ls_steps=opts.ls_steps, cfg=opts.guidance, latency_repeats=opts.repeats,
                     latency_batch=1, sample_rate=cfg.data.sample_rate, seconds=cfg.data.seconds,
                     collections=list(scored.corpus_collections) if scored.dataset == "corpus" else None,
                     trained_on=list(cfg.data.corpus_collections) if cfg.data.dataset == "corpus" else None,
                     prompts="captions of the first n test-split clips; sample i uses seed i",
                     machine=machine(device))
-    return dict(settings=settings, embedder_quality=embedder_quality, rows=results)
+    return dict(settings=settings, embedder_quality=embedder_quality, rows=[real_row, *rows])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -330,7 +364,7 @@ def to_markdown(res):
     return "\n".join(lines)
 
 
-def _pyplot():
+def pyplot():
     """matplotlib.pyplot (file output only), or None where matplotlib is not installed."""
     try:
         import matplotlib
@@ -343,7 +377,7 @@ def _pyplot():
 
 def plot(res, path):
     """Speed (end-to-end ms) vs quality (FAD) scatter; returns a note if matplotlib is missing."""
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return "matplotlib is not installed: no speed-vs-quality plot"
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -362,7 +396,7 @@ def plot(res, path):
 def spectrograms(examples, captions, rep, path):
     """A grid of log-magnitude spectrograms: one row per evaluated row (real clips first), one column
     per caption (same seed across rows); returns a note if matplotlib is missing."""
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return "matplotlib is not installed: no spectrogram picture"
     k = len(captions)
@@ -449,38 +483,6 @@ def load_embedder(path, device="cpu"):
     return cfg, model
 
 
-class FewStepValidator:
-    """FAD and CLAP score of the grid_steps-step sampler on the first distill.val_clips clips of
-    the *val* split, embedded by the evaluation embedder OUT/clap.pt: the numbers behind
-    distill.val_every's checkpoint selection. The test split, which evaluate_run scores, is never
-    looked at, so picking the best checkpoint here does not leak into the reported results.
-    Clips are generated exactly as sample.py / evaluate_run generate them (sample.sampling_fn)."""
-
-    def __init__(self, cfg, out, rep, tok, device):
-        self.cfg, self.rep, self.tok, self.device = cfg, rep, tok, device
-        _, self.clap = load_embedder(os.path.join(out, "clap.pt"), device)
-        ds = data.make_dataset(cfg.data, "val")
-        clips = [ds.clip(i) for i in range(min(cfg.distill.val_clips, len(ds)))]
-        if len(clips) < 2:
-            raise ValueError("distill.val_every needs distill.val_clips >= 2 clips in the val split")
-        self.captions = [c.caption for c in clips]
-        self.real = self.embed(torch.from_numpy(np.stack([c.wave for c in clips])))
-        self.text = self.clap.embed_text(self.captions).float().cpu()
-
-    def embed(self, waves):
-        return embed_chunks(self.clap.embed_audio, waves, self.cfg.distill.batch_size, self.device)
-
-    @torch.no_grad()
-    def __call__(self, G, stage):
-        """G sampled the way a checkpoint of `stage` samples (presto-ls: at its budget schedule)."""
-        gen, _ = sample.sampling_fn(G, self.tok, self.cfg, stage, self.cfg.distill.grid_steps,
-                                    precision=self.cfg.train.precision)
-        waves = sample.generate_waves(gen, self.rep, self.captions, self.cfg.data.seconds,
-                               self.cfg.distill.batch_size)
-        emb = self.embed(sample.listenable(waves))
-        return {"val_fad": metrics.frechet_distance(emb, self.real), "val_clap": metrics.clap_score(emb, self.text)}
-
-
 # ----------------------------------------------------------------------------------------------
 # Hidden-state variance (the paper's Presto-L section and figure): why Presto-L keeps the final block
 
@@ -546,7 +548,7 @@ def variance_markdown(res):
 
 def plot_variance(res, folder):
     """variance_by_depth.png and head_input_variance.png; returns a note if matplotlib is missing."""
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return "matplotlib is not installed: no variance plots (the numbers are in variance.md)"
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -592,158 +594,12 @@ def write_variance(opts, device):
 
 
 # ----------------------------------------------------------------------------------------------
-# Latency only: random weights at a preset's output size (no run folder, no trained weights)
-
-LATENCY_ROWS = ("base", "presto-s", "presto-ls")
-LATENCY_PROMPT = "an upbeat plucked arpeggio in D minor at 140 bpm with drums"
-
-
-def random_model(cfg, device):
-    """(rep, tok, denoiser in eval mode) for a config, untrained and without touching any data (for
-    timing: speed depends on neither the latent statistics, set to mean 0 / std 1, nor the weights,
-    dit.py's initialisation, whose zero layers are multiplied all the same)."""
-    C = data.Representation(cfg.data, cfg.edm.sigma_data).latent_channels
-    stats = {"mean": torch.zeros(C, device="cpu"), "std": torch.ones(C, device="cpu"),
-             "sigma_data": cfg.edm.sigma_data, **{k: getattr(cfg.data, k) for k in data.Representation.KEYS}}
-    if cfg.ae.latent_channels > 0:         # an untrained autoencoder of the configured size (its
-        with torch.device("cpu"):          # weights made on the CPU even under a meta device)
-            latent = ae.LatentRepresentation(data.Representation(cfg.data).load_state_dict(stats), cfg.ae)
-            latent.mean, latent.std = torch.zeros(cfg.ae.latent_channels), torch.ones(cfg.ae.latent_channels)
-            stats = latent.state_dict()
-    rep, tok, den = config.build(cfg, "denoiser", stats, data.Tokenizer.for_dataset(
-        "corpus" if cfg.data.dataset == "corpus" else "synth").state_dict())
-    return rep, tok, den.to(device).eval().requires_grad_(False)
-
-
-def count_calls(net, fn):
-    """Run fn() once with hooks on the DiT and return (its result, the batch size of each network
-    call, the number of blocks each call ran, the batch size of each text encoding). A CFG call is
-    one call of batch 2. Hooks go on an eager model (before any torch.compile)."""
-    calls, blocks, texts = [], [], []
-    hooks = [net.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0])),
-             net.text.register_forward_pre_hook(lambda m, args: texts.append(args[0].shape[0]))]
-    hooks += [blk.register_forward_pre_hook(lambda m, args: blocks.append(len(calls)))
-              for blk in net.blocks]                  # tagged with the number of the running call
-    try:
-        out = fn()
-    finally:
-        for h in hooks:
-            h.remove()
-    return out, calls, [blocks.count(i + 1) for i in range(len(calls))], texts
-
-
-def latency_section(cfg, rows, opts, device):
-    """Batch-1 latency of the requested rows for one config (one channel count), random weights.
-
-    base: the teacher's default sampler (Heun, opts.steps, CFG opts.guidance: each call is a batch of
-    2); presto-s: the few-step generator at opts.ls_steps steps, no CFG; presto-ls: the same with
-    Presto-L's budget schedule (layerdrop.PlannedDenoiser, method presto-l). Each row samples through
-    sample.sampling_fn, the code path of sample.py and of the full evaluation. Generation,
-    decode and the two together are timed separately: the median of opts.repeats
-    after a warm-up (the counting pass; with --compile two more calls, which compile and, on
-    CUDA, record the graphs), CUDA synchronised.
-    """
-    rep, tok, den = random_model(cfg, device)
-    net, seconds, depth = den.net, cfg.data.seconds, cfg.model.depth
-    print(f"  DiT-{cfg.model.size}: {dit.n_params(net) / 1e6:.1f}M parameters on {device}", flush=True)
-    T = sample.latent_frames(cfg, seconds)
-    per_call = lambda b: dit.flops_per_sample(cfg.model, T, cfg.data.max_text_len, b, text_encoder=False)
-    text_flops = dit.flops_per_sample(cfg.model, T, cfg.data.max_text_len) - per_call(None)
-    row_settings = {"base": (f"base Heun {opts.steps}-step, CFG {opts.guidance:g}", cfg, "base", "heun", opts.steps,
-                     opts.guidance),
-            "presto-s": (f"Presto-S {opts.ls_steps}-step", cfg, "presto-s", None, opts.ls_steps, None),
-            "presto-ls": (f"Presto-LS {opts.ls_steps}-step",
-                          replace(cfg, layerdrop=replace(cfg.layerdrop, method="presto-l")),
-                          "presto-ls", None, opts.ls_steps, None)}
-    planned = []                      # (row, generate one clip, its latent)
-    for key in rows:                  # count calls and blocks on the eager model first
-        name, row_cfg, stage, sampler, steps, cfg_w = row_settings[key]
-        gen, expected_blocks = sample.sampling_fn(den, tok, row_cfg, stage, steps, sampler, cfg_w,
-                                                  precision=opts.precision)
-        one = functools.partial(gen, [LATENCY_PROMPT], [0], seconds)
-        latent, sizes, ran, texts = count_calls(net, one)
-        flops = sum(texts) * text_flops + sum(b * per_call(k) for b, k in zip(sizes, ran))
-        row = dict(key=key, name=name, sampler=sampler or "few-step", steps=steps, cfg=cfg_w,
-                   network_calls=len(sizes), call_batch=max(sizes), blocks=sum(ran) / (len(ran) * depth),
-                   expected_blocks=expected_blocks, gflop_per_clip=flops / 1e9)
-        planned.append((row, one, latent))
-    if opts.compile:
-        config.compile_network(den, "reduce-overhead" if torch.device(device).type == "cuda" else None)
-    results = []
-    for row, one, latent in planned:
-        if opts.compile:
-            torch._dynamo.reset()     # each row compiles for its own shapes, as a deployment would
-        t_gen = median_time(one, device, opts.repeats, warmup=2 if opts.compile else 0)
-        t_dec = median_time(lambda: rep.decode(latent), device, opts.repeats)
-        t_e2e = median_time(lambda: rep.decode(one()), device, opts.repeats, warmup=0)
-        row.update(generation_s=t_gen, decode_s=t_dec, end_to_end_s=t_e2e, rtf=seconds / t_e2e)
-        results.append(row)
-        print(f"  {row['name']}: {row['network_calls']} calls, generation {t_gen:.3f} s, "
-              f"decode {t_dec:.3f} s, end to end {t_e2e:.3f} s", flush=True)
-    ref = next((r for r in results if r["key"] == "base"), None)
-    for r in results:
-        r["gen_speedup"] = ref["generation_s"] / r["generation_s"] if ref else None
-        r["speedup"] = ref["end_to_end_s"] / r["end_to_end_s"] if ref else None
-    return dict(channels=cfg.data.channels, params=dit.n_params(net), latent_channels=rep.latent_channels,
-                frames=T, tokens=-(-T // cfg.model.patch), seconds=seconds,
-                sample_rate=cfg.data.sample_rate, model=asdict(cfg.model), rows=results)
-
-
-def latency_report(opts, device):
-    """Every requested channel count of opts.preset (+ opts.sets): {settings, sections}."""
-    sets = config.parse_sets(opts.sets)
-    rows = opts.rows
-    sections = {}
-    cfgs = [config.check(config.make_config(opts.preset, {**sets, "data.channels": str(ch)}), dataset=False)
-            for ch in opts.channels]                # every one checked before any is timed
-    for ch, cfg in zip(opts.channels, cfgs):
-        label = {1: "mono", 2: "stereo"}.get(ch, f"{ch} channels")
-        print(f"{label}: building a random-weight DiT-{cfg.model.size} for {cfg.data.seconds:g} s "
-              f"of {cfg.data.sample_rate} Hz audio", flush=True)
-        sections[label] = latency_section(cfg, rows, opts, device)
-    settings = dict(preset=opts.preset, sets=sets, rows=rows, steps=opts.steps, cfg=opts.guidance,
-                    presto_steps=opts.ls_steps, repeats=opts.repeats, compile=opts.compile,
-                    compile_mode=("reduce-overhead" if device.type == "cuda" else "default")
-                    if opts.compile else None, batch=1, prompt=LATENCY_PROMPT,
-                    weights="random (dit.py initialisation); latent statistics mean 0 / std 1",
-                    machine=machine(device))
-    return dict(settings=settings, sections=sections)
-
-
-def latency_markdown(res):
-    s = res["settings"]
-    m = s["machine"]
-    compiled = f", torch.compile (mode {s['compile_mode']})" if s["compile"] else ", eager"
-    lines = [f"# Latency: preset {s['preset']}, random weights", "",
-             f"Device {m['device']} ({m['processor']}, {m['platform']}), torch {m['torch']}, "
-             f"CPU threads {m['threads']} of {m['cpus']}{compiled}. "
-             f"Batch 1, median of {s['repeats']} repeats after warm-up. Overrides: "
-             f"{' '.join(f'{k}={v}' for k, v in s['sets'].items()) or 'none'}."]
-    for label, sec in res["sections"].items():
-        md = sec["model"]
-        lines += ["", f"## {label}: DiT-{md['size']} ({md['width']} wide, {md['depth']} blocks), "
-                  f"{sec['params'] / 1e6:.1f}M parameters; {sec['seconds']:g} s of {sec['sample_rate']} Hz "
-                  f"= latent {sec['latent_channels']} x {sec['frames']}, {sec['tokens']} tokens", "",
-                  "| row | network calls | blocks run per clip | GFLOP per clip | generation s | decode s "
-                  "| end-to-end s | RTF | speed-up (generation) | speed-up (end-to-end) |", "|" + "---|" * 10]
-        for r in sec["rows"]:
-            calls = f"{r['network_calls']}" + (f" (batch {r['call_batch']})" if r["call_batch"] > 1 else "")
-            lines.append(f"| {r['name']} | {calls} | {r['blocks']:.2f} | {r['gflop_per_clip']:.4g} "
-                         f"| {r['generation_s']:.3f} | {r['decode_s']:.3f} | {r['end_to_end_s']:.3f} "
-                         f"| {r['rtf']:.2f} | {_fmt(r['gen_speedup'], '.1f')} | {_fmt(r['speedup'], '.1f')} |")
-    lines += ["", "Network calls count DiT forwards (CFG runs the conditional and the null caption as "
-              "one call of batch 2). Blocks: the fraction of the DiT's blocks a clip runs over its "
-              "calls. GFLOP: matrix products of the DiT and text encoder (dit.flops_per_sample; "
-              "decoding not included). RTF = audio seconds / end-to-end seconds. Speed-ups = "
-              "base time / row time within one section (- where the base row was not run).",
-              "", "## Settings", "", "```", json.dumps(s, indent=2), "```", ""]
-    return "\n".join(lines)
-
+# Latency only (the benchmark itself is benchmarks/latency.py)
 
 def write_latency(opts, device):
-    res = latency_report(opts, device)
+    res = latency.latency_report(opts, device)
     return write_report(opts.out or os.path.join("runs", f"latency_{opts.preset}"), "latency", res,
-                        latency_markdown(res))
+                        latency.latency_markdown(res))
 
 
 def main(argv=None):
@@ -805,7 +661,7 @@ def main(argv=None):
                    help="--latency-only: config overrides as train.py's, e.g. model.size=S")
     p.add_argument("--channels", type=int, nargs="+", default=[1, 2],
                    help="--latency-only: one section per channel count (sets data.channels)")
-    p.add_argument("--rows", nargs="+", choices=LATENCY_ROWS, default=list(LATENCY_ROWS),
+    p.add_argument("--rows", nargs="+", choices=latency.LATENCY_ROWS, default=list(latency.LATENCY_ROWS),
                    help="--latency-only: which rows to time; base is slow at the paper's size on a CPU")
     p.add_argument("--compile", action="store_true",
                    help="--latency-only: torch.compile the DiT (CUDA: mode reduce-overhead, i.e. CUDA "
@@ -838,7 +694,7 @@ def main(argv=None):
         torch.set_num_threads(opts.threads)
     latency_flags = [flag for flag, given in (      # options that only mean something with --latency-only
         ("--preset", opts.preset), ("--set", opts.sets), ("--channels", opts.channels != [1, 2]),
-        ("--rows", opts.rows != list(LATENCY_ROWS)), ("--compile", opts.compile), ("--out", opts.out)) if given]
+        ("--rows", opts.rows != list(latency.LATENCY_ROWS)), ("--compile", opts.compile), ("--out", opts.out)) if given]
     if len(set(opts.few_steps)) < len(opts.few_steps):
         sys.exit(f"error: --few-steps names a step count twice: {' '.join(map(str, opts.few_steps))}")
     ignored = [f"--{k.replace('_', '-')}" for k in ("best", "embedder", "n", "seeds", "prompts", "steps",

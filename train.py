@@ -29,10 +29,10 @@ import json
 import math
 import os
 import sys
-import time
 import warnings
 from typing import Callable, NamedTuple
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -45,8 +45,10 @@ import edm
 import evaluate
 import gan
 import layerdrop
+import metrics
+import sample
 from embedders import clap
-from parallel.dist import (DIST, Feed, average_gradients, barrier, check_memory, gather_rows,
+from parallel.dist import (DIST, Feed, Speed, average_gradients, barrier, check_memory, gather_rows,
                            global_mean, init_distributed, micro_split)
 
 
@@ -240,17 +242,17 @@ def train_clap(cfg, out, resume=False):
             loop.bar.set_postfix(nce=f"{row['loss_nce']:.3f}", attr=f"{row['loss_attr']:.3f}")
             loop.write(step=done, **row, lr=lr_at(step, clap_cfg),
                            temperature=1 / model.log_scale.exp().item())
-        metrics = None
+        scores = None
         if DIST.main and loop.due(done, clap_cfg.eval_every):
-            metrics = clap.embedder_scores(model, val)
-            loop.write(step=done, **metrics)
-            attrs = metrics.get("val_attributes", {})
-            say(f"step {done}: val R@1 {metrics['val_r1']:.3f} among {len(val[0])}"
+            scores = clap.embedder_scores(model, val)
+            loop.write(step=done, **scores)
+            attrs = scores.get("val_attributes", {})
+            say(f"step {done}: val R@1 {scores['val_r1']:.3f} among {len(val[0])}"
                 + "".join(f", {k} {v:.2f}" for k, v in attrs.items()))
         loop.checkpoint(done, lambda done: write_checkpoint(path, {
             "stage": "clap", "step": done, "done": done >= clap_cfg.steps,
             "config": dataclasses.asdict(cfg), "model": model.state_dict(), "opt": opt.state_dict(),
-            "vocab": model.tok.state_dict(), "feature_stats": model.rep.state_dict(), "val": metrics}))
+            "vocab": model.tok.state_dict(), "feature_stats": model.rep.state_dict(), "val": scores}))
     return path
 
 
@@ -388,7 +390,7 @@ def train_distill(cfg, out, resume, stage):
             G_ema.net.load_state_dict(ckpt.get("G_ema", ckpt["G"]))
         start, best = ckpt["step"], ckpt.get("best_val")
     best_path = os.path.join(out, f"{name}_best.pt")
-    validator = (evaluate.FewStepValidator(cfg, out, rep, tok, device)
+    validator = (FewStepValidator(cfg, out, rep, tok, device)
                  if distill.val_every > 0 and DIST.main else None)
     autocast = config.autocast_for(device, train_cfg.precision)
     # kept for backward at once: G's graph, the fake score's, the discriminator's passes over real
@@ -592,37 +594,6 @@ def optimizer_step(opt, grad_clip):
     return norm
 
 
-# Dense bf16 peak of known accelerators, FLOP/s (vendor data sheets, SXM parts)
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-
-
-class Speed:
-    """Clips per second since the last report and, on CUDA, the model FLOPs utilisation: the
-    DiT's analytic training FLOPs per clip (3x the forward pass of dit.flops_per_sample: backward
-    costs twice the forward) times clips per second, over the peak of the processes' GPUs."""
-
-    def __init__(self, cfg, rep, device, feed=None):
-        self.feed = feed  # its waits give data_wait: the share of the time spent waiting for data
-        self.flops = 3 * dit.flops_per_sample(cfg.model, rep.n_frames(cfg.data.seconds),
-                                              cfg.data.max_text_len)
-        peak = cfg.train.peak_tflops * 1e12
-        if not peak and device.type == "cuda":
-            name = torch.cuda.get_device_name(device)
-            peak = next((v for k, v in PEAK_BF16.items() if k in name), 0.0)
-        self.peak = peak * DIST.world if device.type == "cuda" else 0.0
-        self.t0, self.n = time.time(), 0
-
-    def count(self, clips):
-        self.n += clips
-
-    def report(self):
-        elapsed = max(time.time() - self.t0, 1e-9)
-        rate = self.n / elapsed
-        self.t0, self.n = time.time(), 0
-        return {"clips_per_s": rate, **({"mfu": rate * self.flops / self.peak} if self.peak else {}),
-                **({"data_wait": self.feed.take_wait() / elapsed} if self.feed is not None else {})}
-
-
 def encode_batch(rep, tok, cfg, waves, captions, device):
     """(latents (B, C, T), caption ids (B, L)) on device (copies from pinned memory do not block)."""
     return (rep.encode(waves.to(device, non_blocking=True)),
@@ -648,6 +619,40 @@ def validate(denoiser, ds, rep, tok, cfg, device, autocast, loss_fn=None):
         sigmas.append(sigma)
     losses = torch.cat(losses)
     return losses.mean().item(), edm.bucket_means(torch.cat(sigmas), losses)
+
+
+class FewStepValidator:
+    """FAD and CLAP score of the grid_steps-step sampler on the first distill.val_clips clips of
+    the *val* split, embedded by the evaluation embedder OUT/clap.pt: the numbers behind
+    distill.val_every's checkpoint selection. The test split, which evaluate_run scores, is never
+    looked at, so picking the best checkpoint here does not leak into the reported results.
+    Clips are generated exactly as sample.py / evaluate.evaluate_run generate them (sample.sampling_fn)."""
+
+    def __init__(self, cfg, out, rep, tok, device):
+        self.cfg, self.rep, self.tok, self.device = cfg, rep, tok, device
+        _, self.clap = evaluate.load_embedder(os.path.join(out, "clap.pt"), device)
+        ds = data.make_dataset(cfg.data, "val")
+        clips = [ds.clip(i) for i in range(min(cfg.distill.val_clips, len(ds)))]
+        if len(clips) < 2:
+            raise ValueError("distill.val_every needs distill.val_clips >= 2 clips in the val split")
+        self.captions = [c.caption for c in clips]
+        self.real = self.embed(torch.from_numpy(np.stack([c.wave for c in clips])))
+        self.text = self.clap.embed_text(self.captions).float().cpu()
+
+    def embed(self, waves):
+        return evaluate.embed_chunks(self.clap.embed_audio, waves, self.cfg.distill.batch_size,
+                                     self.device)
+
+    @torch.no_grad()
+    def __call__(self, G, stage):
+        """G sampled the way a checkpoint of `stage` samples (presto-ls: at its budget schedule)."""
+        gen, _ = sample.sampling_fn(G, self.tok, self.cfg, stage, self.cfg.distill.grid_steps,
+                                    precision=self.cfg.train.precision)
+        waves = sample.generate_waves(gen, self.rep, self.captions, self.cfg.data.seconds,
+                                      self.cfg.distill.batch_size)
+        emb = self.embed(sample.listenable(waves))
+        return {"val_fad": metrics.frechet_distance(emb, self.real),
+                "val_clap": metrics.clap_score(emb, self.text)}
 
 
 class StageLoop:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 import data
+import dit
 
 
 @dataclass
@@ -260,3 +261,34 @@ def check_memory(denoiser, rep, cfg, device, autocast, micro_size, batch_size=No
                          f"(gradient accumulation keeps the batch)" if fits > 0 else
                          f"one clip needs ~{(fixed + per_clip) / 2**30:.1f} GiB: the model does not fit")
     return line
+
+
+# Dense bf16 peak of known accelerators, FLOP/s (vendor data sheets, SXM parts)
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+class Speed:
+    """Clips per second since the last report and, on CUDA, the model FLOPs utilisation: the
+    DiT's analytic training FLOPs per clip (3x the forward pass of dit.flops_per_sample: backward
+    costs twice the forward) times clips per second, over the peak of the processes' GPUs."""
+
+    def __init__(self, cfg, rep, device, feed=None):
+        self.feed = feed  # its waits give data_wait: the share of the time spent waiting for data
+        self.flops = 3 * dit.flops_per_sample(cfg.model, rep.n_frames(cfg.data.seconds),
+                                              cfg.data.max_text_len)
+        peak = cfg.train.peak_tflops * 1e12
+        if not peak and device.type == "cuda":
+            name = torch.cuda.get_device_name(device)
+            peak = next((v for k, v in PEAK_BF16.items() if k in name), 0.0)
+        self.peak = peak * DIST.world if device.type == "cuda" else 0.0
+        self.t0, self.n = time.time(), 0
+
+    def count(self, clips):
+        self.n += clips
+
+    def report(self):
+        elapsed = max(time.time() - self.t0, 1e-9)
+        rate = self.n / elapsed
+        self.t0, self.n = time.time(), 0
+        return {"clips_per_s": rate, **({"mfu": rate * self.flops / self.peak} if self.peak else {}),
+                **({"data_wait": self.feed.take_wait() / elapsed} if self.feed is not None else {})}

@@ -674,7 +674,7 @@ def caption(results, width):
 def pyplot():
     """matplotlib.pyplot for file output (imported here: an optional extra); ImportError naming the
     requirements file where it is not installed."""
-    plt = evaluate._pyplot()
+    plt = evaluate.pyplot()
     if plt is None:
         raise ImportError("--plot needs matplotlib: pip install -r requirements-demo.txt")
     return plt

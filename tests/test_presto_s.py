@@ -358,7 +358,7 @@ def test_validation_keeps_the_best_checkpoint(val_run):
     assert last["best_val"] == best["best_val"]
     # the file holds the weights that scored that FAD: re-validating it gives the same number
     cfg, _, rep, tok, G = config.load_checkpoint(os.path.join(val_run, "presto_s_best.pt"))
-    again = evaluate.FewStepValidator(cfg, val_run, rep, tok, torch.device("cpu"))(G, "presto-s")
+    again = train.FewStepValidator(cfg, val_run, rep, tok, torch.device("cpu"))(G, "presto-s")
     assert again["val_fad"] == pytest.approx(min(fads), rel=1e-5)
     # evaluate.py --best picks it, and only where it exists
     assert evaluate.checkpoint_file(val_run, "presto_s.pt", best=True).endswith("presto_s_best.pt")

@@ -14,6 +14,7 @@ import dit
 import edm
 import evaluate
 import sample
+from benchmarks import latency
 
 # -----------------------------------------------------------------------------
 # dit.flops_per_sample
@@ -146,7 +147,7 @@ def test_paper_preset_builds_a_dit_l():
     for ch in (1, 2):
         cfg = config.make_config("paper", {"data.channels": ch})
         with torch.device("meta"):
-            rep, _, den = evaluate.random_model(cfg, "meta")
+            rep, _, den = latency.random_model(cfg, "meta")
         count = dit.n_params(den.net)
         model_cfg = cfg.model
         assert (model_cfg.width, model_cfg.depth, model_cfg.heads, model_cfg.patch) == (1024, 24, 16, 1)
@@ -169,7 +170,7 @@ CXX = os.environ.get("CXX", "g++")                                  # what induc
 def test_compiled_few_step_sampling_matches_eager(restore_dynamo):
     # ~30 s with a cold inductor cache (C++ kernels built), ~5 s warm; one graph (batch 1, all blocks).
     cfg = config.make_config("tiny")
-    _, tok, den = evaluate.random_model(cfg, "cpu")
+    _, tok, den = latency.random_model(cfg, "cpu")
     rng = torch.Generator().manual_seed(1)
     with torch.no_grad():                    # move the zero-initialised layers: a non-trivial output
         for p in den.parameters():

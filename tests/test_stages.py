@@ -151,7 +151,7 @@ def test_presto_ls_validates_the_layer_dropped_generator(run, tmp_path):
     best = load_ckpt(out, "presto_ls_best.pt")
     assert best["stage"] == "presto-ls" and best["step"] == best["best_val"]["step"]
     cfg, _, rep, tok, G = config.load_checkpoint(os.path.join(out, "presto_ls_best.pt"))
-    validate = evaluate.FewStepValidator(cfg, out, rep, tok, torch.device("cpu"))
+    validate = train.FewStepValidator(cfg, out, rep, tok, torch.device("cpu"))
     dropped = validate(G, "presto-ls")["val_fad"]                 # at the budget schedule
     assert dropped == pytest.approx(best["best_val"]["val_fad"], rel=1e-5)
     assert validate(G, "presto-s")["val_fad"] != pytest.approx(dropped, rel=1e-5)   # full depth
