@@ -42,6 +42,7 @@ import sample
 from benchmarks import latency
 from benchmarks.latency import machine, median_time
 from embedders import clap, judge
+from plumbing import checkpoints
 
 
 # ----------------------------------------------------------------------------------------------
@@ -437,7 +438,7 @@ def check_collections(opts):
         raise ValueError(f"--collections scores corpus runs; {opts.run} was trained on {run_data.dataset}")
     if opts.embedder == "aisfx" or not os.path.isfile(embedder_path(opts)):
         return                                  # aisfx reads no captions; a missing clap.pt is named later
-    seen = config.config_from_dict(config.read_checkpoint(embedder_path(opts))["config"]).data
+    seen = config.config_from_dict(checkpoints.read_checkpoint(embedder_path(opts))["config"]).data
     missing = [c for c in opts.collections if seen.dataset != "corpus" or
                (seen.corpus_collections and c not in seen.corpus_collections)]
     if missing:
@@ -450,7 +451,7 @@ def check_collections(opts):
 def run_config(run):
     """The config of a run folder's first checkpoint (its data and decoder are every row's)."""
     first = next(os.path.join(run, f) for f in ROWS if os.path.isfile(os.path.join(run, f)))
-    return config.config_from_dict(config.read_checkpoint(first)["config"])
+    return config.config_from_dict(checkpoints.read_checkpoint(first)["config"])
 
 
 def embedder_path(opts):
@@ -584,7 +585,7 @@ def write_variance(opts, device):
     if not os.path.isfile(os.path.join(opts.run, "base.pt")):
         raise FileNotFoundError(f"--variance needs {os.path.join(opts.run, 'base.pt')}")
     if opts.variance_budget is not None:   # below the depth, checked before the minutes of loading
-        model = config.config_from_dict(config.read_checkpoint(os.path.join(opts.run, "base.pt"))["config"]).model
+        model = config.config_from_dict(checkpoints.read_checkpoint(os.path.join(opts.run, "base.pt"))["config"]).model
         depth = model.depth or dit.SIZES[model.size]["depth"]
         if opts.variance_budget > depth:
             raise ValueError(f"--variance-budget must be in 2..{depth} (base.pt has {depth} blocks), "
@@ -739,7 +740,7 @@ def main(argv=None):
     suffix = "".join(f"_{c}" for c in opts.collections or ())     # held-out scores beside the run's own
     notes = [plot(res, os.path.join(opts.run, f"speed_vs_quality{suffix}.png"))]
     if opts.spectrograms:
-        cfg = config.config_from_dict(config.read_checkpoint(checkpoint_file(opts.run, res["settings"]["checkpoints"][0]))["config"])
+        cfg = config.config_from_dict(checkpoints.read_checkpoint(checkpoint_file(opts.run, res["settings"]["checkpoints"][0]))["config"])
         k = len(examples["real test clips"])               # opts.spectrograms, or n if fewer
         test = data.make_dataset(scored_data(cfg.data, opts.collections), "test")
         notes.append(spectrograms(examples, [test.clip(i).caption for i in range(k)],

@@ -33,6 +33,7 @@ import config
 import dmd
 import edm
 import layerdrop
+from plumbing import compiled
 
 
 def per_sample_noise(seeds, shape, device):
@@ -369,7 +370,7 @@ def main(argv=None):
         gen, blocks = sampling_fn(denoiser, tok, cfg, ckpt.get("stage", "base"), steps,
                                   args.sampler, args.guidance, args.budget, args.precision)
         if args.compile:
-            config.compile_network(denoiser, "reduce-overhead" if device.type == "cuda" else None)
+            compiled.compile_network(denoiser, "reduce-overhead" if device.type == "cuda" else None)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         sys.exit(f"error: {e}")
 

@@ -25,7 +25,6 @@ import argparse
 import contextlib
 import copy
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -34,7 +33,6 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 import ae
 import config
@@ -48,8 +46,10 @@ import layerdrop
 import metrics
 import sample
 from embedders import clap
-from parallel.dist import (DIST, Feed, Speed, average_gradients, barrier, check_memory, gather_rows,
-                           global_mean, init_distributed, micro_split)
+from plumbing import checkpoints, compiled
+from plumbing.dist import (DIST, Feed, Speed, average_gradients, barrier, check_memory, gather_rows,
+                           init_distributed, micro_split)
+from plumbing.loop import StageLoop, say
 
 
 # ----------------------------------------------------------------------------------------------
@@ -76,7 +76,7 @@ def train_base(cfg, out, resume=False):
         f"micro-batch(es) of {micro_size}) on {device}")
     say(check_memory(denoiser, rep, cfg, device, autocast, micro_size))
     if train_cfg.compile:
-        config.compile_network(denoiser)
+        compiled.compile_network(denoiser)
     loop = StageLoop("base", path, start, train_cfg.steps, resume, "train.lr", train_cfg.ckpt_every)
     feed = Feed(train_ds, train_cfg.batch_size, cfg, start, train_cfg.steps, device)
     speed = Speed(cfg, rep, device, feed)
@@ -393,12 +393,13 @@ def train_distill(cfg, out, resume, stage):
     validator = (FewStepValidator(cfg, out, rep, tok, device)
                  if distill.val_every > 0 and DIST.main else None)
     autocast = config.autocast_for(device, train_cfg.precision)
-    # kept for backward at once: G's graph, the fake score's, the discriminator's passes over real
-    # and generated clips (blocks 0..block each); weights: G + its EMA (20 bytes per parameter),
-    # mu_fake (16), the frozen teacher (4)
+    # kept for backward at once, at the larger of the two turns (the fake score's): mu_fake's graph
+    # and the discriminator's passes over real and generated clips (blocks 0..block each); the
+    # generator's turn keeps G's graph and one such pass. Weights: G + its EMA (20 bytes per
+    # parameter), mu_fake (16), the frozen teacher (4)
     memory = check_memory(G, rep, cfg, device, autocast,
                           micro_split(distill.batch_size, train_cfg.micro_batch)[0], distill.batch_size,
-                          graphs=2 + 2 * (block + 1) / len(mu_fake.net.blocks),
+                          graphs=1 + 2 * (block + 1) / len(mu_fake.net.blocks),
                           weight_bytes=20 + 16 + 4 - 4 * (G_ema is None))
     train_ds = data.make_dataset(cfg.data, "train")
     say(f"{stage}: distilling DiT-{cfg.model.size} ({dit.n_params(G.net) / 1e6:.2f}M params), "
@@ -422,7 +423,7 @@ def train_distill(cfg, out, resume, stage):
 
     if train_cfg.compile:
         for net in (G, mu_fake, mu_real):
-            config.compile_network(net)
+            compiled.compile_network(net)
     loop = StageLoop(stage, path, start, distill.steps, resume, "distill.lr_gen / distill.lr_fake",
                      train_cfg.ckpt_every)
     sums, counts, g_by_sigma = {}, {}, []
@@ -523,7 +524,7 @@ def train_layerdrop(cfg, out, resume=False):
     say(check_memory(student, rep, cfg, device, autocast,   # the masked path runs every block
                      micro_split(drop_cfg.batch_size, train_cfg.micro_batch)[0], drop_cfg.batch_size))
     if train_cfg.compile:
-        config.compile_network(student)
+        compiled.compile_network(student)
     loop = StageLoop(drop_cfg.method, path, start, drop_cfg.steps, resume, "layerdrop.lr",
                      train_cfg.ckpt_every)
     feed = Feed(train_ds, drop_cfg.batch_size, cfg, start, drop_cfg.steps, device)
@@ -655,80 +656,9 @@ class FewStepValidator:
                 "val_clap": metrics.clap_score(emb, self.text)}
 
 
-class StageLoop:
-    """What every stage loop shares around its optimisation step: the progress bar, the loss log
-    OUT/<stage>_log.jsonl (rank 0; on resume the lines past the resumed step are dropped), the
-    NaN guard, and the cadence: log, validate and checkpoint every N steps and at the last one.
-
-    The guard needs no host sync per step: watch() folds "is any value non-finite" into a flag on
-    the device, check() (at log and checkpoint steps, every rank) reads it and stops the run with a
-    message naming the last good checkpoint. A bad step may reach the weights, never a checkpoint.
-    """
-
-    def __init__(self, desc, path, start, total, resume, knob, ckpt_every):
-        self.path, self.knob, self.total, self.ckpt_every = path, knob, total, ckpt_every
-        self.last_saved = start if resume else None
-        self.bad, self.since, self.names = None, None, []
-        self.log_path = os.path.splitext(path)[0] + "_log.jsonl"
-        if DIST.main and os.path.exists(self.log_path):
-            with open(self.log_path) as f:
-                keep = [l for l in f if resume and json.loads(l).get("step", 0) <= start]
-            with open(self.log_path, "w") as f:
-                f.writelines(keep)
-        self.bar = tqdm(range(start, total), initial=start, total=total, desc=desc,
-                        dynamic_ncols=True, disable=not DIST.main)
-        if resume:
-            say(f"resuming {path} from step {start}")
-
-    def __iter__(self):
-        yield from self.bar
-        self.bar.close()
-
-    def write(self, **row):
-        """One line of the loss log."""
-        if DIST.main:
-            with open(self.log_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-
-    def watch(self, step, **values):
-        if self.since is None:
-            self.since = step
-        bad = torch.stack([~torch.isfinite(v.detach()).all() for v in values.values()]).any()
-        self.bad = bad if self.bad is None else self.bad | bad
-        self.names = list(values)
-
-    def check(self, step):
-        bad = self.bad if self.bad is not None else torch.zeros((), dtype=torch.bool)
-        if global_mean({"bad": bad})["bad"] > 0:
-            where = (f"the last good checkpoint is {self.path} (step {self.last_saved})"
-                     if self.last_saved is not None else "no checkpoint was written yet")
-            raise FloatingPointError(
-                f"non-finite {' / '.join(self.names)} between step {self.since} and step {step}; "
-                f"stopped, {where}. Try a lower {self.knob}.")
-        self.bad, self.since = None, None
-
-    def due(self, done, every):
-        """Is step `done` (1-based) one of the every-N steps (none for every <= 0), or the last one?"""
-        return done == self.total or (every > 0 and done % every == 0)
-
-    def logged(self, done, every, **values):
-        """At a log step: the NaN check, then {name: mean over processes}; else None."""
-        if not self.due(done, every):
-            return None
-        self.check(done)
-        return global_mean(values)
-
-    def checkpoint(self, done, save):
-        """At a checkpoint step: the NaN check, then save(done) (rank 0 writes)."""
-        if self.due(done, self.ckpt_every):
-            self.check(done)
-            save(done)
-            self.last_saved = done
-
-
 def write_checkpoint(path, ckpt):
-    """config.save_checkpoint on rank 0 only (every rank holds the same weights)."""
-    return config.save_checkpoint(path, ckpt) if DIST.main else None
+    """checkpoints.save_checkpoint on rank 0 only (every rank holds the same weights)."""
+    return checkpoints.save_checkpoint(path, ckpt) if DIST.main else None
 
 
 def stage_setup(cfg, out, filename, resume):
@@ -744,7 +674,7 @@ def stage_setup(cfg, out, filename, resume):
         return device, path, None
     if not os.path.exists(path):
         raise FileNotFoundError(f"--resume: no checkpoint at {path}")
-    return device, path, config.read_checkpoint(path)
+    return device, path, checkpoints.read_checkpoint(path)
 
 
 def adamw(params, lr, train_cfg, device):
@@ -779,13 +709,7 @@ def load_teacher(cfg, out, device):
 
 
 # ----------------------------------------------------------------------------------------------
-# Batches of a step (data parallelism itself, under torchrun, is in parallel/dist.py)
-
-def say(msg):
-    """print, on rank 0 only (and through tqdm, so progress bars are not broken)."""
-    if DIST.main:
-        tqdm.write(msg)
-
+# Batches of a step (data parallelism itself, under torchrun, is in plumbing/dist.py)
 
 def micro_batches(feed, rep, tok, cfg, step, device, batch_size):
     """feed(step) as latents: yields (x, ids, labels, make_rng, weight). make_rng() returns a fresh
@@ -852,7 +776,7 @@ def resume_config(stage, path, sets, quiet=False):
     """(config, None, or a line saying there is nothing to do) for --resume of the checkpoint at
     path with --set values: a value that would change what the saved run computes is refused,
     naming the field (quiet: a changed step count is not announced)."""
-    ckpt = config.read_checkpoint(path)
+    ckpt = checkpoints.read_checkpoint(path)
     if ckpt.get("stage", "base") != stage:
         raise ValueError(f"--resume: {path} holds a {ckpt.get('stage')} checkpoint, not {stage}")
     saved = config.config_from_dict(ckpt["config"])
@@ -885,7 +809,7 @@ def run_stage(stage, out, preset, sets, resume=False, force=False):
     path = os.path.join(out, ckpt_name)
     student = os.path.join(out, "presto_l.pt")
     if stage == "presto-ls" and os.path.exists(student):   # its layer drop is presto_l.pt's own
-        trained = config.config_from_dict(config.read_checkpoint(student)["config"]).layerdrop
+        trained = config.config_from_dict(checkpoints.read_checkpoint(student)["config"]).layerdrop
         for key in [k for k in sets if k.startswith("layerdrop.") and k != "layerdrop.steps"]:
             value = getattr(config.apply_overrides(config.Config(), {key: sets[key]}).layerdrop, key[10:])
             if value != getattr(trained, key[10:]):
@@ -918,7 +842,7 @@ def wants_autoencoder(out, preset, sets):
     """Whether --stage all trains ae.pt: as OUT/base.pt was configured if it exists (a folder of an
     STFT teacher stays one), else as the preset and --set say."""
     base = os.path.join(out, "base.pt")
-    cfg = (config.config_from_dict(config.read_checkpoint(base)["config"]) if os.path.exists(base)
+    cfg = (config.config_from_dict(checkpoints.read_checkpoint(base)["config"]) if os.path.exists(base)
            else config.make_config(preset or "cpu", sets))
     return cfg.ae.latent_channels > 0
 
@@ -932,7 +856,7 @@ def run_all(out, preset, sets, force=False):
         path = os.path.join(out, ckpt_name)
         if stage == "ae" and not os.path.exists(path) and not wants_autoencoder(out, preset, sets):
             continue                           # no autoencoder: the DiT diffuses STFT frames
-        ckpt = config.read_checkpoint(path) if os.path.exists(path) and not force else None
+        ckpt = checkpoints.read_checkpoint(path) if os.path.exists(path) and not force else None
         stale = [s for s, _ in todo if s in STARTS_FROM.get(stage, ())]
         if ckpt is not None and stale:         # kept, it would not match what it was made from
             raise ValueError(f"{path} was made from the {' and '.join(stale)} checkpoint(s) that --stage "

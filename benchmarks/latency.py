@@ -24,6 +24,7 @@ import config
 import data
 import dit
 import sample
+from plumbing import compiled
 
 def median_time(fn, device, repeats, warmup=1):
     """Median wall seconds of fn() over repeats, after warm-up calls; CUDA synchronised."""
@@ -121,7 +122,7 @@ def latency_section(cfg, rows, opts, device):
                    expected_blocks=expected_blocks, gflop_per_clip=flops / 1e9)
         planned.append((row, one, latent))
     if opts.compile:
-        config.compile_network(den, "reduce-overhead" if torch.device(device).type == "cuda" else None)
+        compiled.compile_network(den, "reduce-overhead" if torch.device(device).type == "cuda" else None)
     results = []
     for row, one, latent in planned:
         if opts.compile:

@@ -87,6 +87,7 @@ import config  # noqa: E402
 import evaluate  # noqa: E402
 import metrics  # noqa: E402
 import train  # noqa: E402
+from plumbing import checkpoints  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -287,7 +288,7 @@ def complete(path, stage):
     """Whether path holds a finished checkpoint of stage."""
     if not os.path.isfile(path):
         return False
-    ckpt = config.read_checkpoint(path)
+    ckpt = checkpoints.read_checkpoint(path)
     return bool(ckpt.get("done")) and ckpt.get("stage") == stage
 
 
@@ -760,7 +761,7 @@ def check(opts):
         taken = [n for n in names for _, sets in CLAIMS[n].arms.values() if key in sets]
         if taken:
             raise ValueError(f"--extra-set {key}: the arms of {taken[0]} set it themselves")
-    ckpt = config.read_checkpoint(base)
+    ckpt = checkpoints.read_checkpoint(base)
     if ckpt.get("stage", "base") != "base":
         raise ValueError(f"{base} holds a {ckpt['stage']} checkpoint, not the teacher")
     cfg = config.config_from_dict(ckpt["config"])

@@ -20,7 +20,7 @@ import torch  # noqa: E402
 
 import config  # noqa: E402
 import data  # noqa: E402
-from parallel.dist import Feed  # noqa: E402
+from plumbing.dist import Feed  # noqa: E402
 
 
 def main(argv=None):

@@ -17,7 +17,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repo
-import config  # noqa: E402
+from plumbing import checkpoints  # noqa: E402
 
 WEIGHTS = ("model", "ema", "G", "G_ema", "mu_fake", "head", "latent_stats", "feature_stats")
 TIMING = ("clips_per_s", "mfu", "data_wait")                                # differ from run to run
@@ -28,10 +28,10 @@ def digest(run):
     out = {}
     for path in sorted(glob.glob(os.path.join(run, "*.pt"))):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        ckpt = {config.RENAMED.get(k, k): v for k, v in ckpt.items()}
+        ckpt = {checkpoints.RENAMED.get(k, k): v for k, v in ckpt.items()}
         for key in WEIGHTS:
             if key in ckpt:
-                out[f"{os.path.basename(path)}:{key}"] = config.checksum({key: ckpt[key]})[:16]
+                out[f"{os.path.basename(path)}:{key}"] = checkpoints.checksum({key: ckpt[key]})[:16]
     for path in sorted(glob.glob(os.path.join(run, "*_log.jsonl"))):
         rows = [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in open(path)]
         out[os.path.basename(path)] = hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()[:16]

@@ -50,7 +50,7 @@ def one_thread():
 
 @pytest.fixture
 def restore_dynamo():
-    """config.compile_network raises torch's recompile limit and makes hitting it an error, for the
+    """compiled.compile_network raises torch's recompile limit and makes hitting it an error, for the
     whole process: put both back after the test (their names changed in torch 2.7; set them back
     rather than monkeypatch them: its undo deletes a config attribute, which hides it in torch 2.6)."""
     dynamo = torch._dynamo.config

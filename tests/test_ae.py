@@ -16,6 +16,7 @@ import data
 import sample
 import train
 from conftest import crash_after_first_checkpoint
+from plumbing import checkpoints
 
 AE = {"ae.latent_channels": "8", "ae.width": "32", "ae.steps": "120", "ae.batch_size": "8",
       "ae.warmup": "5", "ae.lr": "3e-3", "train.ckpt_every": "60", "train.eval_every": "120",
@@ -139,9 +140,9 @@ def test_a_latent_model_without_its_autoencoder_is_named(tmp_path):
 def test_the_ae_stage_resumes_exactly(run, sets, tmp_path, monkeypatch, request):
     run = request.getfixturevalue(run)
     crash_after_first_checkpoint(monkeypatch, train.train_ae, config.make_config("tiny", sets), str(tmp_path))
-    assert config.read_checkpoint(str(tmp_path / "ae.pt"))["step"] == 60
+    assert checkpoints.read_checkpoint(str(tmp_path / "ae.pt"))["step"] == 60
     train.train_ae(config.make_config("tiny", sets), str(tmp_path), resume=True)
-    a, b = (config.read_checkpoint(os.path.join(d, "ae.pt")) for d in (run, str(tmp_path)))
+    a, b = (checkpoints.read_checkpoint(os.path.join(d, "ae.pt")) for d in (run, str(tmp_path)))
     assert b["done"] and b["step"] == 120
     for name in a["model"]:
         assert torch.equal(a["model"][name], b["model"][name]), name
@@ -204,9 +205,9 @@ def test_the_istft_round_trip_improves_on_an_untrained_decoder(istft_run):
 def test_griffin_lim_checkpoints_from_before_the_decoder_choice_still_sample(ae_run, tmp_path):
     """A base.pt written before ae.decoder existed (no such key in its config or its autoencoder's)
     loads as a Griffin-Lim model and samples; an istft config cannot take its autoencoder."""
-    ckpt = config.read_checkpoint(os.path.join(ae_run, "base.pt"))
+    ckpt = checkpoints.read_checkpoint(os.path.join(ae_run, "base.pt"))
     del ckpt["config"]["ae"]["decoder"], ckpt["latent_stats"]["ae_config"]["decoder"]
-    config.save_checkpoint(str(tmp_path / "base.pt"), {k: v for k, v in ckpt.items() if k != "checksum"})
+    checkpoints.save_checkpoint(str(tmp_path / "base.pt"), {k: v for k, v in ckpt.items() if k != "checksum"})
     cfg, _, rep, _, _ = config.load_checkpoint(str(tmp_path / "base.pt"))
     assert cfg.ae.decoder == rep.cfg.decoder == "griffin-lim"
     out = str(tmp_path / "clip.wav")
@@ -246,7 +247,7 @@ def test_the_adversarial_term_resumes_exactly(tmp_path, monkeypatch):
     train.train_ae(config.make_config("tiny", ADV), str(straight))
     crash_after_first_checkpoint(monkeypatch, train.train_ae, config.make_config("tiny", ADV), str(resumed))
     train.train_ae(config.make_config("tiny", ADV), str(resumed), resume=True)
-    a, b = (config.read_checkpoint(str(d / "ae.pt")) for d in (straight, resumed))
+    a, b = (checkpoints.read_checkpoint(str(d / "ae.pt")) for d in (straight, resumed))
     assert b["done"] and set(a["disc"]) == set(b["disc"])
     for part in ("model", "disc"):
         for name in a[part]:

@@ -12,6 +12,7 @@ import config
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
 import claims  # noqa: E402
+from plumbing import checkpoints  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # Statistics
@@ -89,7 +90,7 @@ def fake_run(tmp_path):
     reads only its config) and whose clap.pt is any file."""
     run = tmp_path / "run"
     run.mkdir()
-    config.save_checkpoint(str(run / "base.pt"), {"stage": "base", "done": True, "model": {}, "vocab": {},
+    checkpoints.save_checkpoint(str(run / "base.pt"), {"stage": "base", "done": True, "model": {}, "vocab": {},
                                                   "config": dataclasses.asdict(config.make_config("tiny"))})
     (run / "clap.pt").write_text("an embedder")
     return str(run)
@@ -132,7 +133,7 @@ def fake_spawn(asked, fail=None):
             def write():
                 if stage == "presto-ls":        # its Presto-L arm's checkpoint, linked in
                     assert os.path.isfile(os.path.join(out, "presto_l.pt"))
-                config.save_checkpoint(os.path.join(out, claims.FILE[stage]), {
+                checkpoints.save_checkpoint(os.path.join(out, claims.FILE[stage]), {
                     "stage": stage, "done": True, "model": {}, "vocab": {}, "config": {}})
         else:
             out, stage = value("--run"), {v: k for k, v in claims.FILE.items()}[value("--checkpoints")]

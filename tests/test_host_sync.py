@@ -16,6 +16,7 @@ import config
 import layerdrop
 import sample
 import train
+from plumbing import compiled
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -105,10 +106,10 @@ def test_planned_budgets_are_the_schedules_budgets(tmp_path):
 def test_compiled_networks_stay_compiled(tmp_path, monkeypatch, caplog, restore_dynamo):
     """torch.compile of the teacher, generator, fake score and sampler: every call pattern of the
     stages (batch sizes, grad on / off, layer-drop budgets, the discriminator's block) fits the
-    recompile limit config.compile_network sets, which raises when hit instead of quietly running
+    recompile limit compiled.compile_network sets, which raises when hit instead of quietly running
     eager. Traced with the eager backend (no code generation: seconds, no C++ compiler)."""
-    monkeypatch.setattr(config, "compile_network",
-                        lambda den, mode=None, compile_=config.compile_network: compile_(den, mode, "eager"))
+    monkeypatch.setattr(compiled, "compile_network",
+                        lambda den, mode=None, compile_=compiled.compile_network: compile_(den, mode, "eager"))
     graphs = torch._dynamo.utils.counters["stats"]
     dynamo_log = logging.getLogger("torch._dynamo")        # torch's loggers do not reach the root one
     dynamo_log.addHandler(caplog.handler)
@@ -118,7 +119,7 @@ def test_compiled_networks_stay_compiled(tmp_path, monkeypatch, caplog, restore_
             train.run_stage(stage, str(tmp_path), "tiny", sets, force=True)   # resets dynamo per stage
         torch._dynamo.reset()
         cfg, _, _, tok, den = config.load_checkpoint(os.path.join(tmp_path, "base.pt"))
-        config.compile_network(den)
+        compiled.compile_network(den)
         before = graphs["unique_graphs"]
         for stage in ("base", "presto-s", "presto-l", "ase", "presto-ls"):
             gen, _ = sample.sampling_fn(den, tok, cfg, stage, 4)

@@ -16,9 +16,9 @@ import data
 import edm
 import sample
 import train
-from parallel import dist
-from sources import corpus
 from conftest import crash_after_first_checkpoint
+from plumbing import checkpoints, dist
+from sources import corpus
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = {"train.steps": "6", "train.ckpt_every": "3", "train.eval_every": "3", "train.log_every": "1",
@@ -363,7 +363,7 @@ def test_the_shortest_clip_the_error_names_can_be_sampled(tiny_run, tmp_path):
 def test_an_empty_or_foreign_file_is_named_not_a_checkpoint(tmp_path, content):
     (tmp_path / "x.pt").write_bytes(content)
     with pytest.raises(ValueError) as e:
-        config.read_checkpoint(str(tmp_path / "x.pt"))
+        checkpoints.read_checkpoint(str(tmp_path / "x.pt"))
     assert ("is empty" if not content else "is not a checkpoint written by") in str(e.value)
 
 
@@ -444,7 +444,7 @@ def test_a_checkpoint_that_would_run_code_is_refused(tiny_run, tmp_path):
 def test_a_damaged_checkpoint_is_named_as_such(tiny_run, tmp_path):
     """Every checkpoint carries a checksum of all it holds: one changed weight is caught on load."""
     ckpt = torch.load(os.path.join(tiny_run, "base.pt"), weights_only=True)
-    assert ckpt["checksum"].startswith(config.ALL) and len(ckpt["checksum"]) == len(config.ALL) + 64
+    assert ckpt["checksum"].startswith(checkpoints.ALL) and len(ckpt["checksum"]) == len(checkpoints.ALL) + 64
     name = next(iter(ckpt["ema"]))
     ckpt["ema"][name].view(-1)[0] += 1.0                  # one flipped weight
     torch.save(ckpt, tmp_path / "bad.pt")
@@ -467,7 +467,7 @@ def test_a_changed_config_or_metadata_value_is_caught(tiny_run, tmp_path, sectio
         ckpt[section] = value
     torch.save(ckpt, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="is damaged or was modified: its contents"):
-        config.read_checkpoint(str(tmp_path / "bad.pt"))
+        checkpoints.read_checkpoint(str(tmp_path / "bad.pt"))
 
 
 def test_checkpoints_without_a_full_checksum_still_load(tiny_run, tmp_path):
@@ -479,13 +479,13 @@ def test_checkpoints_without_a_full_checksum_still_load(tiny_run, tmp_path):
     torch.save(ckpt, tmp_path / "none.pt")
     with pytest.warns(UserWarning, match=r"none\.pt has no checksum: loaded unverified"):
         assert config.load_checkpoint(str(tmp_path / "none.pt"))[1]["step"] == 6
-    ckpt["checksum"] = config.checksum(ckpt, tensors_only=True)
+    ckpt["checksum"] = checkpoints.checksum(ckpt, tensors_only=True)
     torch.save(ckpt, tmp_path / "old.pt")
     assert config.load_checkpoint(str(tmp_path / "old.pt"))[1]["step"] == 6
     next(iter(ckpt["ema"].values())).view(-1)[0] += 1.0
     torch.save(ckpt, tmp_path / "old_bad.pt")
     with pytest.raises(ValueError, match="its weights do not match"):
-        config.read_checkpoint(str(tmp_path / "old_bad.pt"))
+        checkpoints.read_checkpoint(str(tmp_path / "old_bad.pt"))
 
 
 def test_resume_refuses_a_setting_that_would_change_the_run(tiny_run, tmp_path):

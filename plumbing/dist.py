@@ -1,4 +1,4 @@
-"""parallel/dist.py: data parallelism under torchrun, nanoGPT-style: a few `if DIST.world > 1` lines, no
+"""plumbing/dist.py: data parallelism under torchrun, nanoGPT-style: a few `if DIST.world > 1` lines, no
 framework; each process's batches made ahead by DataLoader workers (`Feed`); whether a step fits
 the device (`check_memory`).
 
@@ -44,7 +44,7 @@ DIST = Dist()          # this process's place in the job; a plain `python train.
 
 def init_distributed():
     """Join the process group that torchrun describes in the environment (no-op without torchrun).
-    DIST is filled in place, so `from parallel.dist import DIST` anywhere sees this process's place."""
+    DIST is filled in place, so `from plumbing.dist import DIST` anywhere sees this process's place."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not torch.distributed.is_initialized():
         cuda = torch.cuda.is_available()
