@@ -14,6 +14,7 @@ import dataclasses
 import math
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Annotated
 
@@ -83,7 +84,7 @@ _ACCELERATOR = {"ae.latent_channels": 64, "ae.stride": 4, "ae.width": 512, "ae.d
                 "ae.steps": 20_000, "ae.batch_size": 64, "ae.lr": 5e-4, "ae.warmup": 1000, "edm.P_mean": -0.6,
                 "model.patch": 1, "train.ema": 0.9999, "train.log_every": 50, "clap.width": 256,
                 "clap.dim": 256, "clap.batch_size": 128, "clap.eval_every": 1000,
-                "clap.ckpt_every": 1000, "clap.val_clips": 256}
+                "clap.val_clips": 256}
 
 # Presets: small named overrides of the defaults above.
 _CPU = {"ae.latent_channels": 32, "ae.stride": 4, "ae.decoder": "istft", "ae.steps": 5000,
@@ -98,8 +99,8 @@ PRESETS = {
              "train.steps": 30, "train.batch_size": 4, "train.warmup": 5, "train.eval_every": 15,
              "train.ckpt_every": 15, "train.val_batches": 1, "train.log_every": 5,
              "clap.width": 32, "clap.dim": 32, "clap.audio_depth": 2, "clap.steps": 20,
-             "clap.batch_size": 8, "clap.warmup": 5, "clap.eval_every": 10, "clap.ckpt_every": 10,
-             "clap.val_clips": 8, "clap.log_every": 5, "data.corpus_pieces": 18,
+             "clap.batch_size": 8, "clap.warmup": 5, "clap.eval_every": 10,
+             "clap.val_clips": 8, "data.corpus_pieces": 18,
              "data.corpus_collections": ("bach", "fiddle", "irish"),  # on the corpus: ~6 s to parse
              "distill.steps": 10, "distill.batch_size": 4, "distill.disc_width": 16,
              "layerdrop.steps": 10, "layerdrop.batch_size": 4},
@@ -153,9 +154,18 @@ def _parse_value(text, current):
     return type(current)(text) if current is not None else text
 
 
+# keys that moved: the old spelling still works (--set and stored configs), with a warning on --set
+RETIRED = {"clap.log_every": "train.log_every", "clap.ckpt_every": "train.ckpt_every",
+           "clap.grad_clip": "train.grad_clip"}      # one cadence and clip for every stage
+
+
 def apply_overrides(cfg, overrides):
     """Set fields from {"section.field": value} (values may be strings from the command line)."""
     for key, value in overrides.items():
+        if key in RETIRED:
+            warnings.warn(f"{key} is now {RETIRED[key]} (every stage's cadence and clipping live in "
+                          f"the train section): set to {value}")
+            key = RETIRED[key]
         section, _, name = key.partition(".")
         sub = getattr(cfg, section, None)
         if sub is None or not dataclasses.is_dataclass(sub) or not hasattr(sub, name):
@@ -326,6 +336,8 @@ def config_from_dict(d):
     """The Config a checkpoint stored (sections and fields it predates get their defaults); a
     ValueError for fields this code does not know."""
     sections = {f.name: f for f in dataclasses.fields(Config)}
+    d = {s: {k: v for k, v in fields.items() if f"{s}.{k}" not in RETIRED} if isinstance(fields, dict)
+         else fields for s, fields in d.items()}      # the run's train section already holds them
     unknown = [s for s in d if s not in sections] + [
         f"{s}.{k}" for s, v in d.items() if s in sections
         for k in v if k not in {f.name for f in dataclasses.fields(sections[s].default_factory)}]

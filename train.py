@@ -214,7 +214,7 @@ def train_clap(cfg, out, resume=False):
     val = data.get_batch(val_ds, 0, min(clap_cfg.val_clips, len(val_ds)), cfg.data.seed)  # fixed clips
     say(f"clap: {dit.n_params(model) / 1e6:.2f}M params, d={clap_cfg.dim}, {clap_cfg.steps} steps of "
         f"{clap_cfg.batch_size} clips on {device}" + (", with attribute heads" if model.heads else ""))
-    loop = StageLoop("clap", path, start, clap_cfg.steps, resume, "clap.lr", clap_cfg.ckpt_every)
+    loop = StageLoop("clap", path, start, clap_cfg.steps, resume, "clap.lr", cfg.train.ckpt_every)
     # never split into micro-batches (the embedder is small): InfoNCE sees the whole batch
     feed = Feed(train_ds, clap_cfg.batch_size, cfg, start, clap_cfg.steps, device, micro_batch=0)
     for step in loop:
@@ -234,10 +234,10 @@ def train_clap(cfg, out, resume=False):
             (loss * weight).backward()
             for k, v in (("loss", loss), ("loss_nce", loss_nce), ("loss_attr", loss_attr)):
                 sums[k] = sums.get(k, 0) + v.detach() * weight
-        grad_norm = optimizer_step(opt, clap_cfg.grad_clip)
+        grad_norm = optimizer_step(opt, cfg.train.grad_clip)
         loop.watch(step, loss=sums["loss"], grad_norm=grad_norm)
         done = step + 1
-        row = loop.logged(done, clap_cfg.log_every, **sums, grad_norm=grad_norm)
+        row = loop.logged(done, cfg.train.log_every, **sums, grad_norm=grad_norm)
         if row is not None:
             loop.bar.set_postfix(nce=f"{row['loss_nce']:.3f}", attr=f"{row['loss_attr']:.3f}")
             loop.write(step=done, **row, lr=lr_at(step, clap_cfg),
@@ -755,8 +755,8 @@ def check_stage_sets(stages, sets):
 # config is refused. Each stage's own step count may be changed (said so): train on, or stop.
 RESUME_FREE = {"train.device", "train.threads", "train.workers", "train.compile", "train.micro_batch",
                "train.precision", "train.peak_tflops", "train.log_every", "train.eval_every",
-               "train.ckpt_every", "train.val_batches", "clap.log_every", "clap.eval_every",
-               "clap.ckpt_every", "clap.val_clips", "distill.val_every", "distill.val_clips",
+               "train.ckpt_every", "train.val_batches", "clap.eval_every", "clap.val_clips",
+               "distill.val_every", "distill.val_clips",
                "data.corpus_cache"}
 # the config sections a stage computes with: on --resume, a --set in any other section cannot change
 # what the stage's checkpoint computes, so it is applied (it matters to later stages) and not refused

@@ -35,10 +35,7 @@ class ClapConfig:
     lr_decay: Annotated[str, "cosine|constant"] = "cosine"
     min_lr_frac: Annotated[float, "in [0, 1]"] = 0.1
     weight_decay: Annotated[float, ">= 0"] = 0.01
-    grad_clip: Annotated[float, "> 0"] = 1.0
-    log_every: Annotated[int, ">= 0"] = 10
     eval_every: Annotated[int, ">= 0"] = 250  # steps between held-out (val split) retrieval / attribute numbers
-    ckpt_every: Annotated[int, ">= 0"] = 250
     val_clips: Annotated[int, ">= 2"] = 64  # val clips for those numbers (R@1 among this many candidates)
     seed: Annotated[int, "in [0, 9e18]"] = 0  # model init and augmentation draws
 

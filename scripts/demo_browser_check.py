@@ -26,7 +26,7 @@ sys.path.insert(0, ROOT)
 # as --stage all trains it; the demo does not use it)
 TINY = ["--stage", "all", "--preset", "tiny", "--set", "train.steps=4", "train.ckpt_every=4",
         "train.eval_every=4", "data.seconds=0.5", "data.stats_clips=8", "model.text_width=32",
-        "clap.steps=4", "clap.eval_every=4", "clap.ckpt_every=4", "distill.steps=5", "layerdrop.steps=4"]
+        "clap.steps=4", "clap.eval_every=4", "distill.steps=5", "layerdrop.steps=4"]
 
 
 def free_port():

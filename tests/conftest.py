@@ -13,8 +13,8 @@ import train
 # evaluate.py end to end in seconds (test_evaluate.py, test_judge.py)
 EVAL_FAST = {"train.steps": "4", "train.ckpt_every": "4", "train.eval_every": "4",
              "train.log_every": "1", "data.seconds": "0.5", "data.stats_clips": "8",
-             "model.text_width": "32", "clap.steps": "30", "clap.log_every": "1",
-             "clap.eval_every": "15", "clap.ckpt_every": "15", "clap.lr": "3e-3"}
+             "model.text_width": "32", "clap.steps": "30", "clap.eval_every": "15",
+             "clap.lr": "3e-3"}
 
 
 @pytest.fixture(scope="package")
@@ -64,7 +64,7 @@ def restore_dynamo():
 # a tiny `--stage all` (every stage but the autoencoder), shared by test_stages.py and test_distributed.py
 FAST = {"train.steps": "4", "train.ckpt_every": "2", "train.eval_every": "4", "train.log_every": "1",
         "data.seconds": "0.5", "data.stats_clips": "8", "model.text_width": "32",
-        "clap.steps": "10", "clap.eval_every": "10", "clap.ckpt_every": "10",
+        "clap.steps": "10", "clap.eval_every": "10",
         "distill.steps": "5", "layerdrop.steps": "4"}
 ALL = ["--stage", "all", "--preset", "tiny", "--set", *[f"{k}={v}" for k, v in FAST.items()]]
 FILES = {stage: name for stage, (name, _) in train.STAGES.items() if stage != "ae"}  # ae: off here

@@ -134,3 +134,15 @@ def test_a_stored_config_with_unknown_fields_is_one_line():
     stored["train"]["from_the_future"] = 1
     with pytest.raises(ValueError, match="fields this code does not know: train.from_the_future"):
         config.config_from_dict(stored)
+
+
+def test_retired_keys_still_work():
+    """clap.log_every / ckpt_every / grad_clip moved to the train section (one cadence for every
+    stage): a --set of the old key sets the new one, with a warning, and a clap.pt that stored them
+    still loads."""
+    with pytest.warns(UserWarning, match="clap.ckpt_every is now train.ckpt_every"):
+        cfg = config.make_config("tiny", {"clap.ckpt_every": "7"})
+    assert cfg.train.ckpt_every == 7
+    stored = dataclasses.asdict(config.make_config("tiny"))
+    stored["clap"].update(log_every=10, ckpt_every=250, grad_clip=1.0)
+    assert config.config_from_dict(stored) == config.make_config("tiny")

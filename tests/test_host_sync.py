@@ -24,7 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep   # 
 CONVERSIONS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__")
 # every cadence at 0: only the last step of a stage logs, validates and checkpoints
 QUIET = {"train.steps": "4", "train.log_every": "0", "train.eval_every": "0", "train.ckpt_every": "0",
-         "clap.steps": "4", "clap.log_every": "0", "clap.eval_every": "0", "clap.ckpt_every": "0",
+         "clap.steps": "4", "clap.eval_every": "0",
          "distill.steps": "6", "layerdrop.steps": "4", "ae.steps": "4", "data.seconds": "0.5",
          "data.stats_clips": "8"}
 
