@@ -39,22 +39,33 @@ import gan
 
 @dataclass
 class AEConfig:
-    latent_channels: Annotated[int, ">= 0"] = 0  # latent channels (0: no autoencoder: the DiT diffuses STFT frames)
-    stride: Annotated[int, "a power of 2"] = 4  # time down-sampling, a power of 2 (62.5 -> 15.6 frames/s at 4)
+    # latent channels (0: no autoencoder: the DiT diffuses STFT frames)
+    latent_channels: Annotated[int, ">= 0"] = 0
+    # time down-sampling, a power of 2 (62.5 -> 15.6 frames/s at 4)
+    stride: Annotated[int, "a power of 2"] = 4
     width: Annotated[int, ">= 1"] = 256  # conv channels
-    decoder: Annotated[str, "griffin-lim|istft"] = "griffin-lim"  # "griffin-lim": normalised STFT frames, phase by
-                                                                  # Griffin-Lim; "istft": a log-magnitude and a
-                                                                  # phase per bin, one inverse STFT
-    latent_noise: Annotated[float, ">= 0"] = 0.1  # training noise on the latent, in units of its per-channel std
-    frame_weight: Annotated[float, ">= 0"] = 100.0  # istft: weight of the magnitude head's MSE on the frames
-    stft_weight: Annotated[float, ">= 0"] = 1.0  # istft: weight of the multi-resolution STFT loss on the waveform
-    stft_sizes: Annotated[tuple, "each > 0"] = (0.25, 0.5, 1.0, 2.0)  # istft: that loss's FFT sizes, in data.n_fft
-    adv_weight: Annotated[float, ">= 0"] = 0.0  # istft: weight of the adversarial term (0: no discriminator)
-    fm_weight: Annotated[float, ">= 0"] = 2.0  # istft: feature matching's weight inside that term (HiFi-GAN's 2)
-    adv_sizes: Annotated[tuple, "each > 0"] = (0.5, 1.0, 2.0)  # istft: the discriminator's FFT sizes, in data.n_fft
+    # "griffin-lim": normalised STFT frames, phase by Griffin-Lim; "istft": a log-magnitude and a
+    # phase per bin, one inverse STFT
+    decoder: Annotated[str, "griffin-lim|istft"] = "griffin-lim"
+    # training noise on the latent, in units of its per-channel std
+    latent_noise: Annotated[float, ">= 0"] = 0.1
+    # istft: weight of the magnitude head's MSE on the frames
+    frame_weight: Annotated[float, ">= 0"] = 100.0
+    # istft: weight of the multi-resolution STFT loss on the waveform
+    stft_weight: Annotated[float, ">= 0"] = 1.0
+    # istft: that loss's FFT sizes, in data.n_fft
+    stft_sizes: Annotated[tuple, "each > 0"] = (0.25, 0.5, 1.0, 2.0)
+    # istft: weight of the adversarial term (0: no discriminator)
+    adv_weight: Annotated[float, ">= 0"] = 0.0
+    # istft: feature matching's weight inside that term (HiFi-GAN's 2)
+    fm_weight: Annotated[float, ">= 0"] = 2.0
+    # istft: the discriminator's FFT sizes, in data.n_fft
+    adv_sizes: Annotated[tuple, "each > 0"] = (0.5, 1.0, 2.0)
     adv_width: Annotated[int, ">= 1"] = 16  # istft: the discriminator's conv channels
-    adv_start: Annotated[int, ">= 0"] = 0  # istft: the step at which the adversarial term switches on
-    adv_seconds: Annotated[float, "> 0"] = 1.0  # istft: the discriminator sees one random crop this long per clip
+    # istft: the step at which the adversarial term switches on
+    adv_start: Annotated[int, ">= 0"] = 0
+    # istft: the discriminator sees one random crop this long per clip
+    adv_seconds: Annotated[float, "> 0"] = 1.0
     steps: Annotated[int, ">= 1"] = 2000  # optimiser steps of --stage ae
     batch_size: Annotated[int, ">= 1"] = 16  # clips per step
     lr: Annotated[float, "> 0"] = 1e-3  # AdamW peak lr, linear warm-up then cosine decay
@@ -67,8 +78,10 @@ class AEConfig:
 class ResBlock(nn.Module):
     def __init__(self, width, groups=8):
         super().__init__()
-        self.net = nn.Sequential(nn.GroupNorm(groups, width), nn.SiLU(), nn.Conv1d(width, width, 3, padding=1),
-                                 nn.GroupNorm(groups, width), nn.SiLU(), nn.Conv1d(width, width, 3, padding=1))
+        self.net = nn.Sequential(nn.GroupNorm(groups, width), nn.SiLU(),
+                                 nn.Conv1d(width, width, 3, padding=1),
+                                 nn.GroupNorm(groups, width), nn.SiLU(),
+                                 nn.Conv1d(width, width, 3, padding=1))
 
     def forward(self, x):
         return x + self.net(x)
@@ -88,13 +101,15 @@ class AutoEncoder(nn.Module):
         if cfg.stride < 1 or 2 ** levels != cfg.stride:
             raise ValueError(f"ae.stride must be a power of 2, got {cfg.stride}")
         if cfg.decoder not in DECODERS:
-            raise ValueError(f"ae.decoder must be one of {', '.join(DECODERS)}, got {cfg.decoder!r}")
+            raise ValueError(f"ae.decoder must be one of {', '.join(DECODERS)}, "
+                             f"got {cfg.decoder!r}")
         W, Z, out = cfg.width, cfg.latent_channels, in_channels * DECODERS[cfg.decoder]
-        down = [m for _ in range(levels) for m in (ResBlock(W), nn.Conv1d(W, W, 4, stride=2, padding=1))]
+        down = [m for _ in range(levels)
+                for m in (ResBlock(W), nn.Conv1d(W, W, 4, stride=2, padding=1))]
         self.encoder = nn.Sequential(nn.Conv1d(in_channels, W, 3, padding=1), *down, ResBlock(W),
                                      nn.GroupNorm(8, W), nn.SiLU(), nn.Conv1d(W, Z, 3, padding=1))
-        up = [m for _ in range(levels) for m in (nn.Upsample(scale_factor=2), nn.Conv1d(W, W, 3, padding=1),
-                                                  ResBlock(W))]
+        up = [m for _ in range(levels)
+              for m in (nn.Upsample(scale_factor=2), nn.Conv1d(W, W, 3, padding=1), ResBlock(W))]
         self.decoder = nn.Sequential(nn.Conv1d(Z, W, 3, padding=1), ResBlock(W), *up,
                                      nn.GroupNorm(8, W), nn.SiLU(), nn.Conv1d(W, out, 3, padding=1))
         self.stride = cfg.stride
@@ -137,7 +152,8 @@ def stft_loss(pred, target, sizes):
     total = 0.0
     for n in sizes:
         window = torch.hann_window(n, device=pred.device)
-        S_pred, S = (torch.stft(x.float(), n, n // 4, window=window, return_complex=True).abs().clamp_min(1e-5)
+        S_pred, S = (torch.stft(x.float(), n, n // 4, window=window,
+                                return_complex=True).abs().clamp_min(1e-5)
                      for x in (pred, target))
         total = total + (S - S_pred).norm() / S.norm() + (S.log() - S_pred.log()).abs().mean()
     return total / len(sizes)
@@ -167,7 +183,8 @@ def reconstruction_loss(net, stft, waves, cfg, latent_noise=None, generator=None
     x = pad_frames(stft.encode(waves), cfg.stride)
     z = net.encode(x)
     scale = z.detach().std(dim=(0, 2), keepdim=True)
-    noise = torch.randn(z.shape, generator=generator, device=z.device) if generator is not None else torch.randn_like(z)
+    noise = (torch.randn(z.shape, generator=generator, device=z.device) if generator is not None
+             else torch.randn_like(z))
     out = net.decode(z + latent_noise * scale * noise)
     if cfg.decoder == "griffin-lim":
         return F.mse_loss(out, x), z, None
@@ -187,14 +204,16 @@ class Discriminator(nn.Module):
         super().__init__()
         self.sizes = list(sizes)
         conv = lambda i, o, s: nn.Conv2d(i, o, 3, stride=s, padding=1)   # noqa: E731
-        self.nets = nn.ModuleList(nn.ModuleList([conv(1, width, 2), conv(width, width, 2), conv(width, width, 2),
-                                                 conv(width, 1, 1)]) for _ in self.sizes)
+        self.nets = nn.ModuleList(nn.ModuleList([conv(1, width, 2), conv(width, width, 2),
+                                                 conv(width, width, 2), conv(width, 1, 1)])
+                                  for _ in self.sizes)
 
     def forward(self, waves):
         x = waves.reshape(-1, waves.shape[-1]).float()
         outs = []
         for n, layers in zip(self.sizes, self.nets):
-            S = torch.stft(x, n, n // 4, window=torch.hann_window(n, device=x.device), return_complex=True)
+            S = torch.stft(x, n, n // 4, window=torch.hann_window(n, device=x.device),
+                           return_complex=True)
             h = S.abs().clamp_min(1e-5).log()[:, None]
             feats = []
             for layer in layers[:-1]:
@@ -210,15 +229,17 @@ def same_crop(fake, real, length, generator=None):
     and feature matching compares aligned audio."""
     if length >= real.shape[-1]:
         return fake, real
-    start = int(torch.randint(real.shape[-1] - length + 1, (), generator=generator, device=real.device))
+    start = int(torch.randint(real.shape[-1] - length + 1, (), generator=generator,
+                              device=real.device))
     return fake[..., start:start + length], real[..., start:start + length]
 
 
 def step_losses(net, stft, waves, cfg, disc=None, generator=None):
-    """One --stage ae step's two losses for waves (B, ch, N): the autoencoder's (reconstruction_loss,
-    plus adv_weight times adversarial_loss when a discriminator is given) and the discriminator's
-    (discriminator_loss, or None). Both score the same crop of adv_seconds; the autoencoder's
-    loss leaves no gradient on the discriminator, whose own loss sees the decoded waves detached."""
+    """One --stage ae step's two losses for waves (B, ch, N): the autoencoder's
+    (reconstruction_loss, plus adv_weight times adversarial_loss when a discriminator is given) and
+    the discriminator's (discriminator_loss, or None). Both score the same crop of adv_seconds; the
+    autoencoder's loss leaves no gradient on the discriminator, whose own loss sees the decoded
+    waves detached."""
     loss, _, decoded = reconstruction_loss(net, stft, waves, cfg, generator=generator)
     if disc is None:
         return loss, None
@@ -237,8 +258,9 @@ def discriminator_loss(disc, fake, real):
 
 def adversarial_loss(disc, fake, real, fm_weight):
     """The decoder's adversarial term: LSGAN's generator loss (gan.g_loss) plus fm_weight times
-    feature matching (mean |h_real - h_fake| over the discriminator's feature maps, real ones fixed),
-    summed over sizes. Gradients reach the decoder through the discriminator, which is not stepped."""
+    feature matching (mean |h_real - h_fake| over the discriminator's feature maps, real ones
+    fixed), summed over sizes. Gradients reach the decoder through the discriminator, which is not
+    stepped."""
     with torch.no_grad():
         real_feats = [feats for _, feats in disc(real)]
     total = 0.0
@@ -252,10 +274,10 @@ class LatentRepresentation:
     """The STFT representation with the autoencoder behind it, with the same interface: encode
     (waves -> latent (B, latent_channels, T / stride) with per-channel std sigma_data), decode
     (latent -> waves, by the decoder's inverse STFT or the STFT's Griffin-Lim), latent_channels,
-    frames_per_second, n_frames, state_dict / load_state_dict (which carry the autoencoder's weights, so every checkpoint
-    built on it samples without a second file)."""
+    frames_per_second, n_frames, state_dict / load_state_dict (which carry the autoencoder's
+    weights, so every checkpoint built on it samples without a second file)."""
 
-    KEYS = ("latent_channels", "stride", "width", "decoder")   # the config fields the weights depend on
+    KEYS = ("latent_channels", "stride", "width", "decoder")   # what the weights depend on
 
     def __init__(self, stft, cfg, sigma_data=0.5):
         self.stft, self.cfg, self.sigma_data = stft, cfg, sigma_data
@@ -298,36 +320,42 @@ class LatentRepresentation:
         return self
 
     def encode(self, waves):
-        """waves (B, ch, N) -> latent (B, Z, ceil(T / stride)) with per-channel std about sigma_data."""
+        """waves (B, ch, N) -> latent (B, Z, ceil(T / stride)), per-channel std about sigma_data."""
         mean, std = self._stats(waves.device)
         return (self.raw_latent(waves) - mean) / std * self.sigma_data
 
     @torch.no_grad()
     def decode_frames(self, latent):
-        """latent (B, Z, T') -> the decoder's output (B, C or 3 C, T' * stride): normalised STFT frames
-        (griffin-lim), or those frames' log-magnitude followed by the two phase outputs (istft)."""
+        """latent (B, Z, T') -> the decoder's output (B, C or 3 C, T' * stride): normalised STFT
+        frames (griffin-lim), or those frames' log-magnitude followed by the two phase outputs
+        (istft)."""
         mean, std = self._stats(latent.device)
         return self.net.to(latent.device).decode(latent.float() / self.sigma_data * std + mean)
 
     @torch.no_grad()
     def decode(self, latent, iters=None):
-        """latent -> waves (B, ch, T' * stride * hop): by one inverse STFT of the predicted magnitude and
-        phase (istft; iters is not used), or by the STFT's Griffin-Lim with `iters` iterations."""
+        """latent -> waves (B, ch, T' * stride * hop): by one inverse STFT of the predicted
+        magnitude and phase (istft; iters is not used), or by the STFT's Griffin-Lim with `iters`
+        iterations."""
         out = self.decode_frames(latent)
-        return to_waves(out, self.stft) if self.cfg.decoder == "istft" else self.stft.decode(out, iters)
+        return (to_waves(out, self.stft) if self.cfg.decoder == "istft"
+                else self.stft.decode(out, iters))
 
     def state_dict(self):
         self._stats("cpu")
-        return {**self.stft.state_dict(), "ae": {k: v.detach().cpu().clone() for k, v in self.net.state_dict().items()},
-                "ae_mean": self.mean.clone(), "ae_std": self.std.clone(), "ae_sigma_data": self.sigma_data,
+        return {**self.stft.state_dict(),
+                "ae": {k: v.detach().cpu().clone() for k, v in self.net.state_dict().items()},
+                "ae_mean": self.mean.clone(), "ae_std": self.std.clone(),
+                "ae_sigma_data": self.sigma_data,
                 "ae_config": {k: getattr(self.cfg, k) for k in self.KEYS}}
 
     def load_state_dict(self, d):
         self.stft.load_state_dict(d)
-        for k in self.KEYS:                # checkpoints from before ae.decoder decode by Griffin-Lim
+        for k in self.KEYS:               # checkpoints from before ae.decoder decode by Griffin-Lim
             v = d["ae_config"].get(k, AEConfig.decoder if k == "decoder" else None)
             if v != getattr(self.cfg, k):
-                raise ValueError(f"the autoencoder was trained with ae.{k}={v}, config has {getattr(self.cfg, k)}")
+                raise ValueError(f"the autoencoder was trained with ae.{k}={v}, "
+                                 f"config has {getattr(self.cfg, k)}")
         self.net.load_state_dict(d["ae"])
         self.mean, self.std = d["ae_mean"].float().cpu(), d["ae_std"].float().cpu()
         self.sigma_data = d["ae_sigma_data"]

@@ -42,29 +42,36 @@ class TrainConfig:
     batch_size: Annotated[int, ">= 1"] = 16  # clips per step (global batch)
     lr: Annotated[float, "> 0"] = 3e-4  # AdamW peak learning rate
     warmup: Annotated[int, ">= 0"] = 100  # linear lr warm-up steps
-    lr_decay: Annotated[str, "cosine|constant"] = "cosine"  # "cosine": to min_lr_frac * lr at the last step
+    # "cosine": to min_lr_frac * lr at the last step
+    lr_decay: Annotated[str, "cosine|constant"] = "cosine"
     min_lr_frac: Annotated[float, "in [0, 1]"] = 0.1
     weight_decay: Annotated[float, ">= 0"] = 0.0  # DiT and EDM train without weight decay
     beta2: Annotated[float, "in [0, 1)"] = 0.99  # AdamW beta2 (beta1 = 0.9)
     grad_clip: Annotated[float, "> 0"] = 1.0  # clip the global gradient norm to this
-    ema: Annotated[float, "in [0, 1)"] = 0.999  # EMA decay, ramped up as min(ema, (1+k)/(10+k)) so early EMAs track
-    p_uncond: Annotated[float, "in [0, 1]"] = 0.1  # caption dropped (null condition) with this probability, for CFG
+    # EMA decay, ramped up as min(ema, (1+k)/(10+k)) so early EMAs track
+    ema: Annotated[float, "in [0, 1)"] = 0.999
+    # caption dropped (null condition) with this probability, for CFG
+    p_uncond: Annotated[float, "in [0, 1]"] = 0.1
     log_every: Annotated[int, ">= 0"] = 10  # steps between loss-log lines
     eval_every: Annotated[int, ">= 0"] = 250  # steps between validation losses (on the EMA model)
     ckpt_every: Annotated[int, ">= 0"] = 250  # steps between checkpoints (always one at the end)
     val_batches: Annotated[int, ">= 1"] = 4  # validation batches (fixed clips, fixed noise)
     seed: Annotated[int, "in [0, 9e18]"] = 0  # seed of the model init and of every noise draw
-    device: Annotated[str, "any"] = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
+    device: Annotated[str, "any"] = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1"...
     threads: Annotated[int, ">= 0"] = 0  # torch CPU threads (0 = torch's default)
-    micro_batch: Annotated[int, ">= 0"] = 0  # clips per forward pass on each process (0: its whole share of the
-                                             # global batch); smaller -> gradient accumulation, same optimisation
-    compile: Annotated[bool, "any"] = False  # torch.compile the DiT (the first steps are slow while it compiles)
-    precision: Annotated[str, "auto|bf16|fp32"] = "auto"  # "auto": bf16 autocast on CUDA, float32 on CPU; "bf16":
-                                                          # bf16 autocast on either (CPUs with AMX: ~1.25x per DiT
-                                                          # step); "fp32": none
-    peak_tflops: Annotated[float, ">= 0"] = 0.0  # the accelerator's peak bf16 TFLOP/s for MFU (0: known GPUs only)
-    workers: Annotated[int, ">= -1"] = -1  # DataLoader worker processes making batches ahead of the loop; 0: in
-                                           # the loop's process; -1: on CUDA the cores less one (<= 8), on CPU 0
+    # clips per forward pass on each process (0: its whole share of the global batch); smaller ->
+    # gradient accumulation, same optimisation
+    micro_batch: Annotated[int, ">= 0"] = 0
+    # torch.compile the DiT (the first steps are slow while it compiles)
+    compile: Annotated[bool, "any"] = False
+    # "auto": bf16 autocast on CUDA, float32 on CPU; "bf16": bf16 autocast on either (a CPU with
+    # AMX runs the DiT faster in bf16: EXPERIMENTS.md); "fp32": none
+    precision: Annotated[str, "auto|bf16|fp32"] = "auto"
+    # the accelerator's peak bf16 TFLOP/s for MFU (0: known GPUs only)
+    peak_tflops: Annotated[float, ">= 0"] = 0.0
+    # DataLoader worker processes making batches ahead of the loop; 0: in the loop's process;
+    # -1: on CUDA the cores less one (<= 8), on CPU 0
+    workers: Annotated[int, ">= -1"] = -1
 
 
 @dataclass
@@ -81,9 +88,9 @@ class Config:
 
 # What the gpu and paper presets share: cpu's latent recipe at 64 channels, a bigger embedder.
 _ACCELERATOR = {"ae.latent_channels": 64, "ae.stride": 4, "ae.width": 512, "ae.decoder": "istft",
-                "ae.steps": 20_000, "ae.batch_size": 64, "ae.lr": 5e-4, "ae.warmup": 1000, "edm.P_mean": -0.6,
-                "model.patch": 1, "train.ema": 0.9999, "train.log_every": 50, "clap.width": 256,
-                "clap.dim": 256, "clap.batch_size": 128, "clap.eval_every": 1000,
+                "ae.steps": 20_000, "ae.batch_size": 64, "ae.lr": 5e-4, "ae.warmup": 1000,
+                "edm.P_mean": -0.6, "model.patch": 1, "train.ema": 0.9999, "train.log_every": 50,
+                "clap.width": 256, "clap.dim": 256, "clap.batch_size": 128, "clap.eval_every": 1000,
                 "clap.val_clips": 256}
 
 # Presets: small named overrides of the defaults above.
@@ -91,58 +98,61 @@ _CPU = {"ae.latent_channels": 32, "ae.stride": 4, "ae.decoder": "istft", "ae.ste
         "model.size": "S", "model.patch": 1,
         "edm.P_mean": -0.6, "train.steps": 15_200, "train.batch_size": 16, "train.lr": 5e-4,
         "distill.steps": 300, "distill.batch_size": 8, "distill.lr_gen": 2e-4,
-        "distill.lr_fake": 2e-4,                                 # ~7-9 min on one core
-        "layerdrop.steps": 300, "layerdrop.batch_size": 16}    # ~4-5 min each on one core
+        "distill.lr_fake": 2e-4,
+        "layerdrop.steps": 300, "layerdrop.batch_size": 16}
 PRESETS = {
-    # tests: a few seconds on 2 cores
+    # tests: every stage and code path, as small as they go
     "tiny": {"data.seconds": 1.0, "data.stats_clips": 32, "model.size": "XS", "model.text_depth": 1,
              "train.steps": 30, "train.batch_size": 4, "train.warmup": 5, "train.eval_every": 15,
              "train.ckpt_every": 15, "train.val_batches": 1, "train.log_every": 5,
              "clap.width": 32, "clap.dim": 32, "clap.audio_depth": 2, "clap.steps": 20,
              "clap.batch_size": 8, "clap.warmup": 5, "clap.eval_every": 10,
              "clap.val_clips": 8, "data.corpus_pieces": 18,
-             "data.corpus_collections": ("bach", "fiddle", "irish"),  # on the corpus: ~6 s to parse
+             "data.corpus_collections": ("bach", "fiddle", "irish"),  # corpus: quick to parse
              "distill.steps": 10, "distill.batch_size": 4, "distill.disc_width": 16,
              "layerdrop.steps": 10, "layerdrop.batch_size": 4},
-    # the default, ~2.5 h on 2 CPU cores (Intel Xeon with AMX): the autoencoder (129 STFT bins at 62.5
-    # frames/s -> 32 channels at 15.6/s, decoding to waveforms: 5000 steps, ~45 min), a DiT-S over
-    # its 63 latent frames (~110 min) at P_mean -0.6; train.steps=2750 for the 30-minute teacher
-    # (EXPERIMENTS.md, "The teacher at equal wall-clock", "A decoder that ends in waveforms")
+    # the default, for 2 CPU cores: the autoencoder (129 STFT bins at 62.5 frames/s -> 32 channels
+    # at 15.6/s, decoding to waveforms: 5000 steps), a DiT-S over its 63 latent frames at P_mean
+    # -0.6; train.steps=2750 for the 30-minute teacher (EXPERIMENTS.md, "The teacher at equal
+    # wall-clock", "A decoder that ends in waveforms")
     "cpu": _CPU,
     # cpu's recipe on the rendered-score corpus at 16 kHz: 257 bins -> the same 32x63 latent, so the
-    # DiT costs the same and the step only pays for rendering and the autoencoder's ends (27 against
-    # 31.6 clips/s at 8 kHz); the 30-minute teacher, as measured in EXPERIMENTS.md, "Real music, offline"
+    # DiT costs the same and the step only pays for rendering and the autoencoder's ends; the
+    # 30-minute teacher, as measured in EXPERIMENTS.md, "Real music, offline"
     "corpus": {**_CPU, "data.dataset": "corpus", "data.sample_rate": 16000, "data.n_fft": 512,
-               "data.hop": 256, "train.steps": 2750, "ae.steps": 2000},   # its ae curve: not yet measured
+               "data.hop": 256, "train.steps": 2750,
+               "ae.steps": 2000},                                  # its ae curve: not yet measured
     # one GPU: 16 kHz, 8 s clips, a bigger model; the latent scaled from cpu's: 257 bins at 62.5
     # frames/s -> 64 channels at 15.6/s, so 125 tokens of DiT-B for 8 s (memory per stage:
     # EXPERIMENTS.md, "One GPU at full speed")
     "gpu": {**_ACCELERATOR, "data.sample_rate": 16000, "data.n_fft": 512, "data.hop": 256,
-            "data.seconds": 8.0, "data.stats_clips": 1024, "model.size": "B", "train.steps": 100_000,
-            "train.batch_size": 64, "train.lr": 1e-4, "train.warmup": 1000, "train.eval_every": 2000,
-            "train.ckpt_every": 2000, "clap.steps": 10_000, "distill.steps": 20_000,
-            "distill.batch_size": 32, "layerdrop.steps": 10_000, "layerdrop.batch_size": 64},
+            "data.seconds": 8.0, "data.stats_clips": 1024, "model.size": "B",
+            "train.steps": 100_000, "train.batch_size": 64, "train.lr": 1e-4, "train.warmup": 1000,
+            "train.eval_every": 2000, "train.ckpt_every": 2000, "clap.steps": 10_000,
+            "distill.steps": 20_000, "distill.batch_size": 32, "layerdrop.steps": 10_000,
+            "layerdrop.batch_size": 64},
     # the paper's 32 s of 44.1 kHz (stereo: data.channels=2) and a DiT-L (~0.5B parameters), for
     # latency on random weights and multi-GPU runs; 1025 bins at 43 frames/s -> a 64-channel
     # latent at 10.8/s, 345 tokens for 32 s (ae.latent_channels=0: 1378 STFT frames)
     "paper": {**_ACCELERATOR, "data.sample_rate": 44100, "data.seconds": 32.0, "data.n_fft": 2048,
               "data.hop": 1024, "data.stats_clips": 256, "model.size": "L", "model.text_width": 512,
               "model.text_depth": 4, "model.text_heads": 8, "train.steps": 200_000,
-              "train.batch_size": 128, "train.micro_batch": 16,  # distillation: 49 GiB
+              "train.batch_size": 128, "train.micro_batch": 16,  # fits 80 GB: EXPERIMENTS.md
               "train.lr": 1e-4, "train.warmup": 2000, "train.eval_every": 5000,
               "train.ckpt_every": 2000, "clap.steps": 20_000, "distill.steps": 20_000,
               "distill.batch_size": 64, "layerdrop.steps": 20_000, "layerdrop.batch_size": 128},
 }
-PRESET_HELP = ("tiny: tests, seconds per stage; cpu (the default): 2 CPU cores, a latent teacher in ~2.5 h; "
-               "corpus: cpu's recipe on rendered scores at 16 kHz, 2750 teacher steps; gpu: one GPU, 16 kHz 8 s clips, "
-               "DiT-B; paper: 32 s of 44.1 kHz and a DiT-L (latency, many GPUs)")
+PRESET_HELP = ("tiny: tests, seconds per stage; cpu (the default): 2 CPU cores, a latent teacher; "
+               "corpus: cpu's recipe on rendered scores at 16 kHz, 2750 teacher steps; gpu: one "
+               "GPU, 16 kHz 8 s clips, DiT-B; paper: 32 s of 44.1 kHz and a DiT-L (latency, many "
+               "GPUs)")
 
 
 # ----------------------------------------------------------------------------------------------
 # Presets, --set key=value, (de)serialisation
 
 def _parse_value(text, current):
-    if isinstance(current, (list, tuple)):       # comma-separated, e.g. layerdrop.schedule=1,0.8,0.6
+    if isinstance(current, (list, tuple)):       # comma-separated: layerdrop.schedule=1,0.8,0.6
         items = [t.strip() for t in text.split(",")]
         if not all(items):
             raise ValueError(f"expected a comma-separated list, got {text!r}")
@@ -163,8 +173,8 @@ def apply_overrides(cfg, overrides):
     """Set fields from {"section.field": value} (values may be strings from the command line)."""
     for key, value in overrides.items():
         if key in RETIRED:
-            warnings.warn(f"{key} is now {RETIRED[key]} (every stage's cadence and clipping live in "
-                          f"the train section): set to {value}")
+            warnings.warn(f"{key} is now {RETIRED[key]} (every stage's cadence and clipping live "
+                          f"in the train section): set to {value}")
             key = RETIRED[key]
         section, _, name = key.partition(".")
         sub = getattr(cfg, section, None)
@@ -210,7 +220,8 @@ def declared(section):
     for f in dataclasses.fields(section):
         if getattr(f.type, "__metadata__", None) is None:
             raise TypeError(f"{type(section).__name__}.{f.name} declares no range: define it as "
-                            f"{f.name}: Annotated[type, \"rule\"] (see config.py, 'What every field accepts')")
+                            f"{f.name}: Annotated[type, \"rule\"] "
+                            "(see config.py, 'What every field accepts')")
         out.append((f.name, f.type.__origin__, f.type.__metadata__[0]))
     return out
 
@@ -231,7 +242,8 @@ def accepts(rule, value, typ):
     if rule == "any":
         return isinstance(value, typ) and (typ is bool or not isinstance(value, bool))
     if "|" in rule:
-        return (isinstance(value, str) if typ is str else _is_number(value, typ)) and str(value) in rule.split("|")
+        return ((isinstance(value, str) if typ is str else _is_number(value, typ))
+                and str(value) in rule.split("|"))
     if not _is_number(value, typ):
         return False
     if rule == "finite":
@@ -242,7 +254,8 @@ def accepts(rule, value, typ):
         return _COMPARE[m[1]](value, float(m[2]))
     if m := re.fullmatch(r"in ([\[(])(\S+), (\S+)([\])])", rule):
         lo, hi = float(m[2]), float(m[3])
-        return (lo <= value if m[1] == "[" else lo < value) and (value <= hi if m[4] == "]" else value < hi)
+        return ((lo <= value if m[1] == "[" else lo < value)
+                and (value <= hi if m[4] == "]" else value < hi))
     raise ValueError(f"unknown rule {rule!r}")
 
 
@@ -256,7 +269,8 @@ def _want(rule, typ, value):
         *first, last = rule.split("|")
         return f"{', '.join(first)} or {last}"
     if not _is_number(value, typ):
-        return f"{'an integer' if typ is int else 'a finite number'}{'' if rule == 'finite' else ' ' + rule}"
+        return (f"{'an integer' if typ is int else 'a finite number'}"
+                f"{'' if rule == 'finite' else ' ' + rule}")
     return rule
 
 
@@ -282,12 +296,15 @@ def cross_rules(cfg):
          f"<= the samples of a clip ({samples}: data.seconds x data.sample_rate)"),
         ("ae.stride", a.stride, a.latent_channels == 0 or tokens >= 2,
          f"small enough to leave >= 2 latent frames per clip (a clip has {frames} STFT frames)"),
-        ("model.patch", m.patch, m.patch <= tokens, f"<= the frames the DiT sees per clip ({tokens})"),
+        ("model.patch", m.patch, m.patch <= tokens,
+         f"<= the frames the DiT sees per clip ({tokens})"),
         ("ae.stft_sizes", a.stft_sizes, not waves or longest(a.stft_sizes) <= samples,
          f"sizes whose FFT (x data.n_fft {d.n_fft}) fits in a clip ({samples} samples)"),
-        ("ae.adv_sizes", a.adv_sizes, not waves or a.adv_weight == 0 or longest(a.adv_sizes) <= samples,
+        ("ae.adv_sizes", a.adv_sizes,
+         not waves or a.adv_weight == 0 or longest(a.adv_sizes) <= samples,
          f"sizes whose FFT (x data.n_fft {d.n_fft}) fits in a clip ({samples} samples)"),
-        ("data.dataset", d.dataset, d.dataset.strip() != "", "synth, corpus or a folder of audio files"),
+        ("data.dataset", d.dataset, d.dataset.strip() != "",
+         "synth, corpus or a folder of audio files"),
         ("distill.val_clips", dist.val_clips, dist.val_every == 0 or dist.val_clips >= 2,
          ">= 2 when distill.val_every > 0 (a validation FAD needs two clips)"),
         ("train.device", cfg.train.device, bool(re.fullmatch(DEVICES, cfg.train.device)),
@@ -308,7 +325,8 @@ def cross_rules(cfg):
          "> 0 when layerdrop.dsm_weight is 0 (the loss needs a term)"),
         ("ae.adv_weight", a.adv_weight, a.adv_weight == 0 or a.decoder == "istft",
          "0 with ae.decoder=griffin-lim (the adversarial term scores waveforms)"),
-        ("layerdrop.method", ld.method, depth >= lo, f"usable at model.depth {depth} (it runs >= {lo} blocks)"),
+        ("layerdrop.method", ld.method, depth >= lo,
+         f"usable at model.depth {depth} (it runs >= {lo} blocks)"),
         ("layerdrop.jitter", ld.jitter, ld.jitter < depth, f"below model.depth ({depth})"),
     ]
 
@@ -322,7 +340,8 @@ def check(cfg, dataset=True):
         for name, typ, rule in declared(sub):
             value = getattr(sub, name)
             if not accepts(rule, value, typ):
-                raise ValueError(f"{section.name}.{name} must be {_want(rule, typ, value)}, got {_show(value)}")
+                raise ValueError(f"{section.name}.{name} must be {_want(rule, typ, value)}, "
+                                 f"got {_show(value)}")
     for name, value, ok, want in cross_rules(cfg):
         if not ok:
             raise ValueError(f"{name} must be {want}, got {_show(value)}")
@@ -336,14 +355,15 @@ def config_from_dict(d):
     """The Config a checkpoint stored (sections and fields it predates get their defaults); a
     ValueError for fields this code does not know."""
     sections = {f.name: f for f in dataclasses.fields(Config)}
-    d = {s: {k: v for k, v in fields.items() if f"{s}.{k}" not in RETIRED} if isinstance(fields, dict)
-         else fields for s, fields in d.items()}      # the run's train section already holds them
+    d = {s: {k: v for k, v in fields.items() if f"{s}.{k}" not in RETIRED}
+         if isinstance(fields, dict) else fields
+         for s, fields in d.items()}                  # the run's train section already holds them
     unknown = [s for s in d if s not in sections] + [
         f"{s}.{k}" for s, v in d.items() if s in sections
         for k in v if k not in {f.name for f in dataclasses.fields(sections[s].default_factory)}]
     if unknown:
-        raise ValueError(f"the stored config has fields this code does not know: {', '.join(unknown)} "
-                         "(written by another version of the code?)")
+        raise ValueError("the stored config has fields this code does not know: "
+                         f"{', '.join(unknown)} (written by another version of the code?)")
     return Config(**{name: f.default_factory(**d.get(name, {})) for name, f in sections.items()})
 
 
@@ -358,14 +378,15 @@ def parse_sets(items):
     return sets
 
 
-DERIVED = {"model.in_channels": "it is the latent's channels (set ae.latent_channels, or data.n_fft and "
-                                "data.channels without an autoencoder)",
-           "model.vocab_size": "it is the tokenizer's vocabulary (made from the data set's captions)",
+DERIVED = {"model.in_channels": "it is the latent's channels (set ae.latent_channels, or "
+                                "data.n_fft and data.channels without an autoencoder)",
+           "model.vocab_size": "it is the tokenizer's vocabulary (made from the data set's "
+                               "captions)",
            "model.max_text_len": "set data.max_text_len"}
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help with each option's default, unless it is None / off / [] or the help already says it."""
+    """--help with each option's default, unless it is None / off / [] or the help says it."""
 
     def _get_help_string(self, action):
         empty = action.default is None or action.default is False or action.default == []
@@ -381,14 +402,15 @@ def pick_device(name):
     """torch.device for a name; "auto": this process's GPU (LOCAL_RANK under torchrun), else cpu.
     On CUDA, float32 matmuls (what runs outside bf16 autocast) may use TF32 tensor cores."""
     if name == "auto":
-        name = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
+        name = (f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available()
+                else "cpu")
     if not re.fullmatch(DEVICES, name):
         raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, got {name!r}")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"device {name} was asked for but CUDA is not available")
     if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
-        raise RuntimeError(f"device {name} was asked for but this machine has {torch.cuda.device_count()} "
-                           "GPU(s), numbered from 0")
+        raise RuntimeError(f"device {name} was asked for but this machine has "
+                           f"{torch.cuda.device_count()} GPU(s), numbered from 0")
     if name.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return torch.device(name)
@@ -427,8 +449,8 @@ def representation(cfg, kind="denoiser", stats=None):
     rep = data.Representation(cfg.data, cfg.edm.sigma_data if kind == "denoiser" else 0.5)
     if kind == "denoiser" and cfg.ae.latent_channels > 0:
         if stats is None:
-            raise ValueError("ae.latent_channels > 0: train the autoencoder first (--stage ae writes "
-                             "OUT/ae.pt, which the base stage reads)")
+            raise ValueError("ae.latent_channels > 0: train the autoencoder first (--stage ae "
+                             "writes OUT/ae.pt, which the base stage reads)")
         rep = ae.LatentRepresentation(rep, cfg.ae, cfg.edm.sigma_data)
     return rep.load_state_dict(stats) if stats is not None else rep.fit(data.stats_clips(cfg.data))
 
@@ -473,7 +495,7 @@ def load_checkpoint(path, device="cpu", stages=None):
 
 
 def model_checkpoint(stage, step, total, cfg, denoiser, ema, opt, tok, rep, **extra):
-    """The checkpoint of a stage that trains one denoiser with an EMA (what load_checkpoint reads)."""
+    """The checkpoint of a stage that trains one denoiser with an EMA (load_checkpoint reads it)."""
     return {"stage": stage, "step": step, "done": step >= total, "config": dataclasses.asdict(cfg),
             "model": denoiser.net.state_dict(), "ema": ema.net.state_dict(),
             "opt": opt.state_dict(), "vocab": tok.state_dict(), "latent_stats": rep.state_dict(),

@@ -8,7 +8,8 @@ frames further, behind the same `encode` / `.decode` interface.
 
 Read first: `Representation` (the latent everything else works on), then `make_dataset` (the
 synthetic set of sources/synth.py or the rendered scores of sources/corpus.py, whose captions
-are exactly true, or a folder of real audio), then `batch_indices` (stateless batching, which makes --resume exact), then `Tokenizer`.
+are exactly true, or a folder of real audio), then `batch_indices` (stateless batching, which
+makes --resume exact), then `Tokenizer`.
 """
 import csv
 import hashlib
@@ -30,33 +31,45 @@ from sources import synth
 
 @dataclass
 class DataConfig:
-    dataset: Annotated[str, "any"] = "synth"  # "synth" (built-in synthetic music), "corpus" (rendered scores,
-                                              # sources/corpus.py) or a path to a folder of audio + captions
+    # "synth" (built-in synthetic music), "corpus" (rendered scores, sources/corpus.py) or a path to
+    # a folder of audio + captions
+    dataset: Annotated[str, "any"] = "synth"
     sample_rate: Annotated[int, "in [1000, 192000]"] = 8000  # Hz, everything is resampled to this
-    seconds: Annotated[float, "in (0, 600]"] = 4.0  # clip length: audio is cut or zero-padded to this
-    channels: Annotated[int, "1|2"] = 1  # 1 = mono, 2 = stereo (stereo is stacked into the latent's C axis)
+    # clip length: audio is cut or zero-padded to this
+    seconds: Annotated[float, "in (0, 600]"] = 4.0
+    # 1 = mono, 2 = stereo (stereo is stacked into the latent's C axis)
+    channels: Annotated[int, "1|2"] = 1
     n_fft: Annotated[int, ">= 2"] = 256  # STFT size -> n_fft // 2 + 1 frequency bins per channel
     hop: Annotated[int, ">= 1"] = 128  # STFT hop -> sample_rate / hop frames per second
-    log_floor: Annotated[float, "in (0, 0.1]"] = 1e-4  # magnitudes are clamped to this before the log
+    # magnitudes are clamped to this before the log
+    log_floor: Annotated[float, "in (0, 0.1]"] = 1e-4
     drums: Annotated[float, "in [0, 1]"] = 0.5  # probability that a synthetic clip has drums
-    val_fraction: Annotated[float, "in [0, 0.5)"] = 0.05  # folder / corpus: share of files (pieces) in val (and test)
-    min_active: Annotated[float, "in [0, 1]"] = 0.1  # folder: skip clips with less of their 50 ms frames > -50 dBFS
-    stats_clips: Annotated[int, ">= 1"] = 256  # training clips used to estimate the latent normalisation statistics
+    # folder / corpus: share of files (pieces) in val (and test)
+    val_fraction: Annotated[float, "in [0, 0.5)"] = 0.05
+    # folder: skip clips with less of their 50 ms frames > -50 dBFS
+    min_active: Annotated[float, "in [0, 1]"] = 0.1
+    # training clips used to estimate the latent normalisation statistics
+    stats_clips: Annotated[int, ">= 1"] = 256
     griffin_lim_iters: Annotated[int, ">= 1"] = 32  # decode quality vs time
-    griffin_lim_momentum: Annotated[float, "in [0, 1)"] = 0.99  # fast Griffin-Lim (Perraudin et al. 2013); 0: plain
+    # fast Griffin-Lim (Perraudin et al. 2013); 0: plain
+    griffin_lim_momentum: Annotated[float, "in [0, 1)"] = 0.99
     max_text_len: Annotated[int, ">= 1"] = 32  # tokens per caption (longer captions are cut)
     seed: Annotated[int, "in [0, 9e18]"] = 0  # data seed: same seed -> same clips
-    corpus_pieces: Annotated[int, ">= 1"] = 3000  # corpus: scores parsed into the cache (equal shares per collection)
-    corpus_collections: Annotated[tuple, "any"] = ()  # corpus: which of corpus.COLLECTIONS (empty: all)
-    corpus_cache: Annotated[str, "any"] = "~/.cache/presto"  # corpus: folder of the parsed-score cache
-    soundfont: Annotated[str, "any"] = ""  # corpus: an SF2 file to render with ("": pretty_midi's TimGM6mb.sf2)
+    # corpus: scores parsed into the cache (equal shares per collection)
+    corpus_pieces: Annotated[int, ">= 1"] = 3000
+    # corpus: which of corpus.COLLECTIONS (empty: all)
+    corpus_collections: Annotated[tuple, "any"] = ()
+    # corpus: folder of the parsed-score cache
+    corpus_cache: Annotated[str, "any"] = "~/.cache/presto"
+    # corpus: an SF2 file to render with ("": pretty_midi's TimGM6mb.sf2)
+    soundfont: Annotated[str, "any"] = ""
 
 
 class Clip(NamedTuple):
-    """One example: audio, its caption, and (synthetic clips only) the ground truth behind the caption."""
+    """One example: audio, its caption, and (generated clips only) the truth behind the caption."""
     wave: np.ndarray   # (channels, n_samples) float32
     caption: str
-    labels: dict       # synth / corpus: the attributes of synth.ATTRIBUTES / corpus.ATTRIBUTES; folder: {}
+    labels: dict       # synth / corpus: its synth.ATTRIBUTES / corpus.ATTRIBUTES; folder: {}
 
 
 SPLITS = {"train": 0, "val": 1, "test": 2}  # the id seeds a separate random stream per split
@@ -87,9 +100,11 @@ class CorpusDataset:
         self.pieces = []  # split by piece within each collection, so every split has every style
         for coll in sorted({p["collection"] for p in pieces}):
             group = {p["id"]: p for p in pieces if p["collection"] == coll}
-            self.pieces += [group[k] for k in sorted(hash_split(list(group), split, cfg.val_fraction))]
+            self.pieces += [group[k]
+                            for k in sorted(hash_split(list(group), split, cfg.val_fraction))]
         if not self.pieces:
-            raise ValueError(f"the corpus cache {corpus.cache_path(cfg)} has no pieces for split '{split}'")
+            raise ValueError(f"the corpus cache {corpus.cache_path(cfg)} has no pieces for split "
+                             f"'{split}'")
 
     def __len__(self):
         return ENDLESS
@@ -106,7 +121,8 @@ class CorpusDataset:
 
 # the file extensions of the formats this machine's libsndfile reads (MP3 from libsndfile 1.1)
 _EXTS = {"WAV": ".wav", "WAVEX": ".wav", "FLAC": ".flac", "OGG": ".ogg .oga .opus", "MP3": ".mp3",
-         "AIFF": ".aiff .aif .aifc", "AU": ".au .snd", "CAF": ".caf", "W64": ".w64", "RF64": ".rf64"}
+         "AIFF": ".aiff .aif .aifc", "AU": ".au .snd", "CAF": ".caf", "W64": ".w64",
+         "RF64": ".rf64"}
 AUDIO_EXTS = tuple(sorted({e for f in sf.available_formats() for e in _EXTS.get(f, "").split()}))
 
 
@@ -149,7 +165,8 @@ def _read_metadata(path):
             missing = [k for k in METADATA_KEYS if k not in header]
             if missing:
                 raise ValueError(f"{path} has no {' or '.join(missing)} column (its header: "
-                                 f"{','.join(header) or 'none'}); it needs {','.join(METADATA_KEYS)}")
+                                 f"{','.join(header) or 'none'}); it needs "
+                                 f"{','.join(METADATA_KEYS)}")
             return [(f"{path} line {reader.line_num}", row) for row in reader]
         rows = []
         for n, line in enumerate(fh.read().splitlines(), 1):
@@ -161,8 +178,8 @@ def _read_metadata(path):
                 raise ValueError(f"{path} line {n} is not JSON ({e.msg} at column {e.colno}); "
                                  f"each line is one object such as {ROW_EXAMPLE}") from None
             if not isinstance(row, dict):
-                raise ValueError(f"{path} line {n} is a JSON {type(row).__name__}, not an object such as "
-                                 f"{ROW_EXAMPLE}")
+                raise ValueError(f"{path} line {n} is a JSON {type(row).__name__}, not an object "
+                                 f"such as {ROW_EXAMPLE}")
             rows.append((f"{path} line {n}", row))
         return rows
 
@@ -180,12 +197,12 @@ def _captions(root):
             raise ValueError(f"{path} is not UTF-8 text ({e.reason})") from None
         for where, row in rows:
             for key in METADATA_KEYS:
-                if row.get(key) is None:                 # None: a CSV row with too few fields, JSON null
+                if row.get(key) is None:        # None: a CSV row with too few fields, JSON null
                     raise ValueError(f"{where} has no {key!r}" + ("" if key in row else " (it has: "
                                      f"{', '.join(k for k in row if k) or 'nothing'})"))
                 if not isinstance(row[key], str) or (key == "file" and not row[key].strip()):
-                    raise ValueError(f"{where}: {key!r} must be {'a path' if key == 'file' else 'text'}, "
-                                     f"got {row[key]!r}")
+                    raise ValueError(f"{where}: {key!r} must be "
+                                     f"{'a path' if key == 'file' else 'text'}, got {row[key]!r}")
             captions[Path(row["file"]).as_posix()] = row["caption"]
     return captions
 
@@ -218,18 +235,20 @@ class FolderDataset:
             elif p.with_suffix(".txt").exists():
                 captions[rel] = p.with_suffix(".txt").read_text().strip()
             else:  # checked for every file, not just this split, so a data bug shows up in any run
-                raise ValueError(f"no caption for {p}: add {p.with_suffix('.txt').name} or a metadata.jsonl/csv row")
+                raise ValueError(f"no caption for {p}: add {p.with_suffix('.txt').name} or a "
+                                 "metadata.jsonl/csv row")
         if not any(c.strip() for c in captions.values()):
-            raise ValueError(f"every caption of the {len(files)} audio file(s) under {root} is empty: a "
-                             "text-to-music model learns from them (write them in the .txt files or metadata)")
+            raise ValueError(f"every caption of the {len(files)} audio file(s) under {root} is "
+                             "empty: a text-to-music model learns from them (write them in the "
+                             ".txt files or metadata)")
         if cfg.val_fraction > 0 and len(files) < 3:
-            raise ValueError(f"{root} has {len(files)} audio file(s); train, val and test need one each "
-                             f"(3 at least; with data.val_fraction={cfg.val_fraction}, val and test get "
-                             f"{cfg.val_fraction:.0%} of the files each)")
-        self.items, quiet = [], []  # (path, caption, start in seconds) of the usable clips of this split
+            raise ValueError(f"{root} has {len(files)} audio file(s); train, val and test need one "
+                             f"each (3 at least; with data.val_fraction={cfg.val_fraction}, val "
+                             f"and test get {cfg.val_fraction:.0%} of the files each)")
+        self.items, quiet = [], []  # (path, caption, start in seconds) of this split's usable clips
         for rel in sorted(hash_split(list(captions), split, cfg.val_fraction)):
             p = root / rel
-            try:  # read once here (a clip at a time), so a bad file fails loudly now, not in step 10,000
+            try:  # read once here (a clip at a time): a bad file fails now, not in step 10,000
                 sr = sf.info(str(p)).samplerate
                 clip = int(round(cfg.seconds * sr))
                 shares = [active_share(block.T, sr) for block in sf.blocks(
@@ -244,15 +263,17 @@ class FolderDataset:
                     self.items.append((p, captions[rel], k * clip / sr))
         if quiet:
             warnings.warn(f"skipped {len(quiet)} near-silent clip(s) of split '{split}' (under "
-                          f"{cfg.min_active:.0%} of 50 ms frames above -50 dBFS): {', '.join(quiet[:5])}"
-                          + (" ..." if len(quiet) > 5 else ""))
+                          f"{cfg.min_active:.0%} of 50 ms frames above -50 dBFS): "
+                          f"{', '.join(quiet[:5])}" + (" ..." if len(quiet) > 5 else ""))
         if not self.items:
-            raise ValueError(f"no usable audio in split '{split}' of {root} (val_fraction={cfg.val_fraction})")
+            raise ValueError(f"no usable audio in split '{split}' of {root} "
+                             f"(val_fraction={cfg.val_fraction})")
 
     def _load(self, path, start=0.0):
         """(channels, n_samples) float32 at cfg.sample_rate from `start` seconds into the file."""
         cfg = self.cfg
-        with sf.SoundFile(str(path)) as f:  # read 0.1 s extra: the FFT resampler's wrap-around lands there
+        # read 0.1 s extra: the FFT resampler's wrap-around lands there
+        with sf.SoundFile(str(path)) as f:
             sr_in = f.samplerate
             f.seek(int(round(start * sr_in)))
             x = f.read(int(math.ceil((cfg.seconds + 0.1) * sr_in)), dtype="float32", always_2d=True)
@@ -303,7 +324,8 @@ def _permutation(n, seed, epoch, stream=0):
 
 
 def batch_indices(step, batch_size, n, seed, rank=0, world=1, stream=0):
-    """Data set indices of `rank`'s share of training step `step`; a pure function (no iterator state).
+    """Data set indices of `rank`'s share of training step `step`; a pure function (no iterator
+    state).
 
     The global batch of step s is positions [s*B*world, (s+1)*B*world) of an endless stream; rank r
     takes its B consecutive positions, so ranks are disjoint (for a finite set, as long as
@@ -321,27 +343,29 @@ def batch_indices(step, batch_size, n, seed, rank=0, world=1, stream=0):
 
 def get_batch(ds, step, batch_size, seed, rank=0, world=1, stream=0):
     """(waves (B, channels, n_samples) float32 tensor, captions, labels) for one training step."""
-    clips = [ds.clip(i) for i in batch_indices(step, batch_size, len(ds), seed, rank, world, stream)]
+    clips = [ds.clip(i)
+             for i in batch_indices(step, batch_size, len(ds), seed, rank, world, stream)]
     waves = torch.from_numpy(np.stack([c.wave for c in clips]))
     return waves, [c.caption for c in clips], [c.labels for c in clips]
 
 def stats_clips(cfg):
     """The training clips (B, channels, N) that normalisation statistics are fitted on."""
     ds = make_dataset(cfg, "train")
-    return torch.stack([torch.from_numpy(ds.clip(i).wave) for i in range(min(cfg.stats_clips, len(ds)))])
+    return torch.stack([torch.from_numpy(ds.clip(i).wave)
+                        for i in range(min(cfg.stats_clips, len(ds)))])
 
 # -----------------------------------------------------------------------------
 # The representation: normalised log-magnitude STFT <-> waveform
 
 class Representation:
-    """Waveform <-> latent (B, C, T): per-channel normalised log|STFT|, decoded with fast Griffin-Lim."""
+    """Waveform <-> latent (B, C, T): per-channel normalised log|STFT|, fast Griffin-Lim decode."""
 
-    KEYS = ("sample_rate", "channels", "n_fft", "hop", "log_floor")  # config fields the stats depend on
+    KEYS = ("sample_rate", "channels", "n_fft", "hop", "log_floor")  # what the statistics depend on
 
     def __init__(self, cfg, sigma_data=0.5):
         self.cfg = cfg
         self.sigma_data = sigma_data  # EDM's sigma_data (edm.EDMConfig): the latents' target std
-        self.mean = self.std = None  # (C,) statistics of the log-magnitude, set by fit / load_state_dict
+        self.mean = self.std = None  # (C,) log-magnitude statistics, set by fit / load_state_dict
 
     @property
     def latent_channels(self):
@@ -355,27 +379,34 @@ class Representation:
         return int(round(seconds * self.cfg.sample_rate)) // self.cfg.hop
 
     def spectrum(self, x):
-        """x (B', N) -> complex (B', F, N // hop + 1); centred frames, frame t covers sample t*hop."""
+        """x (B', N) -> complex (B', F, N // hop + 1), centred: frame t covers sample t*hop."""
         window = torch.hann_window(self.cfg.n_fft, device=x.device)
-        return torch.stft(x, self.cfg.n_fft, self.cfg.hop, window=window, center=True, return_complex=True)
+        return torch.stft(x, self.cfg.n_fft, self.cfg.hop, window=window, center=True,
+                          return_complex=True)
 
     def inverse(self, X, length):
         """complex (B', F, K) -> waves (B', length): the inverse of spectrum."""
         window = torch.hann_window(self.cfg.n_fft, device=X.device)
-        return torch.istft(X, self.cfg.n_fft, self.cfg.hop, window=window, center=True, length=length)
+        return torch.istft(X, self.cfg.n_fft, self.cfg.hop, window=window, center=True,
+                           length=length)
 
     def log_magnitude(self, waves):
-        """waves (B, ch, N) -> log|STFT| (B, ch*F, T), T = N // hop; left channel's bins first, then right."""
+        """waves (B, ch, N) -> log|STFT| (B, ch*F, T), T = N // hop; the left channel's bins
+        first, then the right's."""
         B, ch, N = waves.shape
-        S = self.spectrum(waves.reshape(B * ch, N).float()).abs()[..., :N // self.cfg.hop]  # (B*ch, F, T)
+        S = self.spectrum(waves.reshape(B * ch, N).float()).abs()[..., :N // self.cfg.hop]
+        # S: (B*ch, F, T)
         return S.clamp_min(self.cfg.log_floor).log().reshape(B, ch * S.shape[1], S.shape[2])
 
     def fit(self, waves):
-        """Estimate per-channel mean and std of the log-magnitude over batch and time; returns self."""
+        """Estimate the per-channel mean and std of the log-magnitude over batch and time; returns
+        self."""
         s1 = s2 = count = 0
-        for chunk in waves.split(64):  # chunks bound the memory; float64 sums keep E[x^2] - E[x]^2 exact enough
+        # chunks bound the memory; float64 sums keep E[x^2] - E[x]^2 exact enough
+        for chunk in waves.split(64):
             L = self.log_magnitude(chunk).double()  # (b, C, T)
-            s1, s2, count = s1 + L.sum(dim=(0, 2)), s2 + L.pow(2).sum(dim=(0, 2)), count + L.shape[0] * L.shape[2]
+            s1, s2, count = (s1 + L.sum(dim=(0, 2)), s2 + L.pow(2).sum(dim=(0, 2)),
+                             count + L.shape[0] * L.shape[2])
         mean = s1 / count
         # a channel that is (nearly) constant in the fit data, e.g. always at the floor, would
         # otherwise be scaled up enormously; 0.05 nats is far below any real channel's spread
@@ -385,7 +416,8 @@ class Representation:
 
     def _stats(self, device):
         if self.mean is None:
-            raise RuntimeError("Representation has no statistics: call fit(waves) or load_state_dict(d) first")
+            raise RuntimeError("Representation has no statistics: call fit(waves) or "
+                               "load_state_dict(d) first")
         return self.mean.to(device)[:, None], self.std.to(device)[:, None]  # (C, 1) each
 
     def encode(self, waves):
@@ -405,17 +437,17 @@ class Representation:
 
     def waves(self, spec):
         """complex (B*ch, F, T) -> waves (B, ch, T * hop) by one inverse STFT. encode dropped the
-        STFT's closing frame (T + 1 frames cover T * hop samples); frame T - 1 is repeated for it."""
+        STFT's closing frame (T + 1 frames cover T * hop samples); frame T - 1 stands in for it."""
         T = spec.shape[-1]
         x = self.inverse(torch.cat([spec, spec[..., -1:]], dim=-1), T * self.cfg.hop)
         return x.reshape(-1, self.cfg.channels, x.shape[-1])
 
     def decode(self, latent, iters=None):
-        """latent (B, C, T) -> waves (B, ch, T * hop) by fast Griffin-Lim from a fixed initial phase."""
+        """latent (B, C, T) -> waves (B, ch, T * hop): fast Griffin-Lim from a fixed phase."""
         cfg = self.cfg
         iters = cfg.griffin_lim_iters if iters is None else iters
         mag = self.magnitude(latent)
-        mag = torch.cat([mag, mag[..., -1:]], dim=-1)                         # (B*ch, F, T+1), as in waves
+        mag = torch.cat([mag, mag[..., -1:]], dim=-1)               # (B*ch, F, T+1), as in waves
         length = (mag.shape[-1] - 1) * cfg.hop
         # a fixed seeded random phase, the same for every clip, so a clip decodes to the same audio
         # whatever else is in the batch; it converges better than zero phase
@@ -424,9 +456,9 @@ class Representation:
         spec = torch.polar(mag, phase.expand_as(mag))
         t_prev = torch.zeros_like(spec)
         for _ in range(iters):
-            rebuilt = self.spectrum(self.inverse(spec, length))               # nearest consistent STFT
-            t = mag * rebuilt / rebuilt.abs().clamp_min(1e-8)                 # ... with the target magnitude
-            spec = t + cfg.griffin_lim_momentum * (t - t_prev)                # fast GL: extrapolate
+            rebuilt = self.spectrum(self.inverse(spec, length))     # nearest consistent STFT
+            t = mag * rebuilt / rebuilt.abs().clamp_min(1e-8)       # ... with the target magnitude
+            spec = t + cfg.griffin_lim_momentum * (t - t_prev)      # fast GL: extrapolate
             t_prev = t
         return self.waves((t_prev if iters else spec)[..., :-1])
 
@@ -438,7 +470,8 @@ class Representation:
     def load_state_dict(self, d):
         for k in self.KEYS:
             if d[k] != getattr(self.cfg, k):
-                raise ValueError(f"representation statistics were fitted with {k}={d[k]}, config has {getattr(self.cfg, k)}")
+                raise ValueError(f"representation statistics were fitted with {k}={d[k]}, config "
+                                 f"has {getattr(self.cfg, k)}")
         self.mean, self.std = d["mean"].float().cpu(), d["std"].float().cpu()
         self.sigma_data = d["sigma_data"]
         return self
@@ -461,7 +494,7 @@ class Tokenizer:
         return [w for w in re.split(r"[^a-z0-9#]+", text.lower()) if w]
 
     def unknown(self, text):
-        """The words of text (as split reads them) that are not in the vocabulary: encoded as UNK."""
+        """The words of text (as split reads them) not in the vocabulary (encoded as UNK)."""
         return sorted({w for w in self.split(text) if w not in self.ids})
 
     @staticmethod
@@ -476,7 +509,7 @@ class Tokenizer:
 
     @classmethod
     def for_dataset(cls, name="synth"):
-        """Every word the captions of the synth or corpus set can contain, whichever clips are drawn."""
+        """Every word a caption of the synth or corpus set can hold, whichever clips are drawn."""
         from sources import corpus
         phrases = {"synth": synth.caption_words, "corpus": corpus.caption_words}[name]()
         return cls(sorted({w for p in phrases for w in cls.split(p)}))

@@ -1,4 +1,4 @@
-"""demo.py: listen and compare. One caption, every model of a run folder, side by side in a local page.
+"""demo.py: listen and compare. One caption, every model of a run, side by side in a local page.
 
     pip install -r requirements-demo.txt             # Gradio (and matplotlib for the spectrograms)
     python demo.py --run runs/cpu                    # http://127.0.0.1:7860, this machine only
@@ -11,8 +11,9 @@ caption with every checkpoint the folder holds (base, Presto-S, ASE, Presto-L, P
 missing are simply absent) and shows each clip's player, spectrogram and times.
 
 Nothing here is new sampling code: `load_models` reads the checkpoints as sample.py does, and
-`generate_all` builds each row with evaluate.row_samplers and sample.sampling_fn, the way evaluate.py
-scores it, then times one batch-1 clip (generation, then decode) with benchmarks.latency.median_time.
+`generate_all` builds each row with evaluate.row_samplers and sample.sampling_fn, the way
+evaluate.py scores it, then times one batch-1 clip (generation, then decode) with
+benchmarks.latency.median_time.
 Read `generate_all` first, then `build_app` (the page). The page reads only the run folder it was
 started with; nothing typed into it is a path.
 """
@@ -94,11 +95,11 @@ def check_caption(models, caption):
         raise ValueError("the caption has no words the models read (letters or digits)")
     longest = min(m.cfg.data.max_text_len for m in models)
     if len(words) > longest:
-        raise ValueError(f"the caption has {len(words)} words; these models read at most {longest}: "
-                         "shorten it")
+        raise ValueError(f"the caption has {len(words)} words; these models read at most "
+                         f"{longest}: shorten it")
     unknown = sorted(set(words).intersection(*(m.tok.unknown(caption) for m in models)))
-    return caption, (f"words the models never saw in training (read as 'unknown'): {', '.join(unknown)}"
-                     if unknown else "")
+    return caption, ("words the models never saw in training (read as 'unknown'): "
+                     f"{', '.join(unknown)}" if unknown else "")
 
 
 def check_settings(seed, steps, cfg_w, few_steps):
@@ -106,32 +107,37 @@ def check_settings(seed, steps, cfg_w, few_steps):
     controls keep them in range; this guards requests made without the page)."""
     values = []
     for name, v, lo, hi in (("seed", seed, 0, MAX_SEED), ("steps", steps, 1, MAX_STEPS),
-                            ("CFG", cfg_w, 0, MAX_CFG), ("distilled steps", few_steps, 1, MAX_FEW_STEPS)):
-        if v is None or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi:
+                            ("CFG", cfg_w, 0, MAX_CFG),
+                            ("distilled steps", few_steps, 1, MAX_FEW_STEPS)):
+        if (v is None or not isinstance(v, (int, float)) or not math.isfinite(v)
+                or not lo <= v <= hi):
             raise ValueError(f"{name} must be a number in {lo}..{hi:g}, got {v}")
         values.append(v if name == "CFG" else int(v))
     return tuple(values)
 
 
 def row_options(steps, cfg_w, few_steps):
-    """The options evaluate.row_samplers reads, for one base setting and one distilled step count."""
-    return SimpleNamespace(steps=steps, guidance=cfg_w, dpm_steps=steps, few_steps=[few_steps], ls_steps=few_steps)
+    """What evaluate.row_samplers reads, for one base setting and one distilled step count."""
+    return SimpleNamespace(steps=steps, guidance=cfg_w, dpm_steps=steps, few_steps=[few_steps],
+                           ls_steps=few_steps)
 
 
 def generate_all(models, caption, seed, steps, cfg_w, few_steps, folder, precision="auto"):
     """Generate `caption` with every model, seed `seed`, one clip each (batch 1): the base model
     and ASE / Presto-L with Heun at `steps` steps and CFG `cfg_w`, Presto-S and Presto-LS at
-    `few_steps` steps (evaluate.row_samplers). Each clip is written to FOLDER as a WAV (sample.write_wav)
-    and drawn as a spectrogram PNG (evaluate.spectrograms; none without matplotlib).
-    Returns one dict per model: name, file, steps, network_calls, blocks, wav, png, seconds,
-    generation_ms, decode_ms, end_to_end_ms, nonfinite, speedup and gen_speedup (against the base row)."""
+    `few_steps` steps (evaluate.row_samplers). Each clip is written to FOLDER as a WAV
+    (sample.write_wav) and drawn as a spectrogram PNG (evaluate.spectrograms; none without
+    matplotlib). Returns one dict per model: name, file, steps, network_calls, blocks, wav, png,
+    seconds, generation_ms, decode_ms, end_to_end_ms, nonfinite, speedup and gen_speedup (against
+    the base row)."""
     seconds = min(m.cfg.data.seconds for m in models)       # one length for every model
     opts = row_options(steps, cfg_w, few_steps)
     sample.check_request(models[0].cfg, [caption], seconds, min(steps, few_steps))
     rows = []
     for m in models:
         name, sampler, n, w = evaluate.row_samplers(m.stage, opts)[0]     # base: its Heun row
-        gen, blocks = sample.sampling_fn(m.den, m.tok, m.cfg, m.stage, n, sampler, w, precision=precision)
+        gen, blocks = sample.sampling_fn(m.den, m.tok, m.cfg, m.stage, n, sampler, w,
+                                         precision=precision)
         device = next(m.den.parameters()).device
         out = {}                                                # one timed call each (no repeats)
         t_gen = median_time(lambda: out.update(latent=gen([caption], [seed], seconds)),
@@ -175,8 +181,9 @@ def timing_line(r):
         f" · **{r['speedup']:.1f}x** faster than {evaluate.SPEEDUP_REFERENCE} end to end "
         f"({r['gen_speedup']:.1f}x in generation)")
     bad = " · **non-finite samples zeroed**" if r["nonfinite"] else ""
-    return (f"{r['steps']} steps, {r['network_calls']} network calls, {r['blocks']:.0%} of the blocks · "
-            f"generation {r['generation_ms']:.0f} ms · end to end {r['end_to_end_ms']:.0f} ms{faster}{bad}")
+    return (f"{r['steps']} steps, {r['network_calls']} network calls, {r['blocks']:.0%} of the "
+            f"blocks · generation {r['generation_ms']:.0f} ms · end to end "
+            f"{r['end_to_end_ms']:.0f} ms{faster}{bad}")
 
 
 TABLE = ["model", "steps", "network calls", "generation ms", "decode ms", "end-to-end ms",
@@ -213,45 +220,52 @@ def build_app(run, models, problems, folder, device_name="cpu", precision="auto"
                   round(r["decode_ms"]), round(r["end_to_end_ms"]),
                   None if r["speedup"] is None else round(r["speedup"], 1),
                   None if r["gen_speedup"] is None else round(r["gen_speedup"], 1)] for r in rows]
-        status = (f"Generated \"{caption}\" with seed {seed}: {rows[0]['seconds']:g} s of audio per model, "
-                  f"one clip each on {device_name}.")
+        status = (f"Generated \"{caption}\" with seed {seed}: {rows[0]['seconds']:g} s of audio "
+                  f"per model, one clip each on {device_name}.")
         outputs = []
         for r in rows:
             outputs += [gr.update(value=r["wav"], label=r["name"]), r["png"], timing_line(r)]
         return [status + (f" Note: {unknown}." if unknown else ""), table, *outputs]
 
     name = os.path.basename(os.path.abspath(run))
-    with gr.Blocks(title=f"Presto demo: {name}", analytics_enabled=False, delete_cache=(3600, 3600)) as app:
-        gr.Markdown(f"# Presto! demo: `{name}`\n{len(models)} models ({', '.join(m.file for m in models)}), "
+    with gr.Blocks(title=f"Presto demo: {name}", analytics_enabled=False,
+                   delete_cache=(3600, 3600)) as app:
+        gr.Markdown(f"# Presto! demo: `{name}`\n{len(models)} models "
+                    f"({', '.join(m.file for m in models)}), "
                     f"{min(m.cfg.data.seconds for m in models):g} s clips at "
-                    f"{models[0].cfg.data.sample_rate} Hz on {device_name}. Type a caption and generate: "
-                    "every model gets the same caption and seed. Times are of this one clip, batch 1 "
-                    "(evaluate.py reports the median of repeats).")
+                    f"{models[0].cfg.data.sample_rate} Hz on {device_name}. Type a caption and "
+                    "generate: every model gets the same caption and seed. Times are of this one "
+                    "clip, batch 1 (evaluate.py reports the median of repeats).")
         if problems:
             gr.Markdown("**Left out:**\n" + "\n".join(f"- {p}" for p in problems))
         with gr.Row():
             caption = gr.Textbox(label="caption", lines=2, max_length=MAX_CAPTION_CHARS, scale=3,
-                                 elem_id="caption", placeholder=captions[0] if captions else WARM_UP_CAPTION)
+                                 elem_id="caption",
+                                 placeholder=captions[0] if captions else WARM_UP_CAPTION)
             with gr.Column(scale=2):
                 seed = gr.Number(0, label="seed", precision=0, minimum=0, maximum=MAX_SEED)
                 with gr.Row():
-                    steps = gr.Slider(1, MAX_STEPS, DEFAULTS["steps"], step=1, label="base steps (Heun)")
+                    steps = gr.Slider(1, MAX_STEPS, DEFAULTS["steps"], step=1,
+                                      label="base steps (Heun)")
                     cfg_w = gr.Slider(0, MAX_CFG, DEFAULTS["cfg_w"], step=0.5,
                                       label="CFG (base, ASE, Presto-L)")
                 few = gr.Slider(1, MAX_FEW_STEPS, DEFAULTS["few_steps"], step=1,
                                 label="Presto-S / Presto-LS steps")
         button = gr.Button("Generate with every model", variant="primary", elem_id="generate")
         if captions:
-            gr.Examples([[c] for c in captions], inputs=[caption], label="captions of the run's test clips")
+            gr.Examples([[c] for c in captions], inputs=[caption],
+                        label="captions of the run's test clips")
         status = gr.Markdown(elem_id="status")
-        table = gr.Dataframe(headers=TABLE, label="times (ms, batch 1)", interactive=False, elem_id="times")
+        table = gr.Dataframe(headers=TABLE, label="times (ms, batch 1)", interactive=False,
+                             elem_id="times")
         players = []
         with gr.Row():
             for m in models:
                 with gr.Column(min_width=160, elem_id=f"model-{m.stage}"):
-                    players += [gr.Audio(label=evaluate.row_samplers(m.stage, first)[0][0], type="filepath",
+                    players += [gr.Audio(label=evaluate.row_samplers(m.stage, first)[0][0],
+                                         type="filepath", interactive=False),
+                                gr.Image(type="filepath", format="png", show_label=False,
                                          interactive=False),
-                                gr.Image(type="filepath", format="png", show_label=False, interactive=False),
                                 gr.Markdown()]
         gr.on([button.click, caption.submit], on_click, [caption, seed, steps, cfg_w, few],
               [status, table, *players], api_name="generate", concurrency_limit=1,
@@ -261,12 +275,13 @@ def build_app(run, models, problems, folder, device_name="cpu", precision="auto"
 
 def check_device(name):
     """`name` if --device takes it (auto, cpu, cuda, or cuda:N of this machine's GPUs); ValueError
-    otherwise: torch takes many more names (meta, xpu ...) that would fail only during the warm-up."""
+    otherwise: torch takes many more names (meta, xpu ...) that would fail only in the warm-up."""
     if not re.fullmatch(DEVICES, name):
         raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
-    if name.startswith("cuda:") and torch.cuda.is_available() and int(name[5:]) >= torch.cuda.device_count():
-        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if (name.startswith("cuda:") and torch.cuda.is_available()
+            and int(name[5:]) >= torch.cuda.device_count()):
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA "
+                         f"device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return name
 
 
@@ -274,7 +289,7 @@ def check_address(host, port):
     """ValueError, in one line, for a --host that does not resolve or a --port that cannot be
     listened on there (in use, or not this machine's address): the port is bound with a plain
     socket and released at once, so Gradio does not find out after the warm-up."""
-    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host     # [::1], as Gradio
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host   # [::1], as Gradio
     if not bare:
         raise ValueError("--host is empty (127.0.0.1: this machine only; 0.0.0.0: every interface)")
     try:
@@ -301,16 +316,21 @@ def one_line(e):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="A local web page that generates a caption with every "
-                                "model of a run folder, side by side (needs Gradio: " + INSTALL + ").",
+                                            "model of a run folder, side by side (needs "
+                                            "Gradio: " + INSTALL + ").",
                                 formatter_class=config.HelpFormatter)
     p.add_argument("--run", required=True, help="run folder written by train.py")
     p.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on (127.0.0.1: this machine only; 0.0.0.0: every interface)")
+                   help="address to listen on (127.0.0.1: this machine only; 0.0.0.0: every "
+                        "interface)")
     p.add_argument("--port", type=int, default=7860, help="port to listen on (1..65535)")
-    p.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
-    p.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda or cuda:N")
+    p.add_argument("--share", action="store_true",
+                   help="also serve through a public gradio.live link")
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA if available, else CPU), cpu, cuda or cuda:N")
     p.add_argument("--precision", choices=sample.PRECISIONS, default="auto",
-                   help="the network's matmuls: auto (bf16 autocast on CUDA, float32 on a CPU), bf16 or fp32")
+                   help="the network's matmuls: auto (bf16 autocast on CUDA, float32 on a CPU), "
+                        "bf16 or fp32")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     args = p.parse_args(argv)
     if gr is None:
@@ -327,7 +347,8 @@ def main(argv=None):
         models, problems = load_models(args.run, device)
         if not models:
             raise FileNotFoundError(f"no usable checkpoints in {args.run} (looked for "
-                                    f"{', '.join(evaluate.ROWS)})" + "".join(f"; {q}" for q in problems))
+                                    f"{', '.join(evaluate.ROWS)})"
+                                    + "".join(f"; {q}" for q in problems))
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         sys.exit(f"error: {e}")
     if args.threads:
@@ -336,7 +357,7 @@ def main(argv=None):
         print(q, file=sys.stderr)
     folder = tempfile.mkdtemp(prefix="presto-demo-")          # the clips and pictures of each click
     try:                           # removed however this ends (but a kill)
-        t0 = time.perf_counter()   # a first call pays one-time costs: pay them before the first click
+        t0 = time.perf_counter()   # a first call pays one-time costs: pay them before a click
         try:
             generate_all(models, WARM_UP_CAPTION, 0, 1, 4.0, 1, folder, args.precision)
         except Exception as e:
@@ -346,8 +367,9 @@ def main(argv=None):
         try:
             app.launch(server_name=args.host, server_port=args.port, share=args.share,
                        blocked_paths=[os.path.abspath(args.run)])
-        except Exception as e:     # the address taken since it was checked, a share link failing ...
-            sys.exit(f"error: the page did not start on {args.host} port {args.port}: {one_line(e)}")
+        except Exception as e:     # the address taken since it was checked, a share link failing
+            sys.exit(f"error: the page did not start on {args.host} port {args.port}: "
+                     f"{one_line(e)}")
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

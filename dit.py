@@ -30,12 +30,14 @@ class DiTConfig:
     width: Annotated[int, ">= 0"] = 0  # 0 = take it from `size`; set to override
     depth: Annotated[int, ">= 0"] = 0  # 0 = take it from `size`
     heads: Annotated[int, ">= 0"] = 0  # 0 = take it from `size`
-    patch: Annotated[int, ">= 1"] = 2  # frames per token; keep patch * C <= width (a wider token cannot be
-                                       # reproduced by the output Linear: that caps how much noise it removes)
+    # frames per token; keep patch * C <= width (a wider token cannot be reproduced by the output
+    # Linear: that caps how much noise it removes)
+    patch: Annotated[int, ">= 1"] = 2
     mlp_ratio: Annotated[float, "in [0.25, 16]"] = 4.0
     text_width: Annotated[int, ">= 1"] = 128  # the text encoder's width
     text_depth: Annotated[int, ">= 1"] = 2  # the text encoder's transformer layers
-    text_heads: Annotated[int, ">= 1"] = 4  # the text encoder's attention heads (text_width must divide by it)
+    # the text encoder's attention heads (text_width must divide by it)
+    text_heads: Annotated[int, ">= 1"] = 4
     in_channels: Annotated[int, ">= 0"] = 0  # latent channels C; filled in from data.Representation
     vocab_size: Annotated[int, ">= 0"] = 0  # filled in from data.Tokenizer
     max_text_len: Annotated[int, ">= 1"] = 32  # caption tokens (data.DataConfig.max_text_len)
@@ -68,7 +70,7 @@ def resolve(cfg):
 #################################################################################################
 
 def sincos(x, dim, max_freq=1000.0):
-    """Sin-cos features of scalars x (any shape) with geometric frequencies 1..max_freq: (..., dim)."""
+    """Sin-cos features of scalars x (any shape), geometric frequencies 1..max_freq: (..., dim)."""
     freqs = torch.exp(torch.linspace(0, math.log(max_freq), dim // 2, device=x.device))
     ang = x.float()[..., None] * freqs
     return torch.cat([ang.cos(), ang.sin()], dim=-1)
@@ -225,7 +227,7 @@ class DiT(nn.Module):
         nn.init.zeros_(self.budget_emb.weight)
 
     def encode_text(self, ids):
-        """Token ids (B, L) -> the conditioning dict every forward takes (compute once per batch)."""
+        """Token ids (B, L) -> the conditioning dict every forward takes (once per batch)."""
         tokens, mask, pooled = self.text(ids)
         return {"tokens": tokens, "mask": mask, "pooled": self.pooled_proj(pooled)}
 
@@ -238,8 +240,8 @@ class DiT(nn.Module):
             all). The skipped blocks are really skipped: this is the fast inference path.
         block_mask: optional (B, depth) bool, which blocks each sample runs (per-sample budgets in
             a training batch). Every block runs on the whole batch and its output is kept only
-            where the mask is set (asking which blocks no sample needs would sync a GPU), so this
-            path costs full depth: it is for training, not for speed.
+            where the mask is set (asking which blocks no sample needs would be a host sync: see
+            plumbing/loop.py), so this path costs full depth: it is for training, not for speed.
         return_hidden: optional block index k; then returns (out, hidden after block k (B, N, W)).
             With block_mask, a sample that skips block k passes its hidden state through.
         """
@@ -251,7 +253,8 @@ class DiT(nn.Module):
         x = F.pad(x, (0, pad))                                                     # (B, C, T')
         x = x.view(B, C, -1, p).permute(0, 2, 1, 3).reshape(B, -1, C * p)          # (B, N, C*p)
         N = x.shape[1]
-        pos = sincos(torch.arange(N, device=x.device) / 1e4, self.cfg.width, max_freq=1e4)  # Vaswani
+        pos = sincos(torch.arange(N, device=x.device) / 1e4, self.cfg.width,
+                     max_freq=1e4)                                                 # Vaswani
         h = self.x_embed(x) + pos                                                  # (B, N, W)
         c = self.t_embed(c_noise) + cond["pooled"]                                 # (B, W)
         if budget is not None:
@@ -263,7 +266,7 @@ class DiT(nn.Module):
                 if i == return_hidden:
                     hidden = h
         else:                                        # per-sample: masked identity updates
-            # every block runs (asking which blocks no sample needs would be a host sync)
+            # every block runs; each sample keeps the outputs of its own blocks
             for i, blk in enumerate(self.blocks):
                 h_next = blk(h, c, cond["tokens"], cond["mask"])
                 h = torch.where(block_mask[:, i, None, None], h_next, h)              # (B, N, W)

@@ -36,32 +36,41 @@ import gan
 
 @dataclass
 class DistillConfig:
-    p_gen: Annotated[str, "train|inf"] = "inf"  # generator input sigmas: "inf" (paper's choice) or "train"
+    # generator input sigmas: "inf" (paper's choice) or "train"
+    p_gen: Annotated[str, "train|inf"] = "inf"
     p_dmd: Annotated[str, "train|inf"] = "train"  # sigmas at which the DMD gradient is taken
     p_dsm: Annotated[str, "train|inf"] = "train"  # sigmas of the fake score's denoising loss
-    p_gan: Annotated[str, "train|inf"] = "train"  # sigmas at which real / generated latents are noised for the GAN
-    gen_sigmas: Annotated[str, "continuous|discrete"] = "continuous"  # "continuous" (Presto) or "discrete" (the
-                                                                      # few-step grid, DMD2-style)
-    grid_steps: Annotated[int, "in [1, 1000]"] = 4  # N of the discrete grid, and the default sampling steps
-    gen_inputs: Annotated[str, "real|backward"] = "real"  # what is noised to sigma_gen: "real" latents (the paper's
-                                                          # Presto-S), or "backward": G's own 1-step sample (DMD2's
-                                                          # backward simulation, one jump)
-    gan_real: Annotated[str, "independent|shared"] = "independent"  # the discriminator's real clips: "independent"
-                                                                    # (a batch of their own, as DMD2 draws them) or
-                                                                    # "shared" (the clips noised into G's inputs)
-    cfg_w: Annotated[float, "in [0, 50]"] = 4.0  # CFG weight on the real score only (x0-space convention, edm.py)
+    # sigmas at which real / generated latents are noised for the GAN
+    p_gan: Annotated[str, "train|inf"] = "train"
+    # "continuous" (Presto) or "discrete" (the few-step grid, DMD2-style)
+    gen_sigmas: Annotated[str, "continuous|discrete"] = "continuous"
+    # N of the discrete grid, and the default sampling steps
+    grid_steps: Annotated[int, "in [1, 1000]"] = 4
+    # what is noised to sigma_gen: "real" latents (the paper's Presto-S), or "backward": G's own
+    # 1-step sample (DMD2's backward simulation, one jump)
+    gen_inputs: Annotated[str, "real|backward"] = "real"
+    # the discriminator's real clips: "independent" (a batch of their own, as DMD2 draws them) or
+    # "shared" (the clips noised into G's inputs)
+    gan_real: Annotated[str, "independent|shared"] = "independent"
+    # CFG weight on the real score only (x0-space convention, edm.py)
+    cfg_w: Annotated[float, "in [0, 50]"] = 4.0
     nu1: Annotated[float, ">= 0"] = 3e-3  # generator loss = L_DMD + nu1 * L_G (LSGAN)
     nu2: Annotated[float, ">= 0"] = 1e-2  # fake-score loss = L_fake + nu2 * L_D (LSGAN)
-    gen_every: Annotated[int, ">= 1"] = 5  # generator step every K iterations; fake score + D every iteration
-    disc_block: Annotated[int, ">= -1"] = -1  # fake-score block the discriminator reads (-1: the middle one)
+    # generator step every K iterations; fake score + D every iteration
+    gen_every: Annotated[int, ">= 1"] = 5
+    # fake-score block the discriminator reads (-1: the middle one)
+    disc_block: Annotated[int, ">= -1"] = -1
     disc_width: Annotated[int, ">= 1"] = 128  # discriminator head channels
     lr_gen: Annotated[float, "> 0"] = 1e-4  # Adam lr of the generator (the paper mentions 1e-4)
     lr_fake: Annotated[float, "> 0"] = 1e-4  # Adam lr of the fake score and discriminator head
-    steps: Annotated[int, ">= 1"] = 1000  # distillation iterations (each steps the fake score; G every gen_every)
+    # distillation iterations (each steps the fake score; G every gen_every)
+    steps: Annotated[int, ">= 1"] = 1000
     batch_size: Annotated[int, ">= 1"] = 16  # real clips per iteration
-    ema: Annotated[float, "in [0, 1)"] = 0.0  # EMA decay of G per generator step (0: off); samples: from the EMA
-    val_every: Annotated[int, ">= 0"] = 0  # iterations between validation FADs of the grid_steps-step sampler on
-                                           # held-out clips (needs OUT/clap.pt); the best is kept as *_best.pt
+    # EMA decay of G per generator step (0: off); samples: from the EMA
+    ema: Annotated[float, "in [0, 1)"] = 0.0
+    # iterations between validation FADs of the grid_steps-step sampler on held-out clips (needs
+    # OUT/clap.pt); the best is kept as *_best.pt
+    val_every: Annotated[int, ">= 0"] = 0
     val_clips: Annotated[int, ">= 1"] = 64  # val-split clips of that FAD (and CLAP score)
 
 
@@ -84,7 +93,8 @@ def few_step_sigmas(steps, edm_cfg, device="cpu"):
 
 
 def generator_sigmas(n, cfg, edm_cfg, rng=None, device="cpu"):
-    """Generator input levels: continuous draws from p_gen, or uniform picks of the discrete grid."""
+    """Generator input levels: continuous draws from p_gen, or uniform picks from the discrete
+    grid."""
     if cfg.gen_sigmas == "continuous":
         return sample_sigma(cfg.p_gen, n, edm_cfg, rng, device)
     if cfg.gen_sigmas == "discrete":
@@ -170,11 +180,12 @@ def generator_input(G_fn, x_real, draws, cond, distill, edm_cfg):
 def fake_score_loss(x_real, x_hat, ids, mu_fake, head, draws, nu2, block, real_ids=None):
     """The fake score's update: L_fake + nu2 * L_D, and its parts (L_fake, L_D, D_real, D_fake).
 
-    L_fake: denoising score matching of mu_fake on the detached generator samples x_hat at sigma_dsm,
-    so mu_fake tracks the generator's distribution. L_D: the least-squares discriminator (mu_fake's
-    hidden state after `block`, then `head`) on real latents x_real and generated latents noised to
-    sigma_gan with the same eps_gan. ids: the generated latents' caption ids; real_ids: x_real's
-    (default ids: x_real are the clips G's inputs were made from). Both terms step mu_fake and head.
+    L_fake: denoising score matching of mu_fake on the detached generator samples x_hat at
+    sigma_dsm, so mu_fake tracks the generator's distribution. L_D: the least-squares discriminator
+    (mu_fake's hidden state after `block`, then `head`) on real latents x_real and generated latents
+    noised to sigma_gan with the same eps_gan. ids: the generated latents' caption ids; real_ids:
+    x_real's (default ids: x_real are the clips G's inputs were made from). Both terms step mu_fake
+    and head.
     """
     x_hat = x_hat.detach()
     cond = mu_fake.encode(ids)
@@ -192,12 +203,13 @@ def fake_score_loss(x_real, x_hat, ids, mu_fake, head, draws, nu2, block, real_i
 
 
 def generator_loss(x_hat, ids, mu_real, mu_fake, head, draws, cfg_w, nu1, block):
-    """The generator's update: L_DMD + nu1 * L_G, and its parts (L_DMD, L_G, and g: the DMD gradient).
+    """The generator's update: L_DMD + nu1 * L_G, and its parts (L_DMD, L_G and the DMD gradient g).
 
     L_DMD: the surrogate loss of the DMD gradient g at sigma_dmd, with CFG (weight cfg_w; the null
-    caption is all PAD, as edm.drop_captions trains it) on the real score only. L_G: the least-squares generator loss of the
-    discriminator at sigma_gan; mu_fake and head must be frozen by the caller (requires_grad off),
-    so L_G's gradient flows through them into x_hat and on into G without changing them.
+    caption is all PAD, as edm.drop_captions trains it) on the real score only. L_G: the
+    least-squares generator loss of the discriminator at sigma_gan; mu_fake and head must be frozen
+    by the caller (requires_grad off), so L_G's gradient flows through them into x_hat and on into G
+    without changing them.
     """
     cond = mu_fake.encode(ids)
     null = mu_real.encode(torch.zeros_like(ids)) if cfg_w != 1.0 else None    # the null caption
@@ -224,7 +236,7 @@ def few_step_sample(G_fn, sigmas, noise_fn):
     """
     x = noise_fn(0) * sigmas[0]
     for i, s in enumerate(sigmas):
-        x_hat = G_fn(x, s.expand(x.shape[0]))       # s stays on the device: no sync
+        x_hat = G_fn(x, s.expand(x.shape[0]))       # s stays a tensor: no host sync
         if i + 1 < len(sigmas):
             x = x_hat + noise_fn(i + 1) * sigmas[i + 1]
     return x_hat

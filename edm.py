@@ -3,8 +3,9 @@
 The paper's base model is an EDM-family diffusion model (its background section on EDM; the
 experimental setup in Section 4.1). This file implements that formulation, following Karras et al.,
 "Elucidating the Design Space of Diffusion-Based Generative Models" (EDM, NeurIPS 2022), Table 1
-and Algorithm 1 (deterministic Heun sampling). Read `precond` first: every other file only ever talks to the network through
-the denoiser D(x; sigma, c) that it defines, and through sigma values.
+and Algorithm 1 (deterministic Heun sampling). Read `precond` first: every other file only ever
+talks to the network through the denoiser D(x; sigma, c) that it defines, and through sigma
+values.
 
 Conventions used everywhere in the project:
   * corruption is variance exploding: x_sigma = x + sigma * eps, eps ~ N(0, I);
@@ -23,8 +24,10 @@ import torch.nn as nn
 
 @dataclass
 class EDMConfig:
-    sigma_data: Annotated[float, "in [0.001, 100]"] = 0.5  # std of the (normalised) training latents (data.py scales them)
-    P_mean: Annotated[float, "in [-5, 5]"] = -1.2  # p_train: ln(sigma) ~ N(P_mean, P_std^2)  (EDM's image default)
+    # std of the (normalised) training latents (data.py scales them)
+    sigma_data: Annotated[float, "in [0.001, 100]"] = 0.5
+    # p_train: ln(sigma) ~ N(P_mean, P_std^2)  (EDM's image default)
+    P_mean: Annotated[float, "in [-5, 5]"] = -1.2
     P_std: Annotated[float, "in (0, 5]"] = 1.2
     sigma_min: Annotated[float, "in [1e-05, 10]"] = 0.002  # p_inf / sampling schedule range
     sigma_max: Annotated[float, "in (0, 10000]"] = 80.0
@@ -89,11 +92,12 @@ class Denoiser(nn.Module):
 class BatchRNG:
     """The random numbers of one training step, split over processes the way its clips are.
 
-    Every process seeds its torch.Generator `rng` alike, draws each tensor for the whole global batch of
-    `batch` rows, and keeps only `rows` (its micro-batch). So sample j of a step gets the same
-    sigma and noise whether the step runs on one process or on eight with gradient accumulation;
-    that is what lets a multi-process run reproduce a single-process one (tests/test_distributed.py).
-    The price is drawing batch/len(rows) times more numbers than used: small next to the network.
+    Every process seeds its torch.Generator `rng` alike, draws each tensor for the whole global
+    batch of `batch` rows, and keeps only `rows` (its micro-batch). So sample j of a step gets the
+    same sigma and noise whether the step runs on one process or on eight with gradient
+    accumulation; that is what lets a multi-process run reproduce a single-process one
+    (tests/test_distributed.py). The price is drawing batch/len(rows) times more numbers than used:
+    small next to the network.
     """
 
     def __init__(self, rng, rows, batch):
@@ -205,8 +209,8 @@ def edm_loss(denoiser, x, cond, sigma, rng=None, eps=None):
 # A `denoise_fn(x, sigma)` takes x (B, C, T) and sigma (B,) and returns D (B, C, T).
 # A sampler is `sampler(denoise_fn, x, sigmas) -> x_0`, where x = sigmas[0] * noise and
 # sigmas is a decreasing grid ending in exactly one 0 (karras_schedule; the loops rely on it to
-# find the last step without reading the grid back to the host). Arithmetic is float64 (as EDM
-# does), the network sees float32.
+# find the last step without reading the grid: no host sync, see plumbing/loop.py). Arithmetic is
+# float64 (as EDM does), the network sees float32.
 
 def cat_cond(a, b):
     """Concatenate two conditionings along the batch: tensors, or dicts of tensors (dit.py's)."""
@@ -248,7 +252,7 @@ def _mix(D_null, D_cond, w):
 
 def _call(denoise_fn, x, sigma):
     """Evaluate the denoiser in float32 at sigma (a 0-d tensor of the grid) and return float64.
-    The grid stays a tensor on the device: reading a level into Python would sync the device."""
+    The level stays a tensor, never read into Python (no host sync: see plumbing/loop.py)."""
     return denoise_fn(x.float(), sigma.float().expand(x.shape[0])).double()
 
 
@@ -273,7 +277,7 @@ def heun(denoise_fn, x, sigmas, progress=None):
         t_cur, t_next = sigmas[i], sigmas[i + 1]
         d_cur = (x - _call(denoise_fn, x, t_cur)) / t_cur           # Euler step
         x_next = x + (t_next - t_cur) * d_cur
-        if i < len(sigmas) - 2:                     # 2nd-order correction (t_next > 0: the grid ends in 0)
+        if i < len(sigmas) - 2:            # 2nd-order correction (t_next > 0: the grid ends in 0)
             d_prime = (x_next - _call(denoise_fn, x_next, t_next)) / t_next
             x_next = x + (t_next - t_cur) * (0.5 * d_cur + 0.5 * d_prime)
         x = x_next
@@ -289,7 +293,7 @@ def dpmpp_2m(denoise_fn, x, sigmas, progress=None):
     for i in range(len(sigmas) - 1):
         s, s_next = sigmas[i], sigmas[i + 1]
         D = _call(denoise_fn, x, s)
-        if i == len(sigmas) - 2:              # the last step (to sigma 0) lands on the denoised estimate
+        if i == len(sigmas) - 2:         # the last step (to sigma 0) lands on the denoised estimate
             x = D
         else:
             h = torch.log(s / s_next)         # step size in log-sigma

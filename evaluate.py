@@ -2,15 +2,15 @@
 
     python train.py --stage clap --preset cpu --out runs/cpu      # the evaluation embedder, once
     python evaluate.py --run runs/cpu [--n 64] [--seeds 4]         # -> runs/cpu/results.{md,json}
-    python evaluate.py --run runs/cpu --embedder both              # our embedder and the aisfx judge
+    python evaluate.py --run runs/cpu --embedder both              # ours and the aisfx judge
     python evaluate.py --run runs/cpu --variance                   # -> runs/cpu/variance.{md,json}
     python evaluate.py --latency-only --preset paper [--rows presto-s presto-ls] [--compile]
-                                                   # random weights -> runs/latency_paper/latency.{md,json}
+                                          # random weights -> runs/latency_paper/latency.{md,json}
 
 Pretrained CLAP / VGGish weights cannot be downloaded here, so the project trains its own embedder
 (embedders/clap.py, `--stage clap`) and can ask a pretrained one nobody here trained
-(embedders/judge.py) for FAD and MMD. Every metric (metrics.py) only sees embeddings, so a user with real CLAP passes their own
-`embed_fn`.
+(embedders/judge.py) for FAD and MMD. Every metric (metrics.py) only sees embeddings, so a user
+with real CLAP passes their own `embed_fn`.
 
 Read first: `evaluate_run` (what is compared with what: the real clips, then each row's quality,
 diversity and latency, each a named step). `variance_report`: the paper's hidden-state variance
@@ -82,7 +82,7 @@ def load_rows(path, stage, device, opts):
 
 
 def embed_chunks(embed_fn, waves, batch, device):
-    """embed_fn over waves (B, ch, N) in chunks of `batch` (bounded memory): (B, d) float32 on the CPU."""
+    """embed_fn over waves (B, ch, N) in chunks of `batch` (bounded memory): (B, d) float32, CPU."""
     return torch.cat([embed_fn(w.to(device)).float().cpu() for w in waves.split(batch)])
 
 
@@ -100,11 +100,13 @@ def checkpoint_file(run, name, best=False):
 class Scorer:
     """What every row is scored with: the main embedder (FAD, FAD_inf, MMD; with embed_text the CLAP
     score, with predict_fn the attribute adherence), further judges {name: embed_fn} (FAD, FAD_inf
-    and MMD only, as name_fad, ...), and the real test clips' embeddings they are measured against."""
+    and MMD only, as name_fad, ...), and the real test clips' embeddings, every distance's
+    reference."""
 
-    def __init__(self, opts, device, scored, embed_fn, embed_text=None, predict_fn=None, judges=None):
+    def __init__(self, opts, device, scored, embed_fn, embed_text=None, predict_fn=None,
+                 judges=None):
         self.opts, self.device, self.scored = opts, device, scored
-        self.judges = {"": embed_fn, **(judges or {})}   # "" is the main embedder (no column prefix)
+        self.judges = {"": embed_fn, **(judges or {})}   # "": the main embedder (no column prefix)
         self.embed_text, self.predict_fn = embed_text, predict_fn
         self.seconds_per_clip, self.real = {}, {}
 
@@ -126,7 +128,7 @@ class Scorer:
                 f"{prefix}mmd": metrics.mmd(emb, ref, self.opts.mmd_sigma)}
 
     def judged(self, waves, audio):
-        """Every judge's distances of clips `waves` (audio: their main embeddings) to the real ones."""
+        """Each judge's distances of clips `waves` (audio: their main embeddings) to real ones."""
         out = {}
         for name in self.judges:
             emb = audio if name == "" else self.embed(waves, name)
@@ -134,7 +136,7 @@ class Scorer:
         return out
 
     def prompt_metrics(self, audio, captions, labels):
-        """CLAP score (per clip too) and attribute adherence of embedded clips against their captions."""
+        """CLAP score (per clip too) and attribute adherence of embedded clips to their captions."""
         text = self.embed_text(captions).float().cpu() if self.embed_text else None
         adh = (clap.attribute_accuracy(self.predict_fn(audio.to(self.device)),
                                        clap.attribute_targets(labels, data.attributes(self.scored)))
@@ -184,11 +186,12 @@ def score_quality(scorer, gen, rep, captions, labels, seconds):
 
 
 def score_diversity(scorer, gen, rep, captions, seconds):
-    """Diversity over opts.seeds seeds for each of the first opts.prompts captions (None for 1 seed)."""
+    """Diversity over opts.seeds seeds of each of the first opts.prompts captions (1 seed: None)."""
     P, S = min(scorer.opts.prompts, len(captions)), scorer.opts.seeds
     if S <= 1:
         return dict(diversity=None)
-    waves = rep.decode(gen([c for c in captions[:P] for _ in range(S)], list(range(P * S)), seconds))
+    waves = rep.decode(gen([c for c in captions[:P] for _ in range(S)], list(range(P * S)),
+                           seconds))
     emb = scorer.embed(sample.listenable(waves.cpu())).reshape(P, S, -1)
     by_prompt = metrics.diversity(emb, per_prompt=True)
     mean, se = metrics.mean_and_se(by_prompt)
@@ -214,10 +217,11 @@ def add_speedups(rows):
 
 
 @torch.no_grad()
-def evaluate_run(run, opts, embed_fn, embed_text=None, predict_fn=None, device="cpu", embedder="custom",
-                 judges=None, examples=None):
-    """Every row of a run folder. embed_fn(waves (B, ch, N)) -> (B, d); embed_text(captions) -> (B, d)
-    and predict_fn(emb) -> {attribute: (B,) class index} are optional (their metrics become None).
+def evaluate_run(run, opts, embed_fn, embed_text=None, predict_fn=None, device="cpu",
+                 embedder="custom", judges=None, examples=None):
+    """Every row of a run folder. embed_fn(waves (B, ch, N)) -> (B, d); embed_text(captions) ->
+    (B, d) and predict_fn(emb) -> {attribute: (B,) class index} are optional (without them, their
+    metrics are None).
     judges: {name: embed_fn} of further embedders that score every row with FAD, FAD_inf and MMD
     too, as name_fad, name_fad_inf, name_mmd (e.g. {"aisfx": judge.Judge(...)}). examples: a dict
     that receives {row name: its first opts.spectrograms clips} (the real test clips first)."""
@@ -226,14 +230,16 @@ def evaluate_run(run, opts, embed_fn, embed_text=None, predict_fn=None, device="
     present = [f for f in ROWS if f in wanted and os.path.isfile(os.path.join(run, f))]
     if not present:
         raise FileNotFoundError(f"no checkpoints in {run} (looked for {', '.join(ROWS)})")
-    loaded = [load_rows(checkpoint_file(run, f, getattr(opts, "best", False)), ROWS[f], device, opts)
+    loaded = [load_rows(checkpoint_file(run, f, getattr(opts, "best", False)), ROWS[f],
+                        device, opts)
               for f in present]                             # [(cfg, rep, [(name, settings, gen)])]
     cfg = loaded[0][0]
     scored = scored_data(cfg.data, getattr(opts, "collections", None))
     captions, labels, test_waves, train_waves = real_clips(scored, opts.n, run)
     n_rows = sum(len(rows) for _, _, rows in loaded)
     bar = tqdm(total=2 + 3 * n_rows, desc="evaluate", dynamic_ncols=True)
-    keep = lambda name, waves: examples.__setitem__(name, waves[:opts.spectrograms]) if examples is not None else None
+    keep = lambda name, waves: (examples.__setitem__(name, waves[:opts.spectrograms])
+                                if examples is not None else None)
 
     # 1. the real clips: the reference set, the prompts, and the embedder's own quality
     scorer = Scorer(opts, device, scored, embed_fn, embed_text, predict_fn, judges)
@@ -262,15 +268,20 @@ def evaluate_run(run, opts, embed_fn, embed_text=None, predict_fn=None, device="
     n = len(captions)
     settings = dict(run=run, checkpoints=sorted({r["checkpoint"] for r in rows}),
                     embedder=embedder, judges=list(judges or {}), n=n, seeds=opts.seeds,
-                    diversity_prompts=min(opts.prompts, n), embed_seconds_per_clip=scorer.seconds_per_clip,
-                    mmd="biased MMD^2 x1000, RBF on L2-normalised embeddings", mmd_sigma=opts.mmd_sigma,
+                    diversity_prompts=min(opts.prompts, n),
+                    embed_seconds_per_clip=scorer.seconds_per_clip,
+                    mmd="biased MMD^2 x1000, RBF on L2-normalised embeddings",
+                    mmd_sigma=opts.mmd_sigma,
                     fad="Gaussian fit of one embedding per clip, float64 eigen square roots",
-                    fad_inf="FAD(N) = FAD_inf + slope/N fitted on random subsets of N = n/4..n clips",
+                    fad_inf="FAD(N) = FAD_inf + slope/N fitted on random subsets of "
+                            "N = n/4..n clips",
                     steps=opts.steps, dpm_steps=opts.dpm_steps, few_steps=opts.few_steps,
                     ls_steps=opts.ls_steps, cfg=opts.guidance, latency_repeats=opts.repeats,
                     latency_batch=1, sample_rate=cfg.data.sample_rate, seconds=cfg.data.seconds,
-                    collections=list(scored.corpus_collections) if scored.dataset == "corpus" else None,
-                    trained_on=list(cfg.data.corpus_collections) if cfg.data.dataset == "corpus" else None,
+                    collections=(list(scored.corpus_collections) if scored.dataset == "corpus"
+                                 else None),
+                    trained_on=(list(cfg.data.corpus_collections) if cfg.data.dataset == "corpus"
+                                else None),
                     prompts="captions of the first n test-split clips; sample i uses seed i",
                     machine=machine(device))
     return dict(settings=settings, embedder_quality=embedder_quality, rows=[real_row, *rows])
@@ -289,7 +300,8 @@ def _pm(se, spec=".3f"):   # ' ± se' after a mean, or nothing without a standar
 
 # (row a, row b, per-item key) compared item by item in the report where both rows are present: the
 # paper's "LS improves diversity" at every Presto-LS step count, and Presto-L against ASE
-PAIRED = [*[(f"Presto-LS {k}-step", f"Presto-S {k}-step", "diversity_by_prompt") for k in (1, 2, 4, 8)],
+PAIRED = [*[(f"Presto-LS {k}-step", f"Presto-S {k}-step", "diversity_by_prompt")
+            for k in (1, 2, 4, 8)],
           ("Presto-L", "ASE", "clap_score_by_clip")]
 
 
@@ -324,42 +336,52 @@ def to_markdown(res):
     s, q = res["settings"], res["embedder_quality"]
     judges = s.get("judges", [])
     extra = "".join(f" | {j} FAD | {j} FAD∞ | {j} MMD" for j in judges)
-    held = [c for c in s.get("collections") or () if s.get("trained_on") and c not in s["trained_on"]]
-    lines = ["# Results", "", *([f"Scored on the test pieces of {', '.join(s['collections'])}; the run "
-                                 f"trained on {', '.join(s['trained_on'])}, so {', '.join(held)} "
-                                 f"{'is' if len(held) == 1 else 'are'} music it never heard.", ""]
-                               if held else []), "| row | steps | network calls | FAD | FAD∞ | MMD" + extra + " | CLAP score "
+    held = [c for c in s.get("collections") or ()
+            if s.get("trained_on") and c not in s["trained_on"]]
+    lines = ["# Results", "",
+             *([f"Scored on the test pieces of {', '.join(s['collections'])}; the run "
+                f"trained on {', '.join(s['trained_on'])}, so {', '.join(held)} "
+                f"{'is' if len(held) == 1 else 'are'} music it never heard.", ""]
+               if held else []),
+             "| row | steps | network calls | FAD | FAD∞ | MMD" + extra + " | CLAP score "
              "| adherence | diversity | blocks | generation ms | decode ms | end-to-end ms | RTF "
-             "| speed-up (generation) | speed-up (end-to-end) |", "|" + "---|" * (16 + 3 * len(judges))]
+             "| speed-up (generation) | speed-up (end-to-end) |",
+             "|" + "---|" * (16 + 3 * len(judges))]
     for r in res["rows"]:
         cols = "".join(f" | {_fmt(r.get(f'{j}_fad'))} | {_fmt(r.get(f'{j}_fad_inf'))} | "
                        f"{_fmt(r.get(f'{j}_mmd'))}" for j in judges)
-        lines.append(f"| {r['name']} | {r.get('steps', '-')} | {r.get('network_calls', '-')} | {_fmt(r['fad'])} "
+        lines.append(f"| {r['name']} | {r.get('steps', '-')} | {r.get('network_calls', '-')} "
+                     f"| {_fmt(r['fad'])} "
                      f"| {_fmt(r.get('fad_inf'))} | {_fmt(r['mmd'])}{cols} "
-                     f"| {_fmt(r['clap_score'])}{_pm(r.get('clap_score_se'))} | {_fmt(r['adherence'])} "
-                     f"| {_fmt(r.get('diversity'))}{_pm(r.get('diversity_se'))} | {_fmt(r.get('blocks'), '.2f')} "
+                     f"| {_fmt(r['clap_score'])}{_pm(r.get('clap_score_se'))} "
+                     f"| {_fmt(r['adherence'])} "
+                     f"| {_fmt(r.get('diversity'))}{_pm(r.get('diversity_se'))} "
+                     f"| {_fmt(r.get('blocks'), '.2f')} "
                      f"| {_fmt(r.get('generation_ms'), '.0f')} "
                      f"| {_fmt(r.get('decode_ms'), '.0f')} | {_fmt(r.get('end_to_end_ms'), '.0f')} "
                      f"| {_fmt(r.get('rtf'), '.2f')} | {_fmt(r.get('gen_speedup'), '.1f')} "
                      f"| {_fmt(r.get('speedup'), '.1f')} |")
-    lines += ["", "FAD and MMD: each row's clips vs the real test clips (real data row: real test vs real "
-              f"train), on {s['n']} clips; FAD∞: FAD extrapolated to infinitely many clips (fit in "
-              "results.json). CLAP score and adherence of the real data row are those of the real test clips "
-              "(the ceiling). Network calls count denoiser evaluations; CFG doubles each call's batch. "
-              "Blocks: the mean fraction of the DiT's blocks a clip runs over its network calls "
-              "(below 1 for the layer-dropped rows, from the sigmas the sampler used). "
-              "RTF = audio seconds / end-to-end seconds; speed-ups = base Heun time / row time, generation "
-              "alone and end to end (decoding included), measured in this run. Diversity: "
-              f"mean over {s.get('diversity_prompts', '?')} prompts of the mean pairwise embedding "
-              f"distance between {s['seeds']} seeds of a prompt, ± its standard error over prompts; CLAP "
-              "score ± its standard error over clips.",
-              *[f"\n**{r['name']}: {r['nonfinite_clips']} of {s['n']} clips decoded to inf/NaN samples** "
-                "(zeroed before embedding)." for r in res["rows"] if r.get("nonfinite_clips")],
+    lines += ["", "FAD and MMD: each row's clips vs the real test clips (real data row: real "
+              f"test vs real train), on {s['n']} clips; FAD∞: FAD extrapolated to infinitely "
+              "many clips (fit in results.json). CLAP score and adherence of the real data row "
+              "are those of the real test clips (the ceiling). Network calls count denoiser "
+              "evaluations; CFG doubles each call's batch. Blocks: the mean fraction of the "
+              "DiT's blocks a clip runs over its network calls (below 1 for the layer-dropped "
+              "rows, from the sigmas the sampler used). RTF = audio seconds / end-to-end "
+              "seconds; speed-ups = base Heun time / row time, generation alone and end to end "
+              "(decoding included), measured in this run. Diversity: mean over "
+              f"{s.get('diversity_prompts', '?')} prompts of the mean pairwise embedding "
+              f"distance between {s['seeds']} seeds of a prompt, ± its standard error over "
+              "prompts; CLAP score ± its standard error over clips.",
+              *[f"\n**{r['name']}: {r['nonfinite_clips']} of {s['n']} clips decoded to inf/NaN "
+                "samples** (zeroed before embedding)."
+                for r in res["rows"] if r.get("nonfinite_clips")],
               "", "## Embedder quality (held-out real test clips)", "",
-              f"- text -> audio retrieval R@1 among {q['candidates']} candidates: {_fmt(q['retrieval_r1'])} "
-              f"(chance {1 / q['candidates']:.3f})"]
+              f"- text -> audio retrieval R@1 among {q['candidates']} candidates: "
+              f"{_fmt(q['retrieval_r1'])} (chance {1 / q['candidates']:.3f})"]
     if q["attributes"]:
-        lines.append("- attribute accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in q["attributes"].items()))
+        lines.append("- attribute accuracy: "
+                     + ", ".join(f"{k} {v:.3f}" for k, v in q["attributes"].items()))
     lines += _paired_lines(res["rows"]) + _judge_lines(res)
     lines += ["", "## Settings", "", "```", json.dumps(s, indent=2), "```", ""]
     return "\n".join(lines)
@@ -395,18 +417,19 @@ def plot(res, path):
 
 
 def spectrograms(examples, captions, rep, path):
-    """A grid of log-magnitude spectrograms: one row per evaluated row (real clips first), one column
-    per caption (same seed across rows); returns a note if matplotlib is missing."""
+    """A grid of log-magnitude spectrograms: one row per evaluated row (real clips first), one
+    column per caption (same seed across rows); returns a note if matplotlib is missing."""
     plt = pyplot()
     if plt is None:
         return "matplotlib is not installed: no spectrogram picture"
     k = len(captions)
-    fig, axes = plt.subplots(len(examples), k, figsize=(3.2 * k, 1.6 * len(examples)), squeeze=False)
+    fig, axes = plt.subplots(len(examples), k, figsize=(3.2 * k, 1.6 * len(examples)),
+                             squeeze=False)
     for i, (name, waves) in enumerate(examples.items()):
         for j in range(k):
             ax = axes[i][j]
-            ax.imshow(rep.log_magnitude(waves[j:j + 1, :1])[0].numpy(), origin="lower", aspect="auto",
-                      vmin=-9, vmax=3, cmap="magma")
+            ax.imshow(rep.log_magnitude(waves[j:j + 1, :1])[0].numpy(), origin="lower",
+                      aspect="auto", vmin=-9, vmax=3, cmap="magma")
             ax.set(xticks=[], yticks=[])
             ax.set_title("\n".join(textwrap.wrap(captions[j], 48)) if i == 0 else None, fontsize=6)
         axes[i][0].set_ylabel(name, fontsize=7, rotation=0, ha="right", va="center")
@@ -432,20 +455,23 @@ def check_collections(opts):
     from sources import corpus
     unknown = [c for c in opts.collections if c not in corpus.COLLECTIONS]
     if unknown:
-        raise ValueError(f"--collections: unknown {', '.join(unknown)}; choose from {', '.join(corpus.COLLECTIONS)}")
+        raise ValueError(f"--collections: unknown {', '.join(unknown)}; choose from "
+                         f"{', '.join(corpus.COLLECTIONS)}")
     run_data = run_config(opts.run).data
     if run_data.dataset != "corpus":
-        raise ValueError(f"--collections scores corpus runs; {opts.run} was trained on {run_data.dataset}")
+        raise ValueError(f"--collections scores corpus runs; {opts.run} was trained on "
+                         f"{run_data.dataset}")
     if opts.embedder == "aisfx" or not os.path.isfile(embedder_path(opts)):
-        return                                  # aisfx reads no captions; a missing clap.pt is named later
+        return                          # aisfx reads no captions; a missing clap.pt is named later
     seen = config.config_from_dict(checkpoints.read_checkpoint(embedder_path(opts))["config"]).data
     missing = [c for c in opts.collections if seen.dataset != "corpus" or
                (seen.corpus_collections and c not in seen.corpus_collections)]
     if missing:
         raise ValueError(f"{embedder_path(opts)} was trained on {seen.dataset} "
-                         f"{', '.join(seen.corpus_collections) or ''} and has not seen the attribute "
-                         f"vocabulary of {', '.join(missing)}: score with an embedder trained on every "
-                         "collection (python train.py --stage clap --preset corpus --out DIR; --embedder DIR/clap.pt)")
+                         f"{', '.join(seen.corpus_collections) or ''} and has not seen the "
+                         f"attribute vocabulary of {', '.join(missing)}: score with an embedder "
+                         "trained on every collection (python train.py --stage clap --preset "
+                         "corpus --out DIR; --embedder DIR/clap.pt)")
 
 
 def run_config(run):
@@ -468,15 +494,17 @@ def embedders(opts, device):
     if clap_cfg.data.sample_rate != run_rate():       # its features mean nothing at another rate
         raise ValueError(f"{path} embeds {clap_cfg.data.sample_rate} Hz audio and {opts.run} makes "
                          f"{run_rate()} Hz: score with an embedder trained on the run's data "
-                         "(python train.py --stage clap --preset P --out DIR; --embedder DIR/clap.pt)")
+                         "(python train.py --stage clap --preset P --out DIR; --embedder "
+                         "DIR/clap.pt)")
     judges = {"aisfx": judge.Judge(run_rate(), device)} if opts.embedder == "both" else None
     return dict(embed_fn=model.embed_audio, embed_text=model.embed_text, judges=judges,
                 predict_fn=model.predict_attributes if model.heads else None,
-                embedder=f"{path} (miniature CLAP, d={clap_cfg.clap.dim}, {clap_cfg.clap.steps} steps)")
+                embedder=f"{path} (miniature CLAP, d={clap_cfg.clap.dim}, "
+                         f"{clap_cfg.clap.steps} steps)")
 
 
 def load_embedder(path, device="cpu"):
-    """(cfg, frozen clap.ClapModel) from clap.pt; a one-line error saying how to train a missing one."""
+    """(cfg, frozen clap.ClapModel) from clap.pt; if missing, an error saying how to train one."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"embedder not found: {path} (train it with: python train.py "
                                 f"--stage clap --preset P --out {os.path.dirname(path) or '.'})")
@@ -485,7 +513,8 @@ def load_embedder(path, device="cpu"):
 
 
 # ----------------------------------------------------------------------------------------------
-# Hidden-state variance (the paper's Presto-L section and figure): why Presto-L keeps the final block
+# Hidden-state variance (the paper's Presto-L section and figure): why Presto-L keeps the final
+# block
 
 VARIANCE_SIGMAS = (0.01, 0.05, 0.2, 0.5, 1.0, 2.0, 5.0, 20.0, 80.0)
 
@@ -519,8 +548,9 @@ def variance_report(run, device, n=16, budget=None, sigmas=VARIANCE_SIGMAS):
         budgets[name] = b
         for label, den in models.items():
             cond = den.encode(ids)
-            head[label] = [layerdrop.head_input_variance(den, x, cond, [s], b_s, method,
-                                                         budget_cond=drop_cfg.budget_cond)[method].item()
+            head[label] = [layerdrop.head_input_variance(
+                               den, x, cond, [s], b_s, method,
+                               budget_cond=drop_cfg.budget_cond)[method].item()
                            for s, b_s in zip(sigmas, b)]
     return dict(run=run, clips=len(x), sigmas=list(sigmas), depth=depth,
                 budget="schedule" if budget is None else budget, budgets=budgets,
@@ -529,18 +559,23 @@ def variance_report(run, device, n=16, budget=None, sigmas=VARIANCE_SIGMAS):
 
 def variance_markdown(res):
     sig, L = res["sigmas"], res["depth"]
-    lines = ["# Hidden-state variance", "", f"{res['clips']} held-out (test) clips, each noised with one "
-             "eps at every sigma; variance over all elements of the (B, tokens, width) hidden state.", "",
+    lines = ["# Hidden-state variance", "",
+             f"{res['clips']} held-out (test) clips, each noised with one eps at every sigma; "
+             "variance over all elements of the (B, tokens, width) hidden state.", "",
              "## After each block of base.pt (full depth)", "",
-             "| sigma | " + " | ".join(f"block {k + 1}" for k in range(L)) + " |", "|" + "---|" * (L + 1)]
+             "| sigma | " + " | ".join(f"block {k + 1}" for k in range(L)) + " |",
+             "|" + "---|" * (L + 1)]
     lines += [f"| {s:g} | " + " | ".join(f"{v:.3g}" for v in row) + " |"
               for s, row in zip(sig, res["hidden_variance"])]
     head, budgets = res["head_input_variance"], res["budgets"]
     lines += ["", "## Input of the final layer (the head)", "",
-              f"Blocks run: {'the schedule of each method at each sigma' if res['budget'] == 'schedule' else res['budget']}"
-              f" (of {L}). Presto-L keeps the final block, so its head input should stay close to "
-              "full depth; ASE's early exit need not.", "",
-              "| sigma | " + " | ".join(f"{k} blocks" for k in budgets) + " | " + " | ".join(head) + " |",
+              "Blocks run: "
+              + ("the schedule of each method at each sigma" if res["budget"] == "schedule"
+                 else str(res["budget"]))
+              + f" (of {L}). Presto-L keeps the final block, so its head input should stay "
+              "close to full depth; ASE's early exit need not.", "",
+              "| sigma | " + " | ".join(f"{k} blocks" for k in budgets) + " | "
+              + " | ".join(head) + " |",
               "|" + "---|" * (1 + len(budgets) + len(head))]
     lines += [f"| {s:g} | " + " | ".join(str(budgets[k][i]) for k in budgets) + " | "
               + " | ".join(f"{head[k][i]:.3g}" for k in head) + " |" for i, s in enumerate(sig)]
@@ -548,14 +583,15 @@ def variance_markdown(res):
 
 
 def plot_variance(res, folder):
-    """variance_by_depth.png and head_input_variance.png; returns a note if matplotlib is missing."""
+    """variance_by_depth.png and head_input_variance.png; a note instead without matplotlib."""
     plt = pyplot()
     if plt is None:
         return "matplotlib is not installed: no variance plots (the numbers are in variance.md)"
     fig, ax = plt.subplots(figsize=(6, 4))
     for s, row in zip(res["sigmas"], res["hidden_variance"]):
         ax.plot(range(1, res["depth"] + 1), row, marker="o", label=f"sigma {s:g}")
-    ax.set(yscale="log", xlabel="block", ylabel="hidden-state variance", title="base.pt, full depth")
+    ax.set(yscale="log", xlabel="block", ylabel="hidden-state variance",
+           title="base.pt, full depth")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(folder, "variance_by_depth.png"), dpi=120)
@@ -585,13 +621,15 @@ def write_variance(opts, device):
     if not os.path.isfile(os.path.join(opts.run, "base.pt")):
         raise FileNotFoundError(f"--variance needs {os.path.join(opts.run, 'base.pt')}")
     if opts.variance_budget is not None:   # below the depth, checked before the minutes of loading
-        model = config.config_from_dict(checkpoints.read_checkpoint(os.path.join(opts.run, "base.pt"))["config"]).model
+        model = config.config_from_dict(
+            checkpoints.read_checkpoint(os.path.join(opts.run, "base.pt"))["config"]).model
         depth = model.depth or dit.SIZES[model.size]["depth"]
         if opts.variance_budget > depth:
-            raise ValueError(f"--variance-budget must be in 2..{depth} (base.pt has {depth} blocks), "
-                             f"got {opts.variance_budget}")
+            raise ValueError(f"--variance-budget must be in 2..{depth} (base.pt has {depth} "
+                             f"blocks), got {opts.variance_budget}")
     res = variance_report(opts.run, device, opts.variance_clips, opts.variance_budget)
-    return write_report(opts.run, "variance", res, variance_markdown(res), plot_variance(res, opts.run))
+    return write_report(opts.run, "variance", res, variance_markdown(res),
+                        plot_variance(res, opts.run))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -607,8 +645,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Evaluate every checkpoint of a run folder: FAD, MMD, "
                                 "CLAP score, adherence, diversity and latency (see README).",
                                 formatter_class=config.HelpFormatter)
-    p.add_argument("--run", default=None, help="run folder written by train.py (required unless --latency-only)")
-    p.add_argument("--n", type=int, default=64, help="clips per row (test-split captions and references)")
+    p.add_argument("--run", default=None,
+                   help="run folder written by train.py (required unless --latency-only)")
+    p.add_argument("--n", type=int, default=64,
+                   help="clips per row (test-split captions and references)")
     p.add_argument("--seeds", type=int, default=4, help="seeds per prompt for diversity")
     p.add_argument("--prompts", type=int, default=4, help="prompts for diversity")
     p.add_argument("--steps", type=int, default=32, help="base Heun steps")
@@ -621,15 +661,17 @@ def main(argv=None):
                    help="classifier-free guidance (CFG) weight of the base, ASE and Presto-L rows "
                         "(x0-space; --cfg is the same option)")
     p.add_argument("--checkpoints", nargs="+", default=None, metavar="FILE",
-                   help=f"score only these checkpoint files of the run folder, of {', '.join(ROWS)} "
-                        "(default: every one present)")
+                   help="score only these checkpoint files of the run folder, of "
+                        f"{', '.join(ROWS)} (default: every one present)")
     p.add_argument("--best", action="store_true",
                    help="score presto_s_best.pt / presto_ls_best.pt (lowest validation FAD during "
-                        "distillation, distill.val_every) instead of the last checkpoints, where present")
+                        "distillation, distill.val_every) instead of the last checkpoints, where "
+                        "present")
     p.add_argument("--embedder", default=None,
-                   help="who scores the clips: a clap.pt (default: RUN/clap.pt, our miniature CLAP); "
-                        "aisfx (the pretrained judge of embedders/judge.py: FAD and MMD only); or both (CLAP "
-                        "score and adherence from RUN/clap.pt, FAD and MMD from both)")
+                   help="who scores the clips: a clap.pt (default: RUN/clap.pt, our miniature "
+                        "CLAP); aisfx (the pretrained judge of embedders/judge.py: FAD and MMD "
+                        "only); or both (CLAP score and adherence from RUN/clap.pt, FAD and MMD "
+                        "from both)")
     p.add_argument("--mmd-sigma", type=float, default=10.0, help="RBF bandwidth of MMD (CMMD's 10)")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per latency (median)")
     p.add_argument("--batch", type=int, default=16, help="clips generated / embedded together")
@@ -637,24 +679,29 @@ def main(argv=None):
                    help="auto (CUDA if available, else CPU), cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--precision", choices=sample.PRECISIONS, default="auto",
-                   help="generation's matmuls: auto (bf16 autocast on CUDA, float32 on a CPU), bf16 or fp32")
-    p.add_argument("--collections", type=lambda v: tuple(c.strip() for c in v.split(",") if c.strip()),
+                   help="generation's matmuls: auto (bf16 autocast on CUDA, float32 on a CPU), "
+                        "bf16 or fp32")
+    p.add_argument("--collections",
+                   type=lambda v: tuple(c.strip() for c in v.split(",") if c.strip()),
                    default=None, metavar="NAME[,NAME]",
-                   help="corpus runs: score on these collections' test pieces instead of the run's own "
-                        "(music it never heard, if trained without them: data.corpus_collections) -> "
-                        "RUN/results_NAME.{md,json}; the embedder must have been trained on them")
+                   help="corpus runs: score on these collections' test pieces instead of the run's "
+                        "own (music it never heard, if trained without them: "
+                        "data.corpus_collections) -> RUN/results_NAME.{md,json}; the embedder must "
+                        "have been trained on them")
     p.add_argument("--variance", action="store_true",
-                   help="instead of the results table: hidden-state variance by depth and noise level, "
-                        "and the head-input variance of full depth / ASE / Presto-L -> RUN/variance.{md,json}")
+                   help="instead of the results table: hidden-state variance by depth and noise "
+                        "level, and the head-input variance of full depth / ASE / Presto-L -> "
+                        "RUN/variance.{md,json}")
     p.add_argument("--spectrograms", type=int, default=3,
-                   help="also draw RUN/spectrograms.png: the first N test captions, the real clip and "
-                        "every row's clip for each (needs matplotlib; 0: none)")
+                   help="also draw RUN/spectrograms.png: the first N test captions, the real clip "
+                        "and every row's clip for each (needs matplotlib; 0: none)")
     p.add_argument("--variance-clips", type=int, default=16, help="held-out clips for --variance")
     p.add_argument("--variance-budget", type=int, default=None,
                    help="blocks run by ASE / Presto-L for --variance (default: their schedule)")
     p.add_argument("--latency-only", action="store_true",
-                   help="instead of the results table: batch-1 latency of random-weight models at a "
-                        "preset's output size (no run folder, no trained weights) -> OUT/latency.{md,json}")
+                   help="instead of the results table: batch-1 latency of random-weight models at "
+                        "a preset's output size (no run folder, no trained weights) -> "
+                        "OUT/latency.{md,json}")
     p.add_argument("--preset", default=None,
                    help=f"--latency-only: the preset whose output size and model are timed, one of "
                         f"{', '.join(config.PRESETS)}")
@@ -662,19 +709,22 @@ def main(argv=None):
                    help="--latency-only: config overrides as train.py's, e.g. model.size=S")
     p.add_argument("--channels", type=int, nargs="+", default=[1, 2],
                    help="--latency-only: one section per channel count (sets data.channels)")
-    p.add_argument("--rows", nargs="+", choices=latency.LATENCY_ROWS, default=list(latency.LATENCY_ROWS),
-                   help="--latency-only: which rows to time; base is slow at the paper's size on a CPU")
+    p.add_argument("--rows", nargs="+", choices=latency.LATENCY_ROWS,
+                   default=list(latency.LATENCY_ROWS),
+                   help="--latency-only: which rows to time; base is slow at the paper's size on a "
+                        "CPU")
     p.add_argument("--compile", action="store_true",
-                   help="--latency-only: torch.compile the DiT (CUDA: mode reduce-overhead, i.e. CUDA "
-                        "graphs; CPU: the default mode, needs a C++ compiler); compiling is warm-up, "
-                        "not timed")
+                   help="--latency-only: torch.compile the DiT (CUDA: mode reduce-overhead, i.e. "
+                        "CUDA graphs; CPU: the default mode, needs a C++ compiler); compiling is "
+                        "warm-up, not timed")
     p.add_argument("--out", default=None,
                    help="--latency-only: output folder (None: runs/latency_PRESET)")
     opts = p.parse_args(argv)
     small = [f"--{k.replace('_', '-')} {v}" for k, v, lo in (
         ("threads", opts.threads, 0), ("batch", opts.batch, 1), ("repeats", opts.repeats, 1),
         ("steps", opts.steps, 1), ("dpm_steps", opts.dpm_steps, 1), ("ls_steps", opts.ls_steps, 1),
-        ("seeds", opts.seeds, 1), ("prompts", opts.prompts, 1), ("n", opts.n, 2), ("spectrograms", opts.spectrograms, 0),
+        ("seeds", opts.seeds, 1), ("prompts", opts.prompts, 1), ("n", opts.n, 2),
+        ("spectrograms", opts.spectrograms, 0),
         ("variance_clips", opts.variance_clips, 1),
         ("few_steps", min(opts.few_steps), 1)) if v < lo]
     if small:                              # checked before any model is loaded or sample drawn
@@ -687,27 +737,35 @@ def main(argv=None):
     if not (math.isfinite(opts.mmd_sigma) and opts.mmd_sigma > 0):
         sys.exit(f"error: --mmd-sigma must be a finite number > 0, got {opts.mmd_sigma}")
     if opts.variance_budget is not None and opts.variance_budget < 2:
-        sys.exit(f"error: --variance-budget must be >= 2 (Presto-L runs an early block and the final one), "
-                 f"got {opts.variance_budget}")
-    if not opts.variance and (opts.variance_budget is not None or opts.variance_clips != p.get_default("variance_clips")):
+        sys.exit("error: --variance-budget must be >= 2 (Presto-L runs an early block and the "
+                 f"final one), got {opts.variance_budget}")
+    if not opts.variance and (opts.variance_budget is not None
+                              or opts.variance_clips != p.get_default("variance_clips")):
         warnings.warn("--variance-budget and --variance-clips apply only with --variance: ignored")
     if opts.threads:
         torch.set_num_threads(opts.threads)
-    latency_flags = [flag for flag, given in (      # options that only mean something with --latency-only
+    # options that only mean something with --latency-only
+    latency_flags = [flag for flag, given in (
         ("--preset", opts.preset), ("--set", opts.sets), ("--channels", opts.channels != [1, 2]),
-        ("--rows", opts.rows != list(latency.LATENCY_ROWS)), ("--compile", opts.compile), ("--out", opts.out)) if given]
+        ("--rows", opts.rows != list(latency.LATENCY_ROWS)), ("--compile", opts.compile),
+        ("--out", opts.out)) if given]
     if len(set(opts.few_steps)) < len(opts.few_steps):
-        sys.exit(f"error: --few-steps names a step count twice: {' '.join(map(str, opts.few_steps))}")
-    ignored = [f"--{k.replace('_', '-')}" for k in ("best", "embedder", "n", "seeds", "prompts", "steps",
-               "dpm_steps", "few_steps", "ls_steps", "guidance", "spectrograms", "collections", "checkpoints")
-               if getattr(opts, k) != p.get_default(k)] + (["--run"] if opts.latency_only and opts.run else [])
+        sys.exit("error: --few-steps names a step count twice: "
+                 f"{' '.join(map(str, opts.few_steps))}")
+    ignored = ([f"--{k.replace('_', '-')}"
+                for k in ("best", "embedder", "n", "seeds", "prompts", "steps", "dpm_steps",
+                          "few_steps", "ls_steps", "guidance", "spectrograms", "collections",
+                          "checkpoints")
+                if getattr(opts, k) != p.get_default(k)]
+               + (["--run"] if opts.latency_only and opts.run else []))
     if (opts.variance or opts.latency_only) and ignored:        # options of the results table only
         warnings.warn(f"{', '.join(ignored)} do(es) not apply to "
                       f"{'--latency-only' if opts.latency_only else '--variance'}: ignored")
     if opts.latency_only:
         try:
             if opts.preset is None:
-                raise ValueError(f"--latency-only needs --preset (one of {', '.join(config.PRESETS)})")
+                raise ValueError("--latency-only needs --preset "
+                                 f"(one of {', '.join(config.PRESETS)})")
             out = opts.out or os.path.join("runs", f"latency_{opts.preset}")
             if os.path.exists(out) and not os.path.isdir(out):
                 raise ValueError(f"--out {out} is a file, not a folder")
@@ -734,17 +792,20 @@ def main(argv=None):
         if opts.variance:
             return write_variance(opts, device)
         examples = {}
-        res = evaluate_run(opts.run, opts, device=device, examples=examples, **embedders(opts, device))
+        res = evaluate_run(opts.run, opts, device=device, examples=examples,
+                           **embedders(opts, device))
     except (ValueError, FileNotFoundError, RuntimeError, ModuleNotFoundError) as e:
         sys.exit(f"error: {e}")
-    suffix = "".join(f"_{c}" for c in opts.collections or ())     # held-out scores beside the run's own
+    suffix = "".join(f"_{c}" for c in opts.collections or ())     # held-out scores: own files
     notes = [plot(res, os.path.join(opts.run, f"speed_vs_quality{suffix}.png"))]
     if opts.spectrograms:
-        cfg = config.config_from_dict(checkpoints.read_checkpoint(checkpoint_file(opts.run, res["settings"]["checkpoints"][0]))["config"])
+        cfg = config.config_from_dict(checkpoints.read_checkpoint(
+            checkpoint_file(opts.run, res["settings"]["checkpoints"][0]))["config"])
         k = len(examples["real test clips"])               # opts.spectrograms, or n if fewer
         test = data.make_dataset(scored_data(cfg.data, opts.collections), "test")
         notes.append(spectrograms(examples, [test.clip(i).caption for i in range(k)],
-                                  data.Representation(cfg.data), os.path.join(opts.run, f"spectrograms{suffix}.png")))
+                                  data.Representation(cfg.data),
+                                  os.path.join(opts.run, f"spectrograms{suffix}.png")))
     write_report(opts.run, f"results{suffix}", res, to_markdown(res), *notes)
 
 

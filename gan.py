@@ -1,8 +1,8 @@
 """gan.py: a least-squares discriminator on the fake score's hidden features (Presto-S).
 
-Implements the adversarial half of the paper's Presto-S (the discriminator of Section 3.2.3; DMD2's "GAN on the
-fake-score backbone", Yin et al. 2024; least-squares GAN, Mao et al. 2017). Read `features` first;
-dmd.fake_score_loss and dmd.generator_loss use these pieces.
+Implements the adversarial half of the paper's Presto-S (the discriminator of Section 3.2.3;
+DMD2's "GAN on the fake-score backbone", Yin et al. 2024; least-squares GAN, Mao et al. 2017). Read
+`features` first; dmd.fake_score_loss and dmd.generator_loss use these pieces.
 
 The discriminator is not a separate network: it is the fake score mu_fake up to one of its blocks
 (a sigma-conditioned feature extractor that already knows the data), plus a small Conv1d head over
@@ -28,7 +28,8 @@ class Head(nn.Module):
     def __init__(self, in_width, width=128, groups=8):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Conv1d(in_width, width, 3, stride=2, padding=1), nn.GroupNorm(groups, width), nn.SiLU(),
+            nn.Conv1d(in_width, width, 3, stride=2, padding=1), nn.GroupNorm(groups, width),
+            nn.SiLU(),
             nn.Conv1d(width, width, 3, stride=2, padding=1), nn.GroupNorm(groups, width), nn.SiLU(),
             nn.Conv1d(width, 1, 1))
 
@@ -37,14 +38,14 @@ class Head(nn.Module):
 
 
 def disc_block(setting, depth):
-    """The block whose output the discriminator reads: distill.disc_block, or the middle one (-1)."""
+    """The block whose output the discriminator reads: distill.disc_block, or -1: the middle one."""
     return setting if setting >= 0 else depth // 2
 
 
 def features(mu_fake, x, sigma, cond, block):
     """Hidden state of the fake score after `block` at noise level sigma: (B, N, W). Only blocks
     0..block run (the blocks after it cannot change it)."""
-    takes_blocks = "blocks" in inspect.signature(mu_fake.net.forward).parameters   # (toy networks: all)
+    takes_blocks = "blocks" in inspect.signature(mu_fake.net.forward).parameters  # toys: run all
     upto = {"blocks": list(range(block + 1))} if takes_blocks else {}
     return mu_fake(x, sigma, cond, return_hidden=block, **upto)[1]
 

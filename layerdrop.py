@@ -1,4 +1,5 @@
-"""layerdrop.py: ASE (the baseline) and Presto-L (variance-preserving, budget-conditioned layer dropping).
+"""layerdrop.py: ASE (the baseline) and Presto-L (variance-preserving, budget-conditioned layer
+dropping).
 
 Implements the paper's Presto-L (Novack et al., ICLR 2025, Section 3.3) and its
 baseline ASE (Moon et al., ICML 2024, "A Simple Early Exiting Framework for Accelerated Sampling in
@@ -33,20 +34,26 @@ ASE_SCHEDULE = (28, 28, 24, 24, 20, 20, 16, 16, 12, 12)   # ASE's DiT-XL/2 block
 
 @dataclass
 class LayerDropConfig:
-    method: Annotated[str, "presto-l|ase"] = "presto-l"  # "presto-l" (keep the final block, budget conditioning), "ase"
+    # "presto-l" (keep the final block, budget conditioning), "ase"
+    method: Annotated[str, "presto-l|ase"] = "presto-l"
     # budget per noise bin, low noise -> high noise, as fractions of depth so any depth works;
     # default ASE_SCHEDULE / 28 (~71% of the compute)
-    schedule: Annotated[list, "each in (0, 1]"] = field(default_factory=lambda: [b / 28 for b in ASE_SCHEDULE])
-    jitter: Annotated[int, ">= 0"] = 1  # [ours] training budgets = schedule + U{-jitter..jitter} blocks
-    dsm_weight: Annotated[float, ">= 0"] = 0.0  # [ours] Presto-L: weight of the ordinary DSM loss added to L_st
-    st_weight: Annotated[float, ">= 0"] = 1.0  # [ours] Presto-L: weight of L_st itself (0 with dsm_weight > 0:
-                                               # ASE's objective on Presto-L's blocks, to tell structure from
-                                               # objective)
-    budget_cond: Annotated[bool, "any"] = True  # Presto-L's budget embedding (ablation: off); ASE never has one
+    schedule: Annotated[list, "each in (0, 1]"] = field(
+        default_factory=lambda: [b / 28 for b in ASE_SCHEDULE])
+    # [ours] training budgets = schedule + U{-jitter..jitter} blocks
+    jitter: Annotated[int, ">= 0"] = 1
+    # [ours] Presto-L: weight of the ordinary DSM loss added to L_st
+    dsm_weight: Annotated[float, ">= 0"] = 0.0
+    # [ours] Presto-L: weight of L_st itself (0 with dsm_weight > 0: ASE's objective on Presto-L's
+    # blocks, to tell structure from objective)
+    st_weight: Annotated[float, ">= 0"] = 1.0
+    # Presto-L's budget embedding (ablation: off); ASE never has one
+    budget_cond: Annotated[bool, "any"] = True
     # the fine-tuning stages (train.py --stage ase / presto-l), as dmd.DistillConfig's
     steps: Annotated[int, ">= 1"] = 1000  # optimiser steps
     batch_size: Annotated[int, ">= 1"] = 16  # clips per step
-    lr: Annotated[float, "> 0"] = 1e-4  # AdamW learning rate (constant: a fine-tune of the base EMA weights)
+    # AdamW learning rate (constant: a fine-tune of the base EMA weights)
+    lr: Annotated[float, "> 0"] = 1e-4
 
 
 def check_method(method):
@@ -57,8 +64,8 @@ def check_method(method):
 def check_loss_weights(st_weight, dsm_weight):
     """Presto-L's loss must have a term: both weights >= 0, at least one > 0."""
     if st_weight < 0 or dsm_weight < 0 or st_weight == dsm_weight == 0:
-        raise ValueError(f"layerdrop.st_weight={st_weight} and dsm_weight={dsm_weight}: both must be "
-                         ">= 0 and at least one > 0")
+        raise ValueError(f"layerdrop.st_weight={st_weight} and dsm_weight={dsm_weight}: both must "
+                         "be >= 0 and at least one > 0")
 
 
 def min_budget(method):
@@ -142,8 +149,8 @@ def forward(denoiser, x, sigma, cond, budgets, method, budget_cond=True, masked=
 
     A batch sharing one budget really skips blocks (inference); mixed budgets use dit.py's masked
     path, which costs full depth (training). masked=True (the training losses) takes the masked
-    path without looking: comparing the budgets would be a host sync per step on a GPU. Budget
-    conditioning is Presto-L's; ASE has none.
+    path without looking: comparing the budgets would be a host sync (see plumbing/loop.py).
+    Budget conditioning is Presto-L's; ASE has none.
     """
     check_method(method)
     depth = len(denoiser.net.blocks)
@@ -171,7 +178,7 @@ def scheduled_denoiser(denoiser, cfg, edm_cfg, budget=None, masked=False):
 class PlannedDenoiser:
     """The layer-dropped denoiser(x, sigma, cond) of a sampler whose network calls are known in
     advance: call k runs budget plan[k], host integers worked out from the sampling grid (or one
-    fixed budget), so no budget is read back from the device (a GPU sync per call otherwise).
+    fixed budget), so no budget is read back from the device (no host sync: see plumbing/loop.py).
     reset() before each generation; `calls` counts the calls made since."""
 
     def __init__(self, denoiser, method, budget_cond, plan):
@@ -185,11 +192,14 @@ class PlannedDenoiser:
 
     def __call__(self, x, sigma, cond):
         if self.calls >= len(self.plan):
-            raise RuntimeError(f"the sampler made more network calls than the {len(self.plan)} planned")
+            raise RuntimeError("the sampler made more network calls than the "
+                               f"{len(self.plan)} planned")
         b = self.plan[self.calls]
         self.calls += 1
-        budget = torch.full((x.shape[0],), b, dtype=torch.long, device=x.device) if self.condition else None
-        return self.denoiser(x, sigma, cond, budget=budget, blocks=block_list(b, self.depth, self.method))
+        budget = (torch.full((x.shape[0],), b, dtype=torch.long, device=x.device)
+                  if self.condition else None)
+        return self.denoiser(x, sigma, cond, budget=budget,
+                             blocks=block_list(b, self.depth, self.method))
 
 
 # ----------------------------------------------------------------------------------------------

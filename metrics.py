@@ -36,7 +36,8 @@ def frechet_distance(x, y):
     """
     x, y = _f64(x), _f64(y)
     if min(len(x), len(y)) < 2:
-        raise ValueError(f"a Gaussian fit needs at least 2 embeddings a side, got {len(x)} and {len(y)}")
+        raise ValueError("a Gaussian fit needs at least 2 embeddings a side, "
+                         f"got {len(x)} and {len(y)}")
     mu_x, mu_y = x.mean(0), y.mean(0)
     S_x, S_y = np.atleast_2d(np.cov(x, rowvar=False)), np.atleast_2d(np.cov(y, rowvar=False))
     r = _sqrt_psd(S_x)

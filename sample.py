@@ -1,6 +1,7 @@
 """sample.py: text -> music from a trained checkpoint.
 
-    python sample.py --ckpt runs/cpu/base.pt --prompt "an upbeat plucked arpeggio in D minor at 140 bpm" \
+    python sample.py --ckpt runs/cpu/base.pt \
+        --prompt "an upbeat plucked arpeggio in D minor at 140 bpm" \
         --seconds 4 --steps 32 --sampler heun --guidance 4 --seed 0 --out out.wav
     python sample.py --ckpt runs/cpu/base.pt --prompts prompts.txt --out samples/   # one per line
     python sample.py --ckpt runs/cpu/presto_ls.pt --prompt "..." [--steps 4] [--budget 6]
@@ -42,11 +43,12 @@ def per_sample_noise(seeds, shape, device):
     generators live on the device (no host copy per step; a seed gives other numbers on CUDA
     than on a CPU)."""
     gens = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
-    return lambda i=0: torch.cat([torch.randn(1, *shape, generator=rng, device=device) for rng in gens])
+    return lambda i=0: torch.cat([torch.randn(1, *shape, generator=rng, device=device)
+                                  for rng in gens])
 
 
 def frame_hop(cfg):
-    """Audio samples per latent frame: the STFT hop, times the autoencoder's stride when there is one."""
+    """Audio samples per latent frame: the STFT hop, times the autoencoder's stride (if any)."""
     return cfg.data.hop * (cfg.ae.stride if cfg.ae.latent_channels > 0 else 1)
 
 
@@ -119,8 +121,8 @@ def check_budget(budget, stage, cfg):
     if budget is None:
         return
     if stage not in LAYER_DROP_STAGES:
-        raise ValueError(f"--budget needs a layer-dropped checkpoint ({', '.join(LAYER_DROP_STAGES)}); "
-                         f"this one is {stage}")
+        raise ValueError("--budget needs a layer-dropped checkpoint "
+                         f"({', '.join(LAYER_DROP_STAGES)}); this one is {stage}")
     lo, depth = layerdrop.min_budget(cfg.layerdrop.method), cfg.model.depth
     if not lo <= budget <= depth:
         raise ValueError(f"--budget must be in {lo}..{depth} for {cfg.layerdrop.method} "
@@ -142,11 +144,12 @@ def sampling_fn(denoiser, tok, cfg, stage, steps, sampler="heun", cfg_w=4.0, bud
         depth = len(denoiser.net.blocks)
         plan = ([budget] * len(sigmas) if budget is not None else layerdrop.budget_for_sigma(
             torch.tensor(sigmas, dtype=torch.float32), depth, cfg.layerdrop, cfg.edm).tolist())
-        denoise = layerdrop.PlannedDenoiser(denoiser, cfg.layerdrop.method, cfg.layerdrop.budget_cond, plan)
+        denoise = layerdrop.PlannedDenoiser(denoiser, cfg.layerdrop.method,
+                                            cfg.layerdrop.budget_cond, plan)
         blocks = sum(plan) / len(plan) / depth
     gen = (functools.partial(generate_few_step, denoiser, tok, cfg, steps=steps, denoise=denoise)
-           if few_step else functools.partial(generate, denoiser, tok, cfg, steps=steps, sampler=sampler,
-                                              cfg_w=cfg_w, denoise=denoise))
+           if few_step else functools.partial(generate, denoiser, tok, cfg, steps=steps,
+                                              sampler=sampler, cfg_w=cfg_w, denoise=denoise))
     device = next(denoiser.parameters()).device
 
     def under_precision(*args, **kwargs):
@@ -155,7 +158,8 @@ def sampling_fn(denoiser, tok, cfg, stage, steps, sampler="heun", cfg_w=4.0, bud
         with config.autocast_for(device, precision):
             latents = gen(*args, **kwargs).float()
         if denoise is not None and denoise.calls != len(denoise.plan):
-            raise RuntimeError(f"the sampler made {denoise.calls} network calls, {len(denoise.plan)} planned")
+            raise RuntimeError(f"the sampler made {denoise.calls} network calls, "
+                               f"{len(denoise.plan)} planned")
         return latents
     return under_precision, blocks
 
@@ -222,16 +226,19 @@ def output_paths(out, n, many):
         folder = out.endswith(os.sep) or os.path.isdir(out)
         stem, ext = os.path.splitext(out)           # --out x.wav: x_000.wav, x_001.wav, ...
         stem, ext = (stem, ext) if ext.lower() in AUDIO_OUT else (out, ".wav")
-        paths = [os.path.join(out, f"{i:03d}.wav") if folder else f"{stem}_{i:03d}{ext}" for i in range(n)]
+        paths = [os.path.join(out, f"{i:03d}.wav") if folder else f"{stem}_{i:03d}{ext}"
+                 for i in range(n)]
     else:
         if out.endswith(os.sep) or os.path.isdir(out):
-            raise ValueError(f"--out {out} is a folder; give a file name such as {os.path.join(out, 'out.wav')}")
+            raise ValueError(f"--out {out} is a folder; give a file name such as "
+                             f"{os.path.join(out, 'out.wav')}")
         if os.path.splitext(out)[1].lower() not in AUDIO_OUT:
             raise ValueError(f"--out {out}: give a {' or '.join(AUDIO_OUT)} file name")
         paths = [out]
     taken = [p for p in paths if os.path.isdir(p)]
     if taken:
-        raise ValueError(f"--out: {taken[0]} is a folder, so clip {paths.index(taken[0]) + 1} cannot be written there")
+        raise ValueError(f"--out: {taken[0]} is a folder, so clip {paths.index(taken[0]) + 1} "
+                         "cannot be written there")
     for folder in {os.path.dirname(os.path.abspath(p)) for p in paths}:
         try:
             os.makedirs(folder, exist_ok=True)
@@ -239,17 +246,18 @@ def output_paths(out, n, many):
                 pass
         except OSError as e:
             raise ValueError(f"--out: cannot write in {folder} ({e.strerror})") from None
-        longest = max((os.path.basename(p) for p in paths if os.path.dirname(os.path.abspath(p)) == folder),
+        longest = max((os.path.basename(p) for p in paths
+                       if os.path.dirname(os.path.abspath(p)) == folder),
                       key=lambda name: len(name.encode()))
         if len(longest.encode()) > os.pathconf(folder, "PC_NAME_MAX"):
-            raise ValueError(f"--out: the file name {longest[:40]}... is {len(longest.encode())} bytes long; "
-                             f"{folder} allows {os.pathconf(folder, 'PC_NAME_MAX')}")
+            raise ValueError(f"--out: the file name {longest[:40]}... is {len(longest.encode())} "
+                             f"bytes long; {folder} allows {os.pathconf(folder, 'PC_NAME_MAX')}")
     return paths
 
 
 def generate_waves(gen, rep, captions, seconds, batch):
-    """Decoded waveforms (on the CPU) of gen(captions, seeds, seconds) -> latents, clip i with seed i,
-    generated `batch` clips at a time."""
+    """Decoded waveforms (on the CPU) of gen(captions, seeds, seconds) -> latents, clip i with seed
+    i, generated `batch` clips at a time."""
     n = len(captions)
     return torch.cat([rep.decode(gen(captions[b:b + batch], list(range(b, min(n, b + batch))),
                                      seconds)).cpu() for b in range(0, n, batch)])
@@ -257,7 +265,8 @@ def generate_waves(gen, rep, captions, seconds, batch):
 
 def listenable(waves):
     """What a listener gets from a WAV writer (write_wav): non-finite samples -> 0, peaks
-    limited to 0.99. An untrained or diverged model can decode to inf / NaN; this keeps it scorable."""
+    limited to 0.99. An untrained or diverged model can decode to inf / NaN; this keeps such
+    clips scorable."""
     waves = torch.nan_to_num(waves.float(), nan=0.0, posinf=0.0, neginf=0.0)
     peak = waves.abs().amax(dim=(1, 2), keepdim=True)
     return waves * (0.99 / peak.clamp_min(0.99))
@@ -280,14 +289,16 @@ def write_batches(args, cfg, rep, gen, few_step, steps, prompts, seeds, seconds,
         bar.update(1 if few_step else 0)
         t1 = time.perf_counter()
         waves = rep.decode(latent, iters=args.gl_iters).cpu().numpy()
-        n = int(round(seconds * cfg.data.sample_rate))   # whole frames decode: cut or pad to what was asked
+        # whole frames decode: cut or pad to what was asked
+        n = int(round(seconds * cfg.data.sample_rate))
         waves = np.pad(waves[..., :n], ((0, 0), (0, 0), (0, max(0, n - waves.shape[-1]))))
         t_gen, t_dec = t_gen + t1 - t0, t_dec + time.perf_counter() - t1
         for j, wave in enumerate(waves):
             i = b + j
             if not np.isfinite(wave).all():       # never write NaN / inf as audio
-                raise ValueError(f"the model produced non-finite audio for prompt {i + 1} "
-                                 f"(seed {seeds[i]}); nothing written for it (try a lower --guidance or more --steps)")
+                raise ValueError(f"the model produced non-finite audio for prompt {i + 1} (seed "
+                                 f"{seeds[i]}); nothing written for it (try a lower --guidance or "
+                                 "more --steps)")
             write_wav(paths[i], wave, cfg.data.sample_rate)
             tqdm.write(f"{paths[i]}  seed {seeds[i]}  \"{prompts[i]}\"")   # above the bar
     return t_gen, t_dec
@@ -311,11 +322,13 @@ def main(argv=None):
                         "guidance, x0-space convention); distilled generators have it built in. "
                         "--cfg is the same option")
     p.add_argument("--budget", type=int, default=None,
-                   help="layer-dropped checkpoints (ase, presto-l, presto-ls): run this many blocks "
-                        "at every step instead of the checkpoint's schedule")
-    p.add_argument("--seed", type=int, default=0, help="seed of the first prompt; prompt i uses seed+i")
-    p.add_argument("--gl-iters", type=int, default=None, help="Griffin-Lim iterations, for models that "
-                   "decode by Griffin-Lim (default: the checkpoint's data.griffin_lim_iters)")
+                   help="layer-dropped checkpoints (ase, presto-l, presto-ls): run this many "
+                        "blocks at every step instead of the checkpoint's schedule")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the first prompt; prompt i uses seed+i")
+    p.add_argument("--gl-iters", type=int, default=None,
+                   help="Griffin-Lim iterations, for models that decode by Griffin-Lim "
+                        "(default: the checkpoint's data.griffin_lim_iters)")
     p.add_argument("--batch", type=int, default=8, help="prompts generated together")
     p.add_argument("--device", default="auto",
                    help="auto (CUDA if available, else CPU), cpu, cuda or cuda:N")
@@ -323,9 +336,10 @@ def main(argv=None):
                    help="the network's matmuls: auto (bf16 autocast on CUDA, float32 on a CPU), "
                         "bf16 (also on a CPU) or fp32")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the network (on CUDA with CUDA graphs, best for batch-1 few-step "
-                        "sampling); the first generation compiles (tens of seconds, once per budget of "
-                        "a layer-dropped checkpoint), so only later batches run at the compiled speed")
+                   help="torch.compile the network (on CUDA with CUDA graphs, best for batch-1 "
+                        "few-step sampling); the first generation compiles (tens of seconds, once "
+                        "per budget of a layer-dropped checkpoint), so only later batches run at "
+                        "the compiled speed")
     p.add_argument("--out", default="out.wav",
                    help="WAV path for --prompt; a folder (or path prefix) for --prompts")
     args = p.parse_args(argv)
@@ -340,7 +354,8 @@ def main(argv=None):
                 with open(args.prompts, encoding="utf-8") as f:
                     prompts = [l.strip() for l in f if l.strip()]
             except UnicodeDecodeError:
-                raise ValueError(f"--prompts {args.prompts} is not UTF-8 text (one prompt per line)") from None
+                raise ValueError(f"--prompts {args.prompts} is not UTF-8 text "
+                                 "(one prompt per line)") from None
         else:
             prompts = [args.prompt]
         device = config.pick_device(args.device)
@@ -362,11 +377,12 @@ def main(argv=None):
             odd = tok.unreadable(prompt)
             if odd:
                 warnings.warn(f"prompt {i + 1}: the model reads only ASCII letters and digits; "
-                              f"{' '.join(odd)} split or drop the words they are in (write C# for C♯)")
+                              f"{' '.join(odd)} split or drop the words they are in "
+                              "(write C# for C♯)")
             unknown = tok.unknown(prompt)
             if words and unknown:
-                warnings.warn(f"prompt {i + 1}: {len(unknown)} of {len(words)} words the model never "
-                              f"saw in training, read as 'unknown': {', '.join(unknown)}")
+                warnings.warn(f"prompt {i + 1}: {len(unknown)} of {len(words)} words the model "
+                              f"never saw in training, read as 'unknown': {', '.join(unknown)}")
         gen, blocks = sampling_fn(denoiser, tok, cfg, ckpt.get("stage", "base"), steps,
                                   args.sampler, args.guidance, args.budget, args.precision)
         if args.compile:
@@ -374,9 +390,11 @@ def main(argv=None):
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         sys.exit(f"error: {e}")
 
-    decoder = "inverse STFT" if cfg.ae.latent_channels > 0 and cfg.ae.decoder == "istft" else "Griffin-Lim"
+    decoder = ("inverse STFT" if cfg.ae.latent_channels > 0 and cfg.ae.decoder == "istft"
+               else "Griffin-Lim")
     if decoder == "inverse STFT" and args.gl_iters is not None:
-        warnings.warn("--gl-iters does not apply: this model decodes by its learned inverse STFT (ae.decoder=istft)")
+        warnings.warn("--gl-iters does not apply: this model decodes by its learned inverse STFT "
+                      "(ae.decoder=istft)")
     if few_step and (args.guidance != 4.0 or args.sampler != "heun"):
         warnings.warn(f"--guidance and --sampler do not apply to a {ckpt['stage']} generator "
                       "(guidance is distilled in; it samples in its own few steps)")

@@ -3,13 +3,13 @@
     python train.py --stage base --preset cpu --out runs/cpu [--set train.steps=3000 ...] [--resume]
 
 Stages, each writing one checkpoint in OUT (later stages read earlier ones):
-    ae         optional: the latent autoencoder (ae.py), when ae.latent_channels > 0   -> ae.pt
-    base       the EDM + DiT teacher (the paper's base model; edm.py, dit.py)          -> base.pt
-    clap       the evaluation embedder (embedders/clap.py; the paper scores with pretrained CLAP) -> clap.pt
-    presto-s   step distillation of base.pt (Sec. 3.1-3.2, Algorithm 1; dmd.py, gan.py) -> presto_s.pt
-    ase        the layer-drop baseline: base.pt fine-tuned to exit after b blocks      -> ase.pt
-    presto-l   layer distillation of base.pt (Sec. 3.3; layerdrop.py)                  -> presto_l.pt
-    presto-ls  Presto-S with the generator from presto_l.pt (the paper's Presto-LS)    -> presto_ls.pt
+    ae         optional: the latent autoencoder (ae.py), if ae.latent_channels > 0  -> ae.pt
+    base       the EDM + DiT teacher (the paper's base model; edm.py, dit.py)       -> base.pt
+    clap       the evaluation embedder (embedders/clap.py), a stand-in for CLAP     -> clap.pt
+    presto-s   step distillation of base.pt (Sec. 3.1-3.2, Alg. 1; dmd.py, gan.py)  -> presto_s.pt
+    ase        the layer-drop baseline: base.pt fine-tuned to exit after b blocks   -> ase.pt
+    presto-l   layer distillation of base.pt (Sec. 3.3; layerdrop.py)               -> presto_l.pt
+    presto-ls  Presto-S with the generator from presto_l.pt (the paper's Presto-LS) -> presto_ls.pt
     all        these in this order, skipping those whose checkpoint is complete
 
 How to read this file: `train_base` first, a flat nanoGPT-style loop; then `presto_s_iteration`
@@ -61,7 +61,8 @@ def train_base(cfg, out, resume=False):
     device, path, ckpt = stage_setup(cfg, out, "base.pt", resume)
     stats = ckpt and ckpt["latent_stats"]
     if stats is None and cfg.ae.latent_channels > 0:       # a latent model: OUT/ae.pt's autoencoder
-        stats = config.load_checkpoint(earlier_checkpoint(out, "ae.pt"), stages=("ae",))[2].state_dict()
+        stats = config.load_checkpoint(earlier_checkpoint(out, "ae.pt"),
+                                       stages=("ae",))[2].state_dict()
     rep, tok, denoiser = config.build(cfg, "denoiser", stats, ckpt and ckpt["vocab"])
     denoiser.to(device)
     ema = copy.deepcopy(denoiser).eval().requires_grad_(False)
@@ -101,7 +102,8 @@ def train_base(cfg, out, resume=False):
         row = loop.logged(done, train_cfg.log_every, loss=loss, grad_norm=grad_norm)
         if row is not None:
             rates = speed.report()
-            loop.bar.set_postfix(loss=f"{row['loss']:.4f}", **{k: f"{v:.3g}" for k, v in rates.items()})
+            loop.bar.set_postfix(loss=f"{row['loss']:.4f}",
+                                 **{k: f"{v:.3g}" for k, v in rates.items()})
             loop.write(step=done, loss=row["loss"], lr=lr_at(step, train_cfg),
                            grad_norm=row["grad_norm"], **rates)
         val = None
@@ -123,31 +125,35 @@ def train_ae(cfg, out, resume=False):
     its latent normalisation: what every later checkpoint carries on."""
     ae_cfg, train_cfg = cfg.ae, cfg.train
     if ae_cfg.latent_channels <= 0:
-        raise ValueError("--stage ae needs ae.latent_channels > 0 (e.g. --set ae.latent_channels=32)")
+        raise ValueError("--stage ae needs ae.latent_channels > 0 "
+                         "(e.g. --set ae.latent_channels=32)")
     device, path, ckpt = stage_setup(cfg, out, "ae.pt", resume)
     stft = data.Representation(cfg.data, cfg.edm.sigma_data)
     stft.load_state_dict(ckpt["latent_stats"]) if ckpt else stft.fit(data.stats_clips(cfg.data))
     rep = ae.LatentRepresentation(stft, ae_cfg, cfg.edm.sigma_data)
     net = rep.net.to(device).train().requires_grad_(True)
     opt = adamw(net.parameters(), ae_cfg.lr, train_cfg, device)
-    disc = disc_opt = None                 # the optional adversarial term's discriminator (ae.adv_weight)
+    disc = disc_opt = None         # the optional adversarial term's discriminator (ae.adv_weight)
     if ae_cfg.adv_weight > 0:
-        disc = ae.Discriminator(ae.fft_sizes(ae_cfg.adv_sizes, cfg.data.n_fft), ae_cfg.adv_width).to(device)
+        disc = ae.Discriminator(ae.fft_sizes(ae_cfg.adv_sizes, cfg.data.n_fft),
+                                ae_cfg.adv_width).to(device)
         disc_opt = adamw(disc.parameters(), ae_cfg.lr, train_cfg, device)
     if ckpt is not None:
         net.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["opt"])
         if disc is not None:
             if "disc" not in ckpt:
-                raise ValueError(f"--resume: {path} was trained without ae.adv_weight; resume it with ae.adv_weight=0")
+                raise ValueError(f"--resume: {path} was trained without ae.adv_weight; resume it "
+                                 "with ae.adv_weight=0")
             disc.load_state_dict(ckpt["disc"])
             disc_opt.load_state_dict(ckpt["disc_opt"])
     train_ds, val_ds = data.make_dataset(cfg.data, "train"), data.make_dataset(cfg.data, "val")
-    val = data.get_batch(val_ds, 0, min(16, len(val_ds)), cfg.data.seed)[0].to(device)   # fixed clips
+    val = data.get_batch(val_ds, 0, min(16, len(val_ds)), cfg.data.seed)[0].to(device)  # fixed
     tok = config.tokenizer(cfg, ckpt and ckpt["vocab"])
-    say(f"ae: {dit.n_params(net) / 1e6:.2f}M params, {stft.latent_channels}x{stft.n_frames(cfg.data.seconds)} "
-        f"STFT frames -> {ae_cfg.latent_channels}x{rep.n_frames(cfg.data.seconds)} latents, "
-        f"decoder {ae_cfg.decoder}, {ae_cfg.steps} steps of {ae_cfg.batch_size} clips on {device}")
+    say(f"ae: {dit.n_params(net) / 1e6:.2f}M params, "
+        f"{stft.latent_channels}x{stft.n_frames(cfg.data.seconds)} STFT frames -> "
+        f"{ae_cfg.latent_channels}x{rep.n_frames(cfg.data.seconds)} latents, decoder "
+        f"{ae_cfg.decoder}, {ae_cfg.steps} steps of {ae_cfg.batch_size} clips on {device}")
     start = ckpt["step"] if ckpt else 0
     loop = StageLoop("ae", path, start, ae_cfg.steps, resume, "ae.lr", train_cfg.ckpt_every)
     feed = Feed(train_ds, ae_cfg.batch_size, cfg, start, ae_cfg.steps, device)
@@ -160,7 +166,8 @@ def train_ae(cfg, out, resume=False):
             gen = edm.step_generator(ae_cfg.seed, step, device)
             waves = waves.to(device)
             # both updates from this step's discriminator (HiFi-GAN alternates them)
-            micro, d_micro = ae.step_losses(net, stft, waves, ae_cfg, disc if adversarial else None, gen)
+            micro, d_micro = ae.step_losses(net, stft, waves, ae_cfg,
+                                            disc if adversarial else None, gen)
             if d_micro is not None:
                 (d_micro * weight).backward()
                 d_loss += d_micro.detach() * weight
@@ -179,10 +186,12 @@ def train_ae(cfg, out, resume=False):
         if DIST.main and loop.due(done, train_cfg.eval_every):
             with torch.no_grad():
                 net.eval()
-                val_loss = ae.reconstruction_loss(net, stft, val, ae_cfg, latent_noise=0.0)[0].item()
+                val_loss = ae.reconstruction_loss(net, stft, val, ae_cfg,
+                                                  latent_noise=0.0)[0].item()
                 net.train()
             loop.write(step=done, val_loss=val_loss)
-            say(f"step {done}: train loss {loss.item():.4f}, val reconstruction loss {val_loss:.4f}")
+            say(f"step {done}: train loss {loss.item():.4f}, "
+                f"val reconstruction loss {val_loss:.4f}")
 
         def checkpoint(done):
             rep.fit(data.stats_clips(cfg.data))                # the latent normalisation, as of now
@@ -190,7 +199,8 @@ def train_ae(cfg, out, resume=False):
                                     "config": dataclasses.asdict(cfg), "model": net.state_dict(),
                                     "opt": opt.state_dict(), "vocab": tok.state_dict(),
                                     "latent_stats": rep.state_dict(),
-                                    **({"disc": disc.state_dict(), "disc_opt": disc_opt.state_dict()} if disc else {})})
+                                    **({"disc": disc.state_dict(),
+                                        "disc_opt": disc_opt.state_dict()} if disc else {})})
         loop.checkpoint(done, checkpoint)
     return path
 
@@ -211,9 +221,10 @@ def train_clap(cfg, out, resume=False):
         opt.load_state_dict(ckpt["opt"])
     start = ckpt["step"] if ckpt is not None else 0
     train_ds, val_ds = data.make_dataset(cfg.data, "train"), data.make_dataset(cfg.data, "val")
-    val = data.get_batch(val_ds, 0, min(clap_cfg.val_clips, len(val_ds)), cfg.data.seed)  # fixed clips
-    say(f"clap: {dit.n_params(model) / 1e6:.2f}M params, d={clap_cfg.dim}, {clap_cfg.steps} steps of "
-        f"{clap_cfg.batch_size} clips on {device}" + (", with attribute heads" if model.heads else ""))
+    val = data.get_batch(val_ds, 0, min(clap_cfg.val_clips, len(val_ds)), cfg.data.seed)  # fixed
+    say(f"clap: {dit.n_params(model) / 1e6:.2f}M params, d={clap_cfg.dim}, {clap_cfg.steps} "
+        f"steps of {clap_cfg.batch_size} clips on {device}"
+        + (", with attribute heads" if model.heads else ""))
     loop = StageLoop("clap", path, start, clap_cfg.steps, resume, "clap.lr", cfg.train.ckpt_every)
     # never split into micro-batches (the embedder is small): InfoNCE sees the whole batch
     feed = Feed(train_ds, clap_cfg.batch_size, cfg, start, clap_cfg.steps, device, micro_batch=0)
@@ -223,12 +234,14 @@ def train_clap(cfg, out, resume=False):
         sums = {}
         # Under torchrun the InfoNCE negatives are every process's clips (gather_rows).
         for waves, captions, labels, rows, weight in feed(step):
-            rng = edm.BatchRNG(edm.step_generator(clap_cfg.seed, step, "cpu"), rows, clap_cfg.batch_size)
-            gain_db = -clap_cfg.gain_db * edm.rand(len(waves), rng)                     # (B,)
-            waves = waves * (10 ** (gain_db / 20))[:, None, None]                       # level invariance
+            rng = edm.BatchRNG(edm.step_generator(clap_cfg.seed, step, "cpu"), rows,
+                               clap_cfg.batch_size)
+            gain_db = -clap_cfg.gain_db * edm.rand(len(waves), rng)               # (B,)
+            waves = waves * (10 ** (gain_db / 20))[:, None, None]                 # level invariance
             audio, text = model.embed_audio(waves.to(device)), model.embed_text(captions)
             loss_nce = clap.contrastive_loss(gather_rows(audio), gather_rows(text), model.log_scale)
-            loss_attr = (clap.attribute_loss(model.attribute_logits(audio), clap.attribute_targets(labels, model.attributes))
+            loss_attr = (clap.attribute_loss(model.attribute_logits(audio),
+                                             clap.attribute_targets(labels, model.attributes))
                          if model.heads and labels[0] else torch.zeros((), device=device))
             loss = loss_nce + clap_cfg.attr_weight * loss_attr
             (loss * weight).backward()
@@ -252,7 +265,8 @@ def train_clap(cfg, out, resume=False):
         loop.checkpoint(done, lambda done: write_checkpoint(path, {
             "stage": "clap", "step": done, "done": done >= clap_cfg.steps,
             "config": dataclasses.asdict(cfg), "model": model.state_dict(), "opt": opt.state_dict(),
-            "vocab": model.tok.state_dict(), "feature_stats": model.rep.state_dict(), "val": scores}))
+            "vocab": model.tok.state_dict(), "feature_stats": model.rep.state_dict(),
+            "val": scores}))
     return path
 
 
@@ -353,8 +367,8 @@ def distill_networks(cfg, out, stage, mu_real, device):
     G = copy.deepcopy(mu_real).train().requires_grad_(True)
     gen_fn = None
     if stage == "presto-ls":
-        student_cfg, _, _, _, student = config.load_checkpoint(earlier_checkpoint(out, "presto_l.pt"), device,
-                                                               stages=("presto-l",))
+        student_cfg, _, _, _, student = config.load_checkpoint(
+            earlier_checkpoint(out, "presto_l.pt"), device, stages=("presto-l",))
         G.net.load_state_dict(student.net.state_dict())
         cfg.layerdrop = student_cfg.layerdrop      # the schedule and method G was trained for
         gen_fn = layerdrop.scheduled_denoiser(G, cfg.layerdrop, cfg.edm, masked=True)
@@ -398,7 +412,8 @@ def train_distill(cfg, out, resume, stage):
     # generator's turn keeps G's graph and one such pass. Weights: G + its EMA (20 bytes per
     # parameter), mu_fake (16), the frozen teacher (4)
     memory = check_memory(G, rep, cfg, device, autocast,
-                          micro_split(distill.batch_size, train_cfg.micro_batch)[0], distill.batch_size,
+                          micro_split(distill.batch_size, train_cfg.micro_batch)[0],
+                          distill.batch_size,
                           graphs=1 + 2 * (block + 1) / len(mu_fake.net.blocks),
                           weight_bytes=20 + 16 + 4 - 4 * (G_ema is None))
     train_ds = data.make_dataset(cfg.data, "train")
@@ -430,7 +445,8 @@ def train_distill(cfg, out, resume, stage):
     separate = distill.gan_real == "independent"   # the discriminator's real clips: a second stream
     feed = Feed(train_ds, distill.batch_size, cfg, start, distill.steps, device,
                 share=0.5 if separate else 1)
-    feed_gan = (Feed(train_ds, distill.batch_size, cfg, start, distill.steps, device, stream=1, share=0.5)
+    feed_gan = (Feed(train_ds, distill.batch_size, cfg, start, distill.steps, device, stream=1,
+                     share=0.5)
                 if separate else None)
     for step in loop:
         batch = list(micro_batches(feed, rep, tok, cfg, step, device, distill.batch_size))
@@ -486,8 +502,8 @@ def train_ase(cfg, out, resume=False):
 
 
 def train_presto_l(cfg, out, resume=False):
-    """Presto-L: fine-tune OUT/base.pt to run the first b-1 blocks plus the final one, conditioned on
-    the budget, regressing onto the frozen full-depth model (L_st) at budgets drawn around the
+    """Presto-L: fine-tune OUT/base.pt to run the first b-1 blocks plus the final one, conditioned
+    on the budget, regressing onto the frozen full-depth model (L_st) at budgets drawn around the
     schedule; returns the path of presto_l.pt."""
     cfg.layerdrop.method = "presto-l"
     return train_layerdrop(cfg, out, resume)
@@ -517,12 +533,14 @@ def train_layerdrop(cfg, out, resume=False):
 
     def val_loss(den, x, cond, sigma, rng):          # DSM of the model at the schedule's budgets
         b = layerdrop.budget_for_sigma(sigma, depth, drop_cfg, cfg.edm)
-        return layerdrop.dsm_loss(den, x, cond, sigma, b, drop_cfg.method, rng, drop_cfg.budget_cond)
-    say(f"{drop_cfg.method}: fine-tuning DiT-{cfg.model.size} ({depth} blocks) at budgets {budgets} "
-        f"(low -> high noise, jitter {drop_cfg.jitter}), {drop_cfg.steps} steps of {drop_cfg.batch_size} clips "
-        f"on {device}")
+        return layerdrop.dsm_loss(den, x, cond, sigma, b, drop_cfg.method, rng,
+                                  drop_cfg.budget_cond)
+    say(f"{drop_cfg.method}: fine-tuning DiT-{cfg.model.size} ({depth} blocks) at budgets "
+        f"{budgets} (low -> high noise, jitter {drop_cfg.jitter}), {drop_cfg.steps} steps of "
+        f"{drop_cfg.batch_size} clips on {device}")
     say(check_memory(student, rep, cfg, device, autocast,   # the masked path runs every block
-                     micro_split(drop_cfg.batch_size, train_cfg.micro_batch)[0], drop_cfg.batch_size))
+                     micro_split(drop_cfg.batch_size, train_cfg.micro_batch)[0],
+                     drop_cfg.batch_size))
     if train_cfg.compile:
         compiled.compile_network(student)
     loop = StageLoop(drop_cfg.method, path, start, drop_cfg.steps, resume, "layerdrop.lr",
@@ -575,7 +593,8 @@ def lr_at(step, sched):
     if sched.lr_decay == "constant":
         return sched.lr
     frac = (step - sched.warmup) / max(1, sched.steps - sched.warmup)
-    return sched.lr * (sched.min_lr_frac + (1 - sched.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * frac)))
+    return sched.lr * (sched.min_lr_frac
+                       + (1 - sched.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
 @torch.no_grad()
@@ -596,7 +615,7 @@ def optimizer_step(opt, grad_clip):
 
 
 def encode_batch(rep, tok, cfg, waves, captions, device):
-    """(latents (B, C, T), caption ids (B, L)) on device (copies from pinned memory do not block)."""
+    """(latents (B, C, T), caption ids (B, L)) on device (copies from pinned memory don't block)."""
     return (rep.encode(waves.to(device, non_blocking=True)),
             tok.encode(captions, cfg.data.max_text_len).to(device, non_blocking=True))
 
@@ -627,7 +646,8 @@ class FewStepValidator:
     the *val* split, embedded by the evaluation embedder OUT/clap.pt: the numbers behind
     distill.val_every's checkpoint selection. The test split, which evaluate_run scores, is never
     looked at, so picking the best checkpoint here does not leak into the reported results.
-    Clips are generated exactly as sample.py / evaluate.evaluate_run generate them (sample.sampling_fn)."""
+    Clips are generated exactly as sample.py / evaluate.evaluate_run generate them
+    (sample.sampling_fn)."""
 
     def __init__(self, cfg, out, rep, tok, device):
         self.cfg, self.rep, self.tok, self.device = cfg, rep, tok, device
@@ -635,7 +655,8 @@ class FewStepValidator:
         ds = data.make_dataset(cfg.data, "val")
         clips = [ds.clip(i) for i in range(min(cfg.distill.val_clips, len(ds)))]
         if len(clips) < 2:
-            raise ValueError("distill.val_every needs distill.val_clips >= 2 clips in the val split")
+            raise ValueError("distill.val_every needs distill.val_clips >= 2 "
+                             "clips in the val split")
         self.captions = [c.caption for c in clips]
         self.real = self.embed(torch.from_numpy(np.stack([c.wave for c in clips])))
         self.text = self.clap.embed_text(self.captions).float().cpu()
@@ -695,16 +716,17 @@ def load_teacher(cfg, out, device):
     """The frozen teacher OUT/base.pt (EMA weights, eval mode, no grad) of a stage that starts
     from the base model; its data, autoencoder, model and EDM settings are the ones the student
     must keep, so they replace cfg's. Returns (rep, tok, teacher)."""
-    teacher_cfg, _, rep, tok, teacher = config.load_checkpoint(earlier_checkpoint(out, "base.pt"), device,
-                                                               stages=("base",))
+    teacher_cfg, _, rep, tok, teacher = config.load_checkpoint(earlier_checkpoint(out, "base.pt"),
+                                                               device, stages=("base",))
     flat = lambda c: {f"{s}.{k}": v for s in ("data", "ae", "model", "edm")
                       for k, v in dataclasses.asdict(getattr(c, s)).items()}
     theirs = flat(teacher_cfg)      # (0 / "": fields that build() fills in, not settings)
     lost = [f"{k}={v}" for k, v in flat(cfg).items() if v not in (0, "") and theirs[k] != v]
     if lost:
-        warnings.warn(f"base.pt's settings replace {', '.join(lost)}: a student keeps its teacher's "
-                      "data, autoencoder, model and EDM settings")
-    cfg.data, cfg.ae, cfg.model, cfg.edm = teacher_cfg.data, teacher_cfg.ae, teacher_cfg.model, teacher_cfg.edm
+        warnings.warn(f"base.pt's settings replace {', '.join(lost)}: a student keeps its "
+                      "teacher's data, autoencoder, model and EDM settings")
+    cfg.data, cfg.ae, cfg.model, cfg.edm = (teacher_cfg.data, teacher_cfg.ae, teacher_cfg.model,
+                                            teacher_cfg.edm)
     return rep, tok, teacher
 
 
@@ -726,8 +748,9 @@ def micro_batches(feed, rep, tok, cfg, step, device, batch_size):
 
 # stage name -> (checkpoint file it writes in --out, the function that trains it), in the order
 # --stage all runs them
-STAGES = {"ae": ("ae.pt", train_ae), "base": ("base.pt", train_base), "clap": ("clap.pt", train_clap),
-          "presto-s": ("presto_s.pt", train_presto_s), "ase": ("ase.pt", train_ase),
+STAGES = {"ae": ("ae.pt", train_ae), "base": ("base.pt", train_base),
+          "clap": ("clap.pt", train_clap), "presto-s": ("presto_s.pt", train_presto_s),
+          "ase": ("ase.pt", train_ase),
           "presto-l": ("presto_l.pt", train_presto_l),
           "presto-ls": ("presto_ls.pt", train_presto_ls)}
 
@@ -744,8 +767,8 @@ def check_stage_sets(stages, sets):
     for stage in stages:
         for key, own in STAGE_SETS.get(stage, {}).items():
             section, name = key.split(".")
-            if key in sets and getattr(getattr(config.apply_overrides(config.Config(), {key: sets[key]}),
-                                               section), name) != own:
+            if key in sets and getattr(getattr(config.apply_overrides(
+                    config.Config(), {key: sets[key]}), section), name) != own:
                 raise ValueError(f"{key}={sets[key]} cannot apply to --stage {stage}, which uses "
                                  f"{key}={own} (drop the --set)")
 
@@ -753,23 +776,27 @@ def check_stage_sets(stages, sets):
 # --resume: the settings that change how a run goes but not what it computes (logging, checkpoints,
 # validation, the device and its speed settings); any other --set that differs from the saved
 # config is refused. Each stage's own step count may be changed (said so): train on, or stop.
-RESUME_FREE = {"train.device", "train.threads", "train.workers", "train.compile", "train.micro_batch",
-               "train.precision", "train.peak_tflops", "train.log_every", "train.eval_every",
+RESUME_FREE = {"train.device", "train.threads", "train.workers", "train.compile",
+               "train.micro_batch", "train.precision", "train.peak_tflops", "train.log_every",
+               "train.eval_every",
                "train.ckpt_every", "train.val_batches", "clap.eval_every", "clap.val_clips",
                "distill.val_every", "distill.val_clips",
                "data.corpus_cache"}
-# the config sections a stage computes with: on --resume, a --set in any other section cannot change
-# what the stage's checkpoint computes, so it is applied (it matters to later stages) and not refused
+# the config sections a stage computes with: on --resume, a --set in any other section cannot
+# change what the stage's checkpoint computes, so it is applied (it matters to later stages) and
+# not refused
 USES = {"ae": {"data", "ae", "train"}, "base": {"data", "ae", "model", "edm", "train"},
-        "clap": {"data", "clap", "train"}, "presto-s": {"data", "ae", "model", "edm", "train", "distill"},
+        "clap": {"data", "clap", "train"},
+        "presto-s": {"data", "ae", "model", "edm", "train", "distill"},
         "presto-ls": {"data", "ae", "model", "edm", "train", "distill", "layerdrop"},
         "ase": {"data", "ae", "model", "edm", "train", "layerdrop"},
         "presto-l": {"data", "ae", "model", "edm", "train", "layerdrop"}}
 # the checkpoints a stage starts from (a newer one of these makes the stage's own checkpoint stale)
 STARTS_FROM = {"base": ("ae",), "presto-s": ("base",), "ase": ("base",), "presto-l": ("base",),
                "presto-ls": ("base", "presto-l")}
-STEPS_OF = {"ae": "ae.steps", "base": "train.steps", "clap": "clap.steps", "presto-s": "distill.steps",
-            "presto-ls": "distill.steps", "ase": "layerdrop.steps", "presto-l": "layerdrop.steps"}
+STEPS_OF = {"ae": "ae.steps", "base": "train.steps", "clap": "clap.steps",
+            "presto-s": "distill.steps", "presto-ls": "distill.steps", "ase": "layerdrop.steps",
+            "presto-l": "layerdrop.steps"}
 
 
 def resume_config(stage, path, sets, quiet=False):
@@ -786,18 +813,20 @@ def resume_config(stage, path, sets, quiet=False):
     for key in sets:
         if (key not in RESUME_FREE and key != steps_key and key.split(".")[0] in USES[stage]
                 and get(cfg, key) != get(saved, key)):
-            raise ValueError(f"--resume: {key}={get(cfg, key)} would change what {path} computes (it "
-                             f"was trained with {get(saved, key)}); drop the --set, or start over with --force")
+            raise ValueError(f"--resume: {key}={get(cfg, key)} would change what {path} computes "
+                             f"(it was trained with {get(saved, key)}); drop the --set, or start "
+                             "over with --force")
     other = [k for k in sets if k.split(".")[0] not in USES[stage] and get(cfg, k) != get(saved, k)]
     if other and not quiet:
-        say(f"--resume: {', '.join(other)} do(es) not change what {path} computes; kept in its config "
-            "for the stages that read it")
+        say(f"--resume: {', '.join(other)} do(es) not change what {path} computes; kept in its "
+            "config for the stages that read it")
     step, total = ckpt.get("step", 0), get(cfg, steps_key)
     if step >= total:
         return cfg, (f"{path} is at step {step} and {steps_key} is {total}: nothing to do, nothing "
                      f"written (raise {steps_key} to train on)")
     if total != get(saved, steps_key) and not quiet:
-        say(f"--resume: {steps_key} {get(saved, steps_key)} -> {total}: training from step {step} to {total}")
+        say(f"--resume: {steps_key} {get(saved, steps_key)} -> {total}: training from step {step} "
+            f"to {total}")
     return cfg, None
 
 
@@ -811,10 +840,12 @@ def run_stage(stage, out, preset, sets, resume=False, force=False):
     if stage == "presto-ls" and os.path.exists(student):   # its layer drop is presto_l.pt's own
         trained = config.config_from_dict(checkpoints.read_checkpoint(student)["config"]).layerdrop
         for key in [k for k in sets if k.startswith("layerdrop.") and k != "layerdrop.steps"]:
-            value = getattr(config.apply_overrides(config.Config(), {key: sets[key]}).layerdrop, key[10:])
+            value = getattr(config.apply_overrides(config.Config(), {key: sets[key]}).layerdrop,
+                            key[10:])
             if value != getattr(trained, key[10:]):
-                raise ValueError(f"{key}={sets[key]} cannot apply to --stage presto-ls, whose generator "
-                                 f"is presto_l.pt's, trained with {key}={getattr(trained, key[10:])} (drop the --set)")
+                raise ValueError(f"{key}={sets[key]} cannot apply to --stage presto-ls, whose "
+                                 "generator is presto_l.pt's, trained with "
+                                 f"{key}={getattr(trained, key[10:])} (drop the --set)")
     if resume:
         if not os.path.exists(path):
             raise FileNotFoundError(f"--resume: no checkpoint at {path}")
@@ -824,14 +855,15 @@ def run_stage(stage, out, preset, sets, resume=False, force=False):
         cfg, nothing_to_do = resume_config(stage, path, sets)
     else:
         if os.path.exists(path) and not force:
-            raise FileExistsError(f"{path} exists: pass --resume to continue it or --force to start over")
+            raise FileExistsError(f"{path} exists: pass --resume to continue it or --force to "
+                                  "start over")
         cfg, nothing_to_do = config.make_config(preset or "cpu", sets), None
     config.check(cfg)
     if nothing_to_do:
         say(nothing_to_do)
         return path
     if cfg.train.compile:
-        torch._dynamo.reset()         # each stage compiles its own call patterns, as in its own process
+        torch._dynamo.reset()   # each stage compiles its own call patterns, as in its own process
     stage_fn(cfg, out, resume=resume)
     barrier()                         # every process sees the checkpoint before the next stage
     say(f"wrote {path}")
@@ -842,8 +874,8 @@ def wants_autoencoder(out, preset, sets):
     """Whether --stage all trains ae.pt: as OUT/base.pt was configured if it exists (a folder of an
     STFT teacher stays one), else as the preset and --set say."""
     base = os.path.join(out, "base.pt")
-    cfg = (config.config_from_dict(checkpoints.read_checkpoint(base)["config"]) if os.path.exists(base)
-           else config.make_config(preset or "cpu", sets))
+    cfg = (config.config_from_dict(checkpoints.read_checkpoint(base)["config"])
+           if os.path.exists(base) else config.make_config(preset or "cpu", sets))
     return cfg.ae.latent_channels > 0
 
 
@@ -859,16 +891,18 @@ def run_all(out, preset, sets, force=False):
         ckpt = checkpoints.read_checkpoint(path) if os.path.exists(path) and not force else None
         stale = [s for s, _ in todo if s in STARTS_FROM.get(stage, ())]
         if ckpt is not None and stale:         # kept, it would not match what it was made from
-            raise ValueError(f"{path} was made from the {' and '.join(stale)} checkpoint(s) that --stage "
-                             "all is about to train: move it away, or pass --force to retrain every stage")
+            raise ValueError(f"{path} was made from the {' and '.join(stale)} checkpoint(s) that "
+                             "--stage all is about to train: move it away, or pass --force to "
+                             "retrain every stage")
         if ckpt is not None and ckpt.get("done"):
             say(f"{stage}: {path} is complete, skipped (--force retrains it)")
             continue
         todo.append((stage, ckpt is None))     # the preset is for the stages that start fresh
     kept = [f for f, _ in STAGES.values() if os.path.exists(os.path.join(out, f))]
     if preset is None and kept and not force and any(fresh for _, fresh in todo):
-        raise ValueError(f"{out} holds {', '.join(kept)}: pass the --preset they were trained with, for "
-                         f"the stages that start fresh ({', '.join(s for s, fresh in todo if fresh)})")
+        raise ValueError(f"{out} holds {', '.join(kept)}: pass the --preset they were trained "
+                         "with, for the stages that start fresh "
+                         f"({', '.join(s for s, fresh in todo if fresh)})")
     for stage, fresh in todo:                  # every stage's settings, before the first one trains
         config.check(config.make_config(preset or "cpu", sets) if fresh else
                      resume_config(stage, os.path.join(out, STAGES[stage][0]), sets, quiet=True)[0])

@@ -58,11 +58,14 @@ def random_model(cfg, device):
     dit.py's initialisation, whose zero layers are multiplied all the same)."""
     C = data.Representation(cfg.data, cfg.edm.sigma_data).latent_channels
     stats = {"mean": torch.zeros(C, device="cpu"), "std": torch.ones(C, device="cpu"),
-             "sigma_data": cfg.edm.sigma_data, **{k: getattr(cfg.data, k) for k in data.Representation.KEYS}}
+             "sigma_data": cfg.edm.sigma_data,
+             **{k: getattr(cfg.data, k) for k in data.Representation.KEYS}}
     if cfg.ae.latent_channels > 0:         # an untrained autoencoder of the configured size (its
         with torch.device("cpu"):          # weights made on the CPU even under a meta device)
-            latent = ae.LatentRepresentation(data.Representation(cfg.data).load_state_dict(stats), cfg.ae)
-            latent.mean, latent.std = torch.zeros(cfg.ae.latent_channels), torch.ones(cfg.ae.latent_channels)
+            latent = ae.LatentRepresentation(data.Representation(cfg.data).load_state_dict(stats),
+                                             cfg.ae)
+            latent.mean, latent.std = (torch.zeros(cfg.ae.latent_channels),
+                                       torch.ones(cfg.ae.latent_channels))
             stats = latent.state_dict()
     rep, tok, den = config.build(cfg, "denoiser", stats, data.Tokenizer.for_dataset(
         "corpus" if cfg.data.dataset == "corpus" else "synth").state_dict())
@@ -89,26 +92,29 @@ def count_calls(net, fn):
 def latency_section(cfg, rows, opts, device):
     """Batch-1 latency of the requested rows for one config (one channel count), random weights.
 
-    base: the teacher's default sampler (Heun, opts.steps, CFG opts.guidance: each call is a batch of
-    2); presto-s: the few-step generator at opts.ls_steps steps, no CFG; presto-ls: the same with
-    Presto-L's budget schedule (layerdrop.PlannedDenoiser, method presto-l). Each row samples through
-    sample.sampling_fn, the code path of sample.py and of the full evaluation. Generation,
-    decode and the two together are timed separately: the median of opts.repeats
-    after a warm-up (the counting pass; with --compile two more calls, which compile and, on
-    CUDA, record the graphs), CUDA synchronised.
+    base: the teacher's default sampler (Heun, opts.steps, CFG opts.guidance: each call is a batch
+    of 2); presto-s: the few-step generator at opts.ls_steps steps, no CFG; presto-ls: the same with
+    Presto-L's budget schedule (layerdrop.PlannedDenoiser, method presto-l). Each row samples
+    through sample.sampling_fn, the code path of sample.py and of the full evaluation. Generation,
+    decode and the two together are timed separately: the median of opts.repeats after a warm-up
+    (the counting pass; with --compile two more calls, which compile and, on CUDA, record the
+    graphs), CUDA synchronised.
     """
     rep, tok, den = random_model(cfg, device)
     net, seconds, depth = den.net, cfg.data.seconds, cfg.model.depth
-    print(f"  DiT-{cfg.model.size}: {dit.n_params(net) / 1e6:.1f}M parameters on {device}", flush=True)
+    print(f"  DiT-{cfg.model.size}: {dit.n_params(net) / 1e6:.1f}M parameters on {device}",
+          flush=True)
     T = sample.latent_frames(cfg, seconds)
-    per_call = lambda b: dit.flops_per_sample(cfg.model, T, cfg.data.max_text_len, b, text_encoder=False)
+    per_call = lambda b: dit.flops_per_sample(cfg.model, T, cfg.data.max_text_len, b,
+                                              text_encoder=False)
     text_flops = dit.flops_per_sample(cfg.model, T, cfg.data.max_text_len) - per_call(None)
-    row_settings = {"base": (f"base Heun {opts.steps}-step, CFG {opts.guidance:g}", cfg, "base", "heun", opts.steps,
-                     opts.guidance),
-            "presto-s": (f"Presto-S {opts.ls_steps}-step", cfg, "presto-s", None, opts.ls_steps, None),
-            "presto-ls": (f"Presto-LS {opts.ls_steps}-step",
-                          replace(cfg, layerdrop=replace(cfg.layerdrop, method="presto-l")),
-                          "presto-ls", None, opts.ls_steps, None)}
+    row_settings = {
+        "base": (f"base Heun {opts.steps}-step, CFG {opts.guidance:g}", cfg, "base", "heun",
+                 opts.steps, opts.guidance),
+        "presto-s": (f"Presto-S {opts.ls_steps}-step", cfg, "presto-s", None, opts.ls_steps, None),
+        "presto-ls": (f"Presto-LS {opts.ls_steps}-step",
+                      replace(cfg, layerdrop=replace(cfg.layerdrop, method="presto-l")),
+                      "presto-ls", None, opts.ls_steps, None)}
     planned = []                      # (row, generate one clip, its latent)
     for key in rows:                  # count calls and blocks on the eager model first
         name, row_cfg, stage, sampler, steps, cfg_w = row_settings[key]
@@ -118,11 +124,13 @@ def latency_section(cfg, rows, opts, device):
         latent, sizes, ran, texts = count_calls(net, one)
         flops = sum(texts) * text_flops + sum(b * per_call(k) for b, k in zip(sizes, ran))
         row = dict(key=key, name=name, sampler=sampler or "few-step", steps=steps, cfg=cfg_w,
-                   network_calls=len(sizes), call_batch=max(sizes), blocks=sum(ran) / (len(ran) * depth),
+                   network_calls=len(sizes), call_batch=max(sizes),
+                   blocks=sum(ran) / (len(ran) * depth),
                    expected_blocks=expected_blocks, gflop_per_clip=flops / 1e9)
         planned.append((row, one, latent))
     if opts.compile:
-        compiled.compile_network(den, "reduce-overhead" if torch.device(device).type == "cuda" else None)
+        compiled.compile_network(den, "reduce-overhead" if torch.device(device).type == "cuda"
+                                 else None)
     results = []
     for row, one, latent in planned:
         if opts.compile:
@@ -138,9 +146,10 @@ def latency_section(cfg, rows, opts, device):
     for r in results:
         r["gen_speedup"] = ref["generation_s"] / r["generation_s"] if ref else None
         r["speedup"] = ref["end_to_end_s"] / r["end_to_end_s"] if ref else None
-    return dict(channels=cfg.data.channels, params=dit.n_params(net), latent_channels=rep.latent_channels,
-                frames=T, tokens=-(-T // cfg.model.patch), seconds=seconds,
-                sample_rate=cfg.data.sample_rate, model=asdict(cfg.model), rows=results)
+    return dict(channels=cfg.data.channels, params=dit.n_params(net),
+                latent_channels=rep.latent_channels, frames=T, tokens=-(-T // cfg.model.patch),
+                seconds=seconds, sample_rate=cfg.data.sample_rate, model=asdict(cfg.model),
+                rows=results)
 
 
 def latency_report(opts, device):
@@ -148,7 +157,8 @@ def latency_report(opts, device):
     sets = config.parse_sets(opts.sets)
     rows = opts.rows
     sections = {}
-    cfgs = [config.check(config.make_config(opts.preset, {**sets, "data.channels": str(ch)}), dataset=False)
+    cfgs = [config.check(config.make_config(opts.preset, {**sets, "data.channels": str(ch)}),
+                         dataset=False)
             for ch in opts.channels]                # every one checked before any is timed
     for ch, cfg in zip(opts.channels, cfgs):
         label = {1: "mono", 2: "stereo"}.get(ch, f"{ch} channels")
@@ -176,20 +186,26 @@ def latency_markdown(res):
     for label, sec in res["sections"].items():
         md = sec["model"]
         lines += ["", f"## {label}: DiT-{md['size']} ({md['width']} wide, {md['depth']} blocks), "
-                  f"{sec['params'] / 1e6:.1f}M parameters; {sec['seconds']:g} s of {sec['sample_rate']} Hz "
-                  f"= latent {sec['latent_channels']} x {sec['frames']}, {sec['tokens']} tokens", "",
-                  "| row | network calls | blocks run per clip | GFLOP per clip | generation s | decode s "
-                  "| end-to-end s | RTF | speed-up (generation) | speed-up (end-to-end) |", "|" + "---|" * 10]
+                  f"{sec['params'] / 1e6:.1f}M parameters; {sec['seconds']:g} s of "
+                  f"{sec['sample_rate']} Hz = latent {sec['latent_channels']} x {sec['frames']}, "
+                  f"{sec['tokens']} tokens", "",
+                  "| row | network calls | blocks run per clip | GFLOP per clip | generation s "
+                  "| decode s | end-to-end s | RTF | speed-up (generation) "
+                  "| speed-up (end-to-end) |",
+                  "|" + "---|" * 10]
         for r in sec["rows"]:
-            calls = f"{r['network_calls']}" + (f" (batch {r['call_batch']})" if r["call_batch"] > 1 else "")
+            calls = f"{r['network_calls']}" + (f" (batch {r['call_batch']})"
+                                               if r["call_batch"] > 1 else "")
             lines.append(f"| {r['name']} | {calls} | {r['blocks']:.2f} | {r['gflop_per_clip']:.4g} "
-                         f"| {r['generation_s']:.3f} | {r['decode_s']:.3f} | {r['end_to_end_s']:.3f} "
-                         f"| {r['rtf']:.2f} | {_speedup(r['gen_speedup'])} | {_speedup(r['speedup'])} |")
-    lines += ["", "Network calls count DiT forwards (CFG runs the conditional and the null caption as "
-              "one call of batch 2). Blocks: the fraction of the DiT's blocks a clip runs over its "
-              "calls. GFLOP: matrix products of the DiT and text encoder (dit.flops_per_sample; "
-              "decoding not included). RTF = audio seconds / end-to-end seconds. Speed-ups = "
-              "base time / row time within one section (- where the base row was not run).",
+                         f"| {r['generation_s']:.3f} | {r['decode_s']:.3f} "
+                         f"| {r['end_to_end_s']:.3f} | {r['rtf']:.2f} "
+                         f"| {_speedup(r['gen_speedup'])} | {_speedup(r['speedup'])} |")
+    lines += ["", "Network calls count DiT forwards (CFG runs the conditional and the null caption "
+              "as one call of batch 2). Blocks: the fraction of the DiT's blocks a clip runs over "
+              "its calls. GFLOP: matrix products of the DiT and text encoder "
+              "(dit.flops_per_sample; decoding not included). RTF = audio seconds / end-to-end "
+              "seconds. Speed-ups = base time / row time within one section (- where the base row "
+              "was not run).",
               "", "## Settings", "", "```", json.dumps(s, indent=2), "```", ""]
     return "\n".join(lines)
 

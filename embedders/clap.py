@@ -23,11 +23,14 @@ import dit
 class ClapConfig:
     dim: Annotated[int, ">= 1"] = 128  # joint embedding size d (what FAD / MMD / CLAP score see)
     width: Annotated[int, ">= 1"] = 128  # audio tower channels and text tower width
-    audio_depth: Annotated[int, ">= 1"] = 4  # the audio tower's dilated residual conv blocks (1, 2, 4, ...)
+    # the audio tower's dilated residual conv blocks (1, 2, 4, ...)
+    audio_depth: Annotated[int, ">= 1"] = 4
     text_depth: Annotated[int, ">= 1"] = 1  # transformer layers in the text tower
     heads: Annotated[int, ">= 1"] = 4  # text tower attention heads
-    attr_weight: Annotated[float, ">= 0"] = 1.0  # weight of the attribute cross-entropy (labelled data sets only)
-    gain_db: Annotated[float, ">= 0"] = 6.0  # augmentation: random gain in [-gain_db, 0] dB per training clip
+    # weight of the attribute cross-entropy (labelled data sets only)
+    attr_weight: Annotated[float, ">= 0"] = 1.0
+    # augmentation: random gain in [-gain_db, 0] dB per training clip
+    gain_db: Annotated[float, ">= 0"] = 6.0
     steps: Annotated[int, ">= 1"] = 1000  # optimiser steps
     batch_size: Annotated[int, ">= 2"] = 32  # clips per step (also the InfoNCE negatives)
     lr: Annotated[float, "> 0"] = 1e-3  # AdamW peak learning rate (train.lr_at schedule)
@@ -35,8 +38,10 @@ class ClapConfig:
     lr_decay: Annotated[str, "cosine|constant"] = "cosine"
     min_lr_frac: Annotated[float, "in [0, 1]"] = 0.1
     weight_decay: Annotated[float, ">= 0"] = 0.01
-    eval_every: Annotated[int, ">= 0"] = 250  # steps between held-out (val split) retrieval / attribute numbers
-    val_clips: Annotated[int, ">= 2"] = 64  # val clips for those numbers (R@1 among this many candidates)
+    # steps between held-out (val split) retrieval / attribute numbers
+    eval_every: Annotated[int, ">= 0"] = 250
+    # val clips for those numbers (R@1 among this many candidates)
+    val_clips: Annotated[int, ">= 2"] = 64
     seed: Annotated[int, "in [0, 9e18]"] = 0  # model init and augmentation draws
 
 
@@ -44,7 +49,8 @@ class ClapConfig:
 def attribute_targets(labels, attributes):
     """List of label dicts -> {attribute: LongTensor (B,)} of class indices in `attributes`
     ({attribute: its classes}, data.attributes: synth.ATTRIBUTES or corpus.ATTRIBUTES)."""
-    return {k: torch.tensor([classes.index(l[k]) for l in labels]) for k, classes in attributes.items()}
+    return {k: torch.tensor([classes.index(l[k]) for l in labels])
+            for k, classes in attributes.items()}
 
 
 class ClapModel(nn.Module):
@@ -59,7 +65,8 @@ class ClapModel(nn.Module):
             nn.Conv1d(rep.latent_channels, W, 5, stride=2, padding=2), nn.GELU(),
             nn.Conv1d(W, W, 5, stride=2, padding=2))
         self.blocks = nn.ModuleList(  # dilated residual blocks: a receptive field of a few beats
-            nn.Sequential(nn.GroupNorm(1, W), nn.GELU(), nn.Conv1d(W, W, 3, padding=2**i, dilation=2**i),
+            nn.Sequential(nn.GroupNorm(1, W), nn.GELU(),
+                          nn.Conv1d(W, W, 3, padding=2**i, dilation=2**i),
                           nn.GELU(), nn.Conv1d(W, W, 1)) for i in range(clap_cfg.audio_depth))
         # tempo is a period, which mean-pooled local features hardly see: add the autocorrelation
         # of the onset envelope (positive spectral flux) over lags up to 1.2 s (below 50 bpm)
@@ -68,9 +75,10 @@ class ClapModel(nn.Module):
         self.audio_proj = nn.Sequential(nn.LayerNorm(W), nn.Linear(W, clap_cfg.dim))
         self.text = dit.TextEncoder(tok.vocab_size, W, clap_cfg.text_depth, clap_cfg.heads, max_len)
         self.text_proj = nn.Linear(W, clap_cfg.dim)
-        self.log_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature
+        self.log_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's first temperature
         self.attributes = dict(attributes or {})  # {attribute: classes}: one linear head each
-        self.heads = nn.ModuleDict({k: nn.Linear(clap_cfg.dim, len(v)) for k, v in self.attributes.items()})
+        self.heads = nn.ModuleDict({k: nn.Linear(clap_cfg.dim, len(v))
+                                    for k, v in self.attributes.items()})
 
     def embed_audio(self, waves):
         """waves (B, ch, N) at cfg.data.sample_rate -> unit embeddings (B, d)."""
@@ -78,15 +86,16 @@ class ClapModel(nn.Module):
         h = self.stem(x)                                                   # (B, W, T/4)
         for block in self.blocks:
             h = h + block(h)
-        return F.normalize(self.audio_proj(h.mean(-1) + self.rhythm(self.onset_autocorr(x))), dim=-1)
+        return F.normalize(self.audio_proj(h.mean(-1) + self.rhythm(self.onset_autocorr(x))),
+                           dim=-1)
 
     def onset_autocorr(self, x):
         """x (B, C, T) -> normalised autocorrelation of the onset envelope at lags 1..L (B, L)."""
         flux = F.relu(x.diff(dim=-1)).mean(1)                              # (B, T-1)
         flux = flux - flux.mean(-1, keepdim=True)
         n = max(flux.shape[-1], self.lags + 1)
-        spec = torch.fft.rfft(flux, 2 * n)                                 # zero-padded: no wrap-around
-        ac = torch.fft.irfft(spec.abs() ** 2, 2 * n)[:, :self.lags + 1]    # (B, L+1)
+        spec = torch.fft.rfft(flux, 2 * n)                             # zero-padded: no wrap-around
+        ac = torch.fft.irfft(spec.abs() ** 2, 2 * n)[:, :self.lags + 1]  # (B, L+1)
         return ac[:, 1:] / ac[:, :1].clamp_min(1e-6)
 
     def embed_text(self, captions):
@@ -103,7 +112,8 @@ class ClapModel(nn.Module):
 
 
 def contrastive_loss(audio, text, log_scale):
-    """Symmetric InfoNCE over a batch of matching (audio, text) unit embeddings, learned temperature."""
+    """Symmetric InfoNCE over a batch of matching (audio, text) unit embeddings; learned
+    temperature."""
     logits = log_scale.clamp(max=math.log(100)).exp() * text @ audio.T  # (B captions, B clips)
     target = torch.arange(len(logits), device=logits.device)
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
@@ -111,7 +121,8 @@ def contrastive_loss(audio, text, log_scale):
 
 def attribute_loss(logits, targets):
     """Mean cross-entropy over the attribute heads."""
-    return sum(F.cross_entropy(logits[k], targets[k].to(logits[k].device)) for k in logits) / len(logits)
+    return (sum(F.cross_entropy(logits[k], targets[k].to(logits[k].device)) for k in logits)
+            / len(logits))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,7 +137,8 @@ def retrieval_r1(audio, text):
 
 def attribute_accuracy(pred, target):
     """{attribute: accuracy} of predicted vs target class indices, plus their mean."""
-    acc = {k: float((torch.as_tensor(pred[k]).cpu() == torch.as_tensor(target[k]).cpu()).double().mean())
+    acc = {k: float((torch.as_tensor(pred[k]).cpu()
+                     == torch.as_tensor(target[k]).cpu()).double().mean())
            for k in target}
     return {**acc, "mean": sum(acc.values()) / len(acc)}
 

@@ -3,11 +3,12 @@ our own.
 
 The paper scores its models with FAD and MMD on embeddings of a pretrained model (CLAP). Our
 miniature CLAP (embedders/clap.py) is trained on the same synthetic data the models learn from, so
-its FAD partly measures what that small embedder happened to learn. This file gives a second, independent
-judge that nobody here trained: the audio embedding of aisfx 0.1.2 (Ma & Lerch, "Representation
-Learning for the Automatic Indexing of Sound Effects Libraries", ISMIR 2022; weights CC-BY-4.0), a
-6.2M-parameter CNN trained on real sound-effect libraries. Its wheel ships the weights, so it works
-offline; we read only the weight file and write the network and its front-end here:
+its FAD partly measures what that small embedder happened to learn. This file gives a second,
+independent judge that nobody here trained: the audio embedding of aisfx 0.1.2 (Ma & Lerch,
+"Representation Learning for the Automatic Indexing of Sound Effects Libraries", ISMIR 2022; weights
+CC-BY-4.0), a 6.2M-parameter CNN trained on real sound-effect libraries. Its wheel ships the
+weights, so it works offline; we read only the weight file and write the network and its front-end
+here:
 
     pip install --no-deps aisfx==0.1.2      (its declared pins of librosa/numpy are not needed)
 
@@ -31,7 +32,7 @@ DESCRIPTION = "aisfx 0.1.2 (Ma & Lerch, ISMIR 2022), 512-d, pretrained on sound-
 SAMPLE_RATE = 44100
 N_FFT, HOP, MEL_BANDS = 2048, 1024, 96
 BLOCK, BLOCK_HOP = 100, 50             # frames per embedding block (~2.3 s) and between blocks
-LOG_MAX = 9.457798957824707            # the package's "original" min-max scale of the log-mel values
+LOG_MAX = 9.457798957824707            # the package's "original" min-max scale of log-mel values
 
 
 def weights_path():
@@ -67,9 +68,9 @@ def features(waves, sample_rate):
     """waves (B, ch, N) at sample_rate -> (B, blocks, BLOCK, MEL_BANDS) network inputs.
 
     Mono mix, band-limited resampling to 44.1 kHz, peak normalisation per clip, power STFT (Hann
-    window, zero-padded centred frames), the mel bank, log10(1e4 * mel + 1) / LOG_MAX, then blocks of
-    BLOCK frames every BLOCK_HOP frames; a last partial block is dropped, and a clip shorter than one
-    block is zero-padded to one.
+    window, zero-padded centred frames), the mel bank, log10(1e4 * mel + 1) / LOG_MAX, then blocks
+    of BLOCK frames every BLOCK_HOP frames; a last partial block is dropped, and a clip shorter than
+    one block is zero-padded to one.
     """
     x = torch.from_numpy(data.resample(waves.float().mean(1).cpu().numpy(), sample_rate,
                                        SAMPLE_RATE))                                # (B, N')
@@ -123,7 +124,8 @@ class EmbeddingNet(nn.Module):
 
 def load(device="cpu"):
     """The pretrained EmbeddingNet in eval mode. The file is read with weights_only=True; the only
-    non-tensor types it holds are numpy integers in its (unused) classifier table, allowed by name."""
+    non-tensor types it holds are numpy integers in its (unused) classifier table, allowed by
+    name."""
     scalar = np._core.multiarray.scalar if hasattr(np, "_core") else np.core.multiarray.scalar
     allowed = [(scalar, "numpy.core.multiarray.scalar"), np.dtype,
                *(t for t in vars(np.dtypes).values() if isinstance(t, type))]
@@ -136,7 +138,7 @@ def load(device="cpu"):
 
 
 class Judge:
-    """judge(waves (B, ch, N)) -> (B, 512): the aisfx embedding of each clip, the mean over its blocks."""
+    """judge(waves (B, ch, N)) -> (B, 512): each clip's aisfx embedding, its blocks' mean."""
 
     def __init__(self, sample_rate, device="cpu"):
         self.sample_rate, self.device = sample_rate, torch.device(device)

@@ -18,9 +18,11 @@ def checksum(ckpt, tensors_only=False):
 
     def walk(obj, name):
         if torch.is_tensor(obj):
-            h.update(name.encode() + obj.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+            h.update(name.encode()
+                     + obj.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
         elif isinstance(obj, (dict, list, tuple)):
-            items = sorted(obj.items(), key=lambda kv: str(kv[0])) if isinstance(obj, dict) else enumerate(obj)
+            items = (sorted(obj.items(), key=lambda kv: str(kv[0])) if isinstance(obj, dict)
+                     else enumerate(obj))
             if not tensors_only:       # its shape: a dict or a sequence, and how many items
                 h.update(f"{name}:{'{' if isinstance(obj, dict) else '['}{len(obj)};".encode())
             for k, v in items:
@@ -35,7 +37,8 @@ ALL = "all:"    # how a checksum over everything starts; one without it covers t
 
 
 def save_checkpoint(path, ckpt):
-    """Write atomically (a crash mid-write keeps the last one) with a checksum read_checkpoint checks."""
+    """Write atomically (a crash mid-write keeps the last one), with a checksum that read_checkpoint
+    checks."""
     tmp = f"{path}.tmp"
     with open(tmp, "wb") as f:
         torch.save({**ckpt, "checksum": ALL + checksum(ckpt)}, f)
@@ -54,7 +57,8 @@ def read_checkpoint(path):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if os.path.getsize(path) == 0:
-        raise ValueError(f"{path} is empty (0 bytes): not a checkpoint (a copy or a save cut short?)")
+        raise ValueError(f"{path} is empty (0 bytes): not a checkpoint (a copy or a save cut "
+                         "short?)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -62,19 +66,20 @@ def read_checkpoint(path):
         if isinstance(e, pickle.UnpicklingError) and what:
             raise ValueError(f"refused to load {path}: it holds more than tensors and plain values "
                              f"({what.group(1)}), and loading it could run code") from None
-        raise ValueError(f"{path} is not a checkpoint written by this project's train.py (torch.load "
-                         f"cannot read it: {type(e).__name__})") from None
+        raise ValueError(f"{path} is not a checkpoint written by this project's train.py "
+                         f"(torch.load cannot read it: {type(e).__name__})") from None
     if not isinstance(ckpt, dict) or not {"config", "model", "vocab"} <= ckpt.keys():
         raise ValueError(f"{path} is not a checkpoint written by this project's train.py")
     stored = ckpt.get("checksum")
     if not isinstance(stored, str):   # checkpoints from before checksums, or one removed by hand
-        warnings.warn(f"{path} has no checksum: loaded unverified (a damaged file would not be noticed)")
+        warnings.warn(f"{path} has no checksum: loaded unverified (a damaged file would not be "
+                      "noticed)")
     elif stored.startswith(ALL) and checksum(ckpt) != stored[len(ALL):]:
-        raise ValueError(f"{path} is damaged or was modified: its contents (weights, config or metadata) "
-                         "do not match the checksum written with them")
+        raise ValueError(f"{path} is damaged or was modified: its contents (weights, config or "
+                         "metadata) do not match the checksum written with them")
     elif not stored.startswith(ALL) and checksum(ckpt, tensors_only=True) != stored:
-        raise ValueError(f"{path} is damaged or was modified: its weights do not match the checksum "
-                         "written with them")
+        raise ValueError(f"{path} is damaged or was modified: its weights do not match the "
+                         "checksum written with them")
     for before, now in RENAMED.items():     # keys of checkpoints written before a rename
         if before in ckpt and now not in ckpt:
             ckpt[now] = ckpt.pop(before)

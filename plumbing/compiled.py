@@ -12,13 +12,15 @@ def compile_network(denoiser, mode=None, backend="inductor"):
     ("eager" traces without code generation: the tests' check of the call patterns). Needs a C++
     compiler on CPU (and Triton on CUDA) for the default backend."""
     depth = len(denoiser.net.blocks)
-    dynamo = torch._dynamo.config          # the names before torch 2.7: cache_size_limit, fail_on_cache_limit_hit
+    # the names before torch 2.7: cache_size_limit, fail_on_cache_limit_hit
+    dynamo = torch._dynamo.config
     limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
     # every budget (depth + 1 lists of blocks) in up to three variants (batch size static, then
-    # dynamic; no-grad), plus a distillation stage's fixed patterns (grad on / off, frozen or trained
-    # weights, the discriminator's shorter pass): 11 graphs for Presto-LS at depth 8, 16 for sampling
+    # dynamic; no-grad), plus a distillation stage's fixed patterns (grad on / off, frozen or
+    # trained weights, the discriminator's shorter pass): 11 graphs for Presto-LS at depth 8, 16
+    # for sampling
     setattr(dynamo, limit, max(getattr(dynamo, limit), 3 * (depth + 1) + 8))
-    for fail in ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit"):   # whichever this torch has
+    for fail in ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit"):  # whichever torch has
         if hasattr(dynamo, fail):
             setattr(dynamo, fail, True)
             break

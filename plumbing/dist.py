@@ -1,6 +1,6 @@
-"""plumbing/dist.py: data parallelism under torchrun, nanoGPT-style: a few `if DIST.world > 1` lines, no
-framework; each process's batches made ahead by DataLoader workers (`Feed`); whether a step fits
-the device (`check_memory`).
+"""plumbing/dist.py: data parallelism under torchrun, nanoGPT-style: a few `if DIST.world > 1`
+lines, no framework; each process's batches made ahead by DataLoader workers (`Feed`); whether a
+step fits the device (`check_memory`).
 
 Not a paper idea: the plumbing that lets every stage of train.py run on N processes, and keep a
 GPU fed, unchanged, kept out of train.py so that file stays about the training loops.
@@ -39,12 +39,13 @@ class Dist:
         return self.rank == 0
 
 
-DIST = Dist()          # this process's place in the job; a plain `python train.py` is a world of one
+DIST = Dist()      # this process's place in the job; a plain `python train.py` is a world of one
 
 
 def init_distributed():
     """Join the process group that torchrun describes in the environment (no-op without torchrun).
-    DIST is filled in place, so `from plumbing.dist import DIST` anywhere sees this process's place."""
+    DIST is filled in place, so `from plumbing.dist import DIST` anywhere sees this process's
+    place."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not torch.distributed.is_initialized():
         cuda = torch.cuda.is_available()
@@ -68,9 +69,10 @@ def average_gradients(params):
     if DIST.world == 1 or not params:
         return
     dev = params[0].device
-    flat = torch.cat([*(p.grad.flatten() if p.grad is not None else torch.zeros(p.numel(), device=dev)
-                        for p in params),
-                      torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=dev)])
+    flat = torch.cat([*(p.grad.flatten() if p.grad is not None
+                        else torch.zeros(p.numel(), device=dev) for p in params),
+                      torch.tensor([p.grad is not None for p in params], dtype=torch.float32,
+                                   device=dev)])
     torch.distributed.all_reduce(flat)
     used, offset = flat[-len(params):], 0
     for i, p in enumerate(params):
@@ -128,7 +130,7 @@ def barrier():
 # Each process's chunks of every step, made ahead of the loop
 
 def micro_split(batch_size, micro_batch):
-    """(clips per chunk, number of chunks) of a global batch; a clear error if it does not divide."""
+    """(clips per chunk, number of chunks) of a global batch; a clear error if it doesn't divide."""
     per_rank, rest = divmod(batch_size, DIST.world)
     m = min(micro_batch, per_rank) if micro_batch else per_rank   # at most the process's share
     if rest or m <= 0 or per_rank % m:
@@ -142,14 +144,16 @@ class _Chunks(torch.utils.data.Dataset):
     """Item k of a Feed's (step, chunk) list: that chunk's (waves, captions, labels)."""
 
     def __init__(self, keys, ds, m, chunks, seed, stream):
-        self.keys, self.ds, self.m, self.chunks, self.seed, self.stream = keys, ds, m, chunks, seed, stream
+        self.keys, self.ds, self.m, self.chunks, self.seed, self.stream = (
+            keys, ds, m, chunks, seed, stream)
 
     def __len__(self):
         return len(self.keys)
 
     def __getitem__(self, k):
         step, c = self.keys[k]
-        return data.get_batch(self.ds, step, self.m, self.seed, rank=c, world=self.chunks, stream=self.stream)
+        return data.get_batch(self.ds, step, self.m, self.seed, rank=c, world=self.chunks,
+                              stream=self.stream)
 
 
 def workers_for(train_cfg, device):
@@ -159,7 +163,8 @@ def workers_for(train_cfg, device):
         return train_cfg.workers
     if device.type != "cuda":
         return 0
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+             else os.cpu_count() or 1)
     return max(1, min(8, cores // max(1, torch.cuda.device_count()) - 1))
 
 
@@ -179,14 +184,15 @@ class Feed:
     and resumes exactly. wait: seconds the loop has spent waiting for data (take_wait resets it).
     """
 
-    def __init__(self, ds, batch_size, cfg, start, total, device, stream=0, micro_batch=None, share=1.0):
+    def __init__(self, ds, batch_size, cfg, start, total, device, stream=0, micro_batch=None,
+                 share=1.0):
         micro_batch = cfg.train.micro_batch if micro_batch is None else micro_batch
         self.m, self.chunks = micro_split(batch_size, micro_batch)
         mine = range(DIST.rank, self.chunks, DIST.world)
         self.keys = [(step, c) for step in range(start, total) for c in mine]
         items = _Chunks(self.keys, ds, self.m, self.chunks, cfg.data.seed, stream)
         workers = workers_for(cfg.train, device)
-        workers = max(1, int(workers * share)) if workers else 0   # share: of the workers, for 2 feeds
+        workers = max(1, int(workers * share)) if workers else 0   # share: of workers, for 2 feeds
         self.items, self.pos, self.wait, self.it = items, 0, 0.0, None
         if workers > 0 and self.keys:   # 2 chunks in flight per worker (shared memory: /dev/shm)
             self.it = iter(torch.utils.data.DataLoader(
@@ -196,12 +202,14 @@ class Feed:
     def __call__(self, step):
         for c in range(DIST.rank, self.chunks, DIST.world):
             if self.keys[self.pos] != (step, c):
-                raise RuntimeError(f"Feed asked for step {step} chunk {c}, expected {self.keys[self.pos]}")
+                raise RuntimeError(f"Feed asked for step {step} chunk {c}, "
+                                   f"expected {self.keys[self.pos]}")
             t = time.perf_counter()
             waves, captions, labels = next(self.it) if self.it is not None else self.items[self.pos]
             self.wait += time.perf_counter() - t
             self.pos += 1
-            yield waves, captions, labels, slice(c * self.m, (c + 1) * self.m), DIST.world / self.chunks
+            yield (waves, captions, labels, slice(c * self.m, (c + 1) * self.m),
+                   DIST.world / self.chunks)
 
     def take_wait(self):
         wait, self.wait = self.wait, 0.0
@@ -213,7 +221,7 @@ class Feed:
 # Will a step fit the device?
 
 def memory_need(denoiser, rep, cfg, device, autocast, graphs=1.0, weight_bytes=20):
-    """(bytes per clip, fixed bytes) of a training step of `denoiser`, measured rather than modelled:
+    """(bytes per clip, fixed bytes) of a training step of `denoiser`, measured, not modelled:
     autograd's saved tensors (saved-tensor hooks) of a forward at batch 1 and at batch 2 under the
     run's autocast; their difference is the activation memory per clip, and what does not grow with
     the batch (e.g. bf16 copies of the weights) is fixed, with the float32 weights, gradients,
@@ -235,7 +243,8 @@ def memory_need(denoiser, rep, cfg, device, autocast, graphs=1.0, weight_bytes=2
             denoiser(x, torch.ones(b, device=device), denoiser.net.encode_text(ids))
         saved.append(total[0])
     params = sum(p.numel() for p in denoiser.parameters())
-    return graphs * (saved[1] - saved[0]), graphs * (2 * saved[0] - saved[1]) + weight_bytes * params
+    return (graphs * (saved[1] - saved[0]),
+            graphs * (2 * saved[0] - saved[1]) + weight_bytes * params)
 
 
 def device_memory(device):
@@ -249,17 +258,21 @@ def check_memory(denoiser, rep, cfg, device, autocast, micro_size, batch_size=No
     need: memory_need's graphs and weight_bytes)."""
     per_clip, fixed = memory_need(denoiser, rep, cfg, device, autocast, **need)
     need, have = fixed + micro_size * per_clip, device_memory(device)
-    line = (f"memory: ~{per_clip / 2**30:.3f} GiB of activations per clip; ~{need / 2**30:.2f} GiB at "
-            f"micro-batch {micro_size} (weights, gradients, AdamW and EMA included)"
+    line = (f"memory: ~{per_clip / 2**30:.3f} GiB of activations per clip; "
+            f"~{need / 2**30:.2f} GiB at micro-batch {micro_size} "
+            "(weights, gradients, AdamW and EMA included)"
             + (f"; the device has {have / 2**30:.1f} GiB" if have else ""))
     if have and need > 0.9 * have:
-        share = (batch_size or cfg.train.batch_size) // DIST.world   # a micro-batch divides this share
-        fits = max([m for m in range(1, share + 1) if share % m == 0 and fixed + m * per_clip <= 0.9 * have],
+        share = (batch_size or cfg.train.batch_size) // DIST.world  # a micro-batch divides this
+        fits = max([m for m in range(1, share + 1)
+                    if share % m == 0 and fixed + m * per_clip <= 0.9 * have],
                    default=0)
-        raise ValueError(f"a micro-batch of {micro_size} clips needs ~{need / 2**30:.1f} GiB, more than "
-                         f"90% of the device's {have / 2**30:.1f} GiB: set train.micro_batch={fits} "
-                         f"(gradient accumulation keeps the batch)" if fits > 0 else
-                         f"one clip needs ~{(fixed + per_clip) / 2**30:.1f} GiB: the model does not fit")
+        raise ValueError(f"a micro-batch of {micro_size} clips needs ~{need / 2**30:.1f} GiB, "
+                         f"more than 90% of the device's {have / 2**30:.1f} GiB: set "
+                         f"train.micro_batch={fits} (gradient accumulation keeps the batch)"
+                         if fits > 0 else
+                         f"one clip needs ~{(fixed + per_clip) / 2**30:.1f} GiB: the model does "
+                         "not fit")
     return line
 
 
@@ -290,5 +303,6 @@ class Speed:
         elapsed = max(time.time() - self.t0, 1e-9)
         rate = self.n / elapsed
         self.t0, self.n = time.time(), 0
-        return {"clips_per_s": rate, **({"mfu": rate * self.flops / self.peak} if self.peak else {}),
+        return {"clips_per_s": rate,
+                **({"mfu": rate * self.flops / self.peak} if self.peak else {}),
                 **({"data_wait": self.feed.take_wait() / elapsed} if self.feed is not None else {})}

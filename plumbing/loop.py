@@ -21,9 +21,19 @@ class StageLoop:
     OUT/<stage>_log.jsonl (rank 0; on resume the lines past the resumed step are dropped), the
     NaN guard, and the cadence: log, validate and checkpoint every N steps and at the last one.
 
-    The guard needs no host sync per step: watch() folds "is any value non-finite" into a flag on
-    the device, check() (at log and checkpoint steps, every rank) reads it and stops the run with a
-    message naming the last good checkpoint. A bad step may reach the weights, never a checkpoint.
+    No host sync inside a step. On a GPU, Python only queues kernels and returns, so the host
+    prepares the next step while the device still runs this one, and the device never waits for
+    work. Turning a device tensor into a Python value (.item(), .tolist(), float(t), int(t),
+    bool(t), an `if` on a tensor) stops the host until every queued kernel has finished; then the
+    device idles while the host queues the next kernels, and a step pays that gap each time. So
+    within a step, and within a sampler's loop over noise levels, values stay tensors on the
+    device (loss sums, this NaN flag, gradient norms, noise levels, layer budgets), and they are
+    read at log, validation and checkpoint steps only. Code elsewhere that is written around a
+    read says "no host sync" and points here; tests/test_host_sync.py counts the reads per step.
+
+    The NaN guard keeps to it: watch() folds "is any value non-finite" into a flag on the device,
+    check() (at log and checkpoint steps, every rank) reads it and stops the run with a message
+    naming the last good checkpoint. A bad step may reach the weights, never a checkpoint.
     """
 
     def __init__(self, desc, path, start, total, resume, knob, ckpt_every):
@@ -69,7 +79,7 @@ class StageLoop:
         self.bad, self.since = None, None
 
     def due(self, done, every):
-        """Is step `done` (1-based) one of the every-N steps (none for every <= 0), or the last one?"""
+        """Is step `done` (1-based) one of the every-N steps (none if every <= 0), or the last?"""
         return done == self.total or (every > 0 and done % every == 0)
 
     def logged(self, done, every, **values):

@@ -1,4 +1,4 @@
-"""sources/corpus.py: real compositions rendered with real instrument samples: the `corpus` data set.
+"""sources/corpus.py: the `corpus` data set: real compositions rendered with sampled instruments.
 
 Not a paper idea: the paper trains on licensed recordings, which cannot be downloaded here. Real
 *scores* can be installed: music21 ships a corpus of public-domain compositions (Bach chorales,
@@ -27,31 +27,36 @@ import numpy as np
 # -----------------------------------------------------------------------------
 # What is parsed, and the vocabulary of the captions (also the label spaces of the evaluation)
 
-# collection -> (music21 corpus folders / file prefixes, composer or None); style comes from `_style`
+# collection -> (music21 corpus folders / file prefixes, composer or None); `_style` gives the style
 COLLECTIONS = {
     "bach": (("bach/bwv",), "Johann Sebastian Bach"),
     "palestrina": (("palestrina/",), "Palestrina"),
     "monteverdi": (("monteverdi/madrigal",), "Claudio Monteverdi"),
     "quartets": (("beethoven/", "haydn/", "mozart/"), None),  # composer from the folder
-    "german": (tuple(f"essenFolksong/{p}" for p in ("altdeu", "ballad", "boehme", "dva", "erk", "fink",
-                                                   "kinder", "lot", "lux", "zuccal")), None),
+    "german": (tuple(f"essenFolksong/{p}" for p in ("altdeu", "ballad", "boehme", "dva", "erk",
+                                                   "fink", "kinder", "lot", "lux", "zuccal")),
+               None),
     "chinese": (("essenFolksong/han",), None),
     "irish": (("oneills1850/",), None),
     "fiddle": (("ryansMammoth/",), None),
     "scottish": (("airdsAirs/",), None),
 }
 FILE_TYPES = (".mxl", ".xml", ".musicxml", ".krn", ".abc")  # not .rntxt (chord analyses, no notes)
-EXCLUDE = ("bach/bwv846", "mozart/k545")  # not what their collection is called: a keyboard prelude,
-                                          # a piano sonata (whose exposition is also a file of its own)
-DANCES = ("jig", "reel", "hornpipe", "strathspey", "waltz", "polka", "march")  # named in a fiddle tune's title
-STYLES = ("chorale", "mass", "madrigal", "quartet", "german folk song", "chinese folk song", "irish tune",
-          "scottish air") + DANCES + ("dance tune",)  # "dance tune": a fiddle tune whose title names none
+# not what their collection is called: a keyboard prelude, a piano sonata (whose exposition is also
+# a file of its own)
+EXCLUDE = ("bach/bwv846", "mozart/k545")
+# named in a fiddle tune's title
+DANCES = ("jig", "reel", "hornpipe", "strathspey", "waltz", "polka", "march")
+STYLES = ("chorale", "mass", "madrigal", "quartet", "german folk song", "chinese folk song",
+          "irish tune", "scottish air") + DANCES + ("dance tune",)  # "dance tune": no dance named
 STYLE_PHRASES = {"chorale": "a chorale", "mass": "a mass movement", "madrigal": "a madrigal",
-                 "quartet": "a classical quartet movement", "german folk song": "a German folk song",
+                 "quartet": "a classical quartet movement",
+                 "german folk song": "a German folk song",
                  "chinese folk song": "a Chinese folk song", "irish tune": "an Irish tune",
                  "scottish air": "a Scottish air", "dance tune": "a dance tune",
                  **{d: f"a {d}" for d in DANCES}}
-COMPOSERS = ("Johann Sebastian Bach", "Palestrina", "Claudio Monteverdi", "Beethoven", "Haydn", "Mozart")
+COMPOSERS = ("Johann Sebastian Bach", "Palestrina", "Claudio Monteverdi", "Beethoven", "Haydn",
+             "Mozart")
 # instrumentation -> General MIDI programs (0-based) of parts 1, 2, ... (cycled for more parts)
 SOLOS = {"solo flute": (73,), "solo violin": (40,), "solo oboe": (68,), "solo clarinet": (71,),
          "solo trumpet": (56,), "solo piano": (0,), "solo accordion": (21,), "solo guitar": (24,)}
@@ -65,7 +70,7 @@ METERS = ("2/4", "3/4", "4/4", "6/8", "other")      # the label; captions name t
 TEXTURES = ("solo line", "two parts", "three parts", "four parts", "five or more parts")
 TEMPO_BUCKETS = (75, 100, 125)                       # bpm edges of slow | moderate | upbeat | fast
 TEMPO_WORDS = ("slow", "moderate", "upbeat", "fast")
-BPM_RANGE = (50, 150)                                # beats (of the meter) per minute, drawn per clip
+BPM_RANGE = (50, 150)                                # beats (of the meter) a minute, drawn per clip
 TRANSPOSE = (-6, 5)                                  # semitones, drawn per clip
 ATTRIBUTES = {"style": STYLES, "instrumentation": INSTRUMENTATIONS, "tonic": TONICS, "mode": MODES,
               "meter": METERS, "tempo": TEMPO_WORDS, "texture": TEXTURES}
@@ -85,7 +90,8 @@ def caption_words():
     """Every phrase the corpus captions can contain, independent of which clips were drawn."""
     parts = [re.sub(r"\{\w+\}", " ", t) for t in TEMPLATES] + [" by "]
     parts += list(STYLE_PHRASES.values()) + list(COMPOSERS) + list(INSTRUMENTATIONS) + list(TONICS)
-    parts += list(MODES) + list(TEXTURES) + list(TEMPO_WORDS) + [f"{n}/{d}" for n in range(1, 13) for d in (1, 2, 4, 8, 16)]
+    parts += (list(MODES) + list(TEXTURES) + list(TEMPO_WORDS)
+              + [f"{n}/{d}" for n in range(1, 13) for d in (1, 2, 4, 8, 16)])
     return parts + [str(b) for b in range(BPM_RANGE[0], BPM_RANGE[1] + 1)]
 
 
@@ -94,16 +100,17 @@ def require():
     try:
         import music21, pretty_midi, tinysoundfont  # noqa: F401
     except ImportError as e:
-        raise ModuleNotFoundError(f"the corpus data set needs {e.name}: pip install -r requirements-corpus.txt "
-                                  f"&& pip install --no-deps tinysoundfont", name=e.name) from None
+        raise ModuleNotFoundError(f"the corpus data set needs {e.name}: pip install -r "
+                                  f"requirements-corpus.txt && pip install --no-deps tinysoundfont",
+                                  name=e.name) from None
 
 # -----------------------------------------------------------------------------
 # Parsing scores into a cache of note lists
 
 def _style(collection, rel, title):
-    fixed = {"bach": "chorale", "palestrina": "mass", "monteverdi": "madrigal", "quartets": "quartet",
-             "german": "german folk song", "chinese": "chinese folk song", "irish": "irish tune",
-             "scottish": "scottish air"}
+    fixed = {"bach": "chorale", "palestrina": "mass", "monteverdi": "madrigal",
+             "quartets": "quartet", "german": "german folk song", "chinese": "chinese folk song",
+             "irish": "irish tune", "scottish": "scottish air"}
     if collection in fixed:
         return fixed[collection]
     words = (title or "").lower() + " " + rel.lower()
@@ -116,7 +123,8 @@ def _piece(score, collection, pid, rel):
     parts = []
     for part in score.parts or [score]:
         notes = [[round(float(n.offset), 4), round(float(n.quarterLength), 4), int(p.midi)]
-                 for n in part.stripTies().flatten().notes if n.quarterLength > 0 for p in n.pitches]
+                 for n in part.stripTies().flatten().notes if n.quarterLength > 0
+                 for p in n.pitches]
         if notes:
             parts.append(sorted(notes))
     if not parts:
@@ -127,9 +135,11 @@ def _piece(score, collection, pid, rel):
     if k is None or k.mode not in ("major", "minor"):
         k = score.analyze("key")  # Krumhansl-Schmuckler, when the score does not state a mode
     title = score.metadata.title if score.metadata is not None else ""
-    composer = COLLECTIONS[collection][1] or (rel.split("/")[0].title() if collection == "quartets" else None)
-    chords = any(len({t for t, _, _ in part}) < len(part) for part in parts)   # notes sharing an onset
-    return dict(id=pid, collection=collection, style=_style(collection, rel, title), composer=composer,
+    composer = COLLECTIONS[collection][1] or (rel.split("/")[0].title()
+                                              if collection == "quartets" else None)
+    chords = any(len({t for t, _, _ in part}) < len(part) for part in parts)  # onsets shared
+    return dict(id=pid, collection=collection, style=_style(collection, rel, title),
+                composer=composer,
                 title=title or "", tonic=k.tonic.pitchClass, mode=k.mode, chords=chords,
                 meter=ts.ratioString if ts is not None else "4/4",
                 beat=float(ts.beatDuration.quarterLength) if ts is not None else 1.0,
@@ -137,7 +147,8 @@ def _piece(score, collection, pid, rel):
 
 
 def _parse_file(task):
-    """(collection, relative path) -> (pieces, skipped): every score of the file (abc files hold many)."""
+    """(collection, relative path) -> (pieces, skipped): every score of the file (an abc file may
+    hold many)."""
     collection, rel = task
     from music21 import converter, corpus, stream
     try:
@@ -163,7 +174,8 @@ def _files(collection):
     prefixes, paths = COLLECTIONS[collection][0], []
     for p in corpus.getCorePaths():
         rel = str(p).rsplit("/corpus/", 1)[-1]
-        if rel.startswith(prefixes) and Path(rel).suffix in FILE_TYPES and not rel.startswith(EXCLUDE):
+        if (rel.startswith(prefixes) and Path(rel).suffix in FILE_TYPES
+                and not rel.startswith(EXCLUDE)):
             paths.append(rel)
     by_stem = {}  # the same piece in two formats: keep one (MusicXML first)
     for rel in sorted(paths, key=lambda r: (FILE_TYPES.index(Path(r).suffix), r)):
@@ -185,17 +197,19 @@ def check(cfg):
     require()
     names = collections(cfg)
     if cfg.corpus_pieces < 3 * len(names):
-        raise ValueError(f"data.corpus_pieces must be >= 3 per collection ({3 * len(names)}), so that "
-                         f"train, val and test each get a piece of every collection; got {cfg.corpus_pieces}")
+        raise ValueError(f"data.corpus_pieces must be >= 3 per collection ({3 * len(names)}), so "
+                         "that train, val and test each get a piece of every collection; got "
+                         f"{cfg.corpus_pieces}")
     if cfg.soundfont and not os.path.isfile(os.path.expanduser(cfg.soundfont)):
         raise FileNotFoundError(f"data.soundfont not found: {cfg.soundfont}")
 
 
 def cache_path(cfg):
-    """Where the parsed corpus of cfg's settings lives (one file per setting, reused by every run)."""
+    """Where the parsed corpus of cfg's settings lives (a file per setting, reused by every run)."""
     key = json.dumps([cfg.corpus_pieces, collections(cfg), 2])  # 2: the cache format's version
     folder = Path(os.path.expanduser(cfg.corpus_cache))
-    return folder / f"corpus-{cfg.corpus_pieces}-{hashlib.sha1(key.encode()).hexdigest()[:8]}.json.gz"
+    return (folder
+            / f"corpus-{cfg.corpus_pieces}-{hashlib.sha1(key.encode()).hexdigest()[:8]}.json.gz")
 
 
 def build_cache(cfg, workers=None):
@@ -220,7 +234,8 @@ def build_cache(cfg, workers=None):
             files, got = _files(collection), []
             # one file per worker at a time, in order, until the collection's share is met
             for start in range(0, len(files), workers):
-                for ps, sk in pool.map(_parse_file, [(collection, f) for f in files[start:start + workers]]):
+                for ps, sk in pool.map(_parse_file,
+                                       [(collection, f) for f in files[start:start + workers]]):
                     got += ps[:share - len(got)]
                     skipped += sk
                 if len(got) >= share:
@@ -259,16 +274,18 @@ def render(events, channels, n, sample_rate, soundfont):
     """events [(seconds, on?, channel, key, velocity)], channels {channel: (GM program, pan 0..1)}
     -> stereo float32 (2, n) from the soundfont."""
     synth, sfid = _synth(soundfont, sample_rate)
-    synth.sounds_off()                            # silence the previous clip (a ~10 ms release),
-    synth.generate_simple(sample_rate // 20)      # 50 ms played out here, so nothing leaks into this one
+    synth.sounds_off()                        # silence the previous clip (a ~10 ms release),
+    synth.generate_simple(sample_rate // 20)  # 50 ms played out here: nothing leaks into this one
     for ch, (program, pan) in channels.items():
         synth.program_select(ch, sfid, 0, program)
         synth.control_change(ch, 10, int(round(pan * 127)))  # CC 10: pan, 0 left .. 127 right
     out, done = np.zeros((n, 2), dtype=np.float32), 0
-    for t, on, ch, key, vel in sorted(events, key=lambda e: (e[0], e[1])):  # offs before ons at a time
+    # at one time, the note-offs come before the note-ons
+    for t, on, ch, key, vel in sorted(events, key=lambda e: (e[0], e[1])):
         upto = min(n, int(round(t * sample_rate)))
         if upto > done:
-            out[done:upto] = np.frombuffer(synth.generate_simple(upto - done), dtype=np.float32).reshape(-1, 2)
+            out[done:upto] = np.frombuffer(synth.generate_simple(upto - done),
+                                           dtype=np.float32).reshape(-1, 2)
             done = upto
         synth.noteon(ch, key, vel) if on else synth.noteoff(ch, key)
     if n > done:
@@ -285,11 +302,14 @@ def _events(parts, length, start, window, q, shift, velocity):
         for r in range(int(np.ceil((start + window) / length))):
             for t, d, key in part:
                 t = t + r * length - start
-                if t < window and t + 0.95 * d > 0:  # sounding in the clip (a held note restrikes at 0)
-                    k = key + shift + 12 * ((max(0, 21 - key - shift) + 11) // 12)  # octaves up or
-                    k -= 12 * ((max(0, k - 108) + 11) // 12)                          # down into 21..108
+                # sounding in the clip (a held note restrikes at 0)
+                if t < window and t + 0.95 * d > 0:
+                    # octaves up or down into 21..108
+                    k = key + shift + 12 * ((max(0, 21 - key - shift) + 11) // 12)
+                    k -= 12 * ((max(0, k - 108) + 11) // 12)
                     vel = min(127, velocity + (12 if j == 0 else 0))  # the top part leads
-                    events += [(max(t, 0) * q, True, ch, k, vel), ((t + 0.95 * d) * q, False, ch, k, 0)]
+                    events += [(max(t, 0) * q, True, ch, k, vel),
+                               ((t + 0.95 * d) * q, False, ch, k, 0)]
     return events
 
 
@@ -310,7 +330,8 @@ def render_clip(cfg, pieces, split_id, i):
     group = [p for p in pieces if p["collection"] == coll]
     piece = group[rng.integers(len(group))]
     parts = piece["parts"][:15]  # 16 MIDI channels, channel 9 is percussion
-    table = (CHORDAL_SOLOS if piece["chords"] else list(SOLOS)) if len(parts) == 1 else list(ENSEMBLES)
+    table = ((CHORDAL_SOLOS if piece["chords"] else list(SOLOS)) if len(parts) == 1
+             else list(ENSEMBLES))
     ens = table[rng.integers(len(table))]
     bpm = int(rng.integers(BPM_RANGE[0], BPM_RANGE[1] + 1))
     shift = int(rng.integers(TRANSPOSE[0], TRANSPOSE[1] + 1))
@@ -321,7 +342,7 @@ def render_clip(cfg, pieces, split_id, i):
     start = int(rng.integers(beats + 1)) * piece["beat"]  # a beat-aligned start
     programs = {**SOLOS, **ENSEMBLES}[ens]
     pans = np.linspace(0.3, 0.7, len(parts)) if len(parts) > 1 else [0.5]
-    channels = {j if j < 9 else j + 1: (programs[j % len(programs)], float(pans[j]))  # skip percussion (9)
+    channels = {j if j < 9 else j + 1: (programs[j % len(programs)], float(pans[j]))  # not 9: drums
                 for j in range(len(parts))}
     # a window that falls in a rest of every part starts at the piece's opening instead
     events = _events(parts, piece["length"], start, window, q, shift, velocity) or \
@@ -332,11 +353,12 @@ def render_clip(cfg, pieces, split_id, i):
     tonic = TONICS[(piece["tonic"] + shift) % 12]
     meter = piece["meter"] if piece["meter"] in METERS else "other"
     texture = TEXTURES[min(len(parts), 5) - 1]
-    labels = dict(style=piece["style"], instrumentation=ens, tonic=tonic, mode=piece["mode"], meter=meter,
-                  tempo=tempo_word(bpm), bpm=bpm, texture=texture, composer=piece["composer"],
-                  piece=piece["id"], transpose=shift)
+    labels = dict(style=piece["style"], instrumentation=ens, tonic=tonic, mode=piece["mode"],
+                  meter=meter, tempo=tempo_word(bpm), bpm=bpm, texture=texture,
+                  composer=piece["composer"], piece=piece["id"], transpose=shift)
     caption = TEMPLATES[rng.integers(len(TEMPLATES))].format(
-        style=STYLE_PHRASES[piece["style"]], by=f" by {piece['composer']}" if piece["composer"] else "",
-        ens=ens, tonic=tonic, mode=piece["mode"], meter=piece["meter"], tempo=tempo_word(bpm), bpm=bpm,
-        texture=texture)
+        style=STYLE_PHRASES[piece["style"]],
+        by=f" by {piece['composer']}" if piece["composer"] else "",
+        ens=ens, tonic=tonic, mode=piece["mode"], meter=piece["meter"], tempo=tempo_word(bpm),
+        bpm=bpm, texture=texture)
     return wave.astype(np.float32), caption, labels

@@ -23,7 +23,8 @@ INSTRUMENTS = ("pluck", "piano", "organ", "bell", "strings", "lead", "bass")
 TONICS = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
 MODES = ("major", "minor")
 TEXTURES = ("melody", "chords", "arpeggio")
-TEMPO_BUCKETS = (90, 120, 150)  # bpm edges: [60, 90) slow, [90, 120) moderate, [120, 150) upbeat, [150, 180] fast
+# bpm edges: [60, 90) slow, [90, 120) moderate, [120, 150) upbeat, [150, 180] fast
+TEMPO_BUCKETS = (90, 120, 150)
 TEMPO_WORDS = ("slow", "moderate", "upbeat", "fast")
 BPM_RANGE = (60, 180)
 SCALES = {"major": (0, 2, 4, 5, 7, 9, 11), "minor": (0, 2, 3, 5, 7, 8, 10)}  # natural minor
@@ -47,11 +48,12 @@ def tempo_bucket(bpm):
 # -----------------------------------------------------------------------------
 # Synthetic music: instruments
 
-TABLE = 2048  # wavetable length; harmonics are summed once per (instrument, count) and then read out
+TABLE = 2048  # wavetable length; harmonics are summed once per (instrument, count), then read out
 
 
 HARMONICS = {  # amplitude of harmonic k = 1..n: each timbre's fingerprint in the spectrogram
-    "organ": lambda k: np.array([{1: 1, 2: .8, 3: .6, 4: .5, 6: .35, 8: .25}.get(h, 0.0) for h in k]),  # drawbars
+    "organ": lambda k: np.array([{1: 1, 2: .8, 3: .6, 4: .5, 6: .35, 8: .25}.get(h, 0.0)
+                                 for h in k]),                              # drawbars
     "lead": lambda k: (k % 2 == 1) / k,       # square wave: odd harmonics only
     "strings": lambda k: 1.0 / k,             # sawtooth: every harmonic, bright and buzzy
     "bass": lambda k: 1.0 / k**2,             # dark: rolls off fast
@@ -77,8 +79,9 @@ def _interp(y, pos):
 
 
 def _read(instrument, cycles, f, sr, max_harm=64):
-    """A wavetable read at phase `cycles` (in periods); only harmonics below 0.45*sr, so no aliasing."""
-    return _interp(_table(instrument, int(max(1, min(max_harm, 0.45 * sr // f)))), (cycles % 1.0) * TABLE)
+    """A wavetable read at phase `cycles` (periods); only harmonics below 0.45*sr: no aliasing."""
+    return _interp(_table(instrument, int(max(1, min(max_harm, 0.45 * sr // f)))),
+                   (cycles % 1.0) * TABLE)
 
 
 def _karplus_strong(f, n, sr, rng):
@@ -89,7 +92,7 @@ def _karplus_strong(f, n, sr, rng):
     y = np.zeros(m + P + 1, dtype=np.float32)
     y[1:P + 1] = rng.uniform(-1, 1, P)     # y[0] stays 0 so y[n-P-1] exists for the first chunk
     decay = 0.99 ** (220.0 / f)            # per pass, so that every pitch loses ~90% in one second
-    for s in range(P + 1, len(y), P):      # vectorised over one period: each chunk only needs earlier ones
+    for s in range(P + 1, len(y), P):      # vectorised by period: a chunk needs only earlier ones
         e = min(s + P, len(y))
         np.add(y[s - P:e - P], y[s - P - 1:e - P - 1], out=y[s:e])
         y[s:e] *= 0.5 * decay
@@ -105,7 +108,7 @@ def _note(instrument, midi, n, sr, rng):
     elif instrument == "piano":    # bright partials die fast, the fundamental rings on
         x = (_read("piano_bright", f * t, f, sr, 16) * np.exp(-t / 0.12)
              + _read("piano_body", f * t, f, sr, 3) * np.exp(-t / 0.9))
-    elif instrument == "bell":     # FM with an inharmonic ratio; the index (brightness) decays with the tone
+    elif instrument == "bell":     # FM at an inharmonic ratio; the index (brightness) decays too
         fm = 1.4 * f
         index = min(1.5, max(0.0, (0.45 * sr - f) / fm - 1)) * np.exp(-t / 0.25)
         x = np.sin(2 * np.pi * f * t + index * np.sin(2 * np.pi * fm * t)) * np.exp(-t / 1.2)
@@ -131,7 +134,8 @@ def _drum(kind, sr, rng):
         return np.sin(2 * np.pi * cycles) * np.exp(-t / 0.12)
     noise = np.diff(rng.standard_normal(n + 1))  # first difference = high-passed noise
     if kind == "snare":
-        return 0.35 * noise * np.exp(-t / 0.07) + 0.6 * np.sin(2 * np.pi * 190 * t) * np.exp(-t / 0.04)
+        return (0.35 * noise * np.exp(-t / 0.07)
+                + 0.6 * np.sin(2 * np.pi * 190 * t) * np.exp(-t / 0.04))
     return 0.25 * noise * np.exp(-t / 0.015)
 
 # -----------------------------------------------------------------------------
@@ -179,15 +183,15 @@ def synth_clip(cfg, split_id, i):
     texture = TEXTURES[rng.integers(len(TEXTURES))]
     drums = bool(rng.random() < cfg.drums)
     scale = SCALES[mode]
-    base = {"bass": 36, "bell": 72}.get(instrument, 60) + tonic  # register: bass >= 65 Hz, bell high
-    ring = instrument in ("pluck", "piano", "bell", "bass")      # decaying sounds ring past note-off
+    base = {"bass": 36, "bell": 72}.get(instrument, 60) + tonic  # octave: bass >= 65 Hz, bell high
+    ring = instrument in ("pluck", "piano", "bell", "bass")      # decaying: they ring past note-off
     music = np.zeros(n, dtype=np.float32)
     for start, dur, d in _score(texture, bpm, cfg.seconds, rng):
         a = int(start * sr)
         if a >= n:
             continue
         length = min(n - a, int((dur + 0.25) * sr) if ring else int(0.95 * dur * sr))
-        length = min(length, sr) if instrument == "pluck" else length  # it has died away by 1 s anyway
+        length = min(length, sr) if instrument == "pluck" else length  # died away by 1 s anyway
         midi = base + 12 * (d // 7) + scale[d % 7]
         music[a:a + length] += _note(instrument, midi, length, sr, rng)
     music /= np.abs(music).max() + 1e-9
@@ -195,7 +199,8 @@ def synth_clip(cfg, split_id, i):
     kit = np.zeros(n, dtype=np.float32)
     if drums:
         hits = {k: _drum(k, sr, rng) for k in ("kick", "snare", "hat")}
-        for e in range(int(cfg.seconds / beat * 2) + 1):  # hats on eighths, kick and snare alternate on beats
+        # hats on eighths, kick and snare alternate on beats
+        for e in range(int(cfg.seconds / beat * 2) + 1):
             a = int(e * beat / 2 * sr)
             for k in ("hat",) + {0: ("kick",), 2: ("snare",)}.get(e % 4, ()):
                 kit[a:a + len(hits[k])] += hits[k][:n - a]
@@ -205,8 +210,8 @@ def synth_clip(cfg, split_id, i):
     else:
         wave = (music + 0.5 * kit)[None]
     wave = wave * (0.9 / (np.abs(wave).max() + 1e-9))
-    labels = dict(instrument=instrument, tonic=TONICS[tonic], mode=mode, bpm=bpm, texture=texture, drums=drums,
-                  tempo=TEMPO_WORDS[tempo_bucket(bpm)])
+    labels = dict(instrument=instrument, tonic=TONICS[tonic], mode=mode, bpm=bpm, texture=texture,
+                  drums=drums, tempo=TEMPO_WORDS[tempo_bucket(bpm)])
     template = TEMPLATES[rng.integers(len(TEMPLATES))]
     caption = template.format(tempo=TEMPO_WORDS[tempo_bucket(bpm)], tonic=TONICS[tonic],
                               drums=DRUM_PHRASES[drums][rng.integers(2)],
