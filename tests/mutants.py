@@ -68,7 +68,7 @@ MUTANTS = [
      [("ids = edm.drop_captions(ids, train_cfg.p_uncond, rng, data.Tokenizer.PAD)  # CFG works",
        "edm.drop_captions(ids, train_cfg.p_uncond, rng, data.Tokenizer.PAD)  # CFG works")]),
     ("the GAN's real clips are G's own clips whatever distill.gan_real says", "train.py",
-     [('if distill.gan_real == "independent":', "if False:")]),
+     [('separate = distill.gan_real == "independent"', "separate = False")]),
     ("the GAN's real clips conditioned on the generated clips' captions", "dmd.py",
      [("cond_real = cond if real_ids is None else mu_fake.encode(real_ids)", "cond_real = cond")]),
     ("the fake score's DSM loss on the real clips, not the generated ones", "dmd.py",
