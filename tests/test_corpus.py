@@ -9,8 +9,8 @@ import pytest
 import config
 import data
 from embedders import clap
+from sources import corpus
 
-corpus = pytest.importorskip("corpus")
 for name in ("music21", "pretty_midi", "tinysoundfont"):
     pytest.importorskip(name, reason="pip install -r requirements-corpus.txt && pip install --no-deps tinysoundfont")
 
