@@ -126,7 +126,7 @@ def generate_all(models, caption, seed, steps, cfg_w, few_steps, folder, precisi
     """Generate `caption` with every model, seed `seed`, one clip each (batch 1): the base model
     and ASE / Presto-L with Heun at `steps` steps and CFG `cfg_w`, Presto-S and Presto-LS at
     `few_steps` steps (evaluate.row_samplers). Each clip is written to FOLDER as a WAV
-    (sample.write_wav) and drawn as a spectrogram PNG (evaluate.spectrograms; none without
+    (sample.write_audio) and drawn as a spectrogram PNG (evaluate.spectrograms; none without
     matplotlib). Returns one dict per model: name, file, steps, network_calls, blocks, wav, png,
     seconds, generation_ms, decode_ms, end_to_end_ms, nonfinite, speedup and gen_speedup (against
     the base row)."""
@@ -146,7 +146,7 @@ def generate_all(models, caption, seed, steps, cfg_w, few_steps, folder, precisi
                                      device, repeats=1, warmup=0)
         waves = out["waves"]
         stem = os.path.join(folder, m.file.replace(".pt", ""))
-        sample.write_wav(stem + ".wav", waves[0].numpy(), m.cfg.data.sample_rate)
+        sample.write_audio(stem + ".wav", waves[0].numpy(), m.cfg.data.sample_rate)
         note = evaluate.spectrograms({name: sample.listenable(waves)}, [""],   # no title: the
                                      data.Representation(m.cfg.data), stem + ".png")  # page says it
         rows.append(dict(name=name, file=m.file, steps=n, blocks=blocks,

@@ -439,6 +439,26 @@ def spectrograms(examples, captions, rep, path):
     return f"wrote {path}"
 
 
+def write_clips(examples, captions, sample_rate, folder, command):
+    """The pictured clips as MP3 files to listen to beside the spectrograms: FOLDER/{k}_{row}.mp3
+    (caption k, same seed in every row) and FOLDER/index.md, a table of captions and links with
+    the command that made them. Returns a note."""
+    os.makedirs(folder, exist_ok=True)
+    slug = lambda name: "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
+    lines = [f"# Clips: {', '.join(examples)}", "", f"`{command}`", "",
+             "| caption | " + " | ".join(examples) + " |", "|---" * (len(examples) + 1) + "|"]
+    for k, caption in enumerate(captions):
+        cells = []
+        for name, waves in examples.items():
+            file = f"{k}_{slug(name)}.mp3"
+            sample.write_audio(os.path.join(folder, file), waves[k], sample_rate)
+            cells.append(f"[{file}]({file})")
+        lines.append(f"| {caption} | " + " | ".join(cells) + " |")
+    with open(os.path.join(folder, "index.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return f"wrote {len(captions) * len(examples)} clips and index.md in {folder}"
+
+
 # ----------------------------------------------------------------------------------------------
 # The embedder, and the validation FAD that selects Presto-S checkpoints
 
@@ -693,8 +713,9 @@ def main(argv=None):
                         "level, and the head-input variance of full depth / ASE / Presto-L -> "
                         "RUN/variance.{md,json}")
     p.add_argument("--spectrograms", type=int, default=3,
-                   help="also draw RUN/spectrograms.png: the first N test captions, the real clip "
-                        "and every row's clip for each (needs matplotlib; 0: none)")
+                   help="also draw RUN/spectrograms.png and write its clips to RUN/clips/ (MP3s and "
+                        "an index.md): the first N test captions, the real clip "
+                        "and every row's clip for each (the picture needs matplotlib; 0: neither)")
     p.add_argument("--variance-clips", type=int, default=16, help="held-out clips for --variance")
     p.add_argument("--variance-budget", type=int, default=None,
                    help="blocks run by ASE / Presto-L for --variance (default: their schedule)")
@@ -803,9 +824,12 @@ def main(argv=None):
             checkpoint_file(opts.run, res["settings"]["checkpoints"][0]))["config"])
         k = len(examples["real test clips"])               # opts.spectrograms, or n if fewer
         test = data.make_dataset(scored_data(cfg.data, opts.collections), "test")
-        notes.append(spectrograms(examples, [test.clip(i).caption for i in range(k)],
-                                  data.Representation(cfg.data),
+        captions = [test.clip(i).caption for i in range(k)]
+        notes.append(spectrograms(examples, captions, data.Representation(cfg.data),
                                   os.path.join(opts.run, f"spectrograms{suffix}.png")))
+        notes.append(write_clips(examples, captions, cfg.data.sample_rate,
+                                 os.path.join(opts.run, f"clips{suffix}"),
+                                 "python evaluate.py " + " ".join(argv or sys.argv[1:])))
     write_report(opts.run, f"results{suffix}", res, to_markdown(res), *notes)
 
 

@@ -165,7 +165,9 @@ def sampling_fn(denoiser, tok, cfg, stage, steps, sampler="heun", cfg_w=4.0, bud
 
 
 PRECISIONS = ("auto", "bf16", "fp32")  # config.autocast_for's settings (train.precision's too)
-AUDIO_OUT = (".wav", ".flac")       # what write_wav writes (16-bit PCM)
+# what write_audio writes: 16-bit PCM, or compressed (MP3 / Ogg Vorbis: small files to share)
+AUDIO_OUT = {".wav": "PCM_16", ".flac": "PCM_16", ".mp3": "MPEG_LAYER_III", ".ogg": "VORBIS"}
+AUDIO_NAMES = ".wav, .flac, .mp3 or .ogg"
 
 
 def check_options(args):
@@ -218,7 +220,7 @@ def check_request(cfg, prompts, seconds, steps):
 
 
 def output_paths(out, n, many):
-    """The WAV path of each of n clips (many: --prompts, a folder or a path prefix), checked to be
+    """The audio file of each of n clips (many: --prompts, a folder or a path prefix), checked to be
     writable before any generation, so no work is lost to a bad --out."""
     if not out:
         raise ValueError("--out is empty")
@@ -233,7 +235,7 @@ def output_paths(out, n, many):
             raise ValueError(f"--out {out} is a folder; give a file name such as "
                              f"{os.path.join(out, 'out.wav')}")
         if os.path.splitext(out)[1].lower() not in AUDIO_OUT:
-            raise ValueError(f"--out {out}: give a {' or '.join(AUDIO_OUT)} file name")
+            raise ValueError(f"--out {out}: give a {AUDIO_NAMES} file name")
         paths = [out]
     taken = [p for p in paths if os.path.isdir(p)]
     if taken:
@@ -264,7 +266,7 @@ def generate_waves(gen, rep, captions, seconds, batch):
 
 
 def listenable(waves):
-    """What a listener gets from a WAV writer (write_wav): non-finite samples -> 0, peaks
+    """What a listener gets from an audio file (write_audio): non-finite samples -> 0, peaks
     limited to 0.99. An untrained or diverged model can decode to inf / NaN; this keeps such
     clips scorable."""
     waves = torch.nan_to_num(waves.float(), nan=0.0, posinf=0.0, neginf=0.0)
@@ -272,11 +274,15 @@ def listenable(waves):
     return waves * (0.99 / peak.clamp_min(0.99))
 
 
-def write_wav(path, wave, sample_rate):
-    """wave (ch, N) float -> 16-bit WAV, peak-limited as `listenable` (no wrap-around clipping)."""
+def write_audio(path, wave, sample_rate):
+    """wave (ch, N) float -> an audio file of the extension's format (AUDIO_OUT), peak-limited as
+    `listenable` (no wrap-around clipping)."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in AUDIO_OUT:
+        raise ValueError(f"{path}: give a {AUDIO_NAMES} file name")
     wave = listenable(torch.as_tensor(np.asarray(wave, dtype=np.float32))[None])[0].numpy()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    sf.write(path, wave.T, sample_rate, subtype="PCM_16")
+    sf.write(path, wave.T, sample_rate, subtype=AUDIO_OUT[ext])
 
 
 def write_batches(args, cfg, rep, gen, few_step, steps, prompts, seeds, seconds, paths, bar):
@@ -299,7 +305,7 @@ def write_batches(args, cfg, rep, gen, few_step, steps, prompts, seeds, seconds,
                 raise ValueError(f"the model produced non-finite audio for prompt {i + 1} (seed "
                                  f"{seeds[i]}); nothing written for it (try a lower --guidance or "
                                  "more --steps)")
-            write_wav(paths[i], wave, cfg.data.sample_rate)
+            write_audio(paths[i], wave, cfg.data.sample_rate)
             tqdm.write(f"{paths[i]}  seed {seeds[i]}  \"{prompts[i]}\"")   # above the bar
     return t_gen, t_dec
 
@@ -341,7 +347,8 @@ def main(argv=None):
                         "per budget of a layer-dropped checkpoint), so only later batches run at "
                         "the compiled speed")
     p.add_argument("--out", default="out.wav",
-                   help="WAV path for --prompt; a folder (or path prefix) for --prompts")
+                   help="audio file for --prompt (.wav, .flac, or .mp3 / .ogg: compressed); a "
+                        "folder (or path prefix) for --prompts")
     args = p.parse_args(argv)
     try:
         check_options(args)

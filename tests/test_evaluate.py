@@ -6,10 +6,12 @@ import math
 import os
 
 import numpy as np
+import soundfile as sf
 import pytest
 import torch
 
 import config
+import data
 import evaluate
 import metrics
 import train
@@ -185,6 +187,20 @@ def test_evaluate_writes_results_for_every_row(eval_run):
     clap = res["rows"][1]["clap_score_by_clip"]         # per-clip CLAP scores, and their mean and SE
     assert len(clap) == 4 and res["rows"][1]["clap_score"] == pytest.approx(np.mean(clap))
     assert res["rows"][1]["clap_score_se"] == pytest.approx(np.std(clap, ddof=1) / 2)
+    # the pictured clips, to listen to: 3 captions x (real + 2 rows), linked from index.md, and
+    # the real ones are the test clips themselves (through MP3: close, not exact)
+    folder = os.path.join(eval_run, "clips")
+    index = open(os.path.join(folder, "index.md")).read()
+    files = sorted(f for f in os.listdir(folder) if f.endswith(".mp3"))
+    assert len(files) == 9 and all(f"]({f})" in index for f in files)
+    cfg = config.load_checkpoint(os.path.join(eval_run, "base.pt"))[0]
+    test = data.make_dataset(cfg.data, "test")
+    assert test.clip(2).caption in index and "--n 4" in index
+    heard, sr = sf.read(os.path.join(folder, "2_real_test_clips.mp3"), dtype="float32")
+    wave = test.clip(2).wave[0]
+    assert sr == cfg.data.sample_rate and abs(len(heard) - len(wave)) < sr // 10
+    m = min(len(heard), len(wave))
+    assert np.corrcoef(heard[:m], wave[:m])[0, 1] > 0.9
 
 
 @pytest.mark.parametrize("make_args,msg", [

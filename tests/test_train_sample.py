@@ -304,7 +304,7 @@ def test_a_cadence_of_zero_still_logs_and_checkpoints_the_last_step(tmp_path):
     (["--prompt", "piano", "--guidance", "inf"], "--guidance must be a finite number"),
     (["--prompt", "piano", "--gl-iters", "0"], "--gl-iters must be >= 1"),
     (["--prompt", "piano", "--out", ""], "--out is empty"),
-    (["--prompt", "piano", "--out", "song.mp3"], "give a .wav or .flac file name"),
+    (["--prompt", "piano", "--out", "song.aac"], "give a .wav, .flac, .mp3 or .ogg file name"),
 ])
 def test_sample_bad_input_is_one_line_error(tiny_run, args, msg):
     if "--ckpt" not in args:
@@ -344,6 +344,7 @@ def test_prompts_with_an_audio_file_name_number_its_stem(tmp_path):
     prefix as before."""
     assert sample.output_paths(str(tmp_path / "x.flac"), 2, True) == [str(tmp_path / "x_000.flac"),
                                                                        str(tmp_path / "x_001.flac")]
+    assert sample.output_paths(str(tmp_path / "x.mp3"), 1, True) == [str(tmp_path / "x_000.mp3")]
     assert sample.output_paths(str(tmp_path / "x"), 1, True) == [str(tmp_path / "x_000.wav")]
     assert sample.output_paths(str(tmp_path) + os.sep, 1, True) == [str(tmp_path / "000.wav")]
 
