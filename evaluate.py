@@ -22,6 +22,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import sys
 import textwrap
 import time
@@ -230,6 +231,12 @@ def evaluate_run(run, opts, embed_fn, embed_text=None, predict_fn=None, device="
     present = [f for f in ROWS if f in wanted and os.path.isfile(os.path.join(run, f))]
     if not present:
         raise FileNotFoundError(f"no checkpoints in {run} (looked for {', '.join(ROWS)})")
+    pictured = getattr(opts, "picture_rows", None)          # rows of the picture and clips
+    names = [row[0] for f in present for row in row_samplers(ROWS[f], opts)]
+    unknown = [name for name in pictured or () if name not in names]
+    if unknown:
+        raise ValueError(f"--picture-rows: no row named {unknown[0]!r} in this run; its rows: "
+                         f"{', '.join(repr(name) for name in names)}")
     loaded = [load_rows(checkpoint_file(run, f, getattr(opts, "best", False)), ROWS[f],
                         device, opts)
               for f in present]                             # [(cfg, rep, [(name, settings, gen)])]
@@ -239,7 +246,9 @@ def evaluate_run(run, opts, embed_fn, embed_text=None, predict_fn=None, device="
     n_rows = sum(len(rows) for _, _, rows in loaded)
     bar = tqdm(total=2 + 3 * n_rows, desc="evaluate", dynamic_ncols=True)
     keep = lambda name, waves: (examples.__setitem__(name, waves[:opts.spectrograms])
-                                if examples is not None else None)
+                                if examples is not None and (not pictured or name in pictured
+                                                             or name == "real test clips")
+                                else None)
 
     # 1. the real clips: the reference set, the prompts, and the embedder's own quality
     scorer = Scorer(opts, device, scored, embed_fn, embed_text, predict_fn, judges)
@@ -716,6 +725,9 @@ def main(argv=None):
                    help="also draw RUN/spectrograms.png and write its clips to RUN/clips/ (MP3s and "
                         "an index.md): the first N test captions, the real clip "
                         "and every row's clip for each (the picture needs matplotlib; 0: neither)")
+    p.add_argument("--picture-rows", nargs="+", default=None, metavar="ROW",
+                   help="only these rows (by name, e.g. 'base Heun' 'Presto-S 4-step') in the "
+                        "picture and clips, after the real clips (default: every row)")
     p.add_argument("--variance-clips", type=int, default=16, help="held-out clips for --variance")
     p.add_argument("--variance-budget", type=int, default=None,
                    help="blocks run by ASE / Presto-L for --variance (default: their schedule)")
@@ -776,7 +788,7 @@ def main(argv=None):
     ignored = ([f"--{k.replace('_', '-')}"
                 for k in ("best", "embedder", "n", "seeds", "prompts", "steps", "dpm_steps",
                           "few_steps", "ls_steps", "guidance", "spectrograms", "collections",
-                          "checkpoints")
+                          "checkpoints", "picture_rows")
                 if getattr(opts, k) != p.get_default(k)]
                + (["--run"] if opts.latency_only and opts.run else []))
     if (opts.variance or opts.latency_only) and ignored:        # options of the results table only
@@ -829,7 +841,7 @@ def main(argv=None):
                                   os.path.join(opts.run, f"spectrograms{suffix}.png")))
         notes.append(write_clips(examples, captions, cfg.data.sample_rate,
                                  os.path.join(opts.run, f"clips{suffix}"),
-                                 "python evaluate.py " + " ".join(argv or sys.argv[1:])))
+                                 shlex.join(["python", "evaluate.py", *(argv or sys.argv[1:])])))
     write_report(opts.run, f"results{suffix}", res, to_markdown(res), *notes)
 
 

@@ -164,7 +164,8 @@ def test_old_checkpoints_without_a_clap_section_still_load():
 
 def test_evaluate_writes_results_for_every_row(eval_run):
     evaluate.main(["--run", eval_run, "--n", "4", "--seeds", "2", "--prompts", "2", "--steps", "2",
-                   "--dpm-steps", "2", "--repeats", "1", "--device", "cpu"])
+                   "--dpm-steps", "2", "--repeats", "1", "--device", "cpu",
+                   "--picture-rows", "base DPM-Solver++(2M)"])
     res = json.load(open(os.path.join(eval_run, "results.json")))
     names = [r["name"] for r in res["rows"]]
     assert names == ["real data (test vs train)", "base Heun", "base DPM-Solver++(2M)"]
@@ -187,12 +188,13 @@ def test_evaluate_writes_results_for_every_row(eval_run):
     clap = res["rows"][1]["clap_score_by_clip"]         # per-clip CLAP scores, and their mean and SE
     assert len(clap) == 4 and res["rows"][1]["clap_score"] == pytest.approx(np.mean(clap))
     assert res["rows"][1]["clap_score_se"] == pytest.approx(np.std(clap, ddof=1) / 2)
-    # the pictured clips, to listen to: 3 captions x (real + 2 rows), linked from index.md, and
-    # the real ones are the test clips themselves (through MP3: close, not exact)
+    # the pictured clips, to listen to: 3 captions x (real + the --picture-rows row), linked from
+    # index.md, and the real ones are the test clips themselves (through MP3: close, not exact)
     folder = os.path.join(eval_run, "clips")
     index = open(os.path.join(folder, "index.md")).read()
     files = sorted(f for f in os.listdir(folder) if f.endswith(".mp3"))
-    assert len(files) == 9 and all(f"]({f})" in index for f in files)
+    assert len(files) == 6 and all(f"]({f})" in index for f in files)
+    assert "2_base_dpm_solver___2m.mp3" in files and "base Heun" not in index
     cfg = config.load_checkpoint(os.path.join(eval_run, "base.pt"))[0]
     test = data.make_dataset(cfg.data, "test")
     assert test.clip(2).caption in index and "--n 4" in index
@@ -206,6 +208,7 @@ def test_evaluate_writes_results_for_every_row(eval_run):
 @pytest.mark.parametrize("make_args,msg", [
     (lambda run, tmp: ["--run", str(tmp / "nope")], "run folder not found"),
     (lambda run, tmp: ["--run", str(tmp)], "no checkpoints"),
+    (lambda run, tmp: ["--run", run, "--picture-rows", "Presto-S 3-step"], "no row named"),
     (lambda run, tmp: ["--run", run, "--embedder", str(tmp / "missing.pt")], "--stage clap"),
 ])
 def test_evaluate_errors_are_one_line(eval_run, tmp_path, make_args, msg):
