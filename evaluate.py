@@ -30,6 +30,7 @@ import warnings
 from dataclasses import replace
 
 import numpy as np
+import soundfile as sf
 import torch
 from tqdm import tqdm
 
@@ -450,8 +451,10 @@ def spectrograms(examples, captions, rep, path):
 
 def write_clips(examples, captions, sample_rate, folder, command):
     """The pictured clips as MP3 files to listen to beside the spectrograms: FOLDER/{k}_{row}.mp3
-    (caption k, same seed in every row) and FOLDER/index.md, a table of captions and links with
-    the command that made them. Returns a note."""
+    (caption k, same seed in every row; WAV where this soundfile build cannot write MP3) and
+    FOLDER/index.md, a table of captions and links with the command that made them. Returns a
+    note."""
+    ext = ".mp3" if "MP3" in sf.available_formats() else ".wav"
     os.makedirs(folder, exist_ok=True)
     slug = lambda name: "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
     lines = [f"# Clips: {', '.join(examples)}", "", f"`{command}`", "",
@@ -459,7 +462,7 @@ def write_clips(examples, captions, sample_rate, folder, command):
     for k, caption in enumerate(captions):
         cells = []
         for name, waves in examples.items():
-            file = f"{k}_{slug(name)}.mp3"
+            file = f"{k}_{slug(name)}{ext}"
             sample.write_audio(os.path.join(folder, file), waves[k], sample_rate)
             cells.append(f"[{file}]({file})")
         lines.append(f"| {caption} | " + " | ".join(cells) + " |")

@@ -330,3 +330,15 @@ def test_an_embedder_of_another_sample_rate_is_refused(eval_run, tmp_path, monke
     monkeypatch.setattr(evaluate, "evaluate_run", lambda *a, **k: pytest.fail("ran"))
     with pytest.raises(SystemExit, match="embeds 16000 Hz audio and .* makes 8000 Hz"):
         evaluate.main(["--run", eval_run, "--embedder", str(tmp_path / "clap.pt")])
+
+
+def test_clips_are_wav_where_soundfile_cannot_write_mp3(tmp_path, monkeypatch):
+    """A soundfile build without MP3 must not cost an evaluation its report: the clips come as WAV."""
+    monkeypatch.setattr(evaluate.sf, "available_formats", lambda: {"WAV": "", "FLAC": ""})
+    waves = torch.sin(torch.arange(800.0) * 0.3).repeat(2, 1, 1) * 0.5      # 2 clips, (1, 800)
+    note = evaluate.write_clips({"real test clips": waves, "base Heun": waves}, ["a", "b"], 8000,
+                                str(tmp_path), "python evaluate.py --run x")
+    assert sorted(os.listdir(tmp_path)) == ["0_base_heun.wav", "0_real_test_clips.wav",
+                                            "1_base_heun.wav", "1_real_test_clips.wav", "index.md"]
+    heard, sr = sf.read(tmp_path / "1_base_heun.wav", dtype="float32")
+    assert sr == 8000 and np.abs(heard - waves[1, 0].numpy()).max() < 1e-3 and "4 clips" in note
