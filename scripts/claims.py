@@ -302,7 +302,10 @@ def check_same(src, dst):
 
 
 def link(src, dst):
-    """dst as a hard link to src (a copy across file systems), unless it is there already."""
+    """dst as a hard link to src (a copy across file systems), unless it is there already. A
+    symbolic link (a run folder's `clap.pt -> ../embedder/clap.pt`) is followed first: a hard link
+    to a relative symbolic link would point elsewhere from the arm's folder."""
+    src = os.path.realpath(src)
     if check_same(src, dst):
         return
     os.makedirs(os.path.dirname(dst), exist_ok=True)

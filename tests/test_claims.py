@@ -385,3 +385,17 @@ def test_one_claim_end_to_end_on_a_tiny_run(eval_run, tmp_path, capsys):
     assert res["dataset"] == "synth" and res["minutes"] > 0
     out = capsys.readouterr().out
     assert "\n| presto-s | Presto-S at 4 steps" in out and "wrote " in out
+
+
+def test_a_relative_symbolic_link_is_followed_when_an_arm_links_it(tmp_path):
+    """RUN/clap.pt -> ../embedder/clap.pt (as the lab log makes them): the arm's copy must be the
+    embedder's file, not a second link whose relative target misses from RUN/claims/ARM."""
+    (tmp_path / "embedder").mkdir()
+    (tmp_path / "embedder" / "clap.pt").write_bytes(b"weights")
+    run = tmp_path / "run"
+    run.mkdir()
+    os.symlink("../embedder/clap.pt", run / "clap.pt")
+    dst = run / "claims" / "presto-s_seed0" / "clap.pt"
+    claims.link(str(run / "clap.pt"), str(dst))
+    assert dst.read_bytes() == b"weights"
+    claims.link(str(run / "clap.pt"), str(dst))              # a second time: there already
