@@ -348,6 +348,9 @@ def check(cfg, dataset=True):
     if dataset and cfg.data.dataset == "corpus":  # optional packages, collections, soundfont
         from sources import corpus
         corpus.check(cfg.data)
+    if cfg.distill.val_every > 0 and cfg.distill.val_judge == "aisfx":   # its optional package
+        from embedders import judge
+        judge.weights_path()
     return cfg
 
 

@@ -72,6 +72,9 @@ class DistillConfig:
     # OUT/clap.pt); the best is kept as *_best.pt
     val_every: Annotated[int, ">= 0"] = 0
     val_clips: Annotated[int, ">= 1"] = 64  # val-split clips of that FAD (and CLAP score)
+    # whose FAD picks *_best.pt: "clap" (OUT/clap.pt) or "aisfx", the pretrained judge (optional
+    # package; both FADs are then logged)
+    val_judge: Annotated[str, "clap|aisfx"] = "clap"
 
 
 # ----------------------------------------------------------------------------------------------

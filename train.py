@@ -45,7 +45,7 @@ import gan
 import layerdrop
 import metrics
 import sample
-from embedders import clap
+from embedders import clap, judge
 from plumbing import checkpoints, compiled
 from plumbing.dist import (DIST, Feed, Speed, average_gradients, barrier, check_memory, gather_rows,
                            init_distributed, micro_split)
@@ -479,13 +479,15 @@ def train_distill(cfg, out, resume, stage):
             loop.check(done)                 # every rank (a collective); then rank 0 validates
             if validator:
                 val = validator(sampler, stage)
-                if best is None or val["val_fad"] < best["val_fad"]:
+                key = validator.key
+                if best is None or key not in best or val[key] < best[key]:
                     best = {"step": done, **val}
                     checkpoint(done, best_path)
                 loop.write(step=done, **val, best_step=best["step"])
-                say(f"step {done}: val FAD {val['val_fad']:.3f}, CLAP {val['val_clap']:.3f} "
-                    f"({distill.grid_steps} steps, {len(validator.captions)} val clips); "
-                    f"best: step {best['step']}")
+                say(f"step {done}: val FAD {val['val_fad']:.3f}, CLAP {val['val_clap']:.3f}"
+                    + (f", aisfx FAD {val['val_aisfx_fad']:.1f}" if validator.judge else "")
+                    + f" ({distill.grid_steps} steps, {len(validator.captions)} val clips); "
+                    f"best by {key}: step {best['step']}")
         loop.checkpoint(done, checkpoint)
     return path
 
@@ -658,8 +660,13 @@ class FewStepValidator:
             raise ValueError("distill.val_every needs distill.val_clips >= 2 "
                              "clips in the val split")
         self.captions = [c.caption for c in clips]
-        self.real = self.embed(torch.from_numpy(np.stack([c.wave for c in clips])))
+        real = torch.from_numpy(np.stack([c.wave for c in clips]))
+        self.real = self.embed(real)
         self.text = self.clap.embed_text(self.captions).float().cpu()
+        self.judge = (judge.Judge(cfg.data.sample_rate, device)
+                      if cfg.distill.val_judge == "aisfx" else None)
+        self.real_judged = self.judge(real).float().cpu() if self.judge else None
+        self.key = "val_aisfx_fad" if self.judge else "val_fad"    # what picks *_best.pt
 
     def embed(self, waves):
         return evaluate.embed_chunks(self.clap.embed_audio, waves, self.cfg.distill.batch_size,
@@ -672,9 +679,13 @@ class FewStepValidator:
                                     precision=self.cfg.train.precision)
         waves = sample.generate_waves(gen, self.rep, self.captions, self.cfg.data.seconds,
                                       self.cfg.distill.batch_size)
-        emb = self.embed(sample.listenable(waves))
+        waves = sample.listenable(waves)
+        emb = self.embed(waves)
+        judged = ({"val_aisfx_fad": metrics.frechet_distance(self.judge(waves).float().cpu(),
+                                                             self.real_judged)}
+                  if self.judge else {})
         return {"val_fad": metrics.frechet_distance(emb, self.real),
-                "val_clap": metrics.clap_score(emb, self.text)}
+                "val_clap": metrics.clap_score(emb, self.text), **judged}
 
 
 def write_checkpoint(path, ckpt):
@@ -780,7 +791,7 @@ RESUME_FREE = {"train.device", "train.threads", "train.workers", "train.compile"
                "train.micro_batch", "train.precision", "train.peak_tflops", "train.log_every",
                "train.eval_every",
                "train.ckpt_every", "train.val_batches", "clap.eval_every", "clap.val_clips",
-               "distill.val_every", "distill.val_clips",
+               "distill.val_every", "distill.val_clips", "distill.val_judge",
                "data.corpus_cache"}
 # the config sections a stage computes with: on --resume, a --set in any other section cannot
 # change what the stage's checkpoint computes, so it is applied (it matters to later stages) and

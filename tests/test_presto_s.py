@@ -366,6 +366,44 @@ def test_validation_keeps_the_best_checkpoint(val_run):
     assert evaluate.checkpoint_file(val_run, "base.pt", best=True).endswith("base.pt")
 
 
+def test_the_pretrained_judge_can_pick_the_best_checkpoint(val_run, tmp_path, monkeypatch):
+    """distill.val_judge=aisfx: the judge's FAD is logged beside ours and picks *_best.pt. A
+    stand-in judge whose generated embeddings sit 1/k from the real ones at the k-th validation
+    (FAD 8/k^2 on 8-d embeddings) must pick the last validation, whatever our FAD says."""
+    calls = []
+
+    class Closer:
+        def __init__(self, sample_rate, device):
+            pass
+
+        def __call__(self, waves):
+            calls.append(len(waves))
+            base = torch.randn(len(waves), 8, generator=torch.Generator().manual_seed(0))
+            return base + (0.0 if len(calls) == 1 else 1.0 / (len(calls) - 1))   # 1st: the real
+    monkeypatch.setattr(train.judge, "Judge", Closer)
+    for f in ("base.pt", "clap.pt"):
+        shutil.copy(os.path.join(val_run, f), tmp_path)
+    train.train_presto_s(config.make_config("tiny", {**VAL, "distill.val_judge": "aisfx"}),
+                         str(tmp_path))
+    rows = [json.loads(l) for l in open(tmp_path / "presto_s_log.jsonl")]
+    vals = [r for r in rows if "val_fad" in r]
+    assert [r["val_aisfx_fad"] for r in vals] == pytest.approx([8.0, 2.0, 8.0 / 9], rel=1e-4)
+    best = torch.load(tmp_path / "presto_s_best.pt", weights_only=False)
+    assert best["step"] == 6 and vals[-1]["best_step"] == 6 and calls == [4, 4, 4, 4]
+
+
+def test_the_pretrained_judge_missing_is_one_line_before_training(base_run, tmp_path, monkeypatch):
+    def missing():
+        raise ModuleNotFoundError("the aisfx judge needs its weights: pip install --no-deps aisfx==0.1.2")
+    monkeypatch.setattr("embedders.judge.weights_path", missing)
+    monkeypatch.setattr(train, "train_distill", lambda *a: pytest.fail("trained"))
+    shutil.copy(os.path.join(base_run, "base.pt"), tmp_path)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--stage", "presto-s", "--preset", "tiny", "--out", str(tmp_path), "--set",
+                    "distill.val_every=2", "distill.val_judge=aisfx"])
+    assert "pip install --no-deps aisfx" in str(e.value.code) and "\n" not in str(e.value.code)
+
+
 def test_validation_needs_the_embedder(base_run, tmp_path):
     shutil.copy(os.path.join(base_run, "base.pt"), tmp_path)
     with pytest.raises(FileNotFoundError, match="clap.pt"):
