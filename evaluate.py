@@ -246,10 +246,10 @@ def evaluate_run(run, opts, embed_fn, embed_text=None, predict_fn=None, device="
     captions, labels, test_waves, train_waves = real_clips(scored, opts.n, run)
     n_rows = sum(len(rows) for _, _, rows in loaded)
     bar = tqdm(total=2 + 3 * n_rows, desc="evaluate", dynamic_ncols=True)
-    keep = lambda name, waves: (examples.__setitem__(name, waves[:opts.spectrograms])
-                                if examples is not None and (not pictured or name in pictured
-                                                             or name == "real test clips")
-                                else None)
+
+    def keep(name, waves):            # the first clips of each pictured row, for the picture
+        if examples is not None and (not pictured or name in (*pictured, "real test clips")):
+            examples[name] = waves[:opts.spectrograms]
 
     # 1. the real clips: the reference set, the prompts, and the embedder's own quality
     scorer = Scorer(opts, device, scored, embed_fn, embed_text, predict_fn, judges)
