@@ -5,6 +5,7 @@
     python scripts/claims.py --run runs/cpu --claim all                  # every row, in order
     python scripts/claims.py --run runs/cpu --claim gen-sigmas --extra-set distill.steps=10 --dry-run
     python scripts/claims.py --run runs/cpu --claim p-dmd --plot p-dmd.png   # its arms as a picture
+    python scripts/claims.py --table synth=runs/cpu corpus=runs/corpus       # README's claims table
 
 RUN holds a teacher (base.pt) and the evaluation embedder (clap.pt). For one claim of the table
 CLAIMS below, the script trains every arm once per training seed into RUN/claims/ARM (`train.py`
@@ -590,6 +591,87 @@ def write_claim(run, res):
 
 
 # ----------------------------------------------------------------------------------------------
+# The table of every claim on several data sets (README): read from what claims runs wrote
+
+def short_verdict(v):
+    """A verdict without its advice ("seeds disagree: add --seeds 0 1 2" -> "seeds disagree")."""
+    return v.split(":")[0]
+
+
+def _ratio(c):
+    """The paper's arm's value over the other's, each the mean over seeds (FAD: lower wins)."""
+    return float(np.mean([p["paper"] for p in c["per_seed"]]) / np.mean([p["other"] for p in c["per_seed"]]))
+
+
+def table_cell(res):
+    """One data set's cell of one claim: each comparison's paired difference ± SE and its verdict,
+    then the training seeds; "not run" where no claims run wrote the row."""
+    if res is None:
+        return "not run"
+    comps = res["comparisons"]
+    several = len({(c["paper"], c["other"]) for c in comps}) > 1
+    parts = [(f"{c['paper']} vs {c['other']}, " if several else "") + f"{c['metric']} {_difference(c)}"
+             + (f" ({_ratio(c):.2f}x)" if "fad" in c["key"] else "")
+             + f": **{short_verdict(c['verdict'])}**" for c in comps]
+    return "<br>".join(parts) + f"<br>({len(res['seeds'])} seeds, {res['minutes']:.0f} min)"
+
+
+VARIANCE_CLAIM = ("final-block", "keeping the final block (Presto-L) keeps the variance the head expects "
+                  "better than exiting early (ASE)")
+
+
+def variance_cell(res):
+    """The variance claim's cell from evaluate.py --variance's variance.json (None: not run): with
+    base.pt's own weights and the same blocks, the head's input variance over full depth's at every
+    sigma where blocks are dropped, for Presto-L's choice and ASE's; "holds" when Presto-L's is the
+    closer (in log ratio) at every such sigma, "does not hold" when ASE's is at every one."""
+    if res is None:
+        return "not run"
+    head, full = res["head_input_variance"], res["head_input_variance"]["full depth (base.pt)"]
+    dropped = [i for i, b in enumerate(res["budgets"]["Presto-L"]) if b < res["depth"]]
+    ratio = {m: [head[f"{m}, base weights"][i] / full[i] for i in dropped] for m in ("Presto-L", "ASE")}
+    closer = sum(abs(math.log(p)) < abs(math.log(a)) for p, a in zip(ratio["Presto-L"], ratio["ASE"]))
+    says = "holds" if closer == len(dropped) else "does not hold" if closer == 0 else "mixed"
+    sig = [res["sigmas"][i] for i in dropped]
+    return (f"head input / full depth, sigma {sig[0]:g} to {sig[-1]:g}: Presto-L "
+            f"{ratio['Presto-L'][0]:.2f} to {ratio['Presto-L'][-1]:.2f}, ASE {ratio['ASE'][0]:.2f} to "
+            f"{ratio['ASE'][-1]:.2f}; Presto-L closer at {closer} of {len(dropped)}: **{says}**"
+            f"<br>(no training; evaluate.py --variance)")
+
+
+def claims_table(runs):
+    """runs: [(data set label, run folder)]. The claims table: one row per claim of CLAIMS (what the
+    paper says, then each data set's cell from RUN/claims/CLAIM.json), in markdown."""
+    lines = ["| claim | the paper says | " + " | ".join(label for label, _ in runs) + " |",
+             "|---|---|" + "---|" * len(runs)]
+    for name, claim in CLAIMS.items():
+        cells = []
+        for _, run in runs:
+            path = os.path.join(run, "claims", f"{name}.json")
+            cells.append(table_cell(cached_claim(run, name) if os.path.isfile(path) else None))
+        lines.append(f"| {name} | {claim.says} | " + " | ".join(cells) + " |")
+        if name == "presto-l-vs-ase":            # the claim that needs no training, beside its kin
+            cells = [variance_cell(json.load(open(path)) if os.path.isfile(path) else None)
+                     for path in (os.path.join(run, "variance.json") for _, run in runs)]
+            lines.append(f"| {VARIANCE_CLAIM[0]} | {VARIANCE_CLAIM[1]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_runs(pairs):
+    """--table's LABEL=RUN pairs -> [(label, run)], each run folder checked."""
+    runs = []
+    for pair in pairs:
+        label, sep, run = pair.partition("=")
+        if not sep or not label or not run:
+            raise ValueError(f"--table takes LABEL=RUN pairs (synth=runs/cpu), got {pair!r}")
+        if not os.path.isdir(os.path.join(run, "claims")):
+            raise FileNotFoundError(f"--table {pair}: no {os.path.join(run, 'claims')} (run python "
+                                    f"scripts/claims.py --run {run} --claim NAME first)")
+        runs.append((label, run))
+    return runs
+
+
+# ----------------------------------------------------------------------------------------------
 # Pictures: each arm of a claim, from the results a claims run wrote (nothing trained or scored)
 
 PANELS = (("CLAP score", "clap_score_by_clip", 1), ("FAD, our CLAP", "fad", -1),
@@ -815,7 +897,17 @@ def main(argv=None):
                         "all) from RUN/claims/CLAIM.json and its arms' results.json: per arm its CLAP score "
                         "and FAD (our CLAP; the aisfx judge where scored), mean over seeds +- SE (needs "
                         "matplotlib: requirements-demo.txt)")
+    p.add_argument("--table", nargs="+", metavar="LABEL=RUN", default=None,
+                   help="instead of training: print the claims table (README) from what claims runs wrote, "
+                        "one column per LABEL=RUN (e.g. synth=runs/cpu corpus=runs/corpus); claims a run "
+                        "has not measured read 'not run'")
     opts = p.parse_args(argv)
+    if opts.table:
+        try:
+            print(claims_table(parse_runs(opts.table)), end="")
+        except (ValueError, FileNotFoundError) as e:
+            sys.exit(f"error: {e}")
+        return
     if opts.list:
         for name, claim in CLAIMS.items():
             arms = "; ".join(f"{label}: {stage} {' '.join(f'{k}={v}' for k, v in sets.items())}".strip()

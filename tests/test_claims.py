@@ -362,6 +362,44 @@ def test_plot_refuses_a_rescored_arm_and_options_it_would_ignore(tmp_path, monke
     assert not (tmp_path / "x.png").exists()
 
 
+def variance_json(folder, presto_l, ase):
+    """A variance.json as evaluate.py --variance writes it: 4 blocks, full depth's head input 1.0 at
+    three sigmas, both methods at full depth at the first sigma, then the given variances."""
+    with open(os.path.join(folder, "variance.json"), "w") as f:
+        json.dump({"sigmas": [0.1, 1.0, 10.0], "depth": 4, "budgets": {"ASE": [4, 3, 2], "Presto-L": [4, 3, 2]},
+                   "head_input_variance": {"full depth (base.pt)": [1.0, 1.0, 1.0],
+                                           "ASE, base weights": [1.0, *ase], "Presto-L, base weights": [1.0, *presto_l]}}, f)
+
+
+def test_the_claims_table_has_every_claim_and_each_data_sets_cell(tmp_path, monkeypatch, capsys):
+    run = run_claims(tmp_path, monkeypatch, "presto-s")
+    other = tmp_path / "corpus"
+    (other / "claims").mkdir(parents=True)
+    variance_json(run, presto_l=[0.8, 1.6], ase=[0.5, 0.5])     # closer to 1 at both dropped sigmas
+    variance_json(other, presto_l=[0.8, 0.3], ase=[0.5, 0.5])   # closer at one of them
+    capsys.readouterr()
+    claims.main(["--table", f"synth={run}", f"corpus={other}"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "| claim | the paper says | synth | corpus |"
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[2:] for line in lines[2:]}
+    assert list(rows) == [*list(claims.CLAIMS)[:8], "final-block", *list(claims.CLAIMS)[8:]]
+    # presto-s on synth: FAD 1.00 / 1.01 against the teacher's 0.9, i.e. +0.105 and 1.005 / 0.9 = 1.12x
+    assert "FAD (within 1.2x) +0.105 ± 0.005 (1.12x): **" in rows["presto-s"][0]
+    assert "(2 seeds," in rows["presto-s"][0] and rows["presto-s"][1] == "not run |"
+    assert rows["gan"] == ["not run", "not run |"]
+    assert "Presto-L closer at 2 of 2: **holds**" in rows["final-block"][0]
+    assert "Presto-L 0.80 to 1.60, ASE 0.50 to 0.50" in rows["final-block"][0]
+    assert "Presto-L closer at 1 of 2: **mixed**" in rows["final-block"][1]
+
+
+@pytest.mark.parametrize("arg,msg", [("synth", "--table takes LABEL=RUN pairs"),
+                                     ("synth={tmp}/none", "--table synth={tmp}/none: no {tmp}/none/claims")])
+def test_the_claims_table_refuses_bad_pairs_in_one_line(tmp_path, arg, msg):
+    with pytest.raises(SystemExit) as e:
+        claims.main(["--table", arg.format(tmp=tmp_path)])
+    assert str(e.value.code).startswith("error: " + msg.format(tmp=tmp_path)) and "\n" not in str(e.value.code)
+
+
 # -----------------------------------------------------------------------------
 # End to end
 
