@@ -117,11 +117,11 @@ PRESETS = {
     # wall-clock", "A decoder that ends in waveforms")
     "cpu": _CPU,
     # cpu's recipe on the rendered-score corpus at 16 kHz: 257 bins -> the same 32x63 latent, so the
-    # DiT costs the same and the step only pays for rendering and the autoencoder's ends; the
-    # 30-minute teacher, as measured in EXPERIMENTS.md, "Real music, offline"
+    # DiT costs the same and the step only pays for rendering and the autoencoder's ends (5000
+    # steps, as cpu's: EXPERIMENTS.md, "A decoder that ends in waveforms"); the 30-minute teacher,
+    # as measured in EXPERIMENTS.md, "Real music, offline"
     "corpus": {**_CPU, "data.dataset": "corpus", "data.sample_rate": 16000, "data.n_fft": 512,
-               "data.hop": 256, "train.steps": 2750,
-               "ae.steps": 2000},                                  # its ae curve: not yet measured
+               "data.hop": 256, "train.steps": 2750},
     # one GPU: 16 kHz, 8 s clips, a bigger model; the latent scaled from cpu's: 257 bins at 62.5
     # frames/s -> 64 channels at 15.6/s, so 125 tokens of DiT-B for 8 s (memory per stage:
     # EXPERIMENTS.md, "One GPU at full speed")
