@@ -476,8 +476,15 @@ def write_clips(examples, captions, sample_rate, folder, command):
 
 def scored_data(data_cfg, collections=None):
     """The data whose test clips a run is scored on: its own, or (collections) those corpus
-    collections' pieces, music the run never heard if it was trained without them."""
-    return replace(data_cfg, corpus_collections=tuple(collections)) if collections else data_cfg
+    collections' pieces, music the run never heard if it was trained without them. Each collection
+    keeps the run's share of pieces, so its test pieces are those a run on every collection with
+    that share tests on (the corpus takes each collection's first pieces, in a fixed order)."""
+    if not collections:
+        return data_cfg
+    from sources import corpus
+    share = -(-data_cfg.corpus_pieces // len(corpus.collections(data_cfg)))
+    return replace(data_cfg, corpus_collections=tuple(collections),
+                   corpus_pieces=share * len(collections))
 
 
 def check_collections(opts):

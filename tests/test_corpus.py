@@ -142,3 +142,14 @@ def test_a_run_is_scored_on_collections_it_never_heard(cfg, tmp_path):
     assert all(scored.clip(i).labels["piece"].startswith("oneills1850/") for i in range(4))  # irish
     assert "music it never heard" in open(f"{run}/results_irish.md").read()
     assert not os.path.exists(f"{run}/results.md")                 # the run's own results untouched
+
+
+def test_held_out_test_pieces_are_those_a_run_on_every_collection_tests_on(cfg):
+    """A run on two collections (6 pieces each, as cfg's three), scored on the third: the same test
+    pieces of it as cfg's run on all three, whatever share the held-out collection alone would get."""
+    import dataclasses
+    import evaluate
+    narrow = dataclasses.replace(cfg.data, corpus_collections=("bach", "fiddle"), corpus_pieces=12)
+    held = data.make_dataset(evaluate.scored_data(narrow, ("irish",)), "test").pieces
+    every = data.make_dataset(cfg.data, "test").pieces
+    assert [p["id"] for p in held] == [p["id"] for p in every if p["collection"] == "irish"] != []
