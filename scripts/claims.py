@@ -423,7 +423,7 @@ def start(task):
 def record_minutes(task, minutes):
     """ARM/minutes.json: the minutes of its training (summed over resumes) and of its evaluation."""
     path = os.path.join(task.folder, "minutes.json")
-    spent = json.load(open(path)) if os.path.isfile(path) else {}
+    spent = read_json(path, {})
     resumed = task.kind == "train" and "--resume" in task.argv
     spent[task.kind] = (spent.get(task.kind, 0.0) if resumed else 0.0) + minutes
     with open(path, "w") as f:
@@ -493,10 +493,18 @@ def arm_rows(arm, n=None):
     return rows
 
 
+def read_json(path, missing=None):
+    """The JSON file at path, or `missing` where there is none."""
+    if not os.path.isfile(path):
+        return missing
+    with open(path) as f:
+        return json.load(f)
+
+
 def minutes_of(run, arm, seed, folder):
     """{what: minutes} one seed of an arm took, from the minutes.json of its folder (and of the
     Presto-L arm a Presto-LS arm starts from); what is not recorded is left out."""
-    read = lambda f: json.load(open(f)) if os.path.isfile(f) else {}
+    read = lambda f: read_json(f, {})
     spent = read(os.path.join(folder, "minutes.json"))
     if arm["stage"] == "presto-ls":
         pre = read(os.path.join(prerequisite(run, arm["set"], seed), "minutes.json"))
@@ -645,14 +653,10 @@ def claims_table(runs):
     lines = ["| claim | the paper says | " + " | ".join(label for label, _ in runs) + " |",
              "|---|---|" + "---|" * len(runs)]
     for name, claim in CLAIMS.items():
-        cells = []
-        for _, run in runs:
-            path = os.path.join(run, "claims", f"{name}.json")
-            cells.append(table_cell(cached_claim(run, name) if os.path.isfile(path) else None))
+        cells = [table_cell(read_json(os.path.join(run, "claims", f"{name}.json"))) for _, run in runs]
         lines.append(f"| {name} | {claim.says} | " + " | ".join(cells) + " |")
         if name == "presto-l-vs-ase":            # the claim that needs no training, beside its kin
-            cells = [variance_cell(json.load(open(path)) if os.path.isfile(path) else None)
-                     for path in (os.path.join(run, "variance.json") for _, run in runs)]
+            cells = [variance_cell(read_json(os.path.join(run, "variance.json"))) for _, run in runs]
             lines.append(f"| {VARIANCE_CLAIM[0]} | {VARIANCE_CLAIM[1]} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
