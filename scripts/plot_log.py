@@ -112,9 +112,9 @@ def main(argv=None):
     for ax, (title, lines) in zip(axes.flat, drawn.items()):
         subs = list(dict.fromkeys(name[len(title):].strip() for _, _, name, _, _ in lines))
         for i, label, name, steps, values in lines:  # a log: one line style; an entry: one colour
-            sub = name[len(title):].strip()
+            sub = name[len(title):].strip()           # (a panel of one entry: a colour per log)
             ax.plot(steps, smooth(values, args.smooth), lw=1, ls=styles[i % len(styles)],
-                    color=colours[subs.index(sub) % len(colours)],
+                    color=colours[(subs.index(sub) if len(subs) > 1 else i) % len(colours)],
                     label=" ".join(x for x in (label if len(args.logs) > 1 else "", sub) if x))
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("step", fontsize=8)

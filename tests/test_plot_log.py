@@ -37,3 +37,23 @@ def test_a_picture_is_written_and_bad_logs_are_one_line(tmp_path):
         with pytest.raises(SystemExit, match=why):
             plot_log.main([*argv, "--out", str(tmp_path / "x.png")])
     assert not (tmp_path / "x.png").exists()
+
+
+def test_the_teachers_val_reference_is_reproducible_and_bad_runs_are_one_line(eval_run, tmp_path,
+                                                                               capsys):
+    import val_reference
+    for name in ("base.pt", "clap.pt"):
+        os.link(os.path.join(eval_run, name), tmp_path / name)
+    val_reference.main(["--run", str(tmp_path), "--steps", "2", "--threads", "1"])
+    first = json.loads((tmp_path / "val_reference.json").read_text())
+    assert first["steps"] == 2 and first["val_clips"] == 64 and "val_aisfx_fad" not in first
+    assert first["val_fad"] > 0 and -1 <= first["val_clap"] <= 1
+    val_reference.main(["--run", str(tmp_path), "--steps", "2", "--threads", "1"])
+    again = json.loads((tmp_path / "val_reference.json").read_text())
+    assert {k: again[k] for k in ("val_fad", "val_clap")} == {k: first[k] for k in ("val_fad", "val_clap")}
+    val_reference.main(["--run", str(tmp_path), "--steps", "3", "--threads", "1"])   # --steps counts
+    assert json.loads((tmp_path / "val_reference.json").read_text())["val_fad"] != first["val_fad"]
+    os.remove(tmp_path / "clap.pt")
+    with pytest.raises(SystemExit) as e:
+        val_reference.main(["--run", str(tmp_path)])
+    assert str(e.value) == f"error: {tmp_path / 'clap.pt'} not found"
