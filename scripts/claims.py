@@ -504,10 +504,9 @@ def read_json(path, missing=None):
 def minutes_of(run, arm, seed, folder):
     """{what: minutes} one seed of an arm took, from the minutes.json of its folder (and of the
     Presto-L arm a Presto-LS arm starts from); what is not recorded is left out."""
-    read = lambda f: read_json(f, {})
-    spent = read(os.path.join(folder, "minutes.json"))
+    spent = read_json(os.path.join(folder, "minutes.json"), {})
     if arm["stage"] == "presto-ls":
-        pre = read(os.path.join(prerequisite(run, arm["set"], seed), "minutes.json"))
+        pre = read_json(os.path.join(prerequisite(run, arm["set"], seed), "minutes.json"), {})
         spent.update({"presto-l train": pre["train"]} if "train" in pre else {})
     return spent
 
@@ -688,11 +687,11 @@ TARGETS = {"clap_score_by_clip": NEAR["CLAP score"], "fad": NEAR["FAD"], "aisfx_
 def cached_claim(run, name):
     """RUN/claims/NAME.json, the claim's row a claims run wrote; FileNotFoundError if none."""
     path = os.path.join(run, "claims", f"{name}.json")
-    if not os.path.isfile(path):
+    res = read_json(path)
+    if res is None:
         raise FileNotFoundError(f"no {path}: run python scripts/claims.py --run {run} --claim {name} first "
                                 "(--plot draws what it wrote)")
-    with open(path) as f:
-        return json.load(f)
+    return res
 
 
 def cached_rows(res):
