@@ -259,13 +259,24 @@ def recipe(stage, sets):
     return {k: v for k, v in sets.items() if k.split(".")[0] in READS[stage]}
 
 
+def variant(sets):
+    """The part of a name that --set values give (sorted KEY=VALUE joined by '_'; train.RESUME_FREE's
+    speed and logging settings and train.seed left out): '' for none."""
+    return "_".join(f"{k}={sets[k]}" for k in sorted(sets) if k not in train.RESUME_FREE and k != "train.seed")
+
+
+def row_name(name, extra):
+    """The file a claim's row is written to: the claim, or with --extra-set recipe values the claim
+    and its variant (`presto-s_distill.ema=0.99`), so a variant never replaces the default row."""
+    return "_".join(filter(None, (name, variant(extra)))).replace(os.sep, "-")
+
+
 def arm_folder(stage, sets, seed):
     """An arm's folder name: its stage, its recipe's values (sorted; train.RESUME_FREE's speed and
     logging settings left out) and its seed. The teacher, trained by nobody, is 'base'."""
     if stage == "base":
         return "base"
-    keys = sorted(k for k in recipe(stage, sets) if k not in train.RESUME_FREE and k != "train.seed")
-    return "_".join([stage, *(f"{k}={sets[k]}" for k in keys), f"seed{seed}"]).replace(os.sep, "-")
+    return "_".join(filter(None, (stage, variant(recipe(stage, sets)), f"seed{seed}"))).replace(os.sep, "-")
 
 
 @dataclass
@@ -591,7 +602,7 @@ def to_markdown(res):
 def write_claim(run, res):
     """RUN/claims/CLAIM.json and .md, each written whole (a file under another name, then renamed)."""
     for ext, text in (("json", json.dumps(res, indent=2)), ("md", to_markdown(res))):
-        path = os.path.join(run, "claims", f"{res['claim']}.{ext}")
+        path = os.path.join(run, "claims", f"{row_name(res['claim'], res['extra_set'])}.{ext}")
         with open(path + ".tmp", "w") as f:
             f.write(text)
         os.replace(path + ".tmp", path)
@@ -891,7 +902,8 @@ def main(argv=None):
                    help="evaluate.py --embedder: both (RUN/clap.pt and the aisfx judge) or a clap.pt")
     p.add_argument("--extra-set", nargs="+", default=[], metavar="KEY=VALUE",
                    help="train.py --set values added to every arm's training, e.g. distill.steps=10 for a "
-                        "quick look (they are part of the arm folders' names)")
+                        "quick look (they are part of the arm folders' names and of the row's: RUN/claims/"
+                        "CLAIM_KEY=VALUE.{md,json}, beside the default row, never over it)")
     p.add_argument("--preset", choices=list(config.PRESETS), default=None,
                    help="the preset the arms train from (default: the one base.pt was trained with)")
     p.add_argument("--dry-run", action="store_true", help="print the commands; run and write nothing")
@@ -938,7 +950,7 @@ def main(argv=None):
     for res in results:
         write_claim(opts.run, res)
     print("", *header(dataset), *(row(res) for res in results), "",
-          f"wrote {', '.join(os.path.join(opts.run, 'claims', n + '.md') for n in names)} and .json", sep="\n")
+          f"wrote {', '.join(os.path.join(opts.run, 'claims', row_name(n, opts.extra) + '.md') for n in names)} and .json", sep="\n")
 
 
 if __name__ == "__main__":

@@ -83,6 +83,10 @@ def test_arm_folders_are_named_by_recipe():
     assert claims.arm_folder("presto-s", sets, 2) == "presto-s_distill.nu1=0_distill.steps=10_seed2"
     assert claims.arm_folder("presto-l", sets, 2) == "presto-l_layerdrop.steps=5_seed2"
     assert claims.arm_folder("base", sets, 2) == "base"
+    # a claim's row: its own file per recipe variant, speed and logging settings left out
+    assert claims.row_name("presto-s", {}) == "presto-s"
+    assert claims.row_name("presto-s", {"distill.val_every": 50, "train.threads": 1}) == "presto-s"
+    assert claims.row_name("ls-vs-s", {"distill.ema": 0.99}) == "ls-vs-s_distill.ema=0.99"
 
 
 def fake_run(tmp_path):
@@ -415,7 +419,9 @@ def test_one_claim_end_to_end_on_a_tiny_run(eval_run, tmp_path, capsys):
         os.link(os.path.join(eval_run, name), run / name)
     claims.main(["--run", str(run), "--claim", "presto-s", "--extra-set", "distill.steps=2", "--n", "2",
                  "--embedder", str(run / "clap.pt"), "--seeds", "0"])
-    res = json.load(open(run / "claims" / "presto-s.json"))
+    # a variant's row has its own file: the default row (what --table reads) is never replaced
+    assert not (run / "claims" / "presto-s.json").exists()
+    res = json.load(open(run / "claims" / "presto-s_distill.steps=2.json"))
     assert [c["metric"] for c in res["comparisons"]] == ["CLAP score (within 5%)", "FAD (within 1.2x)"]
     clap_score, fad = res["comparisons"]
     assert [p["seed"] for p in clap_score["per_seed"]] == [0] and clap_score["se"] is not None
