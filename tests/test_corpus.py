@@ -2,6 +2,7 @@
 import json
 import os
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -41,6 +42,16 @@ def test_cache_is_built_once_and_counts_what_it_skipped(cfg, monkeypatch):
     monkeypatch.setattr(corpus, "_parse_file", lambda task: 1 / 0)
     again, _ = corpus.build_cache(cfg.data)
     assert again == pieces
+    # a run leaving a collection out (same share per collection) filters that cache, in its order
+    held = replace(cfg.data, corpus_collections=("irish", "bach"), corpus_pieces=12)
+    kept, info = corpus.build_cache(held)
+    assert kept == [p for c in ("irish", "bach") for p in pieces if p["collection"] == c] and len(kept) == 12
+    assert info["per_collection"] == {"irish": 6, "bach": 6} and corpus.cache_path(held).exists()
+    # another share per collection holds other pieces: parsed (which starts by checking the
+    # packages), not filtered
+    monkeypatch.setattr(corpus, "require", lambda: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        corpus.build_cache(replace(held, corpus_pieces=10))
 
 
 def test_clips_render_deterministically(cfg):
