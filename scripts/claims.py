@@ -11,7 +11,8 @@ RUN holds a teacher (base.pt) and the evaluation embedder (clap.pt). For one cla
 CLAIMS below, the script trains every arm once per training seed into RUN/claims/ARM (`train.py`
 with the preset base.pt was trained with, one thread each, `--lanes` at a time), scores each with
 `evaluate.py --checkpoints` on the same test captions and sample seeds (`--embedder both`: our CLAP
-and the aisfx judge), and writes the claim's row to RUN/claims/CLAIM.{md,json}: what the paper says,
+and the aisfx judge), and writes the claim's row to RUN/claims/CLAIM.{md,json} (an --extra-set variant to
+CLAIM_KEY=VALUE.{md,json}, beside it): what the paper says,
 what we measure, the paired difference with its standard error, the verdict, the seeds and the
 minutes the arms took. `--dry-run` prints the commands ("python" is this interpreter) and runs nothing.
 
@@ -266,8 +267,9 @@ def variant(sets):
 
 
 def row_name(name, extra):
-    """The file a claim's row is written to: the claim, or with --extra-set recipe values the claim
-    and its variant (`presto-s_distill.ema=0.99`), so a variant never replaces the default row."""
+    """The file a claim's row is written to: the claim, or with --extra-set values other than speed
+    and logging settings the claim and its variant (`presto-s_distill.ema=0.99`), so a variant never
+    replaces the default row (`--table` reads the default rows only)."""
     return "_".join(filter(None, (name, variant(extra)))).replace(os.sep, "-")
 
 
@@ -600,7 +602,8 @@ def to_markdown(res):
 
 
 def write_claim(run, res):
-    """RUN/claims/CLAIM.json and .md, each written whole (a file under another name, then renamed)."""
+    """RUN/claims/ROW.json and .md (ROW: row_name), each written whole (a file under another name,
+    then renamed)."""
     for ext, text in (("json", json.dumps(res, indent=2)), ("md", to_markdown(res))):
         path = os.path.join(run, "claims", f"{row_name(res['claim'], res['extra_set'])}.{ext}")
         with open(path + ".tmp", "w") as f:
@@ -695,13 +698,15 @@ MEASURE_PANELS = {"speed": ("end-to-end ms", "end_to_end_ms", -1),       # only 
 TARGETS = {"clap_score_by_clip": NEAR["CLAP score"], "fad": NEAR["FAD"], "aisfx_fad": NEAR["FAD"]}
 
 
-def cached_claim(run, name):
-    """RUN/claims/NAME.json, the claim's row a claims run wrote; FileNotFoundError if none."""
-    path = os.path.join(run, "claims", f"{name}.json")
+def cached_claim(run, name, extra=None):
+    """The claim's row a claims run wrote (with --extra-set values `extra`, that variant's:
+    row_name); FileNotFoundError if none."""
+    path = os.path.join(run, "claims", f"{row_name(name, extra or {})}.json")
     res = read_json(path)
     if res is None:
-        raise FileNotFoundError(f"no {path}: run python scripts/claims.py --run {run} --claim {name} first "
-                                "(--plot draws what it wrote)")
+        sets = "".join(f" {k}={v}" for k, v in (extra or {}).items())
+        raise FileNotFoundError(f"no {path}: run python scripts/claims.py --run {run} --claim {name}"
+                                f"{' --extra-set' + sets if sets else ''} first (--plot draws what it wrote)")
     return res
 
 
@@ -780,17 +785,17 @@ def pyplot():
     return plt
 
 
-def figure(run, names):
+def figure(run, names, extra=None):
     """One row of panels per claim, headed by its name and what the paper says, from the cached
     results, and the caption under them; returns the matplotlib figure."""
     plt = pyplot()
-    results = [cached_claim(run, name) for name in names]
+    results = [cached_claim(run, name, extra) for name in names]
     drawn = [(res, claim_panels(res, cached_rows(res))) for res in results]
     cols = max(len(panels) for _, panels in drawn)
     fig = plt.figure(figsize=(3.2 * cols, 3.0 * len(drawn) + 0.6), layout="constrained")
     *rows, foot = fig.subfigures(len(drawn) + 1, 1, height_ratios=[3.0] * len(drawn) + [0.6])
     for sub, (res, panels) in zip(rows, drawn):
-        sub.suptitle(textwrap.shorten(f"{res['claim']}: {res['says']}", int(22 * 3.2 * cols)), fontsize=9)
+        sub.suptitle(textwrap.shorten(f"{row_name(res['claim'], res['extra_set'])}: {res['says']}", int(22 * 3.2 * cols)), fontsize=9)
         for ax, panel in zip(sub.subplots(1, cols, squeeze=False)[0], panels + [None] * cols):
             if panel is None:
                 ax.axis("off")
@@ -800,16 +805,16 @@ def figure(run, names):
     return fig
 
 
-def write_plot(run, names, path):
+def write_plot(run, names, path, extra=None):
     """Draw the claims whose row RUN/claims holds into path; with several names, those not run yet
     are skipped (and named). Returns the note to print."""
     if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
         raise FileNotFoundError(f"folder of --plot not found: {os.path.dirname(path)}")
-    have = [n for n in names if os.path.isfile(os.path.join(run, "claims", f"{n}.json"))]
+    have = [n for n in names if os.path.isfile(os.path.join(run, "claims", f"{row_name(n, extra or {})}.json"))]
     if len(names) > 1 and not have:
         raise FileNotFoundError(f"no claim rows in {os.path.join(run, 'claims')}: run python "
                                 f"scripts/claims.py --run {run} --claim NAME first (--plot draws what it wrote)")
-    fig = figure(run, have if len(names) > 1 else names)
+    fig = figure(run, have if len(names) > 1 else names, extra)
     fig.savefig(path, dpi=110)
     pyplot().close(fig)
     skipped = [n for n in names if n not in have]
@@ -879,12 +884,12 @@ def check(opts):
 def plot_main(parser, opts):
     """--plot: the claims' seeds, --n and arms are those their cached rows were run with, so the
     options that choose them are refused rather than ignored."""
-    given = [f"--{k.replace('_', '-')}" for k in ("seeds", "n", "lanes", "embedder", "extra_set", "preset",
+    given = [f"--{k.replace('_', '-')}" for k in ("seeds", "n", "lanes", "embedder", "preset",
                                                   "dry_run") if getattr(opts, k) != parser.get_default(k)]
     if given:
         parser.error(f"--plot draws the cached rows as they were run: {', '.join(given)} do(es) not apply")
     try:
-        print(write_plot(opts.run, claim_names(opts.claim), opts.plot))
+        print(write_plot(opts.run, claim_names(opts.claim), opts.plot, config.parse_sets(opts.extra_set)))
     except (ValueError, FileNotFoundError, ImportError) as e:
         sys.exit(f"error: {e}")
 
@@ -902,8 +907,9 @@ def main(argv=None):
                    help="evaluate.py --embedder: both (RUN/clap.pt and the aisfx judge) or a clap.pt")
     p.add_argument("--extra-set", nargs="+", default=[], metavar="KEY=VALUE",
                    help="train.py --set values added to every arm's training, e.g. distill.steps=10 for a "
-                        "quick look (they are part of the arm folders' names and of the row's: RUN/claims/"
-                        "CLAIM_KEY=VALUE.{md,json}, beside the default row, never over it)")
+                        "quick look (they are part of the arm folders' names and, except speed and logging "
+                        "settings, of the row's: RUN/claims/CLAIM_KEY=VALUE.{md,json} beside the default "
+                        "row; with --plot: draw that variant's rows)")
     p.add_argument("--preset", choices=list(config.PRESETS), default=None,
                    help="the preset the arms train from (default: the one base.pt was trained with)")
     p.add_argument("--dry-run", action="store_true", help="print the commands; run and write nothing")

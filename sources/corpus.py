@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import re
+from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -222,7 +223,7 @@ def build_cache(cfg, workers=None):
         return saved["pieces"], saved["info"]
     names = collections(cfg)
     share = -(-cfg.corpus_pieces // len(names))
-    found = _from_wider_cache(path.parent, names, share)
+    found = _from_wider_cache(cfg, names, share)
     if found is not None:
         _write_cache(path, *found)
         return found
@@ -261,22 +262,23 @@ def _write_cache(path, pieces, info):
     os.replace(tmp, path)  # atomic: an interrupted build leaves no half file behind
 
 
-def _from_wider_cache(folder, names, share):
-    """(pieces, info) from a cache in `folder` of more collections at the same share per collection,
-    or None. A collection's pieces depend only on it and the share (its first usable files, in
-    order), so a held-out run (data.corpus_collections leaving some out) filters the full corpus's
-    cache instead of parsing its scores again (25 minutes on 2 cores)."""
-    for other in sorted(folder.glob("corpus-*.json.gz")):
+def _from_wider_cache(cfg, names, share):
+    """(pieces, info) from a cache of this version in cfg's cache folder that holds more collections
+    at the same share per collection, or None. A collection's pieces depend only on it and the share
+    (its first usable files, in order), so a held-out run (data.corpus_collections leaving some
+    out) filters the full corpus's cache instead of parsing its scores again (25 min on 2 cores)."""
+    for other in sorted(cache_path(cfg).parent.glob("corpus-*.json.gz")):
         try:
             pieces = int(other.name.split("-")[1])
             with gzip.open(other, "rt") as fh:
                 saved = json.load(fh)
             have = saved["info"]["per_collection"]
-        except (ValueError, OSError, KeyError, IndexError):
-            continue                                  # not a cache this version wrote
-        if set(names) <= set(have) and -(-pieces // len(have)) == share:
+            ours = cache_path(replace(cfg, corpus_pieces=pieces, corpus_collections=tuple(have))).name
+        except Exception:         # unreadable, truncated, or not a cache: parsing is the fallback
+            continue
+        if other.name == ours and set(names) <= set(have) and -(-pieces // len(have)) == share:
             kept = [p for c in names for p in saved["pieces"] if p["collection"] == c]
-            return kept, dict(pieces=len(kept), skipped=0, seconds=0.0, from_cache=other.name,
+            return kept, dict(pieces=len(kept), skipped=None, seconds=0.0, from_cache=other.name,
                               per_collection={c: have[c] for c in names})
     return None
 

@@ -330,6 +330,8 @@ def test_plot_draws_every_arm_from_the_cache_and_trains_nothing(tmp_path, monkey
 
 @pytest.mark.parametrize("args,msg", [
     (["--claim", "gan"], "error: no {run}/claims/gan.json: run python scripts/claims.py --run {run} --claim gan first"),
+    (["--claim", "gan", "--extra-set", "distill.ema=0.99"], "error: no {run}/claims/gan_distill.ema=0.99.json: run "
+     "python scripts/claims.py --run {run} --claim gan --extra-set distill.ema=0.99 first"),
     (["--claim", "all"], "error: no claim rows in {run}/claims"),
     (["--claim", "p-foo"], "error: unknown claim 'p-foo'"),
     (["--claim", "gan", "--no-matplotlib"], "error: --plot needs matplotlib: pip install -r requirements-demo.txt"),

@@ -44,6 +44,8 @@ def test_cache_is_built_once_and_counts_what_it_skipped(cfg, monkeypatch):
     assert again == pieces
     # a run leaving a collection out (same share per collection) filters that cache, in its order
     held = replace(cfg.data, corpus_collections=("irish", "bach"), corpus_pieces=12)
+    folder = corpus.cache_path(cfg.data).parent
+    (folder / "corpus-5-00000000.json.gz").write_bytes(b"\x1f\x8b\x08 truncated")  # skipped, no crash
     kept, info = corpus.build_cache(held)
     assert kept == [p for c in ("irish", "bach") for p in pieces if p["collection"] == c] and len(kept) == 12
     assert info["per_collection"] == {"irish": 6, "bach": 6} and corpus.cache_path(held).exists()
@@ -52,6 +54,14 @@ def test_cache_is_built_once_and_counts_what_it_skipped(cfg, monkeypatch):
     monkeypatch.setattr(corpus, "require", lambda: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         corpus.build_cache(replace(held, corpus_pieces=10))
+    # a cache another format version wrote (its name is not this version's key) is not filtered
+    full = corpus.cache_path(cfg.data)
+    old = full.rename(full.with_name("corpus-18-0ld0f0rm.json.gz"))
+    try:
+        with pytest.raises(ZeroDivisionError):
+            corpus.build_cache(replace(held, corpus_collections=("fiddle",), corpus_pieces=6))
+    finally:
+        old.rename(full)
 
 
 def test_clips_render_deterministically(cfg):
