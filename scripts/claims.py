@@ -22,7 +22,8 @@ RUN/claims/STAGE[_KEY=VALUE...]_seedK (`presto-s_seed0`, `presto-s_distill.gen_s
 train.threads are not), so the default Presto-S arm is trained once and every claim that uses it
 shares it. The folder gets hard links (or copies) of RUN/base.pt and RUN/clap.pt; a Presto-LS arm
 also gets the presto_l.pt of the Presto-L arm of its seed, trained first where it is missing. A
-complete checkpoint is never trained again (an unfinished one is resumed), and a results.json newer
+complete checkpoint is never trained again (an unfinished one is resumed; one whose
+settings differ from what the preset says now is refused, naming them), and a results.json newer
 than it from the same evaluate command (the first line of ARM/evaluate.log) is not scored again (a
 folder holds one evaluation: another --n or --embedder scores it again, replacing it); a folder
 whose base.pt is not RUN/base.pt any more is refused. The teacher arm (`base`: base Heun, 32
@@ -79,6 +80,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import dataclasses
 from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -306,6 +308,19 @@ def complete(path, stage):
     return bool(ckpt.get("done")) and ckpt.get("stage") == stage
 
 
+def stale(path, stage, sets, seed, preset):
+    """The settings (`key=saved (now wanted)`) in which a finished arm's checkpoint differs from what
+    the preset and the arm's recipe say now (a preset changed since it was trained): such an arm
+    is not reused. Speed and logging settings (train.RESUME_FREE) do not count; Presto-LS's
+    layer-drop settings come with its presto_l.pt."""
+    saved = config.config_from_dict(checkpoints.read_checkpoint(path)["config"])
+    want = config.make_config(preset, {**recipe(stage, sets), "train.seed": seed})
+    return [f"{section}.{k}={v} (now {getattr(getattr(want, section), k)})"
+            for section in READS[stage] if not (stage == "presto-ls" and section == "layerdrop")
+            for k, v in dataclasses.asdict(getattr(saved, section)).items()
+            if f"{section}.{k}" not in train.RESUME_FREE and getattr(getattr(want, section), k) != v]
+
+
 def check_same(src, dst):
     """An arm folder's copy dst of src (base.pt, clap.pt, presto_l.pt) must be src itself: an arm
     made from another teacher is not reused. Returns whether dst exists."""
@@ -371,6 +386,10 @@ def plan_training(run, folder, stage, sets, seed, opts, tasks, notes):
     if stage == "base":
         return False
     if complete(os.path.join(folder, FILE[stage]), stage):
+        changed = stale(os.path.join(folder, FILE[stage]), stage, sets, seed, opts.preset)
+        if changed:
+            raise ValueError(f"{folder} was trained with {', '.join(changed)}: move it away to train "
+                             "this arm again")
         notes.append(f"{os.path.basename(folder)}: {FILE[stage]} is complete, reused")
         return False
     links, after = list(opts.links), ()

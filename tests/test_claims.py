@@ -137,8 +137,10 @@ def fake_spawn(asked, fail=None):
             def write():
                 if stage == "presto-ls":        # its Presto-L arm's checkpoint, linked in
                     assert os.path.isfile(os.path.join(out, "presto_l.pt"))
+                sets = config.parse_sets(argv[argv.index("--set") + 1:])   # the config it trains with
+                cfg = config.make_config(value("--preset") if "--preset" in argv else "tiny", sets)
                 checkpoints.save_checkpoint(os.path.join(out, claims.FILE[stage]), {
-                    "stage": stage, "done": True, "model": {}, "vocab": {}, "config": {}})
+                    "stage": stage, "done": True, "model": {}, "vocab": {}, "config": dataclasses.asdict(cfg)})
         else:
             out, stage = value("--run"), {v: k for k, v in claims.FILE.items()}[value("--checkpoints")]
 
@@ -203,6 +205,12 @@ def test_arms_are_trained_once_and_reused(tmp_path, monkeypatch, capsys):
     claims.main([*argv[:-1], "3"])
     assert commands(asked) == [("evaluate.py", "presto-s_seed1"), *[("evaluate.py", f"presto-{s}_seed{k}")
                                for s in ("ls", "s") for k in (0, 1)]]
+    # the preset changed since the arms were trained: none is reused, one line says what changed
+    monkeypatch.setitem(config.PRESETS["tiny"], "distill.steps", 12)
+    with pytest.raises(SystemExit) as e:
+        claims.main([*argv, "--preset", "tiny"])     # (base.pt no longer tells its preset)
+    assert "_seed0 was trained with distill.steps=10 (now 12): move it away" in str(e.value.code)
+    assert "\n" not in str(e.value.code)
 
 
 def test_dry_run_prints_the_commands_and_writes_nothing(tmp_path, monkeypatch, capsys):
