@@ -113,16 +113,18 @@ PRESETS = {
              "layerdrop.steps": 10, "layerdrop.batch_size": 4},
     # the default, for 2 CPU cores: the autoencoder (129 STFT bins at 62.5 frames/s -> 32 channels
     # at 15.6/s, decoding to waveforms: 5000 steps), a DiT-S over its 63 latent frames at P_mean
-    # -0.6; train.steps=2750 for the 30-minute teacher (EXPERIMENTS.md, "The teacher at equal
-    # wall-clock", "A decoder that ends in waveforms")
+    # -0.6, 15200 teacher steps, about 110 minutes on 2 cores (EXPERIMENTS.md, "The teacher at
+    # equal wall-clock", "A decoder that ends in waveforms")
     "cpu": _CPU,
     # cpu's recipe on the rendered-score corpus at 16 kHz: 257 bins -> the same 32x63 latent, so the
     # DiT costs the same and the step only pays for rendering and the autoencoder's ends (5000
     # steps, as cpu's: EXPERIMENTS.md, "A decoder that ends in waveforms"); cpu's 15200 teacher
     # steps, about 175 minutes on 2 cores here (EXPERIMENTS.md, "The corpus teacher at the cpu
-    # budget": its curve against minutes)
+    # budget": its curve against minutes); the generator at half cpu's learning rate for twice
+    # the iterations, so that distillation settles instead of drifting past its best (EXPERIMENTS.md,
+    # "Why Presto-S got worse as it trained on the corpus")
     "corpus": {**_CPU, "data.dataset": "corpus", "data.sample_rate": 16000, "data.n_fft": 512,
-               "data.hop": 256},
+               "data.hop": 256, "distill.lr_gen": 1e-4, "distill.steps": 600},
     # one GPU: 16 kHz, 8 s clips, a bigger model; the latent scaled from cpu's: 257 bins at 62.5
     # frames/s -> 64 channels at 15.6/s, so 125 tokens of DiT-B for 8 s (memory per stage:
     # EXPERIMENTS.md, "One GPU at full speed")
@@ -144,7 +146,8 @@ PRESETS = {
               "distill.batch_size": 64, "layerdrop.steps": 20_000, "layerdrop.batch_size": 128},
 }
 PRESET_HELP = ("tiny: tests, seconds per stage; cpu (the default): 2 CPU cores, a latent teacher; "
-               "corpus: cpu's recipe on rendered scores at 16 kHz (its 15200 teacher steps); gpu: one "
+               "corpus: cpu's recipe on rendered scores at 16 kHz (its 15200 teacher steps; distillation at "
+               "half the generator's learning rate, twice the iterations); gpu: one "
                "GPU, 16 kHz 8 s clips, DiT-B; paper: 32 s of 44.1 kHz and a DiT-L (latency, many "
                "GPUs)")
 

@@ -844,12 +844,16 @@ def write_plot(run, names, path, extra=None):
 # The command line
 
 def run_preset(cfg):
-    """The preset base.pt was trained with: the one whose distillation and layer-drop settings it
-    stores (a student's come from the preset), one of its own data set first; None if none fits."""
-    fits = [p for p in config.PRESETS if (config.make_config(p).distill, config.make_config(p).layerdrop)
-            == (cfg.distill, cfg.layerdrop)]
-    fits.sort(key=lambda p: config.make_config(p).data.dataset != cfg.data.dataset)
-    return fits[0] if fits else None
+    """The preset base.pt was trained with: the one whose settings differ from those base.pt stores
+    in the fewest fields (--set values and a preset changed since count against every preset
+    alike; fields that build() fills in, 0 or "", are left out); None on a tie. A preset whose
+    distillation changed since is still the run's: its old arms are then refused as stale."""
+    flat = lambda c: {f"{s}.{k}": v for s, sec in dataclasses.asdict(c).items() for k, v in sec.items()}
+    have = flat(cfg)
+    miss = {p: sum(v not in (0, "") and have.get(k) != v for k, v in flat(config.make_config(p)).items())
+            for p in config.PRESETS}
+    fits = [p for p in miss if miss[p] == min(miss.values())]
+    return fits[0] if len(fits) == 1 else None
 
 
 def claim_names(claim):
@@ -890,8 +894,8 @@ def check(opts):
     cfg = config.config_from_dict(ckpt["config"])
     opts.preset = opts.preset or run_preset(cfg)
     if opts.preset is None:
-        raise ValueError(f"cannot tell which preset {base} was trained with (its distill and layerdrop "
-                         "settings match none): pass --preset")
+        raise ValueError(f"cannot tell which preset {base} was trained with (its settings are as close "
+                         "to several): pass --preset")
     for n in names:                         # every arm's settings, as train.py will check them
         for stage, sets in CLAIMS[n].arms.values():
             if stage != "base":

@@ -83,6 +83,12 @@ def test_arm_folders_are_named_by_recipe():
     assert claims.arm_folder("presto-s", sets, 2) == "presto-s_distill.nu1=0_distill.steps=10_seed2"
     assert claims.arm_folder("presto-l", sets, 2) == "presto-l_layerdrop.steps=5_seed2"
     assert claims.arm_folder("base", sets, 2) == "base"
+    # the preset a teacher was trained with: the nearest, even after the preset's distillation changed
+    old_corpus = config.make_config("corpus", {"distill.lr_gen": 2e-4, "distill.steps": 300})
+    assert old_corpus.distill == config.make_config("cpu").distill      # as cpu's, but a corpus run
+    assert claims.run_preset(old_corpus) == "corpus"
+    assert claims.run_preset(config.make_config("tiny", {"data.dataset": "corpus"})) == "tiny"
+    assert [claims.run_preset(config.make_config(p)) for p in config.PRESETS] == list(config.PRESETS)
     # a claim's row: its own file per recipe variant, speed and logging settings left out
     assert claims.row_name("presto-s", {}) == "presto-s"
     assert claims.row_name("presto-s", {"distill.val_every": 50, "train.threads": 1}) == "presto-s"
