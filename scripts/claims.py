@@ -311,14 +311,21 @@ def complete(path, stage):
 def stale(path, stage, sets, seed, preset):
     """The settings (`key=saved (now wanted)`) in which a finished arm's checkpoint differs from what
     the preset and the arm's recipe say now (a preset changed since it was trained): such an arm
-    is not reused. Speed and logging settings (train.RESUME_FREE) do not count; Presto-LS's
-    layer-drop settings come with its presto_l.pt."""
+    is not reused. Speed and logging settings (train.RESUME_FREE) and the teacher's schedule do not
+    count; a stage's own settings (train.STAGE_SETS: ASE's method and jitter) are what it saved;
+    Presto-LS's layer-drop settings come with its presto_l.pt."""
     saved = config.config_from_dict(checkpoints.read_checkpoint(path)["config"])
-    want = config.make_config(preset, {**recipe(stage, sets), "train.seed": seed})
+    want = config.make_config(preset, {**recipe(stage, sets), **train.STAGE_SETS.get(stage, {}),
+                                       "train.seed": seed})
     return [f"{section}.{k}={v} (now {getattr(getattr(want, section), k)})"
             for section in READS[stage] if not (stage == "presto-ls" and section == "layerdrop")
             for k, v in dataclasses.asdict(getattr(saved, section)).items()
-            if f"{section}.{k}" not in train.RESUME_FREE and getattr(getattr(want, section), k) != v]
+            if f"{section}.{k}" not in train.RESUME_FREE | TEACHER_ONLY
+            and getattr(getattr(want, section), k) != v]
+
+
+# the teacher's schedule: a distillation or layer-drop stage has its own steps, batch and lr
+TEACHER_ONLY = {f"train.{k}" for k in ("steps", "lr", "warmup", "batch_size", "lr_decay", "min_lr_frac")}
 
 
 def check_same(src, dst):
@@ -845,8 +852,8 @@ def write_plot(run, names, path, extra=None):
 
 def run_preset(cfg):
     """The preset base.pt was trained with: the one whose settings differ from those base.pt stores
-    in the fewest fields (--set values and a preset changed since count against every preset
-    alike; fields that build() fills in, 0 or "", are left out); None on a tie. A preset whose
+    in the fewest fields (a preset's fields left 0 or "" for build() to fill in are not compared);
+    None on a tie. A preset whose
     distillation changed since is still the run's: its old arms are then refused as stale."""
     flat = lambda c: {f"{s}.{k}": v for s, sec in dataclasses.asdict(c).items() for k, v in sec.items()}
     have = flat(cfg)
@@ -894,8 +901,8 @@ def check(opts):
     cfg = config.config_from_dict(ckpt["config"])
     opts.preset = opts.preset or run_preset(cfg)
     if opts.preset is None:
-        raise ValueError(f"cannot tell which preset {base} was trained with (its settings are as close "
-                         "to several): pass --preset")
+        raise ValueError(f"cannot tell which preset {base} was trained with (its settings are equally "
+                         "close to several presets): pass --preset")
     for n in names:                         # every arm's settings, as train.py will check them
         for stage, sets in CLAIMS[n].arms.values():
             if stage != "base":

@@ -12,6 +12,7 @@ import config
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
 import claims  # noqa: E402
+import train  # noqa: E402
 from plumbing import checkpoints  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -109,7 +110,9 @@ def fake_run(tmp_path):
 # what each stage's fake evaluation reports: Presto-LS a little worse than Presto-S but 2x faster
 FAKE = {"presto-s": dict(clap=[0.30, 0.32, 0.34, 0.36], fad=1.0, ms=20.0),
         "presto-ls": dict(clap=[0.30, 0.31, 0.34, 0.35], fad=1.05, ms=10.0),
-        "base": dict(clap=[0.30, 0.32, 0.33, 0.36], fad=0.9, ms=400.0)}
+        "base": dict(clap=[0.30, 0.32, 0.33, 0.36], fad=0.9, ms=400.0),
+        "presto-l": dict(clap=[0.30, 0.32, 0.33, 0.35], fad=0.95, ms=300.0),
+        "ase": dict(clap=[0.29, 0.31, 0.33, 0.35], fad=0.97, ms=300.0)}
 
 
 class Running:
@@ -144,7 +147,8 @@ def fake_spawn(asked, fail=None):
                 if stage == "presto-ls":        # its Presto-L arm's checkpoint, linked in
                     assert os.path.isfile(os.path.join(out, "presto_l.pt"))
                 sets = config.parse_sets(argv[argv.index("--set") + 1:])   # the config it trains with
-                cfg = config.make_config(value("--preset") if "--preset" in argv else "tiny", sets)
+                cfg = config.make_config(value("--preset") if "--preset" in argv else "tiny",
+                                         {**sets, **train.STAGE_SETS.get(stage, {})})  # as train.py saves it
                 checkpoints.save_checkpoint(os.path.join(out, claims.FILE[stage]), {
                     "stage": stage, "done": True, "model": {}, "vocab": {}, "config": dataclasses.asdict(cfg)})
         else:
@@ -211,12 +215,30 @@ def test_arms_are_trained_once_and_reused(tmp_path, monkeypatch, capsys):
     claims.main([*argv[:-1], "3"])
     assert commands(asked) == [("evaluate.py", "presto-s_seed1"), *[("evaluate.py", f"presto-{s}_seed{k}")
                                for s in ("ls", "s") for k in (0, 1)]]
+    # the preset's teacher schedule changed: not what an arm computes, every arm is still reused
+    monkeypatch.setitem(config.PRESETS["tiny"], "train.steps", 31)
+    done = len(asked)
+    claims.main(argv)                  # (scored again: the last run used --n 3)
+    assert not [a for a in asked[done:] if a[1].endswith("train.py")]
     # the preset changed since the arms were trained: none is reused, one line says what changed
     monkeypatch.setitem(config.PRESETS["tiny"], "distill.steps", 12)
     with pytest.raises(SystemExit) as e:
-        claims.main([*argv, "--preset", "tiny"])     # (base.pt no longer tells its preset)
+        claims.main(argv)
     assert "_seed0 was trained with distill.steps=10 (now 12): move it away" in str(e.value.code)
     assert "\n" not in str(e.value.code)
+
+
+def test_an_ase_arm_saved_with_its_own_method_is_reused(tmp_path, monkeypatch):
+    run = fake_run(tmp_path)
+    monkeypatch.setattr(claims, "POLL", 0)
+    asked = []
+    monkeypatch.setattr(claims, "spawn", fake_spawn(asked))
+    argv = ["--run", run, "--claim", "presto-l-vs-ase", "--seeds", "0", "--embedder", os.path.join(run, "clap.pt"), "--n", "4"]
+    claims.main(argv)
+    assert ("train.py", "ase_seed0") in commands(asked)
+    asked.clear()
+    claims.main(argv)                  # ASE saved layerdrop.method=ase: not a changed preset
+    assert asked == []
 
 
 def test_dry_run_prints_the_commands_and_writes_nothing(tmp_path, monkeypatch, capsys):
