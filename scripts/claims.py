@@ -44,7 +44,8 @@ Statistics (pure functions below, tests/test_claims.py works them by hand):
   within-seed one, sqrt(sum se_k^2) / k, and the between-seed one, sd / sqrt(k) (k >= 2).
 - verdict: "holds" when the mean is on the paper's side (higher CLAP score and diversity, lower FAD)
   by more than 2 SE and every seed is on that side; "does not hold" when it is on the other side by
-  more than 2 SE (every seed too); "seeds disagree" when seeds fall on both sides; else "within noise".
+  more than 2 SE (every seed too); "seeds disagree" when two seeds fall on both sides (a third
+  seed is asked for) and "within noise" when three or more do; else "within noise".
   One seed of a number without an error bar of its own (FAD, speed) asks for a second seed.
 - "near" claims (Presto-S near its teacher; Presto-LS as good as Presto-S) hold when the paper's arm
   is within the project's targets (EXPERIMENTS.md, "Targets at a glance") by more than 2 SE: CLAP
@@ -199,8 +200,9 @@ def across_seeds(values, ses):
 def verdict(sides, mean, se, seeds):
     """sides: each seed's value oriented so that > 0 is the paper's side; mean, se: across seeds."""
     more = " ".join(str(s) for s in sorted(seeds) + [max(seeds) + 1])
-    if any(s > 0 for s in sides) and any(s < 0 for s in sides):
-        return f"seeds disagree: add --seeds {more}"
+    if any(s > 0 for s in sides) and any(s < 0 for s in sides):   # a third seed settles a tie of
+        return ("within noise: seeds disagree" if len(sides) >= 3   # two; past that, no direction
+                else f"seeds disagree: add --seeds {more}")
     if se is None:
         return f"no error bar from one seed: add --seeds {more}"
     if mean > 2 * se and all(s > 0 for s in sides):

@@ -45,7 +45,7 @@ def test_verdicts():
     mean, se = claims.across_seeds([0.9, 1.1], [0.6, 0.8])
     assert (mean, se) == (1.0, 0.5) and claims.verdict([0.9, 1.1], mean, se, seeds) == "within noise"
     assert claims.verdict([0.5, -0.2], 0.15, 0.35, seeds) == "seeds disagree: add --seeds 0 1 2"
-    assert claims.verdict([0.5, 0.6, -0.1], 0.33, 0.2, [0, 1, 2]) == "seeds disagree: add --seeds 0 1 2 3"
+    assert claims.verdict([0.5, 0.6, -0.1], 0.33, 0.2, [0, 1, 2]) == "within noise: seeds disagree"
     assert claims.verdict([0.5], 0.5, None, [3]) == "no error bar from one seed: add --seeds 3 4"
     # a mean far on the paper's side is not "holds" while a seed sits exactly at zero
     assert claims.verdict([0.0, 4.0], 2.0, 0.1, seeds) == "within noise"
