@@ -71,6 +71,22 @@ def test_one_seed_of_fad_nearness_and_speed():
     assert both["verdict"] == "holds"
 
 
+def test_a_steady_but_tiny_difference_reads_negligible():
+    # FAD 0.0620 / 0.0619 against 0.0624 / 0.0625: every seed lower, far beyond 2 SE, but by under 1%
+    seeds = [claims.seed_difference(dict(fad=a), dict(fad=b), "fad", -1) for a, b in ((0.0620, 0.0624),
+                                                                                    (0.0619, 0.0625))]
+    tiny = claims.compare([dict(d, seed=i) for i, d in enumerate(seeds)], [0, 1])
+    assert tiny["verdict"].startswith("negligible: holds") and claims.short_verdict(tiny["verdict"]) == "negligible"
+    # 5% lower in both seeds is a real difference; a speed-up is never relative
+    seeds = [claims.seed_difference(dict(fad=a), dict(fad=b), "fad", -1) for a, b in ((0.059, 0.062),
+                                                                                    (0.060, 0.063))]
+    assert claims.compare([dict(d, seed=i) for i, d in enumerate(seeds)], [0, 1])["verdict"] == "holds"
+    # a speed-up (other ms / paper ms: 5x at 200 against 1000 ms) carries its own scale
+    speed = [claims.seed_difference(dict(end_to_end_ms=ms), dict(end_to_end_ms=1000.0), "end_to_end_ms", 1)
+             for ms in (200.0, 190.0)]
+    assert claims.compare([dict(d, seed=i) for i, d in enumerate(speed)], [0, 1], relative=False)["verdict"] == "holds"
+
+
 # -----------------------------------------------------------------------------
 # Arm folders, the cache, the commands
 
