@@ -45,9 +45,9 @@ Statistics (pure functions below, tests/test_claims.py works them by hand):
 - verdict: "holds" when the mean is on the paper's side (higher CLAP score and diversity, lower FAD)
   by more than 2 SE and every seed is on that side; "does not hold" when it is on the other side by
   more than 2 SE (every seed too); "seeds disagree" when two seeds fall on both sides (a third
-  seed is asked for) and "within noise" when three or more do; else "within noise". A "holds" or
-  "does not hold" by less than 1% of the other arm's value (FAD, CLAP score, diversity) reads
-  "negligible".
+  seed is asked for) and "within noise" when three or more do; else "within noise". Whatever the
+  seeds say, a difference whose mean ± 2 SE lies within ±1% of the other arm's value (FAD, CLAP
+  score, diversity) reads "negligible".
   One seed of a number without an error bar of its own (FAD, speed) asks for a second seed.
 - "near" claims (Presto-S near its teacher; Presto-LS as good as Presto-S) hold when the paper's arm
   is within the project's targets (EXPERIMENTS.md, "Targets at a glance") by more than 2 SE: CLAP
@@ -230,20 +230,20 @@ def seed_difference(paper, other, key, sign, margin=0.0):
     return dict(paper=a, other=b, difference=d, se=se, side=sign * d + margin * abs(b))
 
 
-NEGLIGIBLE = 0.01   # a steady difference under 1% of the other arm's value is reported as negligible
+NEGLIGIBLE = 0.01   # a difference known to within 1% of the other arm's value is "negligible"
 
 
 def compare(per_seed, seeds, relative=True):
     """Across seeds: mean difference, SE, mean side and verdict of seed_difference's results.
-    relative: a "holds" / "does not hold" whose mean difference is under NEGLIGIBLE of the other
-    arm's mean reads "negligible" (False for speed-ups and "near" claims, which carry their own
-    scale)."""
+    relative: when the whole interval mean ± 2 SE lies within NEGLIGIBLE of the other arm's mean,
+    the verdict is "negligible", whichever side the seeds fell on (False for speed-ups and "near"
+    claims, which carry their own scale)."""
     mean_side, se = across_seeds([p["side"] for p in per_seed], [p["se"] for p in per_seed])
     difference = float(np.mean([p["difference"] for p in per_seed]))
     says = verdict([p["side"] for p in per_seed], mean_side, se, seeds)
-    if (relative and says in ("holds", "does not hold")
-            and abs(difference) < NEGLIGIBLE * abs(float(np.mean([p["other"] for p in per_seed])))):
-        says = f"negligible: {says}, but by under {NEGLIGIBLE:.0%} of the other arm's value"
+    scale = NEGLIGIBLE * abs(float(np.mean([p["other"] for p in per_seed])))
+    if relative and se is not None and abs(difference) + 2 * se < scale:
+        says = f"negligible: {says.split(':')[0]}, but within ±{NEGLIGIBLE:.0%} of the other arm's value"
     return dict(per_seed=per_seed, difference=difference, se=se, side=mean_side, verdict=says)
 
 

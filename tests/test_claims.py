@@ -72,11 +72,17 @@ def test_one_seed_of_fad_nearness_and_speed():
 
 
 def test_a_steady_but_tiny_difference_reads_negligible():
-    # FAD 0.0620 / 0.0619 against 0.0624 / 0.0625: every seed lower, far beyond 2 SE, but by under 1%
-    seeds = [claims.seed_difference(dict(fad=a), dict(fad=b), "fad", -1) for a, b in ((0.0620, 0.0624),
-                                                                                    (0.0619, 0.0625))]
-    tiny = claims.compare([dict(d, seed=i) for i, d in enumerate(seeds)], [0, 1])
-    assert tiny["verdict"].startswith("negligible: holds") and claims.short_verdict(tiny["verdict"]) == "negligible"
+    def fads(pairs, **kw):
+        seeds = [claims.seed_difference(dict(fad=a), dict(fad=b), "fad", -1) for a, b in pairs]
+        return claims.compare([dict(d, seed=i) for i, d in enumerate(seeds)], [0, 1], **kw)["verdict"]
+    # FAD 0.0620 / 0.0621 against 0.0623 / 0.0624: every seed lower, beyond 2 SE, but by 0.5%
+    tiny = fads(((0.0620, 0.0623), (0.0621, 0.0624)))
+    assert tiny.startswith("negligible: holds") and claims.short_verdict(tiny) == "negligible"
+    assert fads(((0.0620, 0.0623), (0.0621, 0.0624)), relative=False) == "holds"
+    # seeds on both sides by 0.2%: nothing to ask a third seed for
+    assert fads(((0.0620, 0.0621), (0.0622, 0.0621))).startswith("negligible: seeds disagree")
+    # a mean of 0.8% with seeds far apart (0.1% and 1.5%) is not known to within 1%
+    assert fads(((0.0620, 0.06206), (0.0620, 0.06294))) == "within noise"
     # 5% lower in both seeds is a real difference; a speed-up is never relative
     seeds = [claims.seed_difference(dict(fad=a), dict(fad=b), "fad", -1) for a, b in ((0.059, 0.062),
                                                                                     (0.060, 0.063))]
