@@ -47,7 +47,7 @@ Statistics (pure functions below, tests/test_claims.py works them by hand):
   more than 2 SE (every seed too); "seeds disagree" when two seeds fall on both sides (a third
   seed is asked for) and "within noise" when three or more do; else "within noise". Whatever the
   seeds say, a difference whose mean ± 2 SE lies within ±1% of the other arm's value (FAD, CLAP
-  score, diversity) reads "negligible".
+  score, diversity; not speed, "near" claims or one seed without an SE) reads "negligible".
   One seed of a number without an error bar of its own (FAD, speed) asks for a second seed.
 - "near" claims (Presto-S near its teacher; Presto-LS as good as Presto-S) hold when the paper's arm
   is within the project's targets (EXPERIMENTS.md, "Targets at a glance") by more than 2 SE: CLAP
@@ -218,31 +218,34 @@ def seed_difference(paper, other, key, sign, margin=0.0):
     """One seed of one metric: the paper's arm's row against the other arm's. key ends in _by_clip /
     _by_prompt (paired items), is end_to_end_ms (a speed-up, other / paper) or a set-level number.
     side: the difference oriented to the paper's side (sign: +1 higher wins, -1 lower wins), plus
-    margin times the other arm's value (a "near" claim's allowance)."""
+    margin times the other arm's value (a "near" claim's allowance). scale: what "negligible" is a
+    fraction of (the other arm's value; None for a speed-up or a "near" claim, which carry their own)."""
     if key == "end_to_end_ms":
         ratio = other[key] / paper[key]
-        return dict(paper=paper[key], other=other[key], difference=ratio, se=None, side=ratio - 1)
+        return dict(paper=paper[key], other=other[key], difference=ratio, se=None, side=ratio - 1, scale=None)
     if "_by_" in key:
         (d, se), a, b = paired(paper[key], other[key]), float(np.mean(paper[key])), float(np.mean(other[key]))
     else:
         a, b = paper[key], other[key]
         d, se = a - b, None
-    return dict(paper=a, other=b, difference=d, se=se, side=sign * d + margin * abs(b))
+    return dict(paper=a, other=b, difference=d, se=se, side=sign * d + margin * abs(b),
+                scale=abs(b) if margin == 0 else None)
 
 
 NEGLIGIBLE = 0.01   # a difference known to within 1% of the other arm's value is "negligible"
 
 
-def compare(per_seed, seeds, relative=True):
-    """Across seeds: mean difference, SE, mean side and verdict of seed_difference's results.
-    relative: when the whole interval mean ± 2 SE lies within NEGLIGIBLE of the other arm's mean,
-    the verdict is "negligible", whichever side the seeds fell on (False for speed-ups and "near"
-    claims, which carry their own scale)."""
+def compare(per_seed, seeds):
+    """Across seeds: mean difference, SE, mean side and verdict of seed_difference's results. When
+    the whole interval mean ± 2 SE lies within NEGLIGIBLE of the seeds' scale (the other arm's
+    value), the verdict is "negligible", whichever side the seeds fell on; never for a speed-up, a
+    "near" claim (no scale) or one seed of a number without an error bar (no SE)."""
     mean_side, se = across_seeds([p["side"] for p in per_seed], [p["se"] for p in per_seed])
     difference = float(np.mean([p["difference"] for p in per_seed]))
     says = verdict([p["side"] for p in per_seed], mean_side, se, seeds)
-    scale = NEGLIGIBLE * abs(float(np.mean([p["other"] for p in per_seed])))
-    if relative and se is not None and abs(difference) + 2 * se < scale:
+    scales = [p.get("scale") for p in per_seed]
+    if (se is not None and None not in scales
+            and abs(difference) + 2 * se < NEGLIGIBLE * float(np.mean(scales))):
         says = f"negligible: {says.split(':')[0]}, but within ±{NEGLIGIBLE:.0%} of the other arm's value"
     return dict(per_seed=per_seed, difference=difference, se=se, side=mean_side, verdict=says)
 
@@ -574,8 +577,7 @@ def summarize(run, name, claim, arms, opts, dataset):
                 per_seed = [dict(seed=seed, **seed_difference(p, o, key, sign, margin))
                             for seed, p, o in zip(opts.seeds, rows[paper], rows[other])]
                 comparisons.append(dict(paper=paper, other=other, measure=measure, metric=label, key=key,
-                                        **compare(per_seed, opts.seeds,
-                                                  relative=margin == 0 and key != "end_to_end_ms")))
+                                        **compare(per_seed, opts.seeds)))
     spent, total = {}, {}
     for label, arm in arms.items():
         spent[label] = [minutes_of(run, arm, s, f) for s, f in zip(opts.seeds, arm["folders"])]

@@ -55,7 +55,7 @@ def test_one_seed_of_fad_nearness_and_speed():
     paper = dict(fad=1.0, clap_score_by_clip=[0.30, 0.32], end_to_end_ms=20.0)
     other = dict(fad=1.5, clap_score_by_clip=[0.20, 0.20], end_to_end_ms=500.0)
     fad = claims.seed_difference(paper, other, "fad", -1)           # lower wins: -0.5 is the paper's side
-    assert fad == pytest.approx(dict(paper=1.0, other=1.5, difference=-0.5, se=None, side=0.5))
+    assert fad == pytest.approx(dict(paper=1.0, other=1.5, difference=-0.5, se=None, side=0.5, scale=1.5))
     clap = claims.seed_difference(paper, other, "clap_score_by_clip", 1)
     assert clap["difference"] == pytest.approx(0.11) and clap["se"] == pytest.approx(0.01)
     # near: FAD 1.3 against a teacher's 1.0 is beyond 1.2x (side 0.2 - 0.3 < 0); 1.1 is within
@@ -72,25 +72,26 @@ def test_one_seed_of_fad_nearness_and_speed():
 
 
 def test_a_steady_but_tiny_difference_reads_negligible():
-    def fads(pairs, **kw):
-        seeds = [claims.seed_difference(dict(fad=a), dict(fad=b), "fad", -1) for a, b in pairs]
-        return claims.compare([dict(d, seed=i) for i, d in enumerate(seeds)], [0, 1], **kw)["verdict"]
+    def verdict(pairs, key="fad", sign=-1, margin=0.0):
+        seeds = [claims.seed_difference({key: a}, {key: b}, key, sign, margin) for a, b in pairs]
+        return claims.compare([dict(d, seed=i) for i, d in enumerate(seeds)], [0, 1])["verdict"]
     # FAD 0.0620 / 0.0621 against 0.0623 / 0.0624: every seed lower, beyond 2 SE, but by 0.5%
-    tiny = fads(((0.0620, 0.0623), (0.0621, 0.0624)))
+    tiny = verdict(((0.0620, 0.0623), (0.0621, 0.0624)))
     assert tiny.startswith("negligible: holds") and claims.short_verdict(tiny) == "negligible"
-    assert fads(((0.0620, 0.0623), (0.0621, 0.0624)), relative=False) == "holds"
     # seeds on both sides by 0.2%: nothing to ask a third seed for
-    assert fads(((0.0620, 0.0621), (0.0622, 0.0621))).startswith("negligible: seeds disagree")
+    assert verdict(((0.0620, 0.0621), (0.0622, 0.0621))).startswith("negligible: seeds disagree")
     # a mean of 0.8% with seeds far apart (0.1% and 1.5%) is not known to within 1%
-    assert fads(((0.0620, 0.06206), (0.0620, 0.06294))) == "within noise"
-    # 5% lower in both seeds is a real difference; a speed-up is never relative
-    seeds = [claims.seed_difference(dict(fad=a), dict(fad=b), "fad", -1) for a, b in ((0.059, 0.062),
-                                                                                    (0.060, 0.063))]
-    assert claims.compare([dict(d, seed=i) for i, d in enumerate(seeds)], [0, 1])["verdict"] == "holds"
-    # a speed-up (other ms / paper ms: 5x at 200 against 1000 ms) carries its own scale
-    speed = [claims.seed_difference(dict(end_to_end_ms=ms), dict(end_to_end_ms=1000.0), "end_to_end_ms", 1)
-             for ms in (200.0, 190.0)]
-    assert claims.compare([dict(d, seed=i) for i, d in enumerate(speed)], [0, 1], relative=False)["verdict"] == "holds"
+    assert verdict(((0.0620, 0.06206), (0.0620, 0.06294))) == "within noise"
+    # CLAP scores paired by clip, 0.002 above 0.8 on average in both seeds: with the clips' differences
+    # spread by 0.001 (SE over seeds 0.0004) negligible; spread by 0.01 (SE 0.0037: 2 SE reach
+    # past 1% of 0.8) not
+    near, far = [0.801, 0.803, 0.801, 0.803], [0.794, 0.812, 0.792, 0.810]
+    assert verdict(((near, [0.8] * 4), (near, [0.8] * 4)), "s_by_clip", 1).startswith("negligible")
+    assert verdict(((far, [0.8] * 4), (far, [0.8] * 4)), "s_by_clip", 1) == "within noise"
+    # a speed-up carries its own scale (1000 ms against 200 / 190: 5x, not "1% of 1000 ms") and so
+    # does a "near" claim (its margin)
+    assert verdict(((200.0, 1000.0), (190.0, 1000.0)), "end_to_end_ms", 1) == "holds"
+    assert verdict(((0.0620, 0.0623), (0.0621, 0.0624)), margin=0.2) == "holds"
 
 
 # -----------------------------------------------------------------------------
