@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import data
+from sources import folder
 
 INSTALL = "pip install --no-deps aisfx==0.1.2"
 DESCRIPTION = "aisfx 0.1.2 (Ma & Lerch, ISMIR 2022), 512-d, pretrained on sound-effect libraries"
@@ -72,7 +72,7 @@ def features(waves, sample_rate):
     of BLOCK frames every BLOCK_HOP frames; a last partial block is dropped, and a clip shorter than
     one block is zero-padded to one.
     """
-    x = torch.from_numpy(data.resample(waves.float().mean(1).cpu().numpy(), sample_rate,
+    x = torch.from_numpy(folder.resample(waves.float().mean(1).cpu().numpy(), sample_rate,
                                        SAMPLE_RATE))                                # (B, N')
     x = x / x.abs().amax(-1, keepdim=True).clamp_min(1e-12)
     spec = torch.stft(x, N_FFT, HOP, window=torch.hann_window(N_FFT), center=True,

@@ -1,2 +1,3 @@
-"""Where the training clips come from: synthetic music made from random scores (synth) and real
-compositions rendered with a General MIDI soundfont (corpus). data.py turns either into batches."""
+"""Where the training clips come from: synthetic music made from random scores (synth), real
+compositions rendered with a General MIDI soundfont (corpus), or a folder of your own audio files
+(folder). data.py turns any of them into batches."""

@@ -297,7 +297,7 @@ def test_folder_tracks_give_clips_from_end_to_end(tmp_path):
 
 
 def test_hash_split_is_stable_and_fills_every_split():
-    from data import hash_split
+    from sources.folder import hash_split
     names = [f"track{k}.wav" for k in range(60)]
     where = lambda ns: {n: s for s in ("train", "val", "test") for n in hash_split(ns, s, 0.1)}
     before, after = where(names), where(names + [f"new{k}.wav" for k in range(20)])
