@@ -1,1 +1,3 @@
-"""torchrun data parallelism and the batch feed (dist): the plumbing train.py's loops lean on."""
+"""What the scripts lean on and a student can skip: torchrun data parallelism and the batch feed
+(dist), the loops' bookkeeping (loop), checkpoint files (checkpoints), torch.compile (compiled) and
+the config fields' declared ranges (ranges)."""

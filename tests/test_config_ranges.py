@@ -14,13 +14,14 @@ import ae
 import config
 import dit
 import layerdrop
+from plumbing import ranges
 
 
 def every_field():
     """(section, name, type, rule) of every field of Config."""
     cfg = config.Config()
     return [(s.name, name, typ, rule) for s in dataclasses.fields(cfg)
-            for name, typ, rule in config.declared(getattr(cfg, s.name))]
+            for name, typ, rule in ranges.declared(getattr(cfg, s.name))]
 
 
 def bad_values(typ, rule):
@@ -73,7 +74,7 @@ def test_a_field_without_a_rule_is_refused():
     class Section:
         steps: int = 1
     with pytest.raises(TypeError, match="Section.steps declares no range"):
-        config.declared(Section())
+        ranges.declared(Section())
 
 
 def test_choices_match_the_code():
