@@ -46,7 +46,7 @@ import layerdrop
 import metrics
 import sample
 from embedders import clap, judge
-from plumbing import checkpoints, compiled
+from plumbing import checkpoints, compiled, overrides
 from plumbing.dist import (DIST, Feed, Speed, average_gradients, barrier, check_memory, gather_rows,
                            init_distributed, micro_split)
 from plumbing.loop import StageLoop, say
@@ -766,86 +766,15 @@ STAGES = {"ae": ("ae.pt", train_ae), "base": ("base.pt", train_base),
           "presto-ls": ("presto_ls.pt", train_presto_ls)}
 
 
-# what a layer-drop stage sets for itself (train_ase, train_presto_l): a --set of another value
-# would be replaced without a word, so it is refused
-STAGE_SETS = {"ase": {"layerdrop.method": "ase", "layerdrop.jitter": 0},
-              "presto-l": {"layerdrop.method": "presto-l"}}
-
-
-def check_stage_sets(stages, sets):
-    """Refuse a --set that the stages would override (layerdrop.method: each layer-drop stage uses
-    its own; layerdrop.jitter: ASE trains at exactly the schedule's budgets)."""
-    for stage in stages:
-        for key, own in STAGE_SETS.get(stage, {}).items():
-            section, name = key.split(".")
-            if key in sets and getattr(getattr(config.apply_overrides(
-                    config.Config(), {key: sets[key]}), section), name) != own:
-                raise ValueError(f"{key}={sets[key]} cannot apply to --stage {stage}, which uses "
-                                 f"{key}={own} (drop the --set)")
-
-
-# --resume: the settings that change how a run goes but not what it computes (logging, checkpoints,
-# validation, the device and its speed settings); any other --set that differs from the saved
-# config is refused. Each stage's own step count may be changed (said so): train on, or stop.
-RESUME_FREE = {"train.device", "train.threads", "train.workers", "train.compile",
-               "train.micro_batch", "train.precision", "train.peak_tflops", "train.log_every",
-               "train.eval_every",
-               "train.ckpt_every", "train.val_batches", "clap.eval_every", "clap.val_clips",
-               "distill.val_every", "distill.val_clips", "distill.val_judge",
-               "data.corpus_cache"}
-# the config sections a stage computes with: on --resume, a --set in any other section cannot
-# change what the stage's checkpoint computes, so it is applied (it matters to later stages) and
-# not refused
-USES = {"ae": {"data", "ae", "train"}, "base": {"data", "ae", "model", "edm", "train"},
-        "clap": {"data", "clap", "train"},
-        "presto-s": {"data", "ae", "model", "edm", "train", "distill"},
-        "presto-ls": {"data", "ae", "model", "edm", "train", "distill", "layerdrop"},
-        "ase": {"data", "ae", "model", "edm", "train", "layerdrop"},
-        "presto-l": {"data", "ae", "model", "edm", "train", "layerdrop"}}
 # the checkpoints a stage starts from (a newer one of these makes the stage's own checkpoint stale)
 STARTS_FROM = {"base": ("ae",), "presto-s": ("base",), "ase": ("base",), "presto-l": ("base",),
                "presto-ls": ("base", "presto-l")}
-STEPS_OF = {"ae": "ae.steps", "base": "train.steps", "clap": "clap.steps",
-            "presto-s": "distill.steps", "presto-ls": "distill.steps", "ase": "layerdrop.steps",
-            "presto-l": "layerdrop.steps"}
-
-
-def resume_config(stage, path, sets, quiet=False):
-    """(config, None, or a line saying there is nothing to do) for --resume of the checkpoint at
-    path with --set values: a value that would change what the saved run computes is refused,
-    naming the field (quiet: a changed step count is not announced)."""
-    ckpt = checkpoints.read_checkpoint(path)
-    if ckpt.get("stage", "base") != stage:
-        raise ValueError(f"--resume: {path} holds a {ckpt.get('stage')} checkpoint, not {stage}")
-    saved = config.config_from_dict(ckpt["config"])
-    cfg = config.apply_overrides(config.config_from_dict(ckpt["config"]), sets)
-    get = lambda c, key: getattr(getattr(c, key.split(".")[0]), key.split(".")[1])
-    steps_key = STEPS_OF[stage]
-    for key in sets:
-        if (key not in RESUME_FREE and key != steps_key and key.split(".")[0] in USES[stage]
-                and get(cfg, key) != get(saved, key)):
-            raise ValueError(f"--resume: {key}={get(cfg, key)} would change what {path} computes "
-                             f"(it was trained with {get(saved, key)}); drop the --set, or start "
-                             "over with --force")
-    other = [k for k in sets if k.split(".")[0] not in USES[stage] and get(cfg, k) != get(saved, k)]
-    if other and not quiet:
-        say(f"--resume: {', '.join(other)} do(es) not change what {path} computes; kept in its "
-            "config for the stages that read it")
-    step, total = ckpt.get("step", 0), get(cfg, steps_key)
-    if step >= total:
-        return cfg, (f"{path} is at step {step} and {steps_key} is {total}: nothing to do, nothing "
-                     f"written (raise {steps_key} to train on)")
-    if total != get(saved, steps_key) and not quiet:
-        say(f"--resume: {steps_key} {get(saved, steps_key)} -> {total}: training from step {step} "
-            f"to {total}")
-    return cfg, None
-
 
 def run_stage(stage, out, preset, sets, resume=False, force=False):
     """Train one stage from the preset (None: cpu) + --set values, or with resume from its
     checkpoint's config + --set values; returns the checkpoint path."""
     ckpt_name, stage_fn = STAGES[stage]
-    check_stage_sets([stage], sets)
+    overrides.check_stage_sets([stage], sets)
     path = os.path.join(out, ckpt_name)
     student = os.path.join(out, "presto_l.pt")
     if stage == "presto-ls" and os.path.exists(student):   # its layer drop is presto_l.pt's own
@@ -863,7 +792,7 @@ def run_stage(stage, out, preset, sets, resume=False, force=False):
         if preset is not None:
             warnings.warn(f"--preset {preset} is ignored by --resume: {path} continues with the "
                           "config it was written with (plus --set)")
-        cfg, nothing_to_do = resume_config(stage, path, sets)
+        cfg, nothing_to_do = overrides.resume_config(stage, path, sets)
     else:
         if os.path.exists(path) and not force:
             raise FileExistsError(f"{path} exists: pass --resume to continue it or --force to "
@@ -893,7 +822,7 @@ def wants_autoencoder(out, preset, sets):
 def run_all(out, preset, sets, force=False):
     """Every stage in order: a complete checkpoint is kept (force: retrained), an incomplete one
     resumed, a missing one trained."""
-    check_stage_sets(["ase", "presto-l"] if "layerdrop.method" in sets else [], sets)
+    overrides.check_stage_sets(["ase", "presto-l"] if "layerdrop.method" in sets else [], sets)
     todo = []                                  # (stage, whether it starts fresh)
     for stage, (ckpt_name, _) in STAGES.items():
         path = os.path.join(out, ckpt_name)
@@ -916,7 +845,8 @@ def run_all(out, preset, sets, force=False):
                          f"({', '.join(s for s, fresh in todo if fresh)})")
     for stage, fresh in todo:                  # every stage's settings, before the first one trains
         config.check(config.make_config(preset or "cpu", sets) if fresh else
-                     resume_config(stage, os.path.join(out, STAGES[stage][0]), sets, quiet=True)[0])
+                     overrides.resume_config(stage, os.path.join(out, STAGES[stage][0]), sets,
+                                             quiet=True)[0])
     for stage, fresh in todo:
         run_stage(stage, out, preset if fresh else None, sets, resume=not fresh, force=True)
 

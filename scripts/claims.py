@@ -93,8 +93,7 @@ import numpy as np  # noqa: E402
 import config  # noqa: E402
 import evaluate  # noqa: E402
 import metrics  # noqa: E402
-import train  # noqa: E402
-from plumbing import checkpoints  # noqa: E402
+from plumbing import checkpoints, overrides  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -280,9 +279,9 @@ def recipe(stage, sets):
 
 
 def variant(sets):
-    """The part of a name that --set values give (sorted KEY=VALUE joined by '_'; train.RESUME_FREE's
+    """The part of a name that --set values give (sorted KEY=VALUE joined by '_'; overrides.RESUME_FREE's
     speed and logging settings and train.seed left out): '' for none."""
-    return "_".join(f"{k}={sets[k]}" for k in sorted(sets) if k not in train.RESUME_FREE and k != "train.seed")
+    return "_".join(f"{k}={sets[k]}" for k in sorted(sets) if k not in overrides.RESUME_FREE and k != "train.seed")
 
 
 def row_name(name, extra):
@@ -293,7 +292,7 @@ def row_name(name, extra):
 
 
 def arm_folder(stage, sets, seed):
-    """An arm's folder name: its stage, its recipe's values (sorted; train.RESUME_FREE's speed and
+    """An arm's folder name: its stage, its recipe's values (sorted; overrides.RESUME_FREE's speed and
     logging settings left out) and its seed. The teacher, trained by nobody, is 'base'."""
     if stage == "base":
         return "base"
@@ -328,16 +327,16 @@ def complete(path, stage):
 def stale(path, stage, sets, seed, preset):
     """The settings (`key=saved (now wanted)`) in which a finished arm's checkpoint differs from what
     the preset and the arm's recipe say now (a preset changed since it was trained): such an arm
-    is not reused. Speed and logging settings (train.RESUME_FREE) and the teacher's schedule do not
-    count; a stage's own settings (train.STAGE_SETS: ASE's method and jitter) are what it saved;
+    is not reused. Speed and logging settings (overrides.RESUME_FREE) and the teacher's schedule do not
+    count; a stage's own settings (overrides.STAGE_SETS: ASE's method and jitter) are what it saved;
     Presto-LS's layer-drop settings come with its presto_l.pt."""
     saved = config.config_from_dict(checkpoints.read_checkpoint(path)["config"])
-    want = config.make_config(preset, {**recipe(stage, sets), **train.STAGE_SETS.get(stage, {}),
+    want = config.make_config(preset, {**recipe(stage, sets), **overrides.STAGE_SETS.get(stage, {}),
                                        "train.seed": seed})
     return [f"{section}.{k}={v} (now {getattr(getattr(want, section), k)})"
             for section in READS[stage] if not (stage == "presto-ls" and section == "layerdrop")
             for k, v in dataclasses.asdict(getattr(saved, section)).items()
-            if f"{section}.{k}" not in train.RESUME_FREE | TEACHER_ONLY
+            if f"{section}.{k}" not in overrides.RESUME_FREE | TEACHER_ONLY
             and getattr(getattr(want, section), k) != v]
 
 
@@ -923,7 +922,7 @@ def check(opts):
     for n in names:                         # every arm's settings, as train.py will check them
         for stage, sets in CLAIMS[n].arms.values():
             if stage != "base":
-                train.check_stage_sets([stage], {**sets, **opts.extra})
+                overrides.check_stage_sets([stage], {**sets, **opts.extra})
                 config.check(config.make_config(opts.preset, recipe(stage, {**sets, **opts.extra})), dataset=False)
     return names, cfg.data.dataset
 

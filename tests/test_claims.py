@@ -12,8 +12,7 @@ import config
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
 import claims  # noqa: E402
-import train  # noqa: E402
-from plumbing import checkpoints  # noqa: E402
+from plumbing import checkpoints, overrides  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # Statistics
@@ -171,7 +170,7 @@ def fake_spawn(asked, fail=None):
                     assert os.path.isfile(os.path.join(out, "presto_l.pt"))
                 sets = config.parse_sets(argv[argv.index("--set") + 1:])   # the config it trains with
                 cfg = config.make_config(value("--preset") if "--preset" in argv else "tiny",
-                                         {**sets, **train.STAGE_SETS.get(stage, {})})  # as train.py saves it
+                                         {**sets, **overrides.STAGE_SETS.get(stage, {})})  # as train.py saves it
                 checkpoints.save_checkpoint(os.path.join(out, claims.FILE[stage]), {
                     "stage": stage, "done": True, "model": {}, "vocab": {}, "config": dataclasses.asdict(cfg)})
         else:
