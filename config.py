@@ -205,6 +205,7 @@ def make_config(preset="cpu", overrides=None):
 # What every field accepts: `name: Annotated[type, "rule"] = default` on the line that defines
 # it (the rules: plumbing/ranges.py); `cross_rules` adds what depends on two fields
 
+
 def cross_rules(cfg):
     """(name, value, ok, want) for the rules between fields, checked after each field's own."""
     d, m, a, dist, ld = cfg.data, cfg.model, cfg.ae, cfg.distill, cfg.layerdrop

@@ -770,6 +770,7 @@ STAGES = {"ae": ("ae.pt", train_ae), "base": ("base.pt", train_base),
 STARTS_FROM = {"base": ("ae",), "presto-s": ("base",), "ase": ("base",), "presto-l": ("base",),
                "presto-ls": ("base", "presto-l")}
 
+
 def run_stage(stage, out, preset, sets, resume=False, force=False):
     """Train one stage from the preset (None: cpu) + --set values, or with resume from its
     checkpoint's config + --set values; returns the checkpoint path."""

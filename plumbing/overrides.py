@@ -2,7 +2,7 @@
 (and ASE its jitter), so another value is refused rather than silently replaced; on --resume only
 the settings that do not change what the saved run computes may differ from its config.
 
-Used by train.py's command line (`run_stage`, `run_all`) and by scripts/claims.py to name arms.
+Used by train.py's command line (`run_stage`, `run_all`) and by scripts/claims.py to name arms and check their settings.
 """
 import config
 from plumbing.checkpoints import read_checkpoint

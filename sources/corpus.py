@@ -346,7 +346,8 @@ def _events(parts, length, start, window, q, shift, velocity):
 def render_rate(cfg):
     """The rate clips are rendered at: the soundfont player does not low-pass, so rendering at
     8 kHz would fold the instruments' upper harmonics down into the band; rendered at 4x (at most
-    48 kHz), a band-limited resampler (sources/folder.py's resample) then brings the clip to cfg.sample_rate."""
+    48 kHz), a band-limited resampler (sources/folder.py's resample) then brings the clip to
+    cfg.sample_rate."""
     return min(48000, 4 * cfg.sample_rate)
 
 

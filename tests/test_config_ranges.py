@@ -1,7 +1,7 @@
 """Every config field declares what it accepts, and config.check refuses anything else.
 
-The declarations are the `Annotated[type, "rule"]` on each field's line (config.py, "What every
-field accepts"). These tests walk every field of every section, so a field added without a rule,
+The declarations are the `Annotated[type, "rule"]` on each field's line (the rules they may say:
+plumbing/ranges.py). These tests walk every field of every section, so a field added without a rule,
 or with a rule check does not enforce, fails here.
 """
 import dataclasses
