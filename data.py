@@ -99,13 +99,14 @@ class CorpusDataset:
         if not self.pieces:
             raise ValueError(f"the corpus cache {corpus.cache_path(cfg)} has no pieces for split "
                              f"'{split}'")
+        self.groups = corpus.by_collection(self.pieces)
 
     def __len__(self):
         return ENDLESS
 
     def clip(self, i):
         from sources import corpus
-        wave, caption, labels = corpus.render_clip(self.cfg, self.pieces, SPLITS[self.split], i)
+        wave, caption, labels = corpus.render_clip(self.cfg, self.groups, SPLITS[self.split], i)
         wave = folder.resample(wave, corpus.render_rate(self.cfg), self.cfg.sample_rate)
         wave = wave[:, :int(round(self.cfg.seconds * self.cfg.sample_rate))]
         return Clip(wave * (0.9 / (np.abs(wave).max() + 1e-9)), caption, labels)

@@ -320,7 +320,7 @@ def render(events, channels, n, sample_rate, soundfont):
         synth.noteon(ch, key, vel) if on else synth.noteoff(ch, key)
     if n > done:
         out[done:] = np.frombuffer(synth.generate_simple(n - done), dtype=np.float32).reshape(-1, 2)
-    return out.T
+    return np.ascontiguousarray(out.T)      # rows: the mono mix and the resampler read them fast
 
 
 def _events(parts, length, start, window, q, shift, velocity):
@@ -351,14 +351,22 @@ def render_rate(cfg):
     return min(48000, 4 * cfg.sample_rate)
 
 
-def render_clip(cfg, pieces, split_id, i):
+def by_collection(pieces):
+    """{collection: its pieces, in their order}, collections sorted: what render_clip draws from."""
+    groups = {}
+    for p in pieces:
+        groups.setdefault(p["collection"], []).append(p)
+    return dict(sorted(groups.items()))
+
+
+def render_clip(cfg, groups, split_id, i):
     """The i-th clip of a split: (wave (channels, n) float32 at render_rate(cfg), caption, labels),
-    a pure function of (cfg.seed, split_id, i) and the split's pieces. A collection is drawn first,
-    then a piece, so every style is equally common whatever its number of pieces."""
+    a pure function of (cfg.seed, split_id, i) and the split's pieces (groups: by_collection's). A
+    collection is drawn first, then a piece, so every style is equally common whatever its number
+    of pieces."""
     rng = np.random.default_rng([cfg.seed, split_id, i])
-    collections = sorted({p["collection"] for p in pieces})
-    coll = collections[rng.integers(len(collections))]
-    group = [p for p in pieces if p["collection"] == coll]
+    collections = list(groups)
+    group = groups[collections[rng.integers(len(collections))]]
     piece = group[rng.integers(len(group))]
     parts = piece["parts"][:15]  # 16 MIDI channels, channel 9 is percussion
     table = ((CHORDAL_SOLOS if piece["chords"] else list(SOLOS)) if len(parts) == 1

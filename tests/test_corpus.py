@@ -110,7 +110,7 @@ def test_a_transposed_clip_sounds_in_its_labelled_key(cfg):
     d = cfg.data
     seen = set()
     for i in range(8):
-        wave, _, labels = corpus.render_clip(d, [piece], 0, i)
+        wave, _, labels = corpus.render_clip(d, corpus.by_collection([piece]), 0, i)
         rate = corpus.render_rate(d)
         log_mag = np.log(np.abs(np.fft.rfft(wave[0] * np.hanning(wave.shape[1]))) + 1e-9)
         hz = rate / wave.shape[1]                          # bin spacing
