@@ -114,7 +114,8 @@ def test_compiled_networks_stay_compiled(tmp_path, monkeypatch, caplog, restore_
     dynamo_log = logging.getLogger("torch._dynamo")        # torch's loggers do not reach the root one
     dynamo_log.addHandler(caplog.handler)
     try:
-        sets = {**QUIET, "train.compile": "true", "distill.val_every": "3"}
+        # 8 validation clips: two batches of the tiny preset's 4, the same call patterns as 64
+        sets = {**QUIET, "train.compile": "true", "distill.val_every": "3", "distill.val_clips": "8"}
         for stage in ("base", "clap", "presto-s", "ase", "presto-l", "presto-ls"):
             train.run_stage(stage, str(tmp_path), "tiny", sets, force=True)   # resets dynamo per stage
         torch._dynamo.reset()
